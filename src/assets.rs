@@ -1,0 +1,9 @@
+//! Files shipped inside the binary.
+
+/// Trained target of a preset (safetensors), if shipped.
+pub fn target_bytes(name: &str) -> Option<&'static [u8]> {
+    Some(match name {
+        "tms-5-2" => include_bytes!("../assets/targets/tms-5-2.safetensors"),
+        _ => return None,
+    })
+}

@@ -1,0 +1,90 @@
+//! Sparse-feature data (the reference's `SparseFeatureDataset`), seeded by our own RNG.
+
+use crate::rng::Rng;
+use crate::spd::config::DataGenerationType;
+
+/// Generator of sparse feature vectors.
+#[derive(Clone, Debug)]
+pub struct SparseFeatureData {
+    pub n_features: usize,
+    pub feature_probability: f32,
+    pub kind: DataGenerationType,
+    pub value_range: (f32, f32),
+}
+
+impl SparseFeatureData {
+    /// A batch `[b, n_features]`, row-major.
+    ///
+    /// `at_least_zero_active`: each entry is U(value_range) with probability p, else 0 (all-zero
+    /// rows allowed). `exactly_n_active`: n distinct features per row with U(value_range) values.
+    pub fn batch(&self, rng: &mut Rng, b: usize) -> Vec<f32> {
+        let n = self.n_features;
+        let (lo, hi) = self.value_range;
+        let mut out = vec![0f32; b * n];
+        match self.kind.exactly_n() {
+            None => {
+                let p = self.feature_probability;
+                for v in out.iter_mut() {
+                    // Draw the mask first: most entries are inactive and need no value.
+                    if rng.uniform_f32() < p {
+                        *v = lo + (hi - lo) * rng.uniform_f32();
+                    }
+                }
+            }
+            Some(k) => {
+                let k = k.min(n);
+                let mut idx: Vec<usize> = (0..n).collect();
+                for row in 0..b {
+                    // Partial Fisher–Yates: the first k entries are a uniform k-subset.
+                    for i in 0..k {
+                        let j = i + rng.below(n - i);
+                        idx.swap(i, j);
+                    }
+                    for &f in &idx[..k] {
+                        out[row * n + f] = lo + (hi - lo) * rng.uniform_f32();
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_least_zero_active_statistics() {
+        let d = SparseFeatureData {
+            n_features: 5,
+            feature_probability: 0.05,
+            kind: DataGenerationType::AtLeastZeroActive,
+            value_range: (0.0, 1.0),
+        };
+        let mut rng = Rng::new(0);
+        let b = 40_000;
+        let x = d.batch(&mut rng, b);
+        let active = x.iter().filter(|&&v| v != 0.0).count() as f64 / (b * 5) as f64;
+        assert!((active - 0.05).abs() < 0.005, "{active}");
+        assert!(x.iter().all(|&v| (0.0..1.0).contains(&v)));
+        let zero_rows =
+            x.chunks(5).filter(|r| r.iter().all(|&v| v == 0.0)).count() as f64 / b as f64;
+        assert!((zero_rows - 0.95f64.powi(5)).abs() < 0.01);
+    }
+
+    #[test]
+    fn exactly_n_active() {
+        let d = SparseFeatureData {
+            n_features: 10,
+            feature_probability: 0.0,
+            kind: DataGenerationType::ExactlyTwoActive,
+            value_range: (-1.0, 1.0),
+        };
+        let mut rng = Rng::new(3);
+        let x = d.batch(&mut rng, 1000);
+        for row in x.chunks(10) {
+            assert_eq!(row.iter().filter(|&&v| v != 0.0).count(), 2);
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! Files: the `.spdlab` format, target files, atomic writes.
+
+pub mod atomic;
+pub mod pth;
+pub mod reference;
+pub mod spdlab_file;
+pub mod target_file;
+
+use std::path::Path;
+
+use candle_core::Device;
+
+use crate::spd::trainer::Trainer;
+
+/// Opens anything spdlab reads: a `.spdlab` file, or a goodfire-ai/spd run (folder or `.pth`).
+/// Returns the trainer, the file extras, and import warnings.
+pub fn load_any(
+    path: &Path,
+    device: &Device,
+) -> anyhow::Result<(Trainer, spdlab_file::FileExtras, Vec<String>)> {
+    if reference::is_reference_run(path) {
+        let (tr, info) = reference::import(path, device)?;
+        let extras = spdlab_file::FileExtras {
+            preset: None,
+            warmup_done: true,
+            extra: Default::default(),
+        };
+        Ok((tr, extras, info.warnings))
+    } else {
+        let (tr, extras) = spdlab_file::load(path, device)?;
+        Ok((tr, extras, vec![]))
+    }
+}

@@ -1,0 +1,474 @@
+//! Importer for runs saved by the reference Python library (goodfire-ai/spd): a run folder or
+//! its `model_<step>.pth`, with `final_config.yaml`, `{task}.pth`, `{task}_train_config.yaml`
+//! (and `label_coeffs.json`) beside it.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use super::pth;
+use crate::model::{ActFn, TargetModel, TargetSpec};
+use crate::rng::Rng;
+use crate::spd::component_model::ComponentModel;
+use crate::spd::config::{DenseCiPattern, IdentityCiPattern, LossConfig, SpdConfig};
+use crate::spd::trainer::Trainer;
+
+/// What the importer found besides the model.
+#[derive(Clone, Debug, Default)]
+pub struct ImportInfo {
+    pub checkpoint: PathBuf,
+    pub step: Option<usize>,
+    /// Non-fatal findings (e.g. loss classes spdlab does not implement, dropped for eval).
+    pub warnings: Vec<String>,
+}
+
+/// Locates the checkpoint of a run folder (the `model_<step>.pth` with the largest step).
+pub fn resolve_checkpoint(path: &Path) -> anyhow::Result<(PathBuf, Option<usize>)> {
+    if path.is_dir() {
+        let mut best: Option<(usize, PathBuf)> = None;
+        let rd = std::fs::read_dir(path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot list folder: {e}", path.display()))?;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(step) = checkpoint_step(&name)
+                && best.as_ref().is_none_or(|(s, _)| step > *s)
+            {
+                best = Some((step, e.path()));
+            }
+        }
+        match best {
+            Some((s, p)) => Ok((p, Some(s))),
+            None => anyhow::bail!(
+                "{}: no model_<step>.pth checkpoint in this folder",
+                path.display()
+            ),
+        }
+    } else if path.exists() {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok((path.to_path_buf(), checkpoint_step(&name)))
+    } else {
+        anyhow::bail!("{}: no such file or folder", path.display())
+    }
+}
+
+fn checkpoint_step(name: &str) -> Option<usize> {
+    let stem = name.strip_suffix(".pth")?;
+    if !stem.starts_with("model") {
+        return None;
+    }
+    stem.rsplit('_').next()?.parse().ok()
+}
+
+/// True when `path` looks like a reference run (folder or `.pth`).
+pub fn is_reference_run(path: &Path) -> bool {
+    path.is_dir() || path.extension().is_some_and(|e| e == "pth")
+}
+
+fn read_yaml(path: &Path) -> anyhow::Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            anyhow::anyhow!("{}: missing companion file", path.display())
+        } else {
+            anyhow::anyhow!("{}: cannot read: {e}", path.display())
+        }
+    })?;
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid YAML: {e}", path.display()))?;
+    serde_json::to_value(v)
+        .map_err(|e| anyhow::anyhow!("{}: unsupported YAML content: {e}", path.display()))
+}
+
+/// Renames deprecated config keys as the reference's migrator does.
+fn migrate_config(cfg: &mut serde_json::Map<String, Value>, warnings: &mut Vec<String>) {
+    for (old, new) in [
+        ("gate_type", "ci_fn_type"),
+        ("gate_hidden_dims", "ci_fn_hidden_dims"),
+        ("print_freq", "eval_freq"),
+    ] {
+        if let Some(v) = cfg.remove(old) {
+            cfg.entry(new.to_string()).or_insert(v);
+        }
+    }
+    if !cfg.contains_key("module_info")
+        && let (Some(c), Some(pats)) = (
+            cfg.get("C").cloned(),
+            cfg.get("target_module_patterns").cloned(),
+        )
+        && let Some(pats) = pats.as_array()
+    {
+        let mi: Vec<Value> = pats
+            .iter()
+            .map(|p| serde_json::json!({"module_pattern": p, "C": c}))
+            .collect();
+        cfg.insert("module_info".into(), Value::Array(mi));
+    }
+    if !cfg.contains_key("lr_schedule")
+        && let Some(lr) = cfg.get("lr").cloned()
+    {
+        let fn_type = cfg
+            .get("lr_schedule")
+            .and_then(|v| v.as_str())
+            .unwrap_or("constant")
+            .to_string();
+        let warm = cfg
+            .get("lr_warmup_pct")
+            .cloned()
+            .unwrap_or(Value::from(0.0));
+        let f = if fn_type == "cosine" { 0.0 } else { 1.0 };
+        cfg.insert(
+            "lr_schedule".into(),
+            serde_json::json!({"start_val": lr, "warmup_pct": warm, "final_val_frac": f, "fn_type": fn_type}),
+        );
+    }
+    for k in [
+        "faithfulness_coeff",
+        "stochastic_recon_coeff",
+        "stochastic_recon_layerwise_coeff",
+        "importance_minimality_coeff",
+        "pnorm",
+    ] {
+        if cfg.remove(k).is_some() {
+            warnings.push(format!(
+                "deprecated config key '{k}' dropped (as the reference does)"
+            ));
+        }
+    }
+}
+
+/// Maps a reference `final_config.yaml` to an [`SpdConfig`].
+pub fn spd_config_from_reference(
+    v: Value,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<SpdConfig> {
+    let Value::Object(mut cfg) = v else {
+        anyhow::bail!("the config is not a mapping");
+    };
+    migrate_config(&mut cfg, warnings);
+    // Loss terms: keep the ones spdlab implements; others are reported and skipped.
+    let mut losses = vec![];
+    for l in cfg
+        .get("loss_metric_configs")
+        .and_then(|x| x.as_array())
+        .cloned()
+        .unwrap_or_default()
+    {
+        let name = l
+            .get("classname")
+            .and_then(|x| x.as_str())
+            .unwrap_or("?")
+            .to_string();
+        match serde_json::from_value::<LossConfig>(l) {
+            Ok(lc) => losses.push(lc),
+            Err(_) => warnings.push(format!(
+                "loss '{name}' is not implemented in spdlab; skipped"
+            )),
+        }
+    }
+    cfg.insert("loss_metric_configs".into(), serde_json::to_value(&losses)?);
+    // Target-solution patterns from eval_metric_configs (IdentityCIError).
+    let mut identity = vec![];
+    let mut dense = vec![];
+    for m in cfg
+        .get("eval_metric_configs")
+        .and_then(|x| x.as_array())
+        .cloned()
+        .unwrap_or_default()
+    {
+        if m.get("classname").and_then(|x| x.as_str()) == Some("IdentityCIError") {
+            for p in m
+                .get("identity_ci")
+                .and_then(|x| x.as_array())
+                .cloned()
+                .unwrap_or_default()
+            {
+                identity.push(serde_json::from_value::<IdentityCiPattern>(p)?);
+            }
+            for p in m
+                .get("dense_ci")
+                .and_then(|x| x.as_array())
+                .cloned()
+                .unwrap_or_default()
+            {
+                dense.push(serde_json::from_value::<DenseCiPattern>(p)?);
+            }
+        }
+    }
+    cfg.insert("identity_ci".into(), serde_json::to_value(&identity)?);
+    cfg.insert("dense_ci".into(), serde_json::to_value(&dense)?);
+    for (k, ok) in [
+        ("sigmoid_type", SIGMOIDS),
+        ("ci_fn_type", CI_FNS),
+        ("sampling", SAMPLINGS),
+    ] {
+        if let Some(s) = cfg.get(k).and_then(|x| x.as_str())
+            && !ok.contains(&s)
+        {
+            anyhow::bail!("unknown {k} '{s}' (spdlab knows: {})", ok.join(", "));
+        }
+    }
+    if let Some(s) = cfg.get("output_loss_type").and_then(|x| x.as_str())
+        && s != "mse"
+    {
+        anyhow::bail!("output_loss_type '{s}' is not supported for toy models (only mse)");
+    }
+    if cfg
+        .get("identity_module_info")
+        .is_some_and(|v| !v.is_null())
+    {
+        anyhow::bail!("identity_module_info (identity insertion) is not supported");
+    }
+    let spd: SpdConfig =
+        serde_json::from_value(Value::Object(cfg)).map_err(|e| anyhow::anyhow!("config: {e}"))?;
+    Ok(spd)
+}
+
+const SIGMOIDS: &[&str] = &[
+    "leaky_hard",
+    "hard",
+    "upper_leaky_hard",
+    "normal",
+    "swish_hard",
+];
+const CI_FNS: &[&str] = &["mlp", "vector_mlp", "shared_mlp"];
+const SAMPLINGS: &[&str] = &["continuous", "binomial"];
+
+/// Old state-dict key names → current ones (the reference's `handle_deprecated_state_dict_keys_`).
+fn migrate_key(k: &str) -> String {
+    let mut k = k.replace("_gates.", "_ci_fns.");
+    if let Some(rest) = k.strip_prefix("patched_model.") {
+        k = format!("target_model.{rest}");
+    }
+    if let Some(base) = k.strip_suffix(".original.weight") {
+        k = format!("{base}.weight");
+    }
+    for which in ["U", "V"] {
+        let suffix = format!(".components.{which}");
+        if let Some(base) = k.strip_suffix(&suffix) {
+            let base = base.strip_prefix("target_model.").unwrap_or(base);
+            k = format!("_components.{}.{which}", base.replace('.', "-"));
+        }
+    }
+    k
+}
+
+/// Imports a reference run (folder or checkpoint).
+pub fn import(path: &Path, device: &Device) -> anyhow::Result<(Trainer, ImportInfo)> {
+    let (ckpt, step) = resolve_checkpoint(path)?;
+    let dir = ckpt
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut info = ImportInfo {
+        checkpoint: ckpt.clone(),
+        step,
+        warnings: vec![],
+    };
+    let cfg_path = dir.join("final_config.yaml");
+    let raw_cfg = read_yaml(&cfg_path)?;
+    let task = raw_cfg
+        .get("task_config")
+        .and_then(|t| t.get("task_name"))
+        .and_then(|t| t.as_str())
+        .unwrap_or("")
+        .to_string();
+    let spd = spd_config_from_reference(raw_cfg, &mut info.warnings)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cfg_path.display()))?;
+    let tensors = pth::read_pth(&ckpt)?;
+    let ck_err = |msg: String| anyhow::anyhow!("{}: {msg}", ckpt.display());
+    let mut target_named = vec![];
+    let mut comp: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> = Default::default();
+    for t in tensors {
+        let key = migrate_key(&t.name);
+        if let Some(i) = t.data.iter().position(|x| !x.is_finite()) {
+            return Err(ck_err(format!(
+                "tensor '{}' contains a non-finite value ({}) at flat index {i}",
+                t.name, t.data[i]
+            )));
+        }
+        if let Some(k) = key.strip_prefix("target_model.") {
+            target_named.push((k.to_string(), Tensor::from_vec(t.data, t.shape, device)?));
+        } else if key.starts_with("_components.") || key.starts_with("_ci_fns.") {
+            comp.insert(key, (t.shape, t.data));
+        } else {
+            return Err(ck_err(format!(
+                "unexpected key '{}' (not a goodfire-ai/spd ComponentModel checkpoint)",
+                t.name
+            )));
+        }
+    }
+    if target_named.is_empty() {
+        return Err(ck_err(
+            "no target_model.* tensors (not a goodfire-ai/spd ComponentModel checkpoint)".into(),
+        ));
+    }
+    let spec = target_spec(&task, &dir, &target_named).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let target = TargetModel::new(spec, target_named, device)
+        .map_err(|e| ck_err(format!("target model: {e}")))?;
+    let mut rng = Rng::new(spd.seed);
+    let mut model = ComponentModel::new(target, &spd, &mut rng)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cfg_path.display()))?;
+    for j in 0..model.modules.len() {
+        let dashed = model.modules[j].name.replace('.', "-");
+        let mut take = |k: String, shape: &[usize]| -> anyhow::Result<Tensor> {
+            let (s, d) = comp
+                .remove(&k)
+                .ok_or_else(|| ck_err(format!("missing tensor '{k}'")))?;
+            if s != shape {
+                return Err(ck_err(format!(
+                    "tensor '{k}' has shape {s:?}, the config needs {shape:?}"
+                )));
+            }
+            Ok(Tensor::from_vec(d, s, device)?)
+        };
+        let (d_in, c, d_out) = (
+            model.modules[j].d_in,
+            model.modules[j].c,
+            model.modules[j].d_out,
+        );
+        let v = take(format!("_components.{dashed}.V"), &[d_in, c])?;
+        let u = take(format!("_components.{dashed}.U"), &[c, d_out])?;
+        let shapes = crate::spd::component_model::ci_layer_shapes(
+            spd.ci_fn_type,
+            &spd.ci_fn_hidden_dims,
+            c,
+            d_in,
+        );
+        let mut layers = vec![];
+        for (i, (ws, bs)) in shapes.iter().enumerate() {
+            let w = take(format!("_ci_fns.{dashed}.layers.{}.W", 2 * i), ws)?;
+            let b = take(format!("_ci_fns.{dashed}.layers.{}.b", 2 * i), bs)?;
+            layers.push((w, b));
+        }
+        // The bias buffer duplicates the target's bias.
+        comp.remove(&format!("_components.{dashed}.bias"));
+        model.set_parameters(j, &v, &u, &layers)?;
+    }
+    if let Some(k) = comp.keys().next() {
+        return Err(ck_err(format!(
+            "tensor '{k}' belongs to no decomposed module of the config"
+        )));
+    }
+    model.sync_tied()?;
+    let mut cfg = spd;
+    // Imported runs are complete: resuming them trains with the reference config from step 0.
+    cfg.validate().ok();
+    let tr = Trainer::from_model(model, cfg.clone(), Rng::new(cfg.seed))?;
+    Ok((tr, info))
+}
+
+fn target_spec(task: &str, dir: &Path, named: &[(String, Tensor)]) -> anyhow::Result<TargetSpec> {
+    let shape = |k: &str| {
+        named
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, t)| t.dims().to_vec())
+    };
+    match task {
+        "tms" => {
+            let w1 = shape("linear1.weight").ok_or_else(|| {
+                anyhow::anyhow!("tms checkpoint without target_model.linear1.weight")
+            })?;
+            let n_hidden_layers = named
+                .iter()
+                .filter(|(k, _)| k.starts_with("hidden_layers."))
+                .count();
+            let mut tied = true;
+            let p = dir.join("tms_train_config.yaml");
+            if p.exists() {
+                let v = read_yaml(&p)?;
+                let m = v.get("tms_model_config").unwrap_or(&v);
+                tied = m
+                    .get("tied_weights")
+                    .and_then(|x| x.as_bool())
+                    .unwrap_or(true);
+                for (k, expect) in [
+                    ("n_features", w1[1]),
+                    ("n_hidden", w1[0]),
+                    ("n_hidden_layers", n_hidden_layers),
+                ] {
+                    if let Some(x) = m.get(k).and_then(|x| x.as_u64())
+                        && x as usize != expect
+                    {
+                        anyhow::bail!("{}: {k} = {x} but the checkpoint has {expect}", p.display());
+                    }
+                }
+            }
+            Ok(TargetSpec::Tms {
+                n_features: w1[1],
+                n_hidden: w1[0],
+                n_hidden_layers,
+                tied_weights: tied,
+            })
+        }
+        "resid_mlp" => {
+            let p = dir.join("resid_mlp_train_config.yaml");
+            let v = read_yaml(&p)?;
+            let m = v
+                .get("resid_mlp_model_config")
+                .ok_or_else(|| anyhow::anyhow!("{}: no resid_mlp_model_config", p.display()))?;
+            let get = |k: &str| -> anyhow::Result<usize> {
+                m.get(k)
+                    .and_then(|x| x.as_u64())
+                    .map(|x| x as usize)
+                    .ok_or_else(|| anyhow::anyhow!("{}: missing or invalid '{k}'", p.display()))
+            };
+            let act = match m
+                .get("act_fn_name")
+                .and_then(|x| x.as_str())
+                .unwrap_or("relu")
+            {
+                "relu" => ActFn::Relu,
+                "gelu" => ActFn::Gelu,
+                other => anyhow::bail!("{}: unknown act_fn_name '{other}'", p.display()),
+            };
+            Ok(TargetSpec::ResidMlp {
+                n_features: get("n_features")?,
+                d_embed: get("d_embed")?,
+                d_mlp: get("d_mlp")?,
+                n_layers: get("n_layers")?,
+                act_fn: act,
+                in_bias: m.get("in_bias").and_then(|x| x.as_bool()).unwrap_or(false),
+                out_bias: m.get("out_bias").and_then(|x| x.as_bool()).unwrap_or(false),
+            })
+        }
+        other => {
+            anyhow::bail!("task '{other}' is not supported (spdlab imports tms and resid_mlp runs)")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_migration() {
+        assert_eq!(
+            migrate_key("_gates.linear1.layers.0.W"),
+            "_ci_fns.linear1.layers.0.W"
+        );
+        assert_eq!(
+            migrate_key("patched_model.linear1.weight"),
+            "target_model.linear1.weight"
+        );
+        assert_eq!(
+            migrate_key("patched_model.layers.0.mlp_in.original.weight"),
+            "target_model.layers.0.mlp_in.weight"
+        );
+        assert_eq!(
+            migrate_key("patched_model.layers.0.mlp_in.components.U"),
+            "_components.layers-0-mlp_in.U"
+        );
+    }
+
+    #[test]
+    fn checkpoint_names() {
+        assert_eq!(checkpoint_step("model_10000.pth"), Some(10000));
+        assert_eq!(checkpoint_step("tms.pth"), None);
+        assert_eq!(checkpoint_step("model_final.pth"), None);
+    }
+}

@@ -1,0 +1,353 @@
+//! The `.spdlab` file: one self-describing safetensors file.
+//!
+//! Tensors (f32, little-endian):
+//! - `target.<key>`: target parameters under the reference's state-dict keys;
+//! - `components.<module>.V` `[d_in, C]`, `components.<module>.U` `[C, d_out]`;
+//! - `ci_fns.<module>.layers.<2i>.W|b`: CI-function linear layers (reference shapes);
+//! - `optim.<i>.m`, `optim.<i>.v`: Adam moments of optimizer entry i (to resume).
+//!
+//! Metadata: a single key `spdlab` holding a JSON object (see [`FileMeta`]): format name and
+//! version, the preset (if any), the target architecture, the full SPD config, the decomposed
+//! modules, the training state (step, RNG state, optimizer step counts), the loss history and
+//! optional extras (e.g. clustering results).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{TargetModel, TargetSpec};
+use crate::rng::Rng;
+use crate::spd::component_model::{ComponentModel, ci_layer_shapes};
+use crate::spd::config::SpdConfig;
+use crate::spd::trainer::{StepRecord, Trainer};
+
+pub const FORMAT_NAME: &str = "spdlab";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Wraps a contiguous f32 candle tensor as a safetensors view.
+pub struct TensorView<'a>(pub &'a Tensor);
+
+impl safetensors::View for TensorView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        self.0.dims()
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        let v: Vec<f32> = self
+            .0
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap_or_default();
+        Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.0.elem_count() * 4
+    }
+}
+
+/// Reads all tensors of a safetensors buffer as f32 candle tensors, in file order.
+pub fn read_tensors(bytes: &[u8], device: &Device) -> anyhow::Result<Vec<(String, Tensor)>> {
+    let st = safetensors::SafeTensors::deserialize(bytes)?;
+    let mut out = vec![];
+    let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+    names.sort();
+    for name in names {
+        let view = st.tensor(&name)?;
+        if view.dtype() != safetensors::Dtype::F32 {
+            anyhow::bail!(
+                "tensor '{name}' has dtype {:?}; spdlab files hold f32",
+                view.dtype()
+            );
+        }
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.push((name, Tensor::from_vec(data, view.shape(), device)?));
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModuleMeta {
+    pub name: String,
+    #[serde(rename = "C")]
+    pub c: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    pub tied_to: Option<usize>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Next step to run.
+    pub step: usize,
+    /// RNG state as hex strings.
+    pub rng: [String; 4],
+    /// Adam update counts per optimizer entry.
+    pub optimizer_steps: Vec<u64>,
+    /// Whether the faithfulness warm-up has run.
+    #[serde(default)]
+    pub warmup_done: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FileMeta {
+    pub format: String,
+    pub format_version: u32,
+    #[serde(default)]
+    pub preset: Option<String>,
+    pub target: TargetSpec,
+    pub config: SpdConfig,
+    pub modules: Vec<ModuleMeta>,
+    #[serde(default)]
+    pub train_state: Option<TrainState>,
+    #[serde(default)]
+    pub history: Vec<StepRecord>,
+    #[serde(default)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What a `.spdlab` file holds besides the trainer.
+#[derive(Clone, Debug, Default)]
+pub struct FileExtras {
+    pub preset: Option<String>,
+    pub warmup_done: bool,
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Serialises a trainer (decomposition, config, history, optimizer state) to bytes.
+pub fn to_bytes(tr: &Trainer, extras: &FileExtras) -> anyhow::Result<Vec<u8>> {
+    let model = &tr.model;
+    let mut tensors: Vec<(String, Tensor)> = vec![];
+    for (k, t) in &model.target.params {
+        tensors.push((format!("target.{k}"), t.contiguous()?));
+    }
+    let mut modules = vec![];
+    for m in &model.modules {
+        tensors.push((
+            format!("components.{}.V", m.name),
+            m.v.as_tensor().contiguous()?,
+        ));
+        tensors.push((
+            format!("components.{}.U", m.name),
+            m.u.as_tensor().contiguous()?,
+        ));
+        for (i, (w, b)) in m.ci_layers.iter().enumerate() {
+            tensors.push((
+                format!("ci_fns.{}.layers.{}.W", m.name, 2 * i),
+                w.as_tensor().contiguous()?,
+            ));
+            tensors.push((
+                format!("ci_fns.{}.layers.{}.b", m.name, 2 * i),
+                b.as_tensor().contiguous()?,
+            ));
+        }
+        modules.push(ModuleMeta {
+            name: m.name.clone(),
+            c: m.c,
+            d_in: m.d_in,
+            d_out: m.d_out,
+            tied_to: m.tied_to,
+        });
+    }
+    let mut opt_steps = vec![];
+    for (i, e) in tr.opt.entries.iter().enumerate() {
+        let (m, v, s) = e.state();
+        opt_steps.push(s);
+        if let (Some(m), Some(v)) = (m, v) {
+            tensors.push((format!("optim.{i}.m"), m.contiguous()?));
+            tensors.push((format!("optim.{i}.v"), v.contiguous()?));
+        }
+    }
+    let rng = tr.rng.state().map(|x| format!("{x:016x}"));
+    let meta = FileMeta {
+        format: FORMAT_NAME.into(),
+        format_version: FORMAT_VERSION,
+        preset: extras.preset.clone(),
+        target: model.target.spec.clone(),
+        config: tr.config.clone(),
+        modules,
+        train_state: Some(TrainState {
+            step: tr.step,
+            rng,
+            optimizer_steps: opt_steps,
+            warmup_done: extras.warmup_done,
+        }),
+        history: tr.history.clone(),
+        extra: extras.extra.clone(),
+    };
+    let mut md = HashMap::new();
+    md.insert("spdlab".to_string(), serde_json::to_string(&meta)?);
+    Ok(safetensors::serialize(
+        tensors.iter().map(|(k, t)| (k.as_str(), TensorView(t))),
+        Some(md),
+    )?)
+}
+
+/// Saves atomically.
+pub fn save(tr: &Trainer, extras: &FileExtras, path: &Path) -> anyhow::Result<()> {
+    let bytes = to_bytes(tr, extras)?;
+    super::atomic::write_atomic(path, &bytes)
+        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))
+}
+
+/// Loads a `.spdlab` file; errors name the file and the problem.
+pub fn load(path: &Path, device: &Device) -> anyhow::Result<(Trainer, FileExtras)> {
+    let bytes =
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    from_bytes(&bytes, device).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+pub fn from_bytes(bytes: &[u8], device: &Device) -> anyhow::Result<(Trainer, FileExtras)> {
+    let (_, md) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| anyhow::anyhow!("not a valid safetensors file ({e})"))?;
+    let meta_json = md
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("spdlab"))
+        .ok_or_else(|| {
+            anyhow::anyhow!("safetensors file without spdlab metadata (not a .spdlab file)")
+        })?;
+    let meta: FileMeta = serde_json::from_str(meta_json)
+        .map_err(|e| anyhow::anyhow!("invalid spdlab metadata: {e}"))?;
+    if meta.format != FORMAT_NAME {
+        anyhow::bail!("unknown format '{}'", meta.format);
+    }
+    if meta.format_version > FORMAT_VERSION {
+        anyhow::bail!(
+            "format version {} is newer than this spdlab supports ({FORMAT_VERSION})",
+            meta.format_version
+        );
+    }
+    meta.config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    let named =
+        read_tensors(bytes, device).map_err(|e| anyhow::anyhow!("invalid tensor data: {e}"))?;
+    let mut map: HashMap<String, Tensor> = named.into_iter().collect();
+    let mut take = |k: &str, shape: &[usize]| -> anyhow::Result<Tensor> {
+        let t = map
+            .remove(k)
+            .ok_or_else(|| anyhow::anyhow!("missing tensor '{k}'"))?;
+        if t.dims() != shape {
+            anyhow::bail!(
+                "tensor '{k}' has shape {:?}, expected {:?}",
+                t.dims(),
+                shape
+            );
+        }
+        check_finite(k, &t)?;
+        Ok(t)
+    };
+    let mut target_named = vec![];
+    for (k, shape) in meta.target.param_shapes() {
+        target_named.push((k.clone(), take(&format!("target.{k}"), &shape)?));
+    }
+    let target = TargetModel::new(meta.target.clone(), target_named, device)
+        .map_err(|e| anyhow::anyhow!("target model: {e}"))?;
+    // Rebuild the component model with the stored parameters.
+    let mut rng0 = Rng::new(0);
+    let mut model = ComponentModel::new(target, &meta.config, &mut rng0)?;
+    if model.modules.len() != meta.modules.len() {
+        anyhow::bail!(
+            "config decomposes {} modules but the file lists {}",
+            model.modules.len(),
+            meta.modules.len()
+        );
+    }
+    for (j, mm) in meta.modules.iter().enumerate() {
+        let m = &model.modules[j];
+        if m.name != mm.name || m.c != mm.c || m.d_in != mm.d_in || m.d_out != mm.d_out {
+            anyhow::bail!(
+                "module '{}' in the file does not match the config/target",
+                mm.name
+            );
+        }
+        let (name, d_in, c, d_out) = (m.name.clone(), m.d_in, m.c, m.d_out);
+        let v = take(&format!("components.{name}.V"), &[d_in, c])?;
+        let u = take(&format!("components.{name}.U"), &[c, d_out])?;
+        let shapes = ci_layer_shapes(
+            meta.config.ci_fn_type,
+            &meta.config.ci_fn_hidden_dims,
+            c,
+            d_in,
+        );
+        let mut layers = vec![];
+        for (i, (ws, bs)) in shapes.iter().enumerate() {
+            let w = take(&format!("ci_fns.{name}.layers.{}.W", 2 * i), ws)?;
+            let b = take(&format!("ci_fns.{name}.layers.{}.b", 2 * i), bs)?;
+            layers.push((w, b));
+        }
+        model.set_parameters(j, &v, &u, &layers)?;
+        if model.modules[j].tied_to != mm.tied_to {
+            anyhow::bail!(
+                "module '{}': tying in the file does not match the target",
+                mm.name
+            );
+        }
+    }
+    let state = meta.train_state.clone();
+    let rng = match &state {
+        Some(s) => {
+            let mut st = [0u64; 4];
+            for (i, h) in s.rng.iter().enumerate() {
+                st[i] = u64::from_str_radix(h, 16)
+                    .map_err(|_| anyhow::anyhow!("invalid rng state '{h}'"))?;
+            }
+            Rng::from_state(st)
+        }
+        None => Rng::new(meta.config.seed),
+    };
+    let mut tr = Trainer::from_model(model, meta.config.clone(), rng)?;
+    if let Some(s) = &state {
+        tr.step = s.step;
+        if s.optimizer_steps.len() != tr.opt.entries.len() {
+            anyhow::bail!(
+                "optimizer state has {} entries, expected {}",
+                s.optimizer_steps.len(),
+                tr.opt.entries.len()
+            );
+        }
+        for (i, e) in tr.opt.entries.iter_mut().enumerate() {
+            let shape = e.grad_of.as_tensor().dims().to_vec();
+            let m = map.remove(&format!("optim.{i}.m"));
+            let v = map.remove(&format!("optim.{i}.v"));
+            if let (Some(m), Some(v)) = (&m, &v)
+                && (m.dims() != shape.as_slice() || v.dims() != shape.as_slice())
+            {
+                anyhow::bail!("optimizer state {i} has the wrong shape");
+            }
+            e.set_state(m, v, s.optimizer_steps[i]);
+        }
+    }
+    tr.history = meta.history.clone();
+    if let Some(k) = map.keys().next() {
+        anyhow::bail!("unexpected tensor '{k}'");
+    }
+    Ok((
+        tr,
+        FileExtras {
+            preset: meta.preset,
+            warmup_done: state.map(|s| s.warmup_done).unwrap_or(true),
+            extra: meta.extra,
+        },
+    ))
+}
+
+fn check_finite(name: &str, t: &Tensor) -> anyhow::Result<()> {
+    let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        anyhow::bail!(
+            "tensor '{name}' contains a non-finite value ({}) at flat index {i}",
+            v[i]
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! spdlab: Stochastic Parameter Decomposition of neural networks.
+//!
+//! The engine (models, SPD, metrics, data, I/O) imports no UI crate.
+
+pub mod assets;
+pub mod data;
+pub mod io;
+pub mod metrics;
+pub mod model;
+pub mod presets;
+pub mod rng;
+pub mod runner;
+pub mod spd;

@@ -1,0 +1,396 @@
+//! spdlab command line.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use spdlab::io::spdlab_file::{self, FileExtras};
+use spdlab::runner::{self, RunOptions, TrainSummary};
+use spdlab::spd::trainer::Trainer;
+use spdlab::{metrics, presets};
+
+#[derive(Parser)]
+#[command(
+    name = "spdlab",
+    version,
+    about = "Stochastic Parameter Decomposition lab"
+)]
+struct Cli {
+    /// Number of CPU threads for tensor work (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train an SPD decomposition of a preset or a config file.
+    Train {
+        #[arg(long, conflicts_with = "config")]
+        preset: Option<String>,
+        /// JSON config with the reference's field names plus "preset" or "target"/"target_path".
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Continue a run from a .spdlab (or recovery) file.
+        #[arg(long, conflicts_with_all = ["preset", "config"])]
+        resume: Option<PathBuf>,
+        #[arg(long)]
+        steps: Option<usize>,
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Where to save the result (default: spdlab-runs/<name>-seed<seed>.spdlab).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seconds between recovery autosaves (0 = off).
+        #[arg(long, default_value_t = 60)]
+        autosave_secs: u64,
+        /// Print one JSON object with the results on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate a saved decomposition.
+    Eval {
+        file: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Steady-state training throughput (steps per second), as JSON.
+    Bench {
+        #[arg(long)]
+        preset: String,
+        #[arg(long, default_value_t = 200)]
+        steps: usize,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Causal importances of every subcomponent on chosen inputs.
+    Ci {
+        /// A .spdlab file or a goodfire-ai/spd run (folder or model_<step>.pth).
+        file: PathBuf,
+        /// JSON file {"inputs": [[...], ...]}.
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Report the upper-leaky CI (the minimality loss's) instead of the lower-leaky (masks').
+        #[arg(long)]
+        upper: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Convert a goodfire-ai/spd run into a .spdlab file.
+    Import {
+        run: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List the presets.
+    Presets,
+    /// Train a new target model for a preset and save it (how assets/targets were made).
+    TrainTarget {
+        #[arg(long)]
+        preset: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // Must happen before candle creates its thread pools (nothing has run yet).
+        unsafe {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        }
+    }
+    let res = match cli.cmd {
+        None => {
+            eprintln!(
+                "spdlab: no command given; try `spdlab train --preset tms-5-2` or `spdlab --help`"
+            );
+            Ok(())
+        }
+        Some(cmd) => run(cmd),
+    };
+    if let Err(e) = res {
+        let msg = format!("{e:#}");
+        eprintln!("error: {}", msg.lines().next().unwrap_or("unknown error"));
+        std::process::exit(1);
+    }
+}
+
+fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Presets => {
+            for p in presets::PRESETS {
+                println!("{:<14} {}", p.name, p.description);
+            }
+            Ok(())
+        }
+        Cmd::Train {
+            preset,
+            config,
+            resume,
+            steps,
+            seed,
+            device,
+            out,
+            autosave_secs,
+            json,
+        } => {
+            let dev = runner::device(&device)?;
+            let (mut tr, mut extras, name) = if let Some(path) = resume {
+                let (tr, extras) = spdlab_file::load(&path, &dev)?;
+                let name = extras.preset.clone().unwrap_or_else(|| "run".into());
+                (tr, extras, name)
+            } else {
+                let (mut cfg, target, preset_name) = match (&preset, &config) {
+                    (Some(p), None) => (
+                        presets::spd_config(p)?,
+                        presets::target_model(p, &dev)?,
+                        Some(p.clone()),
+                    ),
+                    (None, Some(c)) => runner::load_config_file(c, &dev)?,
+                    _ => anyhow::bail!("give --preset NAME or --config FILE (or --resume FILE)"),
+                };
+                if let Some(s) = steps {
+                    cfg.steps = s;
+                }
+                if let Some(s) = seed {
+                    cfg.seed = s;
+                }
+                let name = preset_name.clone().unwrap_or_else(|| "config".into());
+                let tr = Trainer::new(target, cfg)?;
+                let extras = FileExtras {
+                    preset: preset_name,
+                    ..Default::default()
+                };
+                (tr, extras, name)
+            };
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from("spdlab-runs").join(format!("{name}-seed{}.spdlab", tr.config.seed))
+            });
+            if let Some(dir) = out.parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| anyhow::anyhow!("{}: cannot create folder: {e}", dir.display()))?;
+            }
+            let recovery = recovery_path(&out);
+            let opts = RunOptions {
+                autosave: (autosave_secs > 0)
+                    .then(|| (recovery.clone(), Duration::from_secs(autosave_secs))),
+            };
+            let total = tr.config.steps;
+            let start_step = tr.step;
+            let bar = progress_bar(total as u64 + 1);
+            bar.set_position(start_step as u64);
+            let t0 = Instant::now();
+            let secs = runner::run_training(&mut tr, &mut extras, &opts, |t, rec| {
+                if rec.step % 10 == 0 || t.is_done() {
+                    let done = (rec.step + 1 - start_step) as f64;
+                    let sps = done / t0.elapsed().as_secs_f64().max(1e-9);
+                    let l0: Vec<String> =
+                        rec.l0.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+                    bar.set_position(rec.step as u64 + 1);
+                    bar.set_message(format!(
+                        "loss {:.3e} | L0 {} | {:.0} steps/s",
+                        rec.losses["total"],
+                        l0.join(", "),
+                        sps
+                    ));
+                }
+            })?;
+            bar.finish_and_clear();
+            let trained = total + 1 - start_step;
+            let report = runner::final_eval(&mut tr)?;
+            spdlab_file::save(&tr, &extras, &out)?;
+            let _ = std::fs::remove_file(&recovery);
+            let summary = TrainSummary {
+                preset: extras.preset.clone(),
+                steps: total,
+                seconds: secs,
+                steps_per_second: trained as f64 / secs.max(1e-9),
+                losses: report.losses.clone(),
+                l0: report.l0.clone(),
+                mmcs: report.mmcs.clone(),
+                ml2r: report.ml2r.clone(),
+                target_solution_error: report.target_solution_error.clone(),
+                out: Some(out.clone()),
+            };
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            } else {
+                print_report(&report);
+                eprintln!(
+                    "trained {} steps in {:.1} s ({:.1} steps/s); saved to {}",
+                    trained,
+                    secs,
+                    summary.steps_per_second,
+                    out.display()
+                );
+            }
+            Ok(())
+        }
+        Cmd::Ci {
+            file,
+            inputs,
+            upper,
+            device,
+            json,
+        } => {
+            let dev = runner::device(&device)?;
+            let (tr, _, warnings) = spdlab::io::load_any(&file, &dev)?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            let x = runner::read_inputs(&inputs, tr.model.target.spec.n_features())?;
+            let rep = runner::ci_report(&tr.model, &x, upper)?;
+            if json {
+                println!("{}", serde_json::to_string(&rep)?);
+            } else {
+                runner::print_ci_report(&rep);
+            }
+            Ok(())
+        }
+        Cmd::Import { run, out } => {
+            let dev = candle_core::Device::Cpu;
+            let (tr, info) = spdlab::io::reference::import(&run, &dev)?;
+            for w in &info.warnings {
+                eprintln!("warning: {w}");
+            }
+            let extras = FileExtras {
+                warmup_done: true,
+                ..Default::default()
+            };
+            spdlab_file::save(&tr, &extras, &out)?;
+            eprintln!("imported {} → {}", info.checkpoint.display(), out.display());
+            Ok(())
+        }
+        Cmd::Eval { file, device, json } => {
+            let dev = runner::device(&device)?;
+            let (mut tr, _, warnings) = spdlab::io::load_any(&file, &dev)?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            let report = runner::final_eval(&mut tr)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print_report(&report);
+            }
+            Ok(())
+        }
+        Cmd::Bench {
+            preset,
+            steps,
+            device,
+        } => {
+            let dev = runner::device(&device)?;
+            let cfg = presets::spd_config(&preset)?;
+            let target = presets::target_model(&preset, &dev)?;
+            let mut tr = Trainer::new(target, cfg)?;
+            let warm = 10.min(steps);
+            for _ in 0..warm {
+                tr.step()?;
+            }
+            let t0 = Instant::now();
+            for _ in 0..steps {
+                tr.step()?;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let out = serde_json::json!({
+                "preset": preset,
+                "device": device,
+                "threads": candle_core::utils::get_num_threads(),
+                "steps": steps,
+                "seconds": secs,
+                "steps_per_second": steps as f64 / secs,
+                "ms_per_step": secs * 1e3 / steps as f64,
+            });
+            println!("{out}");
+            Ok(())
+        }
+        Cmd::TrainTarget { preset, seed, out } => {
+            let spec = presets::target_spec(&preset)?;
+            let cfg = spdlab::model::TargetTrainConfig::reference(&spec, seed);
+            let (model, loss) =
+                spdlab::model::train_target(&spec, &cfg, &candle_core::Device::Cpu, |s, l| {
+                    if s % 1000 == 0 {
+                        eprintln!("step {s}: loss {l:.5}");
+                    }
+                })?;
+            spdlab::io::target_file::save_target(&model, &out)?;
+            eprintln!("final loss {loss:.5}; saved {}", out.display());
+            if let spdlab::model::TargetSpec::Tms { n_features, .. } = spec {
+                let x = candle_core::Tensor::eye(
+                    n_features,
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )?;
+                let y = model.forward(&(x * 0.75)?)?.to_vec2::<f32>()?;
+                let diag: Vec<String> =
+                    (0..n_features).map(|i| format!("{:.3}", y[i][i])).collect();
+                eprintln!("outputs on 0.75·e_i: {}", diag.join(" "));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn recovery_path(out: &std::path::Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".recovery");
+    PathBuf::from(s)
+}
+
+fn progress_bar(len: u64) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} step {pos}/{len} | {msg} | ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn print_report(r: &metrics::EvalReport) {
+    println!("losses:");
+    for (k, v) in &r.losses {
+        println!("  {k:<32} {v:.6e}");
+    }
+    println!("L0 (CI > threshold) per layer:");
+    for (k, v) in &r.l0 {
+        println!(
+            "  {k:<32} {v:.3}   alive {}",
+            r.alive.get(k).copied().unwrap_or(0)
+        );
+    }
+    println!("MMCS / ML2R per decomposed matrix:");
+    for (k, v) in &r.mmcs {
+        println!(
+            "  {k:<32} {v:.4} / {:.4}",
+            r.ml2r.get(k).copied().unwrap_or(f64::NAN)
+        );
+    }
+    if let Some(t) = &r.target_solution_error {
+        println!(
+            "target-solution error: total {} (tol 0.2: {})",
+            t.total, t.total_0p2
+        );
+        for (k, v) in &t.per_module {
+            println!("  {k:<32} {v}");
+        }
+    }
+}

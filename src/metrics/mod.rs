@@ -1,0 +1,196 @@
+//! Evaluation of a decomposition: losses on fresh data, L0, CI statistics, single-feature CI
+//! matrices, target-solution error, MMCS / ML2R.
+
+pub mod toy_metrics;
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::spd::component_model::ComponentModel;
+use crate::spd::config::{SpdConfig, fnmatch};
+use crate::spd::trainer::Trainer;
+
+/// Per-module single-feature CI: inputs value·I, lower-leaky CI `[n_features, C]` row-major.
+pub fn single_feature_ci(model: &ComponentModel, value: f32) -> Result<Vec<Vec<f32>>> {
+    let nf = model.target.spec.n_features();
+    let mut x = vec![0f32; nf * nf];
+    for i in 0..nf {
+        x[i * nf + i] = value;
+    }
+    let x = Tensor::from_vec(x, (nf, nf), model.device())?;
+    let (_, inputs) = model.target.forward_with_inputs(&x)?;
+    let (ci, _) = model.causal_importances(&inputs, None)?;
+    ci.iter()
+        .map(|c| c.lower.flatten_all()?.to_vec1::<f32>())
+        .collect()
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TargetSolutionError {
+    /// Σ over matched modules at tolerance 0.1.
+    pub total: usize,
+    /// Σ at tolerance 0.2.
+    pub total_0p2: usize,
+    pub per_module: BTreeMap<String, usize>,
+}
+
+/// The reference's IdentityCIError on single-feature inputs (0.75·I).
+pub fn target_solution_error(
+    model: &ComponentModel,
+    cfg: &SpdConfig,
+) -> Result<Option<TargetSolutionError>> {
+    if cfg.identity_ci.is_empty() && cfg.dense_ci.is_empty() {
+        return Ok(None);
+    }
+    let mats = single_feature_ci(model, 0.75)?;
+    let nf = model.target.spec.n_features();
+    let mut out = TargetSolutionError::default();
+    for (j, m) in model.modules.iter().enumerate() {
+        // First matching pattern wins; identity patterns are checked before dense ones.
+        let mut err = None;
+        if let Some(p) = cfg
+            .identity_ci
+            .iter()
+            .find(|p| fnmatch(&p.layer_pattern, &m.name))
+        {
+            let _ = p.n_features;
+            err = Some((
+                toy_metrics::identity_ci_error(&mats[j], nf, m.c, 0.1),
+                toy_metrics::identity_ci_error(&mats[j], nf, m.c, 0.2),
+            ));
+        } else if let Some(p) = cfg
+            .dense_ci
+            .iter()
+            .find(|p| fnmatch(&p.layer_pattern, &m.name))
+        {
+            err = Some((
+                toy_metrics::dense_ci_error(&mats[j], nf, m.c, p.k, 0.1),
+                toy_metrics::dense_ci_error(&mats[j], nf, m.c, p.k, 0.2),
+            ));
+        }
+        if let Some((e1, e2)) = err {
+            out.total += e1;
+            out.total_0p2 += e2;
+            out.per_module.insert(m.name.clone(), e1);
+        }
+    }
+    Ok(Some(out))
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MmcsReport {
+    pub mmcs: f64,
+    pub ml2r: f64,
+    pub ml2r_std: f64,
+}
+
+/// MMCS / ML2R of each decomposed matrix against the target's columns in the feature basis.
+///
+/// For a module whose input space is the feature space (TMS `linear1`) the columns of W are
+/// compared directly; for one whose output space is the feature space (TMS `linear2`) the rows;
+/// for hidden maps (identity layers, residual MLP) the columns of W (input directions).
+pub fn mmcs_ml2r(model: &ComponentModel) -> Result<BTreeMap<String, MmcsReport>> {
+    let nf = model.target.spec.n_features();
+    let mut out = BTreeMap::new();
+    for m in &model.modules {
+        let tm = &model.target.modules[m.target_idx];
+        let v = m.v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let u = m.u.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let w = tm.weight.flatten_all()?.to_vec1::<f32>()?;
+        let r = if m.d_out == nf && m.d_in != nf {
+            toy_metrics::mmcs_rows(&v, &u, &w, m.d_in, m.c, m.d_out)
+        } else {
+            toy_metrics::mmcs(&v, &u, &w, m.d_in, m.c, m.d_out)
+        };
+        out.insert(
+            m.name.clone(),
+            MmcsReport {
+                mmcs: r.mmcs,
+                ml2r: r.ml2r,
+                ml2r_std: r.ml2r_std,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Everything `spdlab eval` reports.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub losses: BTreeMap<String, f64>,
+    pub l0: BTreeMap<String, f64>,
+    pub mmcs: BTreeMap<String, f64>,
+    pub ml2r: BTreeMap<String, f64>,
+    pub target_solution_error: Option<TargetSolutionError>,
+    /// Alive subcomponents per module (mean CI > 0 activation density above 0.001).
+    pub alive: BTreeMap<String, usize>,
+    pub mean_ci_per_component: BTreeMap<String, Vec<f64>>,
+    pub activation_density: BTreeMap<String, Vec<f64>>,
+}
+
+/// Evaluates on `n_batches` fresh batches (uses and advances the trainer's RNG; no updates).
+pub fn evaluate(
+    tr: &mut Trainer,
+    n_batches: usize,
+    batch_size: usize,
+) -> anyhow::Result<EvalReport> {
+    let mut rep = EvalReport::default();
+    let n_batches = n_batches.max(1);
+    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
+    let mut l0s: BTreeMap<String, f64> = BTreeMap::new();
+    let nmod = tr.model.modules.len();
+    let mut ci_sum: Vec<Vec<f64>> = tr.model.modules.iter().map(|m| vec![0.0; m.c]).collect();
+    let mut dens: Vec<Vec<f64>> = ci_sum.clone();
+    let mut rows_total = 0f64;
+    let thr = tr.config.ci_alive_threshold;
+    for _ in 0..n_batches {
+        let batch = tr.draw_batch(batch_size)?;
+        let (_, rec) = tr.losses_on(&batch, false)?;
+        for (k, v) in rec.losses {
+            *sums.entry(k).or_default() += v;
+        }
+        for (k, v) in rec.l0 {
+            *l0s.entry(k).or_default() += v;
+        }
+        // CI statistics (weighted by the folded zero rows).
+        let (_, inputs) = tr.model.target.forward_with_inputs(&batch.x)?;
+        let (ci, _) = tr.model.causal_importances(&inputs, None)?;
+        let w = batch.weights.unsqueeze(0)?;
+        for j in 0..nmod {
+            let s = w.matmul(&ci[j].lower)?.flatten_all()?.to_vec1::<f32>()?;
+            let d = w
+                .matmul(&ci[j].lower.gt(thr)?.to_dtype(DType::F32)?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            for c in 0..s.len() {
+                ci_sum[j][c] += s[c] as f64;
+                dens[j][c] += d[c] as f64;
+            }
+        }
+        rows_total += batch.n_rows as f64;
+    }
+    rep.losses = sums
+        .into_iter()
+        .map(|(k, v)| (k, v / n_batches as f64))
+        .collect();
+    rep.l0 = l0s
+        .into_iter()
+        .map(|(k, v)| (k, v / n_batches as f64))
+        .collect();
+    for (j, m) in tr.model.modules.iter().enumerate() {
+        let mean: Vec<f64> = ci_sum[j].iter().map(|s| s / rows_total).collect();
+        let den: Vec<f64> = dens[j].iter().map(|s| s / rows_total).collect();
+        rep.alive
+            .insert(m.name.clone(), den.iter().filter(|&&d| d > 0.001).count());
+        rep.mean_ci_per_component.insert(m.name.clone(), mean);
+        rep.activation_density.insert(m.name.clone(), den);
+    }
+    for (k, r) in mmcs_ml2r(&tr.model)? {
+        rep.mmcs.insert(k.clone(), r.mmcs);
+        rep.ml2r.insert(k, r.ml2r);
+    }
+    rep.target_solution_error = target_solution_error(&tr.model, &tr.config)?;
+    Ok(rep)
+}

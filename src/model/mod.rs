@@ -1,0 +1,528 @@
+//! Target models: the networks SPD takes apart.
+//!
+//! A model exposes its decomposable linear maps ("decomposed modules", in execution order) and a
+//! forward pass with a hook: at every decomposed module the hook sees the module's input and may
+//! return a replacement output (the masked subcomponents), exactly like the reference's PyTorch
+//! forward hooks.
+
+mod train;
+
+pub use train::{TargetTrainConfig, train_target};
+
+use candle_core::{DType, Device, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::rng::Rng;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActFn {
+    Relu,
+    Gelu,
+}
+
+/// Architecture of a target model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TargetSpec {
+    /// Toy model of superposition: ReLU(W2·H(W1·x) + b), W2 = W1ᵀ when tied.
+    Tms {
+        n_features: usize,
+        n_hidden: usize,
+        #[serde(default)]
+        n_hidden_layers: usize,
+        #[serde(default = "yes")]
+        tied_weights: bool,
+    },
+    /// Residual MLP: r = x·W_E; r += mlp_out(act(mlp_in(r))) per layer; out = r·W_U.
+    ResidMlp {
+        n_features: usize,
+        d_embed: usize,
+        d_mlp: usize,
+        n_layers: usize,
+        #[serde(default = "relu")]
+        act_fn: ActFn,
+        #[serde(default)]
+        in_bias: bool,
+        #[serde(default)]
+        out_bias: bool,
+    },
+}
+
+fn yes() -> bool {
+    true
+}
+fn relu() -> ActFn {
+    ActFn::Relu
+}
+
+impl TargetSpec {
+    pub fn n_features(&self) -> usize {
+        match self {
+            TargetSpec::Tms { n_features, .. } | TargetSpec::ResidMlp { n_features, .. } => {
+                *n_features
+            }
+        }
+    }
+    pub fn n_outputs(&self) -> usize {
+        self.n_features()
+    }
+    pub fn family(&self) -> &'static str {
+        match self {
+            TargetSpec::Tms { .. } => "tms",
+            TargetSpec::ResidMlp { .. } => "resid_mlp",
+        }
+    }
+    /// Default feature value range of the task.
+    pub fn value_range(&self) -> (f32, f32) {
+        match self {
+            TargetSpec::Tms { .. } => (0.0, 1.0),
+            TargetSpec::ResidMlp { .. } => (-1.0, 1.0),
+        }
+    }
+
+    /// Parameter names (reference state-dict keys), shapes, and whether SPD treats them as
+    /// frozen non-decomposed parameters. Order = the reference's state-dict order.
+    pub fn param_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        match self {
+            TargetSpec::Tms {
+                n_features,
+                n_hidden,
+                n_hidden_layers,
+                ..
+            } => {
+                let mut v = vec![
+                    ("linear1.weight".to_string(), vec![*n_hidden, *n_features]),
+                    ("linear2.weight".to_string(), vec![*n_features, *n_hidden]),
+                    ("linear2.bias".to_string(), vec![*n_features]),
+                ];
+                for i in 0..*n_hidden_layers {
+                    v.push((
+                        format!("hidden_layers.{i}.weight"),
+                        vec![*n_hidden, *n_hidden],
+                    ));
+                }
+                v
+            }
+            TargetSpec::ResidMlp {
+                n_features,
+                d_embed,
+                d_mlp,
+                n_layers,
+                in_bias,
+                out_bias,
+                ..
+            } => {
+                let mut v = vec![
+                    ("W_E".to_string(), vec![*n_features, *d_embed]),
+                    ("W_U".to_string(), vec![*d_embed, *n_features]),
+                ];
+                for l in 0..*n_layers {
+                    v.push((format!("layers.{l}.mlp_in.weight"), vec![*d_mlp, *d_embed]));
+                    if *in_bias {
+                        v.push((format!("layers.{l}.mlp_in.bias"), vec![*d_mlp]));
+                    }
+                    v.push((format!("layers.{l}.mlp_out.weight"), vec![*d_embed, *d_mlp]));
+                    if *out_bias {
+                        v.push((format!("layers.{l}.mlp_out.bias"), vec![*d_embed]));
+                    }
+                }
+                v
+            }
+        }
+    }
+
+    /// Decomposable linear maps in execution order: (name, weight key, bias key).
+    pub fn linear_modules(&self) -> Vec<(String, String, Option<String>)> {
+        match self {
+            TargetSpec::Tms {
+                n_hidden_layers, ..
+            } => {
+                let mut v = vec![("linear1".to_string(), "linear1.weight".to_string(), None)];
+                for i in 0..*n_hidden_layers {
+                    v.push((
+                        format!("hidden_layers.{i}"),
+                        format!("hidden_layers.{i}.weight"),
+                        None,
+                    ));
+                }
+                v.push((
+                    "linear2".to_string(),
+                    "linear2.weight".to_string(),
+                    Some("linear2.bias".to_string()),
+                ));
+                v
+            }
+            TargetSpec::ResidMlp {
+                n_layers,
+                in_bias,
+                out_bias,
+                ..
+            } => {
+                let mut v = vec![];
+                for l in 0..*n_layers {
+                    v.push((
+                        format!("layers.{l}.mlp_in"),
+                        format!("layers.{l}.mlp_in.weight"),
+                        in_bias.then(|| format!("layers.{l}.mlp_in.bias")),
+                    ));
+                    v.push((
+                        format!("layers.{l}.mlp_out"),
+                        format!("layers.{l}.mlp_out.weight"),
+                        out_bias.then(|| format!("layers.{l}.mlp_out.bias")),
+                    ));
+                }
+                v
+            }
+        }
+    }
+}
+
+/// One decomposable linear map of the target: out = x·Wᵀ + b.
+#[derive(Clone, Debug)]
+pub struct LinearModule {
+    pub name: String,
+    pub d_in: usize,
+    pub d_out: usize,
+    /// `[d_out, d_in]` (nn.Linear layout).
+    pub weight: Tensor,
+    /// `[d_in, d_out]`, contiguous, for fast forward passes.
+    pub weight_t: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl LinearModule {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight_t)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// A target model with its (frozen) weights.
+#[derive(Clone, Debug)]
+pub struct TargetModel {
+    pub spec: TargetSpec,
+    /// Parameters by reference state-dict key, in [`TargetSpec::param_shapes`] order.
+    pub params: Vec<(String, Tensor)>,
+    pub modules: Vec<LinearModule>,
+    device: Device,
+}
+
+/// Hook called at every decomposed module with (module index, module input). Returning
+/// `Some(out)` replaces the module's output.
+pub type ModuleHook<'a> = dyn FnMut(usize, &Tensor) -> Result<Option<Tensor>> + 'a;
+
+impl TargetModel {
+    /// Builds a model from named parameters, checking every shape against the spec.
+    pub fn new(
+        spec: TargetSpec,
+        named: Vec<(String, Tensor)>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let mut params = vec![];
+        for (key, shape) in spec.param_shapes() {
+            let t = named
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, t)| t.clone());
+            let t = match (t, key.as_str()) {
+                (Some(t), _) => t,
+                // W_U is tied to W_Eᵀ in canonical resid-MLP targets; accept it missing.
+                (None, "W_U") => named
+                    .iter()
+                    .find(|(k, _)| k == "W_E")
+                    .map(|(_, t)| t.t())
+                    .transpose()?
+                    .ok_or_else(|| anyhow::anyhow!("missing target parameter 'W_E'"))?,
+                (None, "linear2.weight")
+                    if matches!(
+                        spec,
+                        TargetSpec::Tms {
+                            tied_weights: true,
+                            ..
+                        }
+                    ) =>
+                {
+                    named
+                        .iter()
+                        .find(|(k, _)| k == "linear1.weight")
+                        .map(|(_, t)| t.t())
+                        .transpose()?
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("missing target parameter 'linear1.weight'")
+                        })?
+                }
+                (None, _) => anyhow::bail!("missing target parameter '{key}'"),
+            };
+            if t.dims() != shape.as_slice() {
+                anyhow::bail!(
+                    "target parameter '{key}' has shape {:?}, the {} spec needs {:?}",
+                    t.dims(),
+                    spec.family(),
+                    shape
+                );
+            }
+            let t = t.to_dtype(DType::F32)?.to_device(device)?.contiguous()?;
+            let v = t.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(bad) = v.iter().position(|x| !x.is_finite()) {
+                anyhow::bail!(
+                    "target parameter '{key}' contains a non-finite value ({}) at flat index {bad}",
+                    v[bad]
+                );
+            }
+            params.push((key, t));
+        }
+        for (k, _) in &named {
+            if !params.iter().any(|(p, _)| p == k) {
+                anyhow::bail!(
+                    "unexpected target parameter '{k}' for a {} model",
+                    spec.family()
+                );
+            }
+        }
+        let mut model = TargetModel {
+            spec,
+            params,
+            modules: vec![],
+            device: device.clone(),
+        };
+        model.modules = model.build_modules()?;
+        Ok(model)
+    }
+
+    fn build_modules(&self) -> Result<Vec<LinearModule>> {
+        let mut out = vec![];
+        for (name, wkey, bkey) in self.spec.linear_modules() {
+            let w = self.param(&wkey).clone();
+            let (d_out, d_in) = w.dims2()?;
+            out.push(LinearModule {
+                name,
+                d_in,
+                d_out,
+                weight_t: w.t()?.contiguous()?,
+                weight: w,
+                bias: bkey.map(|k| self.param(&k).clone()),
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn param(&self, key: &str) -> &Tensor {
+        &self
+            .params
+            .iter()
+            .find(|(k, _)| k == key)
+            .unwrap_or_else(|| panic!("no parameter {key}"))
+            .1
+    }
+
+    pub fn module_index(&self, name: &str) -> Option<usize> {
+        self.modules.iter().position(|m| m.name == name)
+    }
+
+    /// Random initialisation as the reference does it (PyTorch default Linear init; unit-norm
+    /// random embedding for the residual MLP). Used to train new targets.
+    pub fn init_random(
+        spec: &TargetSpec,
+        rng: &mut Rng,
+        zero_bias: bool,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let mut named = vec![];
+        let uniform = |rng: &mut Rng, n: usize, bound: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| (rng.uniform_f32() * 2.0 - 1.0) * bound)
+                .collect()
+        };
+        for (key, shape) in spec.param_shapes() {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if key == "W_E" {
+                let (nf, d) = (shape[0], shape[1]);
+                let mut v = rng.normal_vec(nf * d, 1.0);
+                for r in 0..nf {
+                    let row = &mut v[r * d..(r + 1) * d];
+                    let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                    row.iter_mut().for_each(|x| *x /= norm);
+                }
+                v
+            } else if key == "W_U" {
+                continue; // tied to W_Eᵀ below
+            } else if key.starts_with("hidden_layers.") {
+                // "-id" variants: frozen identity hidden layers.
+                let d = shape[0];
+                (0..n)
+                    .map(|i| if i / d == i % d { 1.0 } else { 0.0 })
+                    .collect()
+            } else if key.ends_with(".bias") {
+                if zero_bias {
+                    vec![0.0; n]
+                } else {
+                    let fan_in = match spec {
+                        TargetSpec::Tms { n_hidden, .. } => *n_hidden,
+                        TargetSpec::ResidMlp { d_embed, d_mlp, .. } => {
+                            if key.contains("mlp_in") {
+                                *d_embed
+                            } else {
+                                *d_mlp
+                            }
+                        }
+                    };
+                    uniform(rng, n, 1.0 / (fan_in as f32).sqrt())
+                }
+            } else if key == "linear2.weight" {
+                continue; // tied
+            } else {
+                uniform(rng, n, 1.0 / (shape[1] as f32).sqrt())
+            };
+            named.push((key, Tensor::from_vec(data, shape, device)?));
+        }
+        if let TargetSpec::Tms {
+            tied_weights: false,
+            n_features,
+            n_hidden,
+            ..
+        } = spec
+        {
+            let data = uniform(rng, n_features * n_hidden, 1.0 / (*n_hidden as f32).sqrt());
+            named.push((
+                "linear2.weight".into(),
+                Tensor::from_vec(data, (*n_features, *n_hidden), device)?,
+            ));
+        }
+        Self::new(spec.clone(), named, device)
+    }
+
+    /// Plain target forward pass.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_hooked(x, &mut |_, _| Ok(None))
+    }
+
+    /// Target forward that also returns every decomposed module's input.
+    pub fn forward_with_inputs(&self, x: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut inputs = Vec::with_capacity(self.modules.len());
+        let out = self.forward_hooked(x, &mut |_, a| {
+            inputs.push(a.clone());
+            Ok(None)
+        })?;
+        Ok((out, inputs))
+    }
+
+    /// Forward pass in which `hook` may replace any decomposed module's output.
+    pub fn forward_hooked(&self, x: &Tensor, hook: &mut ModuleHook) -> Result<Tensor> {
+        let mut lin = |i: usize, a: &Tensor| -> Result<Tensor> {
+            match hook(i, a)? {
+                Some(out) => Ok(out),
+                None => self.modules[i].forward(a),
+            }
+        };
+        match &self.spec {
+            TargetSpec::Tms {
+                n_hidden_layers, ..
+            } => {
+                let mut h = lin(0, x)?;
+                for i in 0..*n_hidden_layers {
+                    h = lin(1 + i, &h)?;
+                }
+                lin(1 + n_hidden_layers, &h)?.relu()
+            }
+            TargetSpec::ResidMlp {
+                n_layers, act_fn, ..
+            } => {
+                let mut r = x.matmul(self.param("W_E"))?;
+                for l in 0..*n_layers {
+                    let pre = lin(2 * l, &r)?;
+                    let act = match act_fn {
+                        ActFn::Relu => pre.relu()?,
+                        ActFn::Gelu => pre.gelu_erf()?,
+                    };
+                    r = (r + lin(2 * l + 1, &act)?)?;
+                }
+                r.matmul(self.param("W_U"))
+            }
+        }
+    }
+
+    /// True when an all-zero input row reaches every decomposed module as an all-zero input
+    /// (no biases before the last module). Then the masked model reproduces the target exactly
+    /// on zero rows, which the trainer exploits.
+    pub fn zero_input_is_inert(&self) -> Result<bool> {
+        let x = Tensor::zeros((1, self.spec.n_features()), DType::F32, &self.device)?;
+        let (_, inputs) = self.forward_with_inputs(&x)?;
+        for a in inputs {
+            if a.abs()?.max_all()?.to_scalar::<f32>()? != 0.0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tms_forward_matches_formula() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let spec = TargetSpec::Tms {
+            n_features: 3,
+            n_hidden: 2,
+            n_hidden_layers: 0,
+            tied_weights: true,
+        };
+        let w = Tensor::new(&[[1f32, 0., -1.], [0.5, 2., 0.]], &dev)?;
+        let b = Tensor::new(&[0.1f32, -0.2, 0.0], &dev)?;
+        let m = TargetModel::new(
+            spec,
+            vec![("linear1.weight".into(), w), ("linear2.bias".into(), b)],
+            &dev,
+        )?;
+        let x = Tensor::new(&[[1f32, 1., 0.]], &dev)?;
+        // h = W x = [1, 2.5]; out = relu(Wᵀ h + b) = relu([1+1.25+0.1, 5-0.2, -1]) = [2.35, 4.8, 0]
+        let out = m.forward(&x)?.to_vec2::<f32>()?;
+        assert!((out[0][0] - 2.35).abs() < 1e-6 && (out[0][1] - 4.8).abs() < 1e-6);
+        assert_eq!(out[0][2], 0.0);
+        assert!(m.zero_input_is_inert()?);
+        Ok(())
+    }
+
+    #[test]
+    fn shape_and_nan_errors() {
+        let dev = Device::Cpu;
+        let spec = TargetSpec::Tms {
+            n_features: 3,
+            n_hidden: 2,
+            n_hidden_layers: 0,
+            tied_weights: true,
+        };
+        let w = Tensor::zeros((3, 2), DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(3, DType::F32, &dev).unwrap();
+        let e = TargetModel::new(
+            spec.clone(),
+            vec![
+                ("linear1.weight".into(), w),
+                ("linear2.bias".into(), b.clone()),
+            ],
+            &dev,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("linear1.weight") && e.contains("shape"), "{e}");
+        let w = Tensor::new(&[[1f32, f32::NAN, 0.], [0., 0., 0.]], &dev).unwrap();
+        let e = TargetModel::new(
+            spec,
+            vec![("linear1.weight".into(), w), ("linear2.bias".into(), b)],
+            &dev,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("non-finite"), "{e}");
+    }
+}

@@ -1,0 +1,204 @@
+//! Training new target models (the reference's train_tms.py / train_resid_mlp.py recipes).
+
+use candle_core::{Device, Tensor, Var};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use serde::{Deserialize, Serialize};
+
+use super::{ActFn, TargetModel, TargetSpec};
+use crate::data::SparseFeatureData;
+use crate::rng::Rng;
+use crate::spd::config::{DataGenerationType, ScheduleConfig, ScheduleFn};
+use crate::spd::schedule::scheduled_value;
+
+/// Target-training hyperparameters (reference defaults per family in [`TargetTrainConfig::reference`]).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TargetTrainConfig {
+    pub seed: u64,
+    pub steps: usize,
+    pub batch_size: usize,
+    pub feature_probability: f64,
+    pub lr_schedule: ScheduleConfig,
+    pub weight_decay: f64,
+    pub init_bias_to_zero: bool,
+}
+
+impl TargetTrainConfig {
+    /// The reference's recipe for a target family and size.
+    pub fn reference(spec: &TargetSpec, seed: u64) -> Self {
+        match spec {
+            TargetSpec::Tms { n_features, .. } => TargetTrainConfig {
+                seed,
+                steps: 10_000,
+                batch_size: if *n_features <= 5 { 1024 } else { 8192 },
+                feature_probability: 0.05,
+                lr_schedule: ScheduleConfig {
+                    start_val: 5e-3,
+                    warmup_pct: 0.0,
+                    final_val_frac: 1.0,
+                    fn_type: ScheduleFn::Constant,
+                },
+                weight_decay: 0.01,
+                init_bias_to_zero: *n_features > 5,
+            },
+            TargetSpec::ResidMlp { n_layers, .. } => TargetTrainConfig {
+                seed,
+                steps: if *n_layers >= 3 { 10_000 } else { 1_000 },
+                batch_size: 2048,
+                feature_probability: 0.01,
+                lr_schedule: ScheduleConfig {
+                    start_val: 3e-3,
+                    warmup_pct: 0.0,
+                    final_val_frac: 0.0,
+                    fn_type: ScheduleFn::Cosine,
+                },
+                weight_decay: 0.01,
+                init_bias_to_zero: false,
+            },
+        }
+    }
+}
+
+/// Trains a target model from scratch; returns it with its final training loss.
+///
+/// TMS: labels = inputs, loss mean((x − out)²). Residual MLP: labels y = x + act(x), frozen
+/// unit-norm embedding, loss mean((out − y)²). AdamW with decoupled weight decay.
+pub fn train_target(
+    spec: &TargetSpec,
+    cfg: &TargetTrainConfig,
+    device: &Device,
+    mut progress: impl FnMut(usize, f32),
+) -> anyhow::Result<(TargetModel, f32)> {
+    let mut rng = Rng::new(cfg.seed);
+    let init = TargetModel::init_random(spec, &mut rng, cfg.init_bias_to_zero, device)?;
+    // Trainable parameters: everything except the frozen embedding / identity hidden layers
+    // and the tied linear2.weight (a view of linear1.weight).
+    let mut vars: Vec<(String, Var)> = vec![];
+    for (k, t) in &init.params {
+        let frozen = k == "W_E"
+            || k == "W_U"
+            || k.starts_with("hidden_layers.")
+            || (k == "linear2.weight"
+                && matches!(
+                    spec,
+                    TargetSpec::Tms {
+                        tied_weights: true,
+                        ..
+                    }
+                ));
+        if !frozen {
+            vars.push((k.clone(), Var::from_tensor(t)?));
+        }
+    }
+    let get = |k: &str, vars: &[(String, Var)]| -> candle_core::Result<Tensor> {
+        if let Some((_, v)) = vars.iter().find(|(n, _)| n == k) {
+            return Ok(v.as_tensor().clone());
+        }
+        if k == "linear2.weight" {
+            return vars
+                .iter()
+                .find(|(n, _)| n == "linear1.weight")
+                .unwrap()
+                .1
+                .t();
+        }
+        Ok(init.param(k).clone())
+    };
+    let data = SparseFeatureData {
+        n_features: spec.n_features(),
+        feature_probability: cfg.feature_probability as f32,
+        kind: DataGenerationType::AtLeastZeroActive,
+        value_range: spec.value_range(),
+    };
+    let mut opt = AdamW::new(
+        vars.iter().map(|(_, v)| v.clone()).collect(),
+        ParamsAdamW {
+            lr: cfg.lr_schedule.start_val,
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let nf = spec.n_features();
+    let mut last = f32::NAN;
+    for step in 0..cfg.steps {
+        opt.set_learning_rate(scheduled_value(step, cfg.steps, &cfg.lr_schedule));
+        let x = Tensor::from_vec(
+            data.batch(&mut rng, cfg.batch_size),
+            (cfg.batch_size, nf),
+            device,
+        )?;
+        let (out, labels) = match spec {
+            TargetSpec::Tms {
+                n_hidden_layers, ..
+            } => {
+                let mut h = x.matmul(&get("linear1.weight", &vars)?.t()?)?;
+                for i in 0..*n_hidden_layers {
+                    h = h.matmul(&get(&format!("hidden_layers.{i}.weight"), &vars)?.t()?)?;
+                }
+                let out = h
+                    .matmul(&get("linear2.weight", &vars)?.t()?)?
+                    .broadcast_add(&get("linear2.bias", &vars)?)?
+                    .relu()?;
+                (out, x.abs()?)
+            }
+            TargetSpec::ResidMlp {
+                n_layers,
+                act_fn,
+                in_bias,
+                out_bias,
+                ..
+            } => {
+                let mut r = x.matmul(&get("W_E", &vars)?)?;
+                for l in 0..*n_layers {
+                    let mut pre =
+                        r.matmul(&get(&format!("layers.{l}.mlp_in.weight"), &vars)?.t()?)?;
+                    if *in_bias {
+                        pre =
+                            pre.broadcast_add(&get(&format!("layers.{l}.mlp_in.bias"), &vars)?)?;
+                    }
+                    let a = match act_fn {
+                        ActFn::Relu => pre.relu()?,
+                        ActFn::Gelu => pre.gelu_erf()?,
+                    };
+                    let mut o =
+                        a.matmul(&get(&format!("layers.{l}.mlp_out.weight"), &vars)?.t()?)?;
+                    if *out_bias {
+                        o = o.broadcast_add(&get(&format!("layers.{l}.mlp_out.bias"), &vars)?)?;
+                    }
+                    r = (r + o)?;
+                }
+                let out = r.matmul(&get("W_U", &vars)?)?;
+                let act = match act_fn {
+                    ActFn::Relu => x.relu()?,
+                    ActFn::Gelu => x.gelu_erf()?,
+                };
+                (out, (&x + act)?)
+            }
+        };
+        let loss = (out - labels)?.sqr()?.mean_all()?;
+        opt.backward_step(&loss)?;
+        if step % 100 == 0 || step + 1 == cfg.steps {
+            last = loss.to_scalar::<f32>()?;
+            if !last.is_finite() {
+                anyhow::bail!("target training diverged at step {step} (loss {last})");
+            }
+            progress(step, last);
+        }
+    }
+    let mut named = vec![];
+    for (k, _) in spec.param_shapes() {
+        if k == "W_U"
+            || (k == "linear2.weight"
+                && matches!(
+                    spec,
+                    TargetSpec::Tms {
+                        tied_weights: true,
+                        ..
+                    }
+                ))
+        {
+            continue;
+        }
+        named.push((k.clone(), get(&k, &vars)?.contiguous()?));
+    }
+    Ok((TargetModel::new(spec.clone(), named, device)?, last))
+}

@@ -1,0 +1,282 @@
+//! Presets: the SPD paper's toy models with the reference configs' hyperparameters, and the
+//! trained targets shipped in `assets/targets/` (embedded in the binary, so a preset needs no
+//! files and always uses the same target).
+
+use candle_core::Device;
+
+use crate::model::{ActFn, TargetModel, TargetSpec};
+use crate::spd::config::*;
+
+pub struct Preset {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// Seed of the shipped target (the target-training seed).
+    pub target_seed: u64,
+}
+
+pub const PRESETS: &[Preset] = &[
+    Preset {
+        name: "tms-5-2",
+        description: "TMS 5 features → 2 hidden (tied), C=20 per layer, 10k steps",
+        target_seed: 0,
+    },
+    Preset {
+        name: "tms-5-2-id",
+        description: "TMS 5→2 with a frozen 2×2 identity hidden layer, C=20 per layer, 10k steps",
+        target_seed: 0,
+    },
+    Preset {
+        name: "tms-40-10",
+        description: "TMS 40 features → 10 hidden (tied), C=200 per layer, 10k steps",
+        target_seed: 0,
+    },
+    Preset {
+        name: "tms-40-10-id",
+        description: "TMS 40→10 with a frozen 10×10 identity hidden layer, C=200 per layer, 20k steps",
+        target_seed: 0,
+    },
+    Preset {
+        name: "resid-mlp-1",
+        description: "Residual MLP, 100 features, d_embed 1000, 1 layer of 50 ReLU neurons, C=100, 20k steps",
+        target_seed: 0,
+    },
+    Preset {
+        name: "resid-mlp-2",
+        description: "Residual MLP, 100 features, 2 layers of 25 neurons, C=400, 25k steps",
+        target_seed: 0,
+    },
+    Preset {
+        name: "resid-mlp-3",
+        description: "Residual MLP, 102 features, 3 layers of 17 neurons, C=500, 50k steps",
+        target_seed: 0,
+    },
+];
+
+pub fn preset_names() -> Vec<&'static str> {
+    PRESETS.iter().map(|p| p.name).collect()
+}
+
+pub fn find(name: &str) -> anyhow::Result<&'static Preset> {
+    PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown preset '{name}' (available: {})",
+            preset_names().join(", ")
+        )
+    })
+}
+
+/// Target architecture of a preset.
+pub fn target_spec(name: &str) -> anyhow::Result<TargetSpec> {
+    find(name)?;
+    Ok(match name {
+        "tms-5-2" => tms(5, 2, 0),
+        "tms-5-2-id" => tms(5, 2, 1),
+        "tms-40-10" => tms(40, 10, 0),
+        "tms-40-10-id" => tms(40, 10, 1),
+        "resid-mlp-1" => resid(100, 50, 1),
+        "resid-mlp-2" => resid(100, 25, 2),
+        "resid-mlp-3" => resid(102, 17, 3),
+        _ => unreachable!(),
+    })
+}
+
+fn tms(n_features: usize, n_hidden: usize, n_hidden_layers: usize) -> TargetSpec {
+    TargetSpec::Tms {
+        n_features,
+        n_hidden,
+        n_hidden_layers,
+        tied_weights: true,
+    }
+}
+
+fn resid(n_features: usize, d_mlp: usize, n_layers: usize) -> TargetSpec {
+    TargetSpec::ResidMlp {
+        n_features,
+        d_embed: 1000,
+        d_mlp,
+        n_layers,
+        act_fn: ActFn::Relu,
+        in_bias: false,
+        out_bias: false,
+    }
+}
+
+fn mi(p: &str, c: usize) -> ModuleInfo {
+    ModuleInfo {
+        module_pattern: p.into(),
+        c,
+    }
+}
+
+fn imp_min(coeff: f64, pnorm: f64) -> LossConfig {
+    LossConfig::ImportanceMinimalityLoss {
+        coeff: Some(coeff),
+        pnorm,
+        beta: 0.0,
+        p_anneal_start_frac: 1.0,
+        p_anneal_final_p: None,
+        p_anneal_end_frac: 1.0,
+        eps: 1e-12,
+    }
+}
+
+/// The SPD config of a preset (reference hyperparameters, table §4.6 of the spec).
+pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
+    find(name)?;
+    let sr = |c: f64| LossConfig::StochasticReconLoss { coeff: Some(c) };
+    let srl = |c: f64| LossConfig::StochasticReconLayerwiseLoss { coeff: Some(c) };
+    let base = |module_info: Vec<ModuleInfo>,
+                losses: Vec<LossConfig>,
+                steps: usize,
+                batch: usize,
+                lr: ScheduleConfig,
+                p: f64| SpdConfig {
+        seed: 0,
+        n_mask_samples: 1,
+        ci_fn_type: CiFnType::Mlp,
+        ci_fn_hidden_dims: vec![16],
+        sampling: Sampling::Continuous,
+        sigmoid_type: SigmoidType::LeakyHard,
+        module_info,
+        use_delta_component: true,
+        loss_metric_configs: losses,
+        output_loss_type: OutputLossType::Mse,
+        lr_schedule: lr,
+        steps,
+        batch_size: batch,
+        grad_clip_norm_components: None,
+        grad_clip_norm_ci_fns: None,
+        faithfulness_warmup_steps: 200,
+        faithfulness_warmup_lr: 0.01,
+        faithfulness_warmup_weight_decay: 0.1,
+        train_log_freq: 100,
+        eval_freq: 1000,
+        eval_batch_size: batch,
+        n_eval_steps: 20,
+        ci_alive_threshold: 0.1,
+        identity_ci: vec![],
+        dense_ci: vec![],
+        task_config: TaskConfig {
+            task_name: if name.starts_with("tms") {
+                "tms".into()
+            } else {
+                "resid_mlp".into()
+            },
+            feature_probability: p,
+            data_generation_type: DataGenerationType::AtLeastZeroActive,
+            value_range: None,
+        },
+    };
+    let cosine = ScheduleConfig {
+        start_val: 1e-3,
+        warmup_pct: 0.0,
+        final_val_frac: 0.0,
+        fn_type: ScheduleFn::Cosine,
+    };
+    let constant = |lr: f64| ScheduleConfig {
+        start_val: lr,
+        warmup_pct: 0.0,
+        final_val_frac: 1.0,
+        fn_type: ScheduleFn::Constant,
+    };
+    let ident = |p: &str, n: usize| IdentityCiPattern {
+        layer_pattern: p.into(),
+        n_features: n,
+    };
+    let dense = |p: &str, k: usize| DenseCiPattern {
+        layer_pattern: p.into(),
+        k,
+    };
+    let mut cfg = match name {
+        "tms-5-2" | "tms-5-2-id" | "tms-40-10" | "tms-40-10-id" => {
+            let small = name.starts_with("tms-5-2");
+            let (nf, c) = if small { (5, 20) } else { (40, 200) };
+            let with_id = name.ends_with("-id");
+            let mut modules = vec![mi("linear1", c), mi("linear2", c)];
+            if with_id {
+                modules.push(mi("hidden_layers.0", c));
+            }
+            let losses = if small {
+                vec![imp_min(3e-3, 1.0), sr(1.0), srl(1.0)]
+            } else {
+                vec![imp_min(1e-4, 2.0), sr(1.0), srl(1.0)]
+            };
+            let steps = if name == "tms-40-10-id" {
+                20_000
+            } else {
+                10_000
+            };
+            let mut cfg = base(modules, losses, steps, 4096, cosine.clone(), 0.05);
+            cfg.identity_ci = vec![ident("linear1", nf), ident("linear2", nf)];
+            if with_id {
+                cfg.dense_ci = vec![dense("hidden_layers.0", if small { 2 } else { 10 })];
+            }
+            if name == "tms-40-10" {
+                cfg.train_log_freq = 500;
+            }
+            cfg
+        }
+        "resid-mlp-1" => {
+            let mut cfg = base(
+                vec![mi("layers.*.mlp_in", 100), mi("layers.*.mlp_out", 100)],
+                vec![imp_min(1e-5, 2.0), sr(1.0), srl(1.0)],
+                20_000,
+                2048,
+                constant(2e-3),
+                0.01,
+            );
+            cfg.identity_ci = vec![ident("layers.*.mlp_in", 100)];
+            cfg.dense_ci = vec![dense("layers.*.mlp_out", 50)];
+            cfg.eval_freq = 500;
+            cfg
+        }
+        "resid-mlp-2" => {
+            // Reference: shared_mlp [256] CI function, subset-routed stochastic recon and PGD
+            // subset recon (coeff 2 each), imp-min 1e-4, lr 3e-4, 25k steps, no warm-up decay.
+            let mut cfg = base(
+                vec![mi("layers.*.mlp_in", 400), mi("layers.*.mlp_out", 400)],
+                vec![imp_min(1e-4, 2.0), sr(2.0), srl(2.0)],
+                25_000,
+                2048,
+                constant(3e-4),
+                0.01,
+            );
+            cfg.ci_fn_type = CiFnType::SharedMlp;
+            cfg.ci_fn_hidden_dims = vec![256];
+            cfg.faithfulness_warmup_weight_decay = 0.0;
+            cfg.identity_ci = vec![ident("layers.*.mlp_in", 100)];
+            cfg.dense_ci = vec![dense("layers.*.mlp_out", 25)];
+            cfg.train_log_freq = 50;
+            cfg.eval_freq = 500;
+            cfg
+        }
+        "resid-mlp-3" => {
+            let mut cfg = base(
+                vec![mi("layers.*.mlp_in", 500), mi("layers.*.mlp_out", 500)],
+                vec![imp_min(1e-5, 2.0), sr(1.0), srl(1.0)],
+                50_000,
+                2048,
+                constant(1e-3),
+                0.01,
+            );
+            cfg.ci_fn_hidden_dims = vec![128];
+            cfg.identity_ci = vec![ident("layers.*.mlp_in", 102)];
+            cfg.dense_ci = vec![dense("layers.*.mlp_out", 17)];
+            cfg.train_log_freq = 50;
+            cfg.eval_freq = 500;
+            cfg
+        }
+        _ => unreachable!(),
+    };
+    cfg.seed = 0;
+    Ok(cfg)
+}
+
+/// The embedded trained target of a preset.
+pub fn target_model(name: &str, device: &Device) -> anyhow::Result<TargetModel> {
+    let spec = target_spec(name)?;
+    let bytes = crate::assets::target_bytes(name)
+        .ok_or_else(|| anyhow::anyhow!("no shipped target for preset '{name}'"))?;
+    crate::io::target_file::target_from_safetensors_bytes(bytes, &spec, device)
+        .map_err(|e| anyhow::anyhow!("embedded target of preset '{name}': {e}"))
+}

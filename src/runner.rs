@@ -1,0 +1,262 @@
+//! Setting up and running SPD jobs (shared by the CLI, the tests and the GUI worker).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::io::spdlab_file::{self, FileExtras};
+use crate::metrics::{EvalReport, evaluate};
+use crate::model::{TargetModel, TargetSpec};
+use crate::presets;
+use crate::spd::config::SpdConfig;
+use crate::spd::trainer::{StepRecord, Trainer};
+
+/// Picks the compute device by name (`cpu` or `cuda`).
+pub fn device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Device::new_cuda(0).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot use cuda: {}",
+                e.to_string().lines().next().unwrap_or("unknown error")
+            )
+        }),
+        other => anyhow::bail!("unknown device '{other}' (use cpu or cuda)"),
+    }
+}
+
+/// A config file: the reference's SPD fields plus where the target comes from.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConfigFile {
+    #[serde(flatten)]
+    pub spd: SpdConfig,
+    /// Take the target (architecture and weights) of this preset.
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// Or: the target architecture ...
+    #[serde(default)]
+    pub target: Option<TargetSpec>,
+    /// ... and its weights (safetensors with reference key names), relative to the config file.
+    #[serde(default)]
+    pub target_path: Option<PathBuf>,
+}
+
+/// Loads a JSON config file and its target.
+pub fn load_config_file(
+    path: &Path,
+    dev: &Device,
+) -> anyhow::Result<(SpdConfig, TargetModel, Option<String>)> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let cf: ConfigFile = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))?;
+    cf.spd
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))?;
+    let target = match (&cf.preset, &cf.target, &cf.target_path) {
+        (Some(p), None, None) => presets::target_model(p, dev)?,
+        (None, Some(spec), Some(tp)) => {
+            let tp = if tp.is_relative() {
+                path.parent().unwrap_or(Path::new(".")).join(tp)
+            } else {
+                tp.clone()
+            };
+            let bytes = std::fs::read(&tp)
+                .map_err(|e| anyhow::anyhow!("{}: cannot read target: {e}", tp.display()))?;
+            crate::io::target_file::target_from_safetensors_bytes(&bytes, spec, dev)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", tp.display()))?
+        }
+        _ => anyhow::bail!(
+            "{}: give either \"preset\" (use that preset's target) or both \"target\" (architecture) and \"target_path\" (weights)",
+            path.display()
+        ),
+    };
+    Ok((cf.spd, target, cf.preset))
+}
+
+/// Result of a finished training run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub preset: Option<String>,
+    pub steps: usize,
+    pub seconds: f64,
+    pub steps_per_second: f64,
+    pub losses: std::collections::BTreeMap<String, f64>,
+    pub l0: std::collections::BTreeMap<String, f64>,
+    pub mmcs: std::collections::BTreeMap<String, f64>,
+    pub ml2r: std::collections::BTreeMap<String, f64>,
+    pub target_solution_error: Option<crate::metrics::TargetSolutionError>,
+    pub out: Option<PathBuf>,
+}
+
+/// Options of a training run.
+pub struct RunOptions {
+    /// Save a recovery file at this interval (None = never).
+    pub autosave: Option<(PathBuf, Duration)>,
+}
+
+/// Runs warm-up (if not done) and all remaining steps; `on_step` sees every step record.
+pub fn run_training(
+    tr: &mut Trainer,
+    extras: &mut FileExtras,
+    opts: &RunOptions,
+    mut on_step: impl FnMut(&Trainer, &StepRecord),
+) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    if !extras.warmup_done {
+        tr.faithfulness_warmup()?;
+        extras.warmup_done = true;
+    }
+    let mut last_save = Instant::now();
+    while !tr.is_done() {
+        let rec = tr.step()?;
+        on_step(tr, &rec);
+        if let Some((path, every)) = &opts.autosave
+            && last_save.elapsed() >= *every
+            && !tr.is_done()
+        {
+            spdlab_file::save(tr, extras, path)?;
+            last_save = Instant::now();
+        }
+    }
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Final evaluation with the config's eval budget.
+pub fn final_eval(tr: &mut Trainer) -> anyhow::Result<EvalReport> {
+    let (n, b) = (tr.config.n_eval_steps, tr.config.eval_batch_size);
+    evaluate(tr, n, b)
+}
+
+/// Reads `{"inputs": [[...], ...]}` with rows of length `n_features`.
+pub fn read_inputs(path: &Path, n_features: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+    #[derive(Deserialize)]
+    struct Inputs {
+        inputs: Vec<Vec<f32>>,
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let inp: Inputs = serde_json::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: expected {{\"inputs\": [[...], ...]}}: {e}",
+            path.display()
+        )
+    })?;
+    if inp.inputs.is_empty() {
+        anyhow::bail!("{}: no inputs", path.display());
+    }
+    for (i, r) in inp.inputs.iter().enumerate() {
+        if r.len() != n_features {
+            anyhow::bail!(
+                "{}: input {i} has {} values, the model has {n_features} features",
+                path.display(),
+                r.len()
+            );
+        }
+        if r.iter().any(|x| !x.is_finite()) {
+            anyhow::bail!("{}: input {i} contains a non-finite value", path.display());
+        }
+    }
+    Ok(inp.inputs)
+}
+
+/// CI values and outputs on chosen inputs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CiReport {
+    /// "lower_leaky" or "upper_leaky".
+    pub ci_type: String,
+    pub inputs: Vec<Vec<f32>>,
+    /// Module name → per input, per subcomponent.
+    pub ci: std::collections::BTreeMap<String, Vec<Vec<f32>>>,
+    pub pre_sigmoid: std::collections::BTreeMap<String, Vec<Vec<f32>>>,
+    pub component_acts: std::collections::BTreeMap<String, Vec<Vec<f32>>>,
+    pub target_output: Vec<Vec<f32>>,
+    /// All masks 1, no delta component.
+    pub unmasked_output: Vec<Vec<f32>>,
+    /// Masks = lower-leaky CI, no delta component.
+    pub ci_masked_output: Vec<Vec<f32>>,
+}
+
+pub fn ci_report(
+    model: &crate::spd::component_model::ComponentModel,
+    x: &[Vec<f32>],
+    upper: bool,
+) -> anyhow::Result<CiReport> {
+    use crate::spd::component_model::ModuleMask;
+    let n = x.len();
+    let nf = model.target.spec.n_features();
+    let flat: Vec<f32> = x.iter().flatten().copied().collect();
+    let xt = candle_core::Tensor::from_vec(flat, (n, nf), model.device())?;
+    let (target_out, inputs) = model.target.forward_with_inputs(&xt)?;
+    let (ci, acts) = model.causal_importances(&inputs, None)?;
+    let mut rep = CiReport {
+        ci_type: if upper {
+            "upper_leaky".into()
+        } else {
+            "lower_leaky".into()
+        },
+        inputs: x.to_vec(),
+        ci: Default::default(),
+        pre_sigmoid: Default::default(),
+        component_acts: Default::default(),
+        target_output: target_out.to_vec2()?,
+        unmasked_output: vec![],
+        ci_masked_output: vec![],
+    };
+    for (j, m) in model.modules.iter().enumerate() {
+        let c = if upper { &ci[j].upper } else { &ci[j].lower };
+        rep.ci.insert(m.name.clone(), c.to_vec2()?);
+        rep.pre_sigmoid
+            .insert(m.name.clone(), ci[j].pre_sigmoid.to_vec2()?);
+        rep.component_acts
+            .insert(m.name.clone(), acts[j].to_vec2()?);
+    }
+    let ones: Vec<_> = ci
+        .iter()
+        .map(|c| {
+            Ok(Some(ModuleMask {
+                mask: c.lower.ones_like()?,
+                delta: None,
+            }))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    rep.unmasked_output = model.forward_masked(&xt, &ones)?.to_vec2()?;
+    let cim: Vec<_> = ci
+        .iter()
+        .map(|c| {
+            Some(ModuleMask {
+                mask: c.lower.clone(),
+                delta: None,
+            })
+        })
+        .collect();
+    rep.ci_masked_output = model.forward_masked(&xt, &cim)?.to_vec2()?;
+    Ok(rep)
+}
+
+pub fn print_ci_report(r: &CiReport) {
+    for (i, x) in r.inputs.iter().enumerate() {
+        println!("input {i}: {x:?}");
+        for (m, rows) in &r.ci {
+            let active: Vec<String> = rows[i]
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| **v > 0.0)
+                .map(|(c, v)| format!("{c}:{v:.3}"))
+                .collect();
+            println!(
+                "  {m:<20} {} ({})",
+                if active.is_empty() {
+                    "none".to_string()
+                } else {
+                    active.join(" ")
+                },
+                r.ci_type
+            );
+        }
+        println!("  target output       {:?}", r.target_output[i]);
+        println!("  unmasked output     {:?}", r.unmasked_output[i]);
+    }
+}

@@ -1,0 +1,445 @@
+//! SPD configuration, using the reference implementation's field names so that a researcher's
+//! goodfire-ai/spd configs carry over (`C`, `ci_fn_type`, `ci_fn_hidden_dims`, `sigmoid_type`,
+//! `pnorm`, `coeff`, ...). Unknown enum values are rejected with a message naming the field.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::TargetSpec;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CiFnType {
+    Mlp,
+    VectorMlp,
+    SharedMlp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SigmoidType {
+    /// Lower-leaky hard sigmoid for masks (custom backward), upper-leaky for the minimality loss.
+    LeakyHard,
+    Hard,
+    UpperLeakyHard,
+    Normal,
+    SwishHard,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampling {
+    Continuous,
+    Binomial,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleFn {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputLossType {
+    Mse,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataGenerationType {
+    AtLeastZeroActive,
+    ExactlyOneActive,
+    ExactlyTwoActive,
+    ExactlyThreeActive,
+    ExactlyFourActive,
+    ExactlyFiveActive,
+}
+
+impl DataGenerationType {
+    /// Number of active features for the `exactly_n_active` kinds.
+    pub fn exactly_n(self) -> Option<usize> {
+        match self {
+            DataGenerationType::AtLeastZeroActive => None,
+            DataGenerationType::ExactlyOneActive => Some(1),
+            DataGenerationType::ExactlyTwoActive => Some(2),
+            DataGenerationType::ExactlyThreeActive => Some(3),
+            DataGenerationType::ExactlyFourActive => Some(4),
+            DataGenerationType::ExactlyFiveActive => Some(5),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleInfo {
+    pub module_pattern: String,
+    #[serde(rename = "C")]
+    pub c: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub start_val: f64,
+    #[serde(default)]
+    pub warmup_pct: f64,
+    #[serde(default = "one")]
+    pub final_val_frac: f64,
+    #[serde(default = "default_fn_type")]
+    pub fn_type: ScheduleFn,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn default_fn_type() -> ScheduleFn {
+    ScheduleFn::Constant
+}
+
+/// A loss term. `coeff: None` means evaluated and logged but not trained on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "classname")]
+pub enum LossConfig {
+    ImportanceMinimalityLoss {
+        coeff: Option<f64>,
+        pnorm: f64,
+        #[serde(default)]
+        beta: f64,
+        #[serde(default = "one")]
+        p_anneal_start_frac: f64,
+        #[serde(default)]
+        p_anneal_final_p: Option<f64>,
+        #[serde(default = "one")]
+        p_anneal_end_frac: f64,
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+    StochasticReconLoss {
+        coeff: Option<f64>,
+    },
+    StochasticReconLayerwiseLoss {
+        coeff: Option<f64>,
+    },
+    FaithfulnessLoss {
+        coeff: Option<f64>,
+    },
+    #[serde(rename = "CIMaskedReconLoss")]
+    CiMaskedReconLoss {
+        coeff: Option<f64>,
+    },
+    #[serde(rename = "CIMaskedReconLayerwiseLoss")]
+    CiMaskedReconLayerwiseLoss {
+        coeff: Option<f64>,
+    },
+    UnmaskedReconLoss {
+        coeff: Option<f64>,
+    },
+}
+
+fn default_eps() -> f64 {
+    1e-12
+}
+
+impl LossConfig {
+    pub fn name(&self) -> &'static str {
+        match self {
+            LossConfig::ImportanceMinimalityLoss { .. } => "ImportanceMinimalityLoss",
+            LossConfig::StochasticReconLoss { .. } => "StochasticReconLoss",
+            LossConfig::StochasticReconLayerwiseLoss { .. } => "StochasticReconLayerwiseLoss",
+            LossConfig::FaithfulnessLoss { .. } => "FaithfulnessLoss",
+            LossConfig::CiMaskedReconLoss { .. } => "CIMaskedReconLoss",
+            LossConfig::CiMaskedReconLayerwiseLoss { .. } => "CIMaskedReconLayerwiseLoss",
+            LossConfig::UnmaskedReconLoss { .. } => "UnmaskedReconLoss",
+        }
+    }
+    pub fn coeff(&self) -> Option<f64> {
+        match self {
+            LossConfig::ImportanceMinimalityLoss { coeff, .. }
+            | LossConfig::StochasticReconLoss { coeff }
+            | LossConfig::StochasticReconLayerwiseLoss { coeff }
+            | LossConfig::FaithfulnessLoss { coeff }
+            | LossConfig::CiMaskedReconLoss { coeff }
+            | LossConfig::CiMaskedReconLayerwiseLoss { coeff }
+            | LossConfig::UnmaskedReconLoss { coeff } => *coeff,
+        }
+    }
+    pub fn set_coeff(&mut self, v: Option<f64>) {
+        match self {
+            LossConfig::ImportanceMinimalityLoss { coeff, .. }
+            | LossConfig::StochasticReconLoss { coeff }
+            | LossConfig::StochasticReconLayerwiseLoss { coeff }
+            | LossConfig::FaithfulnessLoss { coeff }
+            | LossConfig::CiMaskedReconLoss { coeff }
+            | LossConfig::CiMaskedReconLayerwiseLoss { coeff }
+            | LossConfig::UnmaskedReconLoss { coeff } => *coeff = v,
+        }
+    }
+}
+
+/// Expected CI pattern of one layer on single-feature inputs (the reference's IdentityCIError).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityCiPattern {
+    pub layer_pattern: String,
+    pub n_features: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenseCiPattern {
+    pub layer_pattern: String,
+    pub k: usize,
+}
+
+/// The task: the data distribution SPD trains on (toy sparse-feature data).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskConfig {
+    #[serde(default = "default_task_name")]
+    pub task_name: String,
+    pub feature_probability: f64,
+    #[serde(default = "default_data_gen")]
+    pub data_generation_type: DataGenerationType,
+    /// Feature value range; `None` = the task's default ((0,1) for TMS, (-1,1) for resid_mlp).
+    #[serde(default)]
+    pub value_range: Option<(f32, f32)>,
+}
+
+fn default_task_name() -> String {
+    "tms".into()
+}
+fn default_data_gen() -> DataGenerationType {
+    DataGenerationType::AtLeastZeroActive
+}
+
+/// The full SPD configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SpdConfig {
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_n_mask")]
+    pub n_mask_samples: usize,
+    #[serde(default = "default_ci_fn_type")]
+    pub ci_fn_type: CiFnType,
+    #[serde(default = "default_hidden")]
+    pub ci_fn_hidden_dims: Vec<usize>,
+    #[serde(default = "default_sampling")]
+    pub sampling: Sampling,
+    #[serde(default = "default_sigmoid")]
+    pub sigmoid_type: SigmoidType,
+    pub module_info: Vec<ModuleInfo>,
+    #[serde(default = "default_true")]
+    pub use_delta_component: bool,
+    pub loss_metric_configs: Vec<LossConfig>,
+    #[serde(default = "default_output_loss")]
+    pub output_loss_type: OutputLossType,
+    pub lr_schedule: ScheduleConfig,
+    pub steps: usize,
+    pub batch_size: usize,
+    #[serde(default)]
+    pub grad_clip_norm_components: Option<f64>,
+    #[serde(default)]
+    pub grad_clip_norm_ci_fns: Option<f64>,
+    #[serde(default)]
+    pub faithfulness_warmup_steps: usize,
+    #[serde(default = "default_fw_lr")]
+    pub faithfulness_warmup_lr: f64,
+    #[serde(default)]
+    pub faithfulness_warmup_weight_decay: f64,
+    #[serde(default = "default_log_freq")]
+    pub train_log_freq: usize,
+    #[serde(default = "default_eval_freq")]
+    pub eval_freq: usize,
+    #[serde(default = "default_eval_batch")]
+    pub eval_batch_size: usize,
+    #[serde(default = "default_n_eval_steps")]
+    pub n_eval_steps: usize,
+    #[serde(default = "default_alive")]
+    pub ci_alive_threshold: f64,
+    /// Layers expected to be identity-like (one subcomponent per feature) on single-feature inputs.
+    #[serde(default)]
+    pub identity_ci: Vec<IdentityCiPattern>,
+    /// Layers expected to be dense (k subcomponents active for every feature).
+    #[serde(default)]
+    pub dense_ci: Vec<DenseCiPattern>,
+    pub task_config: TaskConfig,
+}
+
+fn default_n_mask() -> usize {
+    1
+}
+fn default_ci_fn_type() -> CiFnType {
+    CiFnType::VectorMlp
+}
+fn default_hidden() -> Vec<usize> {
+    vec![8]
+}
+fn default_sampling() -> Sampling {
+    Sampling::Continuous
+}
+fn default_sigmoid() -> SigmoidType {
+    SigmoidType::LeakyHard
+}
+fn default_true() -> bool {
+    true
+}
+fn default_output_loss() -> OutputLossType {
+    OutputLossType::Mse
+}
+fn default_fw_lr() -> f64 {
+    1e-3
+}
+fn default_log_freq() -> usize {
+    100
+}
+fn default_eval_freq() -> usize {
+    1000
+}
+fn default_eval_batch() -> usize {
+    4096
+}
+fn default_n_eval_steps() -> usize {
+    10
+}
+fn default_alive() -> f64 {
+    0.1
+}
+
+impl SpdConfig {
+    /// Checks the values serde cannot: returns a list of problems, empty if fine.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut errs = vec![];
+        if self.module_info.is_empty() {
+            errs.push("module_info is empty".to_string());
+        }
+        for m in &self.module_info {
+            if m.c == 0 {
+                errs.push(format!("module_info '{}': C must be > 0", m.module_pattern));
+            }
+        }
+        if self.batch_size == 0 {
+            errs.push("batch_size must be > 0".into());
+        }
+        if self.n_mask_samples == 0 {
+            errs.push("n_mask_samples must be > 0".into());
+        }
+        if matches!(self.ci_fn_type, CiFnType::Mlp | CiFnType::VectorMlp)
+            && self.ci_fn_hidden_dims.is_empty()
+        {
+            errs.push(format!(
+                "ci_fn_type {:?} needs at least one hidden layer in ci_fn_hidden_dims",
+                self.ci_fn_type
+            ));
+        }
+        if self.ci_fn_hidden_dims.contains(&0) {
+            errs.push("ci_fn_hidden_dims entries must be > 0".into());
+        }
+        let s = &self.lr_schedule;
+        if !(s.start_val.is_finite() && s.start_val >= 0.0) {
+            errs.push("lr_schedule.start_val must be a finite non-negative number".into());
+        }
+        if !(0.0..=1.0).contains(&s.warmup_pct) {
+            errs.push("lr_schedule.warmup_pct must be in [0, 1]".into());
+        }
+        if s.fn_type == ScheduleFn::Constant && s.final_val_frac != 1.0 {
+            errs.push("lr_schedule: a constant schedule needs final_val_frac = 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.task_config.feature_probability) {
+            errs.push("task_config.feature_probability must be in [0, 1]".into());
+        }
+        if self.loss_metric_configs.iter().all(|l| l.coeff().is_none()) {
+            errs.push("loss_metric_configs has no loss with a coefficient".into());
+        }
+        for l in &self.loss_metric_configs {
+            if let Some(c) = l.coeff()
+                && !c.is_finite()
+            {
+                errs.push(format!("{}: coeff must be finite", l.name()));
+            }
+            if let LossConfig::ImportanceMinimalityLoss { pnorm, .. } = l
+                && !(*pnorm > 0.0)
+            {
+                errs.push("ImportanceMinimalityLoss: pnorm must be > 0".into());
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("; "))
+        }
+    }
+
+    pub fn loss(&self, name: &str) -> Option<&LossConfig> {
+        self.loss_metric_configs.iter().find(|l| l.name() == name)
+    }
+}
+
+/// A complete run description: the SPD config plus the target model it decomposes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    #[serde(flatten)]
+    pub spd: SpdConfig,
+    /// The target model's architecture (weights come from the preset's asset or the file).
+    #[serde(default)]
+    pub target: Option<TargetSpec>,
+}
+
+/// fnmatch-style match of a module path (`*` any run, `?` any char), as the reference uses.
+pub fn fnmatch(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    let (mut pi, mut ni) = (0usize, 0usize);
+    let (mut star, mut mark) = (None::<usize>, 0usize);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            pi += 1;
+            mark = ni;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == '*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnmatch_patterns() {
+        assert!(fnmatch("linear1", "linear1"));
+        assert!(!fnmatch("linear1", "linear12"));
+        assert!(fnmatch("layers.*.mlp_in", "layers.0.mlp_in"));
+        assert!(fnmatch("layers.*.mlp_in", "layers.12.mlp_in"));
+        assert!(!fnmatch("layers.*.mlp_in", "layers.0.mlp_out"));
+        assert!(fnmatch("hidden_layers.?", "hidden_layers.0"));
+        assert!(fnmatch("*", "anything"));
+    }
+
+    #[test]
+    fn unknown_values_are_rejected() {
+        let bad = r#"{"classname":"StochasticReconLoss","coeff":1.0}"#;
+        assert!(serde_json::from_str::<LossConfig>(bad).is_ok());
+        let bad = r#"{"classname":"NoSuchLoss","coeff":1.0}"#;
+        let e = serde_json::from_str::<LossConfig>(bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("NoSuchLoss"), "{e}");
+        let e = serde_json::from_str::<SigmoidType>("\"wobbly\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("wobbly"), "{e}");
+    }
+}

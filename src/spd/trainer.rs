@@ -1,0 +1,504 @@
+//! SPD training: one `step()` at a time (no I/O, no threads), as the reference's `optimize()`.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::adam::{Adam, AdamEntry, clip_grad_norm};
+use super::component_model::{CiOutput, ComponentModel, ModuleMask};
+use super::config::{LossConfig, SpdConfig};
+use super::schedule::scheduled_value;
+use crate::data::SparseFeatureData;
+use crate::rng::Rng;
+
+/// A batch prepared for SPD: all-zero rows folded into one weighted row when that is exact.
+pub struct Batch {
+    /// `[n, n_features]`.
+    pub x: Tensor,
+    /// `[n]` row weights (1, or the number of zero rows the last row stands for).
+    pub weights: Tensor,
+    /// Number of rows of the original batch.
+    pub n_rows: usize,
+}
+
+/// Metrics of one training step.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: usize,
+    pub lr: f64,
+    /// Raw (unweighted) value of every loss term, and `total` (weighted sum).
+    pub losses: BTreeMap<String, f64>,
+    /// L0 per layer at `ci_alive_threshold`.
+    pub l0: BTreeMap<String, f64>,
+}
+
+pub struct Trainer {
+    pub model: ComponentModel,
+    pub config: SpdConfig,
+    pub data: SparseFeatureData,
+    pub rng: Rng,
+    pub opt: Adam,
+    /// Next step to run (0-based); training is done when `step > config.steps`.
+    pub step: usize,
+    pub history: Vec<StepRecord>,
+    compact_zero_rows: bool,
+}
+
+impl Trainer {
+    /// A new run: builds the decomposition from `target` with the config's seed.
+    pub fn new(target: crate::model::TargetModel, config: SpdConfig) -> anyhow::Result<Self> {
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+        let mut rng = Rng::new(config.seed);
+        let model = ComponentModel::new(target, &config, &mut rng)?;
+        Self::from_model(model, config, rng)
+    }
+
+    /// Wraps an existing decomposition (e.g. loaded from a file) for further training.
+    pub fn from_model(model: ComponentModel, config: SpdConfig, rng: Rng) -> anyhow::Result<Self> {
+        let spec = &model.target.spec;
+        let data = SparseFeatureData {
+            n_features: spec.n_features(),
+            feature_probability: config.task_config.feature_probability as f32,
+            kind: config.task_config.data_generation_type,
+            value_range: config.task_config.value_range.unwrap_or(spec.value_range()),
+        };
+        let compact_zero_rows = model.target.zero_input_is_inert()?;
+        let opt = Adam::new(main_entries(&model));
+        Ok(Trainer {
+            model,
+            config,
+            data,
+            rng,
+            opt,
+            step: 0,
+            history: vec![],
+            compact_zero_rows,
+        })
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.step > self.config.steps
+    }
+
+    /// The reference's faithfulness warm-up: AdamW on U, V only, loss = mean ΔW².
+    pub fn faithfulness_warmup(&mut self) -> Result<f64> {
+        let n = self.config.faithfulness_warmup_steps;
+        let mut last = f64::NAN;
+        if n == 0 {
+            return Ok(last);
+        }
+        let wd = self.config.faithfulness_warmup_weight_decay;
+        let mut entries = vec![];
+        for m in &self.model.modules {
+            match m.tied_to {
+                None => {
+                    entries.push(AdamEntry::new(m.v.clone(), wd));
+                    entries.push(AdamEntry::new(m.u.clone(), wd));
+                }
+                Some(o) => {
+                    let owner = &self.model.modules[o];
+                    entries.push(AdamEntry::alias(owner.u.clone(), m.v.clone(), wd));
+                    entries.push(AdamEntry::alias(owner.v.clone(), m.u.clone(), wd));
+                }
+            }
+        }
+        let mut opt = Adam::new(entries);
+        for _ in 0..n {
+            let loss = self.faithfulness_loss()?;
+            last = loss.to_scalar::<f32>()? as f64;
+            let grads = loss.backward()?;
+            opt.step(&grads, self.config.faithfulness_warmup_lr)?;
+            self.model.sync_tied()?;
+        }
+        Ok(last)
+    }
+
+    /// Σ_l ‖ΔW_l‖² / Σ_l numel(ΔW_l).
+    pub fn faithfulness_loss(&self) -> Result<Tensor> {
+        let mut sum: Option<Tensor> = None;
+        let mut numel = 0usize;
+        for j in 0..self.model.modules.len() {
+            let d = self.model.weight_delta(j)?;
+            numel += d.elem_count();
+            let s = d.sqr()?.sum_all()?;
+            sum = Some(match sum {
+                Some(a) => (a + s)?,
+                None => s,
+            });
+        }
+        sum.unwrap() / numel as f64
+    }
+
+    /// Draws a training batch (all-zero rows folded when exact).
+    pub fn draw_batch(&mut self, b: usize) -> Result<Batch> {
+        let raw = self.data.batch(&mut self.rng, b);
+        make_batch(
+            &raw,
+            b,
+            self.data.n_features,
+            self.compact_zero_rows,
+            self.model.device(),
+        )
+    }
+
+    /// One training step (the reference's loop body): losses, backward, clip, Adam. The last
+    /// iteration (step == steps) computes and logs but applies no update.
+    pub fn step(&mut self) -> anyhow::Result<StepRecord> {
+        let steps = self.config.steps;
+        let lr = scheduled_value(self.step, steps, &self.config.lr_schedule);
+        let batch = self.draw_batch(self.config.batch_size)?;
+        let (total, mut rec) = self.losses_on(&batch, true)?;
+        rec.step = self.step;
+        rec.lr = lr;
+        if !rec.losses["total"].is_finite() {
+            anyhow::bail!(
+                "loss became non-finite at step {} ({})",
+                self.step,
+                rec.losses
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        if self.step < steps {
+            let mut grads = total.backward()?;
+            if let Some(maxn) = self.config.grad_clip_norm_components {
+                clip_grad_norm(&mut grads, &self.model.component_vars(), maxn)?;
+            }
+            if let Some(maxn) = self.config.grad_clip_norm_ci_fns {
+                clip_grad_norm(&mut grads, &self.model.ci_vars(), maxn)?;
+            }
+            self.opt.step(&grads, lr)?;
+            self.model.sync_tied()?;
+        }
+        self.step += 1;
+        self.history.push(rec.clone());
+        Ok(rec)
+    }
+
+    /// Every configured loss on a batch. Returns the weighted total (with graph when
+    /// `for_training`) and the raw values, plus L0 per layer.
+    pub fn losses_on(&mut self, batch: &Batch, for_training: bool) -> Result<(Tensor, StepRecord)> {
+        let model = &self.model;
+        let cfg = &self.config;
+        let (target_out, inputs) = model.target.forward_with_inputs(&batch.x)?;
+        let (ci, _acts) = model.causal_importances(&inputs, Some(&mut self.rng))?;
+        let n_rows = batch.n_rows as f64;
+        let d_out = target_out.dim(1)? as f64;
+        let mut rec = StepRecord::default();
+        let mut total: Option<Tensor> = None;
+        let frac = self.step as f64 / cfg.steps.max(1) as f64;
+        for lc in &cfg.loss_metric_configs {
+            if for_training && lc.coeff().is_none() {
+                // Logged-only terms are computed at eval time.
+                continue;
+            }
+            let value = match lc {
+                LossConfig::ImportanceMinimalityLoss {
+                    pnorm,
+                    beta,
+                    p_anneal_start_frac,
+                    p_anneal_final_p,
+                    p_anneal_end_frac,
+                    eps,
+                    ..
+                } => {
+                    let p = annealed_p(
+                        *pnorm,
+                        frac,
+                        *p_anneal_start_frac,
+                        *p_anneal_final_p,
+                        *p_anneal_end_frac,
+                    );
+                    importance_minimality(&ci, &batch.weights, n_rows, p, *eps, *beta)?
+                }
+                LossConfig::StochasticReconLoss { .. } => {
+                    let mut sum: Option<Tensor> = None;
+                    for _ in 0..cfg.n_mask_samples {
+                        let masks =
+                            model.sample_masks(&ci, &mut self.rng, cfg.use_delta_component)?;
+                        let out = model.forward_masked(&batch.x, &masks)?;
+                        sum = Some(add_opt(sum, sq_err_sum(&out, &target_out)?)?);
+                    }
+                    (sum.unwrap() / (cfg.n_mask_samples as f64 * n_rows * d_out))?
+                }
+                LossConfig::StochasticReconLayerwiseLoss { .. } => {
+                    let mut sum: Option<Tensor> = None;
+                    let nl = model.modules.len();
+                    for _ in 0..cfg.n_mask_samples {
+                        let masks =
+                            model.sample_masks(&ci, &mut self.rng, cfg.use_delta_component)?;
+                        for (j, mm) in masks.into_iter().enumerate() {
+                            let mut only = vec![None; nl];
+                            only[j] = mm;
+                            let out = model.forward_masked(&batch.x, &only)?;
+                            sum = Some(add_opt(sum, sq_err_sum(&out, &target_out)?)?);
+                        }
+                    }
+                    (sum.unwrap() / (cfg.n_mask_samples as f64 * nl as f64 * n_rows * d_out))?
+                }
+                LossConfig::CiMaskedReconLoss { .. } => {
+                    let masks = ci_masks(&ci);
+                    let out = model.forward_masked(&batch.x, &masks)?;
+                    (sq_err_sum(&out, &target_out)? / (n_rows * d_out))?
+                }
+                LossConfig::CiMaskedReconLayerwiseLoss { .. } => {
+                    let nl = model.modules.len();
+                    let mut sum: Option<Tensor> = None;
+                    for (j, mm) in ci_masks(&ci).into_iter().enumerate() {
+                        let mut only = vec![None; nl];
+                        only[j] = mm;
+                        let out = model.forward_masked(&batch.x, &only)?;
+                        sum = Some(add_opt(sum, sq_err_sum(&out, &target_out)?)?);
+                    }
+                    (sum.unwrap() / (nl as f64 * n_rows * d_out))?
+                }
+                LossConfig::UnmaskedReconLoss { .. } => {
+                    let masks: Vec<_> = ci
+                        .iter()
+                        .map(|c| {
+                            Some(ModuleMask {
+                                mask: c.lower.ones_like().unwrap(),
+                                delta: None,
+                            })
+                        })
+                        .collect();
+                    let out = model.forward_masked(&batch.x, &masks)?;
+                    (sq_err_sum(&out, &target_out)? / (n_rows * d_out))?
+                }
+                LossConfig::FaithfulnessLoss { .. } => self.faithfulness_loss()?,
+            };
+            let v = value.to_scalar::<f32>()? as f64;
+            rec.losses.insert(lc.name().to_string(), v);
+            if let Some(c) = lc.coeff() {
+                let weighted = (&value * c)?;
+                total = Some(add_opt(total, weighted)?);
+            }
+        }
+        let total = match total {
+            Some(t) => t,
+            None => Tensor::zeros((), DType::F32, self.model.device())?,
+        };
+        rec.losses
+            .insert("total".into(), total.to_scalar::<f32>()? as f64);
+        let thr = cfg.ci_alive_threshold;
+        for (j, m) in self.model.modules.iter().enumerate() {
+            rec.l0.insert(
+                m.name.clone(),
+                weighted_l0(&ci[j].lower, &batch.weights, n_rows, thr)?,
+            );
+        }
+        Ok((total, rec))
+    }
+}
+
+/// Optimizer entries of the main (Adam, wd 0) optimizer: all component and CI-function
+/// parameters; tied modules update their owner's storage through their own Adam state.
+fn main_entries(model: &ComponentModel) -> Vec<AdamEntry> {
+    let mut entries = vec![];
+    for m in &model.modules {
+        match m.tied_to {
+            None => {
+                entries.push(AdamEntry::new(m.v.clone(), 0.0));
+                entries.push(AdamEntry::new(m.u.clone(), 0.0));
+            }
+            Some(o) => {
+                let owner = &model.modules[o];
+                entries.push(AdamEntry::alias(owner.u.clone(), m.v.clone(), 0.0));
+                entries.push(AdamEntry::alias(owner.v.clone(), m.u.clone(), 0.0));
+            }
+        }
+    }
+    for m in &model.modules {
+        for (w, b) in &m.ci_layers {
+            entries.push(AdamEntry::new(w.clone(), 0.0));
+            entries.push(AdamEntry::new(b.clone(), 0.0));
+        }
+    }
+    entries
+}
+
+/// Builds a [`Batch`] from raw rows, folding all-zero rows into one weighted row if `compact`.
+pub fn make_batch(
+    raw: &[f32],
+    b: usize,
+    nf: usize,
+    compact: bool,
+    dev: &candle_core::Device,
+) -> Result<Batch> {
+    if !compact {
+        return Ok(Batch {
+            x: Tensor::from_slice(raw, (b, nf), dev)?,
+            weights: Tensor::ones(b, DType::F32, dev)?,
+            n_rows: b,
+        });
+    }
+    let mut rows = Vec::with_capacity(raw.len());
+    let mut n_zero = 0usize;
+    for r in raw.chunks(nf) {
+        if r.iter().all(|&v| v == 0.0) {
+            n_zero += 1;
+        } else {
+            rows.extend_from_slice(r);
+        }
+    }
+    let n_nz = rows.len() / nf;
+    let mut w = vec![1f32; n_nz];
+    if n_zero > 0 {
+        rows.extend(std::iter::repeat_n(0f32, nf));
+        w.push(n_zero as f32);
+    }
+    let n = w.len();
+    Ok(Batch {
+        x: Tensor::from_vec(rows, (n, nf), dev)?,
+        weights: Tensor::from_vec(w, n, dev)?,
+        n_rows: b,
+    })
+}
+
+fn add_opt(a: Option<Tensor>, b: Tensor) -> Result<Tensor> {
+    match a {
+        Some(a) => a + b,
+        None => Ok(b),
+    }
+}
+
+fn sq_err_sum(out: &Tensor, target: &Tensor) -> Result<Tensor> {
+    (out - target)?.sqr()?.sum_all()
+}
+
+fn ci_masks(ci: &[CiOutput]) -> Vec<Option<ModuleMask>> {
+    ci.iter()
+        .map(|c| {
+            Some(ModuleMask {
+                mask: c.lower.clone(),
+                delta: None,
+            })
+        })
+        .collect()
+}
+
+/// p of the importance-minimality loss under the optional p-annealing.
+pub fn annealed_p(p: f64, frac: f64, start: f64, final_p: Option<f64>, end: f64) -> f64 {
+    match final_p {
+        Some(fp) if start < 1.0 => {
+            if frac < start {
+                p
+            } else if frac >= end {
+                fp
+            } else {
+                p + (fp - p) * (frac - start) / (end - start)
+            }
+        }
+        _ => p,
+    }
+}
+
+/// Σ_l Σ_c [m_c + β·m_c·log2(1 + S_c)], S_c = Σ_rows w·(ci_upper + eps)^p, m_c = S_c / N.
+pub fn importance_minimality(
+    ci: &[CiOutput],
+    weights: &Tensor,
+    n_rows: f64,
+    p: f64,
+    eps: f64,
+    beta: f64,
+) -> Result<Tensor> {
+    let w = weights.unsqueeze(0)?; // [1, n]
+    let mut total: Option<Tensor> = None;
+    for c in ci {
+        let x = (&c.upper + eps)?;
+        let xp = if p == 1.0 {
+            x
+        } else if p == 2.0 {
+            x.sqr()?
+        } else {
+            x.powf(p)?
+        };
+        let s = w.matmul(&xp)?.squeeze(0)?; // [C]
+        let m = (&s / n_rows)?;
+        let layer = if beta != 0.0 {
+            let log2 = ((&s + 1.0)?.log()? / std::f64::consts::LN_2)?;
+            (&m + ((&m * log2)? * beta)?)?.sum_all()?
+        } else {
+            m.sum_all()?
+        };
+        total = Some(add_opt(total, layer)?);
+    }
+    Ok(total.unwrap())
+}
+
+/// Weighted mean over rows of the number of components with ci > threshold.
+pub fn weighted_l0(lower: &Tensor, weights: &Tensor, n_rows: f64, thr: f64) -> Result<f64> {
+    let alive = lower.gt(thr)?.to_dtype(DType::F32)?.sum(1)?; // [n]
+    Ok((alive * weights)?.sum_all()?.to_scalar::<f32>()? as f64 / n_rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn ci_of(upper: &[[f32; 2]]) -> CiOutput {
+        let t = Tensor::new(upper, &Device::Cpu).unwrap();
+        CiOutput {
+            lower: t.clone(),
+            upper: t.clone(),
+            pre_sigmoid: t,
+        }
+    }
+
+    #[test]
+    fn minimality_by_hand() -> Result<()> {
+        // two rows, C = 2; p = 1: m = [(0.5+1)/2, (0+0.2)/2] → sum 0.85
+        let ci = vec![ci_of(&[[0.5, 0.0], [1.0, 0.2]])];
+        let w = Tensor::new(&[1f32, 1.0], &Device::Cpu)?;
+        let v = importance_minimality(&ci, &w, 2.0, 1.0, 0.0, 0.0)?.to_scalar::<f32>()?;
+        assert!((v - 0.85).abs() < 1e-6);
+        // p = 2: [(0.25+1)/2, 0.04/2] = 0.625 + 0.02
+        let v = importance_minimality(&ci, &w, 2.0, 2.0, 0.0, 0.0)?.to_scalar::<f32>()?;
+        assert!((v - 0.645).abs() < 1e-6);
+        // β = 1, p = 1: S = [1.5, 0.2]; m + m·log2(1+S) = 0.75(1+log2 2.5) + 0.1(1+log2 1.2)
+        let v = importance_minimality(&ci, &w, 2.0, 1.0, 0.0, 1.0)?.to_scalar::<f32>()? as f64;
+        let e = 0.75 * (1.0 + 2.5f64.log2()) + 0.1 * (1.0 + 1.2f64.log2());
+        assert!((v - e).abs() < 1e-5, "{v} {e}");
+        // weighted rows equal repeated rows: row 2 counted three times over N = 4
+        let w = Tensor::new(&[1f32, 3.0], &Device::Cpu)?;
+        let v = importance_minimality(&ci, &w, 4.0, 1.0, 0.0, 0.0)?.to_scalar::<f32>()?;
+        assert!((v - (3.5 / 4.0 + 0.6 / 4.0)).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn p_annealing() {
+        assert_eq!(annealed_p(2.0, 0.5, 1.0, Some(1.0), 1.0), 2.0);
+        assert_eq!(annealed_p(2.0, 0.1, 0.2, Some(1.0), 0.6), 2.0);
+        assert!((annealed_p(2.0, 0.4, 0.2, Some(1.0), 0.6) - 1.5).abs() < 1e-12);
+        assert_eq!(annealed_p(2.0, 0.7, 0.2, Some(1.0), 0.6), 1.0);
+    }
+
+    #[test]
+    fn l0_strict_threshold_and_weights() -> Result<()> {
+        let t = Tensor::new(&[[0.1f32, 0.2, 0.0], [1.0, 1.0, 0.5]], &Device::Cpu)?;
+        let w = Tensor::new(&[2f32, 1.0], &Device::Cpu)?;
+        // row0: 1 alive (0.1 not > 0.1), weight 2; row1: 3 alive → (2 + 3)/3
+        assert!((weighted_l0(&t, &w, 3.0, 0.1)? - 5.0 / 3.0).abs() < 1e-9);
+        Ok(())
+    }
+
+    #[test]
+    fn zero_row_folding() -> Result<()> {
+        let raw = [0f32, 0., 1., 0., 0., 0., 0., 2.];
+        let b = make_batch(&raw, 4, 2, true, &Device::Cpu)?;
+        assert_eq!(
+            b.x.to_vec2::<f32>()?,
+            vec![vec![1., 0.], vec![0., 2.], vec![0., 0.]]
+        );
+        assert_eq!(b.weights.to_vec1::<f32>()?, vec![1., 1., 2.]);
+        assert_eq!(b.n_rows, 4);
+        Ok(())
+    }
+}
