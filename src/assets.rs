@@ -4,6 +4,8 @@
 pub fn target_bytes(name: &str) -> Option<&'static [u8]> {
     Some(match name {
         "tms-5-2" => include_bytes!("../assets/targets/tms-5-2.safetensors"),
+        "tms-40-10" => include_bytes!("../assets/targets/tms-40-10.safetensors"),
+        "resid-mlp-1" => include_bytes!("../assets/targets/resid-mlp-1.safetensors"),
         _ => return None,
     })
 }

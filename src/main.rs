@@ -5,6 +5,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+
+// Tensor work allocates and frees many large buffers per step; glibc's malloc returns them to
+// the kernel each time (mmap/munmap, page faults). mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use spdlab::io::spdlab_file::{self, FileExtras};
 use spdlab::runner::{self, RunOptions, TrainSummary};
 use spdlab::spd::trainer::Trainer;

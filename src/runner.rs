@@ -189,8 +189,9 @@ pub fn ci_report(
     let nf = model.target.spec.n_features();
     let flat: Vec<f32> = x.iter().flatten().copied().collect();
     let xt = candle_core::Tensor::from_vec(flat, (n, nf), model.device())?;
-    let (target_out, inputs) = model.target.forward_with_inputs(&xt)?;
-    let (ci, acts) = model.causal_importances(&inputs, None)?;
+    let fold = crate::model::Fold::new();
+    let (target_out, inputs) = model.target.forward_with_inputs(&xt, &fold)?;
+    let (ci, acts) = model.causal_importances(&inputs, None, &fold)?;
     let mut rep = CiReport {
         ci_type: if upper {
             "upper_leaky".into()
@@ -222,7 +223,7 @@ pub fn ci_report(
             }))
         })
         .collect::<candle_core::Result<_>>()?;
-    rep.unmasked_output = model.forward_masked(&xt, &ones)?.to_vec2()?;
+    rep.unmasked_output = model.forward_masked(&xt, &ones, &fold)?.to_vec2()?;
     let cim: Vec<_> = ci
         .iter()
         .map(|c| {
@@ -232,7 +233,7 @@ pub fn ci_report(
             })
         })
         .collect();
-    rep.ci_masked_output = model.forward_masked(&xt, &cim)?.to_vec2()?;
+    rep.ci_masked_output = model.forward_masked(&xt, &cim, &fold)?.to_vec2()?;
     Ok(rep)
 }
 

@@ -20,8 +20,9 @@ pub fn single_feature_ci(model: &ComponentModel, value: f32) -> Result<Vec<Vec<f
         x[i * nf + i] = value;
     }
     let x = Tensor::from_vec(x, (nf, nf), model.device())?;
-    let (_, inputs) = model.target.forward_with_inputs(&x)?;
-    let (ci, _) = model.causal_importances(&inputs, None)?;
+    let fold = crate::model::Fold::new();
+    let (_, inputs) = model.target.forward_with_inputs(&x, &fold)?;
+    let (ci, _) = model.causal_importances(&inputs, None, &fold)?;
     ci.iter()
         .map(|c| c.lower.flatten_all()?.to_vec1::<f32>())
         .collect()
@@ -155,8 +156,9 @@ pub fn evaluate(
             *l0s.entry(k).or_default() += v;
         }
         // CI statistics (weighted by the folded zero rows).
-        let (_, inputs) = tr.model.target.forward_with_inputs(&batch.x)?;
-        let (ci, _) = tr.model.causal_importances(&inputs, None)?;
+        let fold = crate::model::Fold::new();
+        let (_, inputs) = tr.model.target.forward_with_inputs(&batch.x, &fold)?;
+        let (ci, _) = tr.model.causal_importances(&inputs, None, &fold)?;
         let w = batch.weights.unsqueeze(0)?;
         for j in 0..nmod {
             let s = w.matmul(&ci[j].lower)?.flatten_all()?.to_vec1::<f32>()?;

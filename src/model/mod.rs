@@ -211,9 +211,95 @@ pub struct TargetModel {
     device: Device,
 }
 
-/// Hook called at every decomposed module with (module index, module input). Returning
-/// `Some(out)` replaces the module's output.
-pub type ModuleHook<'a> = dyn FnMut(usize, &Tensor) -> Result<Option<Tensor>> + 'a;
+/// A module input or output, either dense `[n, d]` or in factored form Σ coeffᵢ·basisᵢ with
+/// `coeffᵢ [n, kᵢ]` and `basisᵢ [kᵢ, d]` (None = identity). The residual stream of a residual
+/// MLP is kept factored (x·W_E + Σ h·W_outᵀ + ...), so a read r·M costs Σ coeffᵢ·(basisᵢ·M)
+/// with the small products basisᵢ·M shared through a [`Fold`] cache, instead of a GEMM over
+/// the 1000-wide stream.
+#[derive(Clone, Debug)]
+pub enum Act {
+    Dense(Tensor),
+    Factored(Vec<(Tensor, Option<Tensor>)>),
+}
+
+/// Per-call cache of products basis·M (keyed by tensor identity). Create one per forward or
+/// per training step; never keep it across parameter updates.
+#[derive(Default)]
+pub struct Fold {
+    cache: std::cell::RefCell<
+        std::collections::HashMap<(candle_core::TensorId, candle_core::TensorId), Tensor>,
+    >,
+}
+
+impl Fold {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn product(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let key = (a.id(), b.id());
+        if let Some(t) = self.cache.borrow().get(&key) {
+            return Ok(t.clone());
+        }
+        let t = a.matmul(b)?;
+        self.cache.borrow_mut().insert(key, t.clone());
+        Ok(t)
+    }
+}
+
+impl Act {
+    /// self · m, `[n, m_cols]`.
+    pub fn apply(&self, m: &Tensor, fold: &Fold) -> Result<Tensor> {
+        match self {
+            Act::Dense(t) => t.matmul(m),
+            Act::Factored(terms) => {
+                let mut acc: Option<Tensor> = None;
+                for (coeff, basis) in terms {
+                    let y = match basis {
+                        Some(b) => coeff.matmul(&fold.product(b, m)?)?,
+                        None => coeff.matmul(m)?,
+                    };
+                    acc = Some(match acc {
+                        Some(a) => (a + y)?,
+                        None => y,
+                    });
+                }
+                acc.ok_or_else(|| candle_core::Error::Msg("empty factored activation".into()))
+            }
+        }
+    }
+
+    /// The dense tensor `[n, d]`.
+    pub fn dense(&self) -> Result<Tensor> {
+        match self {
+            Act::Dense(t) => Ok(t.clone()),
+            Act::Factored(terms) => {
+                let mut acc: Option<Tensor> = None;
+                for (coeff, basis) in terms {
+                    let y = match basis {
+                        Some(b) => coeff.matmul(b)?,
+                        None => coeff.clone(),
+                    };
+                    acc = Some(match acc {
+                        Some(a) => (a + y)?,
+                        None => y,
+                    });
+                }
+                acc.ok_or_else(|| candle_core::Error::Msg("empty factored activation".into()))
+            }
+        }
+    }
+
+    pub fn rows(&self) -> Result<usize> {
+        match self {
+            Act::Dense(t) => t.dim(0),
+            Act::Factored(terms) => terms[0].0.dim(0),
+        }
+    }
+}
+
+/// Hook called at every decomposed module with (module index, module input, fold cache).
+/// Returning `Some(out)` replaces the module's output.
+pub type ModuleHook<'a> = dyn FnMut(usize, &Act, &Fold) -> Result<Option<Act>> + 'a;
 
 impl TargetModel {
     /// Builds a model from named parameters, checking every shape against the spec.
@@ -401,50 +487,78 @@ impl TargetModel {
 
     /// Plain target forward pass.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_hooked(x, &mut |_, _| Ok(None))
+        self.forward_hooked(x, &Fold::new(), &mut |_, _, _| Ok(None))
     }
 
     /// Target forward that also returns every decomposed module's input.
-    pub fn forward_with_inputs(&self, x: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn forward_with_inputs(&self, x: &Tensor, fold: &Fold) -> Result<(Tensor, Vec<Act>)> {
         let mut inputs = Vec::with_capacity(self.modules.len());
-        let out = self.forward_hooked(x, &mut |_, a| {
+        let out = self.forward_hooked(x, fold, &mut |_, a, _| {
             inputs.push(a.clone());
             Ok(None)
         })?;
         Ok((out, inputs))
     }
 
+    /// Output of target module i on a (possibly factored) input, as a dense tensor.
+    pub fn module_forward(&self, i: usize, a: &Act, fold: &Fold) -> Result<Tensor> {
+        let m = &self.modules[i];
+        let y = a.apply(&m.weight_t, fold)?;
+        match &m.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
     /// Forward pass in which `hook` may replace any decomposed module's output.
-    pub fn forward_hooked(&self, x: &Tensor, hook: &mut ModuleHook) -> Result<Tensor> {
-        let mut lin = |i: usize, a: &Tensor| -> Result<Tensor> {
-            match hook(i, a)? {
-                Some(out) => Ok(out),
-                None => self.modules[i].forward(a),
-            }
-        };
+    pub fn forward_hooked(&self, x: &Tensor, fold: &Fold, hook: &mut ModuleHook) -> Result<Tensor> {
         match &self.spec {
             TargetSpec::Tms {
                 n_hidden_layers, ..
             } => {
-                let mut h = lin(0, x)?;
-                for i in 0..*n_hidden_layers {
-                    h = lin(1 + i, &h)?;
+                let mut h = Act::Dense(x.clone());
+                for i in 0..n_hidden_layers + 2 {
+                    h = Act::Dense(match hook(i, &h, fold)? {
+                        Some(out) => out.dense()?,
+                        None => self.module_forward(i, &h, fold)?,
+                    });
                 }
-                lin(1 + n_hidden_layers, &h)?.relu()
+                h.dense()?.relu()
             }
             TargetSpec::ResidMlp {
                 n_layers, act_fn, ..
             } => {
-                let mut r = x.matmul(self.param("W_E"))?;
+                let mut stream: Vec<(Tensor, Option<Tensor>)> =
+                    vec![(x.clone(), Some(self.param("W_E").clone()))];
                 for l in 0..*n_layers {
-                    let pre = lin(2 * l, &r)?;
+                    let r = Act::Factored(stream.clone());
+                    let pre = match hook(2 * l, &r, fold)? {
+                        Some(out) => out.dense()?,
+                        None => self.module_forward(2 * l, &r, fold)?,
+                    };
                     let act = match act_fn {
                         ActFn::Relu => pre.relu()?,
                         ActFn::Gelu => pre.gelu_erf()?,
                     };
-                    r = (r + lin(2 * l + 1, &act)?)?;
+                    let a = Act::Dense(act);
+                    match hook(2 * l + 1, &a, fold)? {
+                        Some(Act::Factored(terms)) => stream.extend(terms),
+                        Some(Act::Dense(t)) => stream.push((t, None)),
+                        None => {
+                            let m = &self.modules[2 * l + 1];
+                            let Act::Dense(act) = a else { unreachable!() };
+                            stream.push((act, Some(m.weight_t.clone())));
+                            if let Some(b) = &m.bias {
+                                let n = x.dim(0)?;
+                                stream.push((
+                                    Tensor::ones((n, 1), DType::F32, x.device())?,
+                                    Some(b.unsqueeze(0)?),
+                                ));
+                            }
+                        }
+                    }
                 }
-                r.matmul(self.param("W_U"))
+                Act::Factored(stream).apply(self.param("W_U"), fold)
             }
         }
     }
@@ -454,9 +568,9 @@ impl TargetModel {
     /// on zero rows, which the trainer exploits.
     pub fn zero_input_is_inert(&self) -> Result<bool> {
         let x = Tensor::zeros((1, self.spec.n_features()), DType::F32, &self.device)?;
-        let (_, inputs) = self.forward_with_inputs(&x)?;
+        let (_, inputs) = self.forward_with_inputs(&x, &Fold::new())?;
         for a in inputs {
-            if a.abs()?.max_all()?.to_scalar::<f32>()? != 0.0 {
+            if a.dense()?.abs()?.max_all()?.to_scalar::<f32>()? != 0.0 {
                 return Ok(false);
             }
         }

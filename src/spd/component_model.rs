@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::ci_op;
 use super::config::{CiFnType, Sampling, SigmoidType, SpdConfig, fnmatch};
-use crate::model::{TargetModel, TargetSpec};
+use crate::model::{Act, Fold, TargetModel, TargetSpec};
 use crate::rng::Rng;
 
 /// One decomposed linear map of the target.
@@ -207,12 +207,18 @@ impl ComponentModel {
     }
 
     /// Inner activations h = x·V.
-    pub fn component_acts(&self, j: usize, x: &Tensor) -> Result<Tensor> {
-        x.matmul(self.modules[j].v.as_tensor())
+    pub fn component_acts(&self, j: usize, x: &Act, fold: &Fold) -> Result<Tensor> {
+        x.apply(self.modules[j].v.as_tensor(), fold)
     }
 
     /// CI function output (pre-sigmoid) of module j, given the module input and its inner acts.
-    pub fn ci_pre_sigmoid(&self, j: usize, input: &Tensor, acts: &Tensor) -> Result<Tensor> {
+    pub fn ci_pre_sigmoid(
+        &self,
+        j: usize,
+        input: &Act,
+        acts: &Tensor,
+        fold: &Fold,
+    ) -> Result<Tensor> {
         let m = &self.modules[j];
         let l = &m.ci_layers;
         match self.ci_fn_type {
@@ -247,9 +253,9 @@ impl ComponentModel {
                     .as_tensor()
                     .transpose(0, 1)?
                     .reshape((d_in, c * h1))?;
-                let n = input.dim(0)?;
+                let n = input.rows()?;
                 let mut h = input
-                    .matmul(&w0)?
+                    .apply(&w0, fold)?
                     .reshape((n, c, h1))?
                     .broadcast_add(l[0].1.as_tensor())?
                     .gelu_erf()?
@@ -266,8 +272,13 @@ impl ComponentModel {
                 h.squeeze(2)?.t()
             }
             CiFnType::SharedMlp => {
-                let mut h = input.clone();
-                for (k, (w, b)) in l.iter().enumerate() {
+                let mut h = input
+                    .apply(l[0].0.as_tensor(), fold)?
+                    .broadcast_add(l[0].1.as_tensor())?;
+                if l.len() > 1 {
+                    h = h.gelu_erf()?;
+                }
+                for (k, (w, b)) in l.iter().enumerate().skip(1) {
                     h = h.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
                     if k + 1 < l.len() {
                         h = h.gelu_erf()?;
@@ -312,16 +323,17 @@ impl ComponentModel {
     /// inner activations used to compute them.
     pub fn causal_importances(
         &self,
-        inputs: &[Tensor],
+        inputs: &[Act],
         shift_rng: Option<&mut Rng>,
+        fold: &Fold,
     ) -> Result<(Vec<CiOutput>, Vec<Tensor>)> {
         let mut outs = vec![];
         let mut acts_all = vec![];
         let mut shift_rng = shift_rng;
         for (j, m) in self.modules.iter().enumerate() {
             let input = &inputs[m.target_idx];
-            let acts = self.component_acts(j, input)?;
-            let pre = self.ci_pre_sigmoid(j, input, &acts)?;
+            let acts = self.component_acts(j, input, fold)?;
+            let pre = self.ci_pre_sigmoid(j, input, &acts, fold)?;
             let noise = match (self.sampling, shift_rng.as_deref_mut()) {
                 (Sampling::Binomial, Some(r)) => {
                     let n = pre.dim(0)?;
@@ -341,36 +353,73 @@ impl ComponentModel {
 
     /// Output of decomposed module j on input `a` with a mask (and optional delta weight):
     /// (a·V ⊙ (m − δ))·U + δ·(a·W_targetᵀ) + b, which equals (a·V ⊙ m)·U + δ·(a·ΔWᵀ) + b.
-    pub fn masked_module_forward(&self, j: usize, a: &Tensor, mask: &ModuleMask) -> Result<Tensor> {
+    /// Wide outputs of dense inputs (residual-MLP `mlp_out`) are returned factored.
+    pub fn masked_module_forward(
+        &self,
+        j: usize,
+        a: &Act,
+        mask: &ModuleMask,
+        fold: &Fold,
+    ) -> Result<Act> {
         let m = &self.modules[j];
         let tm = &self.target.modules[m.target_idx];
-        let acts = a.matmul(m.v.as_tensor())?;
+        let acts = a.apply(m.v.as_tensor(), fold)?;
+        let factored_out = matches!(a, Act::Dense(_)) && m.d_out > 2 * (m.c + m.d_in);
+        if factored_out {
+            let Act::Dense(x) = a else { unreachable!() };
+            let n = x.dim(0)?;
+            let mut terms = vec![];
+            match &mask.delta {
+                Some(d) => {
+                    let d = d.unsqueeze(1)?;
+                    terms.push((
+                        (acts * mask.mask.broadcast_sub(&d)?)?,
+                        Some(m.u.as_tensor().clone()),
+                    ));
+                    terms.push((x.broadcast_mul(&d)?, Some(tm.weight_t.clone())));
+                }
+                None => terms.push(((acts * &mask.mask)?, Some(m.u.as_tensor().clone()))),
+            }
+            if let Some(b) = &tm.bias {
+                terms.push((
+                    Tensor::ones((n, 1), DType::F32, x.device())?,
+                    Some(b.unsqueeze(0)?),
+                ));
+            }
+            return Ok(Act::Factored(terms));
+        }
         let mut out = match &mask.delta {
             Some(d) => {
                 let d = d.unsqueeze(1)?;
                 let coef = mask.mask.broadcast_sub(&d)?;
                 let comp = (acts * coef)?.matmul(m.u.as_tensor())?;
-                (comp + a.matmul(&tm.weight_t)?.broadcast_mul(&d)?)?
+                (comp + a.apply(&tm.weight_t, fold)?.broadcast_mul(&d)?)?
             }
             None => (acts * &mask.mask)?.matmul(m.u.as_tensor())?,
         };
         if let Some(b) = &tm.bias {
             out = out.broadcast_add(b)?;
         }
-        Ok(out)
+        Ok(Act::Dense(out))
     }
 
     /// Forward pass with the masked components replacing the modules that have a mask
     /// (`masks[j]` for decomposed module j; `None` = original target weights).
-    pub fn forward_masked(&self, x: &Tensor, masks: &[Option<ModuleMask>]) -> Result<Tensor> {
+    pub fn forward_masked(
+        &self,
+        x: &Tensor,
+        masks: &[Option<ModuleMask>],
+        fold: &Fold,
+    ) -> Result<Tensor> {
         let map = self.decomposed_index_of_target();
-        self.target.forward_hooked(x, &mut |ti, a| match map[ti] {
-            Some(j) => match &masks[j] {
-                Some(mm) => self.masked_module_forward(j, a, mm).map(Some),
+        self.target
+            .forward_hooked(x, fold, &mut |ti, a, fold| match map[ti] {
+                Some(j) => match &masks[j] {
+                    Some(mm) => self.masked_module_forward(j, a, mm, fold).map(Some),
+                    None => Ok(None),
+                },
                 None => Ok(None),
-            },
-            None => Ok(None),
-        })
+            })
     }
 
     /// Stochastic masks for every module: ci + (1 − ci)·r, r ~ U(0,1) (continuous) or

@@ -185,8 +185,9 @@ impl Trainer {
     pub fn losses_on(&mut self, batch: &Batch, for_training: bool) -> Result<(Tensor, StepRecord)> {
         let model = &self.model;
         let cfg = &self.config;
-        let (target_out, inputs) = model.target.forward_with_inputs(&batch.x)?;
-        let (ci, _acts) = model.causal_importances(&inputs, Some(&mut self.rng))?;
+        let fold = crate::model::Fold::new();
+        let (target_out, inputs) = model.target.forward_with_inputs(&batch.x, &fold)?;
+        let (ci, _acts) = model.causal_importances(&inputs, Some(&mut self.rng), &fold)?;
         let n_rows = batch.n_rows as f64;
         let d_out = target_out.dim(1)? as f64;
         let mut rec = StepRecord::default();
@@ -221,7 +222,7 @@ impl Trainer {
                     for _ in 0..cfg.n_mask_samples {
                         let masks =
                             model.sample_masks(&ci, &mut self.rng, cfg.use_delta_component)?;
-                        let out = model.forward_masked(&batch.x, &masks)?;
+                        let out = model.forward_masked(&batch.x, &masks, &fold)?;
                         sum = Some(add_opt(sum, sq_err_sum(&out, &target_out)?)?);
                     }
                     (sum.unwrap() / (cfg.n_mask_samples as f64 * n_rows * d_out))?
@@ -235,7 +236,7 @@ impl Trainer {
                         for (j, mm) in masks.into_iter().enumerate() {
                             let mut only = vec![None; nl];
                             only[j] = mm;
-                            let out = model.forward_masked(&batch.x, &only)?;
+                            let out = model.forward_masked(&batch.x, &only, &fold)?;
                             sum = Some(add_opt(sum, sq_err_sum(&out, &target_out)?)?);
                         }
                     }
@@ -243,7 +244,7 @@ impl Trainer {
                 }
                 LossConfig::CiMaskedReconLoss { .. } => {
                     let masks = ci_masks(&ci);
-                    let out = model.forward_masked(&batch.x, &masks)?;
+                    let out = model.forward_masked(&batch.x, &masks, &fold)?;
                     (sq_err_sum(&out, &target_out)? / (n_rows * d_out))?
                 }
                 LossConfig::CiMaskedReconLayerwiseLoss { .. } => {
@@ -252,7 +253,7 @@ impl Trainer {
                     for (j, mm) in ci_masks(&ci).into_iter().enumerate() {
                         let mut only = vec![None; nl];
                         only[j] = mm;
-                        let out = model.forward_masked(&batch.x, &only)?;
+                        let out = model.forward_masked(&batch.x, &only, &fold)?;
                         sum = Some(add_opt(sum, sq_err_sum(&out, &target_out)?)?);
                     }
                     (sum.unwrap() / (nl as f64 * n_rows * d_out))?
@@ -267,7 +268,7 @@ impl Trainer {
                             })
                         })
                         .collect();
-                    let out = model.forward_masked(&batch.x, &masks)?;
+                    let out = model.forward_masked(&batch.x, &masks, &fold)?;
                     (sq_err_sum(&out, &target_out)? / (n_rows * d_out))?
                 }
                 LossConfig::FaithfulnessLoss { .. } => self.faithfulness_loss()?,
