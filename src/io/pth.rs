@@ -1256,7 +1256,7 @@ mod tests {
 
     fn fixture(name: &str) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
+            .join("tests/fixtures/ref-tms_5-2")
             .join(name)
     }
 
@@ -1480,8 +1480,8 @@ mod tests {
     fn reads_target_checkpoints() {
         let spd = read_pth(&fixture("model_10000.pth")).unwrap();
         for (file, section) in [
-            ("target_tms.pth", "target/tms.pth"),
-            ("spd_tms.pth", "spd/tms.pth"),
+            ("tms.pth", "target/tms.pth"),
+            ("tms.pth", "spd/tms.pth"),
         ] {
             let ts = read_pth(&fixture(file)).unwrap();
             check_against_keys_txt(&ts, section);
@@ -1508,10 +1508,10 @@ mod tests {
             );
         }
         // read_pth and read_pth_bytes agree.
-        let bytes = std::fs::read(fixture("target_tms.pth")).unwrap();
+        let bytes = std::fs::read(fixture("tms.pth")).unwrap();
         assert_eq!(
             read_pth_bytes(&bytes, "x.pth").unwrap(),
-            read_pth(&fixture("target_tms.pth")).unwrap()
+            read_pth(&fixture("tms.pth")).unwrap()
         );
     }
 
