@@ -6,6 +6,7 @@ pub fn target_bytes(name: &str) -> Option<&'static [u8]> {
         "tms-5-2" => include_bytes!("../assets/targets/tms-5-2.safetensors"),
         "tms-40-10" => include_bytes!("../assets/targets/tms-40-10.safetensors"),
         "resid-mlp-1" => include_bytes!("../assets/targets/resid-mlp-1.safetensors"),
+        "resid-mlp-2" => include_bytes!("../assets/targets/resid-mlp-2.safetensors"),
         _ => return None,
     })
 }

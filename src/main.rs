@@ -109,6 +109,12 @@ enum Cmd {
 }
 
 fn main() {
+    // Keep freed pages instead of returning them to the OS after 10 ms: a training step frees
+    // and reallocates the same large buffers, and re-faulting them cost ~25% of a step.
+    // (mi_option_purge_delay = 15 in mimalloc v2's option enum; -1 = never purge.)
+    unsafe {
+        libmimalloc_sys::mi_option_set(15, -1);
+    }
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         // Must happen before candle creates its thread pools (nothing has run yet).

@@ -233,9 +233,31 @@ pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
         "resid-mlp-2" => {
             // Reference: shared_mlp [256] CI function, subset-routed stochastic recon and PGD
             // subset recon (coeff 2 each), imp-min 1e-4, lr 3e-4, 25k steps, no warm-up decay.
+            let pgd = |step_size: f64, n_steps: usize| PgdConfig {
+                init: PgdInit::Random,
+                step_size,
+                n_steps,
+                mask_scope: MaskScope::SharedAcrossBatch,
+            };
             let mut cfg = base(
                 vec![mi("layers.*.mlp_in", 400), mi("layers.*.mlp_out", 400)],
-                vec![imp_min(1e-4, 2.0), sr(2.0), srl(2.0)],
+                vec![
+                    imp_min(1e-4, 2.0),
+                    LossConfig::StochasticReconSubsetLoss {
+                        coeff: Some(2.0),
+                        routing: Routing::UniformKSubset,
+                    },
+                    LossConfig::PgdReconSubsetLoss {
+                        coeff: Some(2.0),
+                        pgd: pgd(1.0, 1),
+                        routing: Routing::UniformKSubset,
+                    },
+                    LossConfig::FaithfulnessLoss { coeff: Some(0.0) },
+                    LossConfig::PgdReconLoss {
+                        coeff: None,
+                        pgd: pgd(0.1, 20),
+                    },
+                ],
                 25_000,
                 2048,
                 constant(3e-4),

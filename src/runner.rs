@@ -220,6 +220,7 @@ pub fn ci_report(
             Ok(Some(ModuleMask {
                 mask: c.lower.ones_like()?,
                 delta: None,
+                route: None,
             }))
         })
         .collect::<candle_core::Result<_>>()?;
@@ -230,6 +231,7 @@ pub fn ci_report(
             Some(ModuleMask {
                 mask: c.lower.clone(),
                 delta: None,
+                route: None,
             })
         })
         .collect();

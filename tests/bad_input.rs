@@ -32,15 +32,26 @@ fn expect_clean_error_naming(path: &Path, culprit: &str, must_contain: &str) -> 
     assert!(!err.contains("stack backtrace"), "backtrace: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.starts_with("warning:")).collect();
     assert_eq!(lines.len(), 1, "expected one line, got: {err}");
-    assert!(err.contains(culprit), "message does not name {culprit}: {err}");
-    assert!(err.to_lowercase().contains(&must_contain.to_lowercase()), "expected '{must_contain}' in: {err}");
+    assert!(
+        err.contains(culprit),
+        "message does not name {culprit}: {err}"
+    );
+    assert!(
+        err.to_lowercase().contains(&must_contain.to_lowercase()),
+        "expected '{must_contain}' in: {err}"
+    );
     err
 }
 
 fn copy_run(dir: &Path) -> PathBuf {
     let run = dir.join("run");
     std::fs::create_dir(&run).unwrap();
-    for f in ["final_config.yaml", "model_10000.pth", "tms.pth", "tms_train_config.yaml"] {
+    for f in [
+        "final_config.yaml",
+        "model_10000.pth",
+        "tms.pth",
+        "tms_train_config.yaml",
+    ] {
         std::fs::copy(Path::new(RUN).join(f), run.join(f)).unwrap();
     }
     run
@@ -82,7 +93,9 @@ fn nan_weights_are_refused_with_the_tensor_name() {
     // Overwrite the first value of components.linear1.V with NaN.
     let hlen = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + hlen]).unwrap();
-    let off = header["components.linear1.V"]["data_offsets"][0].as_u64().unwrap() as usize;
+    let off = header["components.linear1.V"]["data_offsets"][0]
+        .as_u64()
+        .unwrap() as usize;
     bytes[8 + hlen + off..8 + hlen + off + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     let p = d.path().join("nan.spdlab");
     std::fs::write(&p, bytes).unwrap();
@@ -103,8 +116,12 @@ fn truncated_checkpoint_and_non_torch_zip() {
     {
         let f = std::fs::File::create(&z).unwrap();
         let mut w = zip::ZipWriter::new(f);
-        w.start_file("hello.txt", zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored))
-            .unwrap();
+        w.start_file(
+            "hello.txt",
+            zip::write::SimpleFileOptions::default()
+                .compression_method(zip::CompressionMethod::Stored),
+        )
+        .unwrap();
         std::io::Write::write_all(&mut w, b"not a checkpoint").unwrap();
         w.finish().unwrap();
     }
@@ -121,14 +138,30 @@ fn config_problems_in_reference_runs() {
     std::fs::write(&cfgp, cfg.replacen("C: 20", "C: 10", 1)).unwrap();
     expect_clean_error(&run.join("model_10000.pth"), "shape");
     // Unknown ci_fn_type.
-    std::fs::write(&cfgp, cfg.replace("ci_fn_type: mlp", "ci_fn_type: transformer")).unwrap();
-    expect_clean_error_naming(&run.join("model_10000.pth"), "final_config.yaml", "transformer");
+    std::fs::write(
+        &cfgp,
+        cfg.replace("ci_fn_type: mlp", "ci_fn_type: transformer"),
+    )
+    .unwrap();
+    expect_clean_error_naming(
+        &run.join("model_10000.pth"),
+        "final_config.yaml",
+        "transformer",
+    );
     // Unknown sigmoid_type.
-    std::fs::write(&cfgp, cfg.replace("sigmoid_type: leaky_hard", "sigmoid_type: wobbly")).unwrap();
+    std::fs::write(
+        &cfgp,
+        cfg.replace("sigmoid_type: leaky_hard", "sigmoid_type: wobbly"),
+    )
+    .unwrap();
     expect_clean_error_naming(&run.join("model_10000.pth"), "final_config.yaml", "wobbly");
     // Missing companion file.
     std::fs::remove_file(&cfgp).unwrap();
-    expect_clean_error_naming(&run.join("model_10000.pth"), "final_config.yaml", "missing companion file");
+    expect_clean_error_naming(
+        &run.join("model_10000.pth"),
+        "final_config.yaml",
+        "missing companion file",
+    );
     // Empty folder.
     let empty = d.path().join("empty-run");
     std::fs::create_dir(&empty).unwrap();
@@ -143,12 +176,18 @@ fn missing_file_and_bad_inputs_json() {
     std::fs::write(&inp, r#"{"inputs": [[1, 2]]}"#).unwrap();
     let (code, _, err) = spdlab(&["ci", RUN, "--inputs", inp.to_str().unwrap()]);
     assert_ne!(code, 0);
-    assert!(err.contains("inputs.json") && err.contains("5 features"), "{err}");
+    assert!(
+        err.contains("inputs.json") && err.contains("5 features"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unknown_preset_is_a_clean_error() {
     let (code, _, err) = spdlab(&["train", "--preset", "nope"]);
     assert_ne!(code, 0);
-    assert!(err.contains("unknown preset 'nope'") && err.contains("tms-5-2"), "{err}");
+    assert!(
+        err.contains("unknown preset 'nope'") && err.contains("tms-5-2"),
+        "{err}"
+    );
 }

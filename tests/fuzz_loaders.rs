@@ -49,7 +49,10 @@ fn mutate(rng: &mut XorShift, base: &[u8]) -> Vec<u8> {
             }
             _ => {
                 // Mutate inside the JSON header, where most structure lives.
-                let hlen = b.get(..8).map(|h| u64::from_le_bytes(h.try_into().unwrap()) as usize).unwrap_or(0);
+                let hlen = b
+                    .get(..8)
+                    .map(|h| u64::from_le_bytes(h.try_into().unwrap()) as usize)
+                    .unwrap_or(0);
                 let end = (8 + hlen).min(b.len());
                 if end > 8 {
                     let i = 8 + rng.below(end - 8);
@@ -76,23 +79,34 @@ fn mutated_spdlab_files_never_panic() {
     let (mut ok, mut err) = (0, 0);
     for i in 0..2000 {
         let m = mutate(&mut rng, &base);
-        let r = catch_unwind(AssertUnwindSafe(|| spdlab_file::from_bytes(&m, &Device::Cpu).is_ok()));
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            spdlab_file::from_bytes(&m, &Device::Cpu).is_ok()
+        }));
         match r {
             Ok(true) => ok += 1,
             Ok(false) => err += 1,
             Err(_) => panic!("loader panicked on mutation {i}"),
         }
     }
-    assert!(err > 1000, "most mutations should be rejected ({ok} ok, {err} err)");
+    assert!(
+        err > 1000,
+        "most mutations should be rejected ({ok} ok, {err} err)"
+    );
 }
 
 #[test]
 fn mutated_checkpoints_never_panic() {
-    let base = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ref-tms_5-2/model_10000.pth")).unwrap();
+    let base = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ref-tms_5-2/model_10000.pth"
+    ))
+    .unwrap();
     let mut rng = XorShift(0xfeed_beef_cafe_0001);
     for i in 0..2000 {
         let m = mutate(&mut rng, &base);
-        let r = catch_unwind(AssertUnwindSafe(|| spdlab::io::pth::read_pth_bytes(&m, "mutated.pth").is_ok()));
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            spdlab::io::pth::read_pth_bytes(&m, "mutated.pth").is_ok()
+        }));
         assert!(r.is_ok(), "checkpoint reader panicked on mutation {i}");
     }
 }

@@ -1479,10 +1479,7 @@ mod tests {
     #[test]
     fn reads_target_checkpoints() {
         let spd = read_pth(&fixture("model_10000.pth")).unwrap();
-        for (file, section) in [
-            ("tms.pth", "target/tms.pth"),
-            ("tms.pth", "spd/tms.pth"),
-        ] {
+        for (file, section) in [("tms.pth", "target/tms.pth"), ("tms.pth", "spd/tms.pth")] {
             let ts = read_pth(&fixture(file)).unwrap();
             check_against_keys_txt(&ts, section);
             let t = |n| get(&ts, n);

@@ -46,6 +46,9 @@ pub struct ModuleMask {
     pub mask: Tensor,
     /// `[n]` weight of the delta component (W_target − Σ subcomponents), or none.
     pub delta: Option<Tensor>,
+    /// `[n]` 1 where the row uses the components, 0 where it uses the target weights
+    /// (subset routing); none = every row.
+    pub route: Option<Tensor>,
 }
 
 pub struct ComponentModel {
@@ -397,6 +400,11 @@ impl ComponentModel {
             }
             None => (acts * &mask.mask)?.matmul(m.u.as_tensor())?,
         };
+        if let Some(r) = &mask.route {
+            let r = r.unsqueeze(1)?;
+            let orig = a.apply(&tm.weight_t, fold)?;
+            out = (out.broadcast_mul(&r)? + orig.broadcast_mul(&(1.0 - r)?)?)?;
+        }
         if let Some(b) = &tm.bias {
             out = out.broadcast_add(b)?;
         }
@@ -446,7 +454,11 @@ impl ComponentModel {
         for (j, src) in sources.into_iter().enumerate() {
             let g = &ci[j].lower;
             let mask = (g + ((1.0 - g)? * src)?)?;
-            out.push(Some(ModuleMask { mask, delta: None }));
+            out.push(Some(ModuleMask {
+                mask,
+                delta: None,
+                route: None,
+            }));
         }
         if use_delta {
             for (j, slot) in out.iter_mut().enumerate() {

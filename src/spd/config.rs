@@ -136,6 +136,69 @@ pub enum LossConfig {
     UnmaskedReconLoss {
         coeff: Option<f64>,
     },
+    /// Stochastic recon where each row replaces a random subset of modules (the others run
+    /// the target weights).
+    StochasticReconSubsetLoss {
+        coeff: Option<f64>,
+        #[serde(default)]
+        routing: Routing,
+    },
+    /// Adversarial (PGD) masks on all modules.
+    #[serde(rename = "PGDReconLoss")]
+    PgdReconLoss {
+        coeff: Option<f64>,
+        #[serde(flatten)]
+        pgd: PgdConfig,
+    },
+    /// Adversarial masks with subset routing.
+    #[serde(rename = "PGDReconSubsetLoss")]
+    PgdReconSubsetLoss {
+        coeff: Option<f64>,
+        #[serde(flatten)]
+        pgd: PgdConfig,
+        #[serde(default)]
+        routing: Routing,
+    },
+}
+
+/// Which modules a row routes through its components (the others use the target weights).
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Routing {
+    /// k ~ U{1..n_modules}, then a uniformly random k-subset of modules, per row.
+    #[default]
+    UniformKSubset,
+    /// Each module independently with probability p, per row.
+    StaticProbability { p: f64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PgdInit {
+    #[default]
+    Random,
+    Ones,
+    Zeroes,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskScope {
+    UniquePerDatapoint,
+    #[default]
+    SharedAcrossBatch,
+}
+
+/// Projected-gradient-ascent adversarial masks: sources a ∈ [0,1]^(C+1) per module,
+/// a ← clamp(a + step_size·sign(∇ₐ loss), 0, 1) for n_steps, loss at the final a.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PgdConfig {
+    #[serde(default)]
+    pub init: PgdInit,
+    pub step_size: f64,
+    pub n_steps: usize,
+    #[serde(default)]
+    pub mask_scope: MaskScope,
 }
 
 fn default_eps() -> f64 {
@@ -152,6 +215,9 @@ impl LossConfig {
             LossConfig::CiMaskedReconLoss { .. } => "CIMaskedReconLoss",
             LossConfig::CiMaskedReconLayerwiseLoss { .. } => "CIMaskedReconLayerwiseLoss",
             LossConfig::UnmaskedReconLoss { .. } => "UnmaskedReconLoss",
+            LossConfig::StochasticReconSubsetLoss { .. } => "StochasticReconSubsetLoss",
+            LossConfig::PgdReconLoss { .. } => "PGDReconLoss",
+            LossConfig::PgdReconSubsetLoss { .. } => "PGDReconSubsetLoss",
         }
     }
     pub fn coeff(&self) -> Option<f64> {
@@ -162,7 +228,10 @@ impl LossConfig {
             | LossConfig::FaithfulnessLoss { coeff }
             | LossConfig::CiMaskedReconLoss { coeff }
             | LossConfig::CiMaskedReconLayerwiseLoss { coeff }
-            | LossConfig::UnmaskedReconLoss { coeff } => *coeff,
+            | LossConfig::UnmaskedReconLoss { coeff }
+            | LossConfig::StochasticReconSubsetLoss { coeff, .. }
+            | LossConfig::PgdReconLoss { coeff, .. }
+            | LossConfig::PgdReconSubsetLoss { coeff, .. } => *coeff,
         }
     }
     pub fn set_coeff(&mut self, v: Option<f64>) {
@@ -173,7 +242,10 @@ impl LossConfig {
             | LossConfig::FaithfulnessLoss { coeff }
             | LossConfig::CiMaskedReconLoss { coeff }
             | LossConfig::CiMaskedReconLayerwiseLoss { coeff }
-            | LossConfig::UnmaskedReconLoss { coeff } => *coeff = v,
+            | LossConfig::UnmaskedReconLoss { coeff }
+            | LossConfig::StochasticReconSubsetLoss { coeff, .. }
+            | LossConfig::PgdReconLoss { coeff, .. }
+            | LossConfig::PgdReconSubsetLoss { coeff, .. } => *coeff = v,
         }
     }
 }

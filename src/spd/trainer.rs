@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::adam::{Adam, AdamEntry, clip_grad_norm};
 use super::component_model::{CiOutput, ComponentModel, ModuleMask};
-use super::config::{LossConfig, SpdConfig};
+use super::config::{LossConfig, MaskScope, PgdConfig, PgdInit, Routing, SpdConfig};
 use super::schedule::scheduled_value;
 use crate::data::SparseFeatureData;
 use crate::rng::Rng;
@@ -265,6 +265,7 @@ impl Trainer {
                             Some(ModuleMask {
                                 mask: c.lower.ones_like().unwrap(),
                                 delta: None,
+                                route: None,
                             })
                         })
                         .collect();
@@ -272,6 +273,58 @@ impl Trainer {
                     (sq_err_sum(&out, &target_out)? / (n_rows * d_out))?
                 }
                 LossConfig::FaithfulnessLoss { .. } => self.faithfulness_loss()?,
+                LossConfig::StochasticReconSubsetLoss { routing, .. } => {
+                    let mut sum: Option<Tensor> = None;
+                    for _ in 0..cfg.n_mask_samples {
+                        let mut masks =
+                            model.sample_masks(&ci, &mut self.rng, cfg.use_delta_component)?;
+                        let routes = sample_routes(
+                            &mut self.rng,
+                            batch.x.dim(0)?,
+                            masks.len(),
+                            routing,
+                            model.device(),
+                        )?;
+                        for (mm, r) in masks.iter_mut().zip(routes) {
+                            if let Some(mm) = mm {
+                                mm.route = Some(r);
+                            }
+                        }
+                        let out = model.forward_masked(&batch.x, &masks, &fold)?;
+                        sum = Some(add_opt(sum, sq_err_sum(&out, &target_out)?)?);
+                    }
+                    (sum.unwrap() / (cfg.n_mask_samples as f64 * n_rows * d_out))?
+                }
+                LossConfig::PgdReconLoss { pgd, .. } => {
+                    let s = pgd_recon_sum(
+                        model,
+                        &batch.x,
+                        &ci,
+                        &target_out,
+                        &fold,
+                        &mut self.rng,
+                        pgd,
+                        None,
+                        cfg.use_delta_component,
+                        n_rows * d_out,
+                    )?;
+                    (s / (n_rows * d_out))?
+                }
+                LossConfig::PgdReconSubsetLoss { pgd, routing, .. } => {
+                    let s = pgd_recon_sum(
+                        model,
+                        &batch.x,
+                        &ci,
+                        &target_out,
+                        &fold,
+                        &mut self.rng,
+                        pgd,
+                        Some(routing),
+                        cfg.use_delta_component,
+                        n_rows * d_out,
+                    )?;
+                    (s / (n_rows * d_out))?
+                }
             };
             let v = value.to_scalar::<f32>()? as f64;
             rec.losses.insert(lc.name().to_string(), v);
@@ -378,9 +431,133 @@ fn ci_masks(ci: &[CiOutput]) -> Vec<Option<ModuleMask>> {
             Some(ModuleMask {
                 mask: c.lower.clone(),
                 delta: None,
+                route: None,
             })
         })
         .collect()
+}
+
+/// Per-module route masks `[n]` (1 = use the components) for a routing rule.
+pub fn sample_routes(
+    rng: &mut Rng,
+    n: usize,
+    n_modules: usize,
+    routing: &Routing,
+    dev: &candle_core::Device,
+) -> Result<Vec<Tensor>> {
+    let mut r = vec![vec![0f32; n]; n_modules];
+    let mut idx: Vec<usize> = (0..n_modules).collect();
+    for row in 0..n {
+        match routing {
+            Routing::UniformKSubset => {
+                let k = 1 + rng.below(n_modules);
+                for i in 0..k {
+                    let j = i + rng.below(n_modules - i);
+                    idx.swap(i, j);
+                }
+                for &m in &idx[..k] {
+                    r[m][row] = 1.0;
+                }
+            }
+            Routing::StaticProbability { p } => {
+                for rm in r.iter_mut() {
+                    if (rng.uniform_f64()) < *p {
+                        rm[row] = 1.0;
+                    }
+                }
+            }
+        }
+    }
+    r.into_iter().map(|v| Tensor::from_vec(v, n, dev)).collect()
+}
+
+/// Sum of squared errors at adversarial masks found by projected sign-gradient ascent.
+#[allow(clippy::too_many_arguments)]
+fn pgd_recon_sum(
+    model: &ComponentModel,
+    x: &Tensor,
+    ci: &[CiOutput],
+    target_out: &Tensor,
+    fold: &crate::model::Fold,
+    rng: &mut Rng,
+    pgd: &PgdConfig,
+    routing: Option<&Routing>,
+    use_delta: bool,
+    numel: f64,
+) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    let dev = model.device();
+    let routes = match routing {
+        Some(r) => Some(sample_routes(rng, n, model.modules.len(), r, dev)?),
+        None => None,
+    };
+    let rows = match pgd.mask_scope {
+        MaskScope::SharedAcrossBatch => 1,
+        MaskScope::UniquePerDatapoint => n,
+    };
+    let mut sources: Vec<Tensor> = vec![];
+    for m in &model.modules {
+        let k = rows * (m.c + 1);
+        let v = match pgd.init {
+            PgdInit::Random => rng.uniform_vec(k),
+            PgdInit::Ones => vec![1.0; k],
+            PgdInit::Zeroes => vec![0.0; k],
+        };
+        sources.push(Tensor::from_vec(v, (rows, m.c + 1), dev)?);
+    }
+    let build = |srcs: &[Tensor], ci_l: &[Tensor]| -> Result<Vec<Option<ModuleMask>>> {
+        let mut out = vec![];
+        for (j, m) in model.modules.iter().enumerate() {
+            let a = srcs[j].narrow(1, 0, m.c)?;
+            let g = &ci_l[j];
+            let mask = (g + (1.0 - g)?.broadcast_mul(&a)?)?;
+            let delta = if use_delta {
+                Some(
+                    srcs[j]
+                        .narrow(1, m.c, 1)?
+                        .squeeze(1)?
+                        .broadcast_as(n)?
+                        .contiguous()?,
+                )
+            } else {
+                None
+            };
+            let route = routes.as_ref().map(|r| r[j].clone());
+            out.push(Some(ModuleMask { mask, delta, route }));
+        }
+        Ok(out)
+    };
+    // Ascent on detached CI (the reference computes CI once and differentiates w.r.t. a only).
+    let ci_detached: Vec<Tensor> = ci.iter().map(|c| c.lower.detach()).collect();
+    for _ in 0..pgd.n_steps {
+        let vars: Vec<candle_core::Var> = sources
+            .iter()
+            .map(candle_core::Var::from_tensor)
+            .collect::<Result<_>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let masks = build(&ts, &ci_detached)?;
+        let out = model.forward_masked(x, &masks, fold)?;
+        let loss = (sq_err_sum(&out, target_out)? / numel)?;
+        let grads = loss.backward()?;
+        let mut next = vec![];
+        for (v, s) in vars.iter().zip(&sources) {
+            let step = match grads.get(v.as_tensor()) {
+                Some(g) => {
+                    let g = g.detach();
+                    let sign =
+                        (g.gt(0.0)?.to_dtype(DType::F32)? - g.lt(0.0)?.to_dtype(DType::F32)?)?;
+                    (s + (sign * pgd.step_size)?)?.clamp(0f32, 1f32)?
+                }
+                None => s.clone(),
+            };
+            next.push(step.detach());
+        }
+        sources = next;
+    }
+    let ci_l: Vec<Tensor> = ci.iter().map(|c| c.lower.clone()).collect();
+    let masks = build(&sources, &ci_l)?;
+    let out = model.forward_masked(x, &masks, fold)?;
+    sq_err_sum(&out, target_out)
 }
 
 /// p of the importance-minimality loss under the optional p-annealing.
