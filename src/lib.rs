@@ -3,6 +3,7 @@
 //! The engine (models, SPD, metrics, data, I/O) imports no UI crate.
 
 pub mod assets;
+pub mod cluster;
 pub mod data;
 pub mod io;
 pub mod metrics;

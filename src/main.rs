@@ -95,6 +95,30 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Group subcomponents into mechanisms (MDL merge clustering on CI co-activation).
+    Cluster {
+        file: PathBuf,
+        /// Rank weight α of the description length.
+        #[arg(long, default_value_t = 1.0)]
+        alpha: f64,
+        /// CI above which a subcomponent counts as firing.
+        #[arg(long, default_value_t = 0.01)]
+        threshold: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Number of groups to report (default: where the description length is minimal).
+        #[arg(long)]
+        k: Option<usize>,
+        #[arg(long, default_value_t = 4096)]
+        samples: usize,
+        /// Store the result in this .spdlab file (may be FILE itself).
+        #[arg(long)]
+        save: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// List the presets.
     Presets,
     /// Train a new target model for a preset and save it (how assets/targets were made).
@@ -270,6 +294,67 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&rep)?);
             } else {
                 runner::print_ci_report(&rep);
+            }
+            Ok(())
+        }
+        Cmd::Cluster {
+            file,
+            alpha,
+            threshold,
+            seed,
+            k,
+            samples,
+            save,
+            device,
+            json,
+        } => {
+            let dev = runner::device(&device)?;
+            let (mut tr, mut extras, warnings) = spdlab::io::load_any(&file, &dev)?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            let opts = spdlab::cluster::ClusterOptions {
+                alpha,
+                activation_threshold: threshold,
+                seed,
+                n_samples: samples,
+                ..Default::default()
+            };
+            let h = spdlab::cluster::cluster(&mut tr, &opts)?;
+            let k = k.unwrap_or_else(|| h.best_k());
+            let res = spdlab::cluster::summarize(&h, &opts, k);
+            if json {
+                println!("{}", serde_json::to_string(&res)?);
+            } else {
+                println!(
+                    "{} clusters at k = {} (minimum description length at k = {}); {} dead subcomponents filtered",
+                    res.clusters.len(),
+                    res.k,
+                    res.best_k,
+                    res.dead.len()
+                );
+                for c in &res.clusters {
+                    println!(
+                        "  cluster {:>3}: rank {:>3}, fires on {:>6.2}% of inputs, layers {}: {}",
+                        c.id,
+                        c.rank,
+                        100.0 * c.firing_fraction,
+                        c.layers.join(","),
+                        c.members.join(" ")
+                    );
+                }
+                println!("description length (normalised) along the merge history:");
+                let step = (res.description_length.len() / 12).max(1);
+                for (kk, dl) in res.description_length.iter().step_by(step) {
+                    println!("  k = {kk:>4}: {dl:.4}");
+                }
+            }
+            if let Some(out) = save {
+                extras
+                    .extra
+                    .insert("clusters".into(), serde_json::to_value(&res)?);
+                spdlab_file::save(&tr, &extras, &out)?;
+                eprintln!("saved clusters to {}", out.display());
             }
             Ok(())
         }
