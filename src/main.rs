@@ -183,9 +183,19 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             json,
         } => {
             let dev = runner::device(&device)?;
+            let mut out = out;
             let (mut tr, mut extras, name) = if let Some(path) = resume {
                 let (tr, extras) = spdlab_file::load(&path, &dev)?;
                 let name = extras.preset.clone().unwrap_or_else(|| "run".into());
+                // Resuming X.spdlab.recovery saves to X.spdlab unless told otherwise.
+                if out.is_none() {
+                    out = Some(
+                        match path.to_str().and_then(|p| p.strip_suffix(".recovery")) {
+                            Some(base) => PathBuf::from(base),
+                            None => path.clone(),
+                        },
+                    );
+                }
                 (tr, extras, name)
             } else {
                 let (mut cfg, target, preset_name) = match (&preset, &config) {

@@ -353,9 +353,7 @@ pub fn import(path: &Path, device: &Device) -> anyhow::Result<(Trainer, ImportIn
         )));
     }
     model.sync_tied()?;
-    let mut cfg = spd;
-    // Imported runs are complete: resuming them trains with the reference config from step 0.
-    cfg.validate().ok();
+    let cfg = spd;
     let tr = Trainer::from_model(model, cfg.clone(), Rng::new(cfg.seed))?;
     Ok((tr, info))
 }

@@ -179,7 +179,7 @@ mod tests {
         let p = Var::new(&[0.0f32, 0.0], &dev)?;
         let loss = (p.as_tensor() * Tensor::new(&[3.0f32, 4.0], &dev)?)?.sum_all()?;
         let mut g = loss.backward()?;
-        let n = clip_grad_norm(&mut g, &[p.clone()], 1.0)?;
+        let n = clip_grad_norm(&mut g, std::slice::from_ref(&p), 1.0)?;
         assert!((n - 5.0).abs() < 1e-6);
         let gv = g.get(p.as_tensor()).unwrap().to_vec1::<f32>()?;
         assert!((gv[0] - 0.6).abs() < 1e-5 && (gv[1] - 0.8).abs() < 1e-5);

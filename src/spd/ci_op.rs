@@ -75,19 +75,39 @@ pub fn ci_mlp_reference(
 /// (alpha = [`LEAKY_ALPHA`]):
 /// `x <= 0`: `alpha*g` if `g < 0` else `0`;  `0 < x <= 1`: `g`;  `x > 1`: `0`.
 ///
-/// Forward: CPU (f32/f64) and, with the `cuda` feature, CUDA; backward is device generic.
+/// Forward: CPU (f32/f64) and, with the `cuda` feature, CUDA.  Backward: one fused pass on
+/// CPU (f32/f64), candle tensor ops on any other device / dtype.
 pub fn lower_leaky_hard(x: &Tensor) -> Result<Tensor> {
     x.apply_op1(LowerLeakyHard)
 }
 
 /// Upper-leaky hard sigmoid: `x > 1`: `1 + alpha*(x-1)`; else `clamp(x, 0, 1)`.
 /// Gradient `alpha` for `x > 1`, `1` for `0 <= x <= 1`, `0` for `x < 0`.
-/// Plain candle ops, so it works (and differentiates) on every device.
+///
+/// CPU f32/f64: a custom op with fused forward and backward passes; any other device or
+/// dtype: plain candle ops (differentiated by candle's autograd), same values/gradients.
 pub fn upper_leaky_hard(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.apply_op1(UpperLeakyHard)
+    } else {
+        upper_leaky_hard_ops(x)
+    }
+}
+
+/// [`upper_leaky_hard`] with plain candle ops (device generic).
+fn upper_leaky_hard_ops(x: &Tensor) -> Result<Tensor> {
     let zeros = x.zeros_like()?;
     let upper = x.affine(LEAKY_ALPHA, 1.0 - LEAKY_ALPHA)?; // 1 + alpha*(x-1)
     let lower_mid = x.lt(0.0)?.where_cond(&zeros, x)?; // 0 below 0, identity on [0, 1]
     x.gt(1.0)?.where_cond(&upper, &lower_mid)
+}
+
+/// Backward of [`lower_leaky_hard`] with candle tensor ops (device generic).
+fn lower_leaky_hard_bwd_ops(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let zeros = grad.zeros_like()?;
+    let leaky = grad.minimum(0.0)?.affine(LEAKY_ALPHA, 0.0)?; // alpha*g if g < 0 else 0
+    let inner = x.le(1.0)?.where_cond(grad, &zeros)?; // g on (0,1], 0 above 1
+    x.le(0.0)?.where_cond(&leaky, &inner)
 }
 
 fn check_shapes(
@@ -250,33 +270,113 @@ impl CustomOp3 for CiMlpBwdOp {
     }
 }
 
-/// `clamp(x, 0, 1)` with SPD's lower-leaky straight-through style backward.
-struct LowerLeakyHard;
-
-fn map_layout<T: Copy, F: Fn(T) -> T>(v: &[T], l: &Layout, f: F) -> Vec<T> {
-    if let Some((a, b)) = l.contiguous_offsets() {
-        return v[a..b].iter().map(|&x| f(x)).collect();
+/// Calls `f(offset_a, offset_b)` for the elements of two same-shape layouts in row-major
+/// order (general strides, e.g. broadcast gradients with stride 0), without allocating.
+fn for_each_offset2(la: &Layout, lb: &Layout, mut f: impl FnMut(usize, usize)) {
+    let dims = la.dims();
+    let (sa, sb) = (la.stride(), lb.stride());
+    let n = la.shape().elem_count();
+    if n == 0 {
+        return;
     }
-    let dims = l.dims();
-    let strides = l.stride();
-    let n = l.shape().elem_count();
-    let mut out = Vec::with_capacity(n);
-    let mut idx = vec![0usize; dims.len()];
-    let mut off = l.start_offset();
-    for _ in 0..n {
-        out.push(f(v[off]));
-        for d in (0..dims.len()).rev() {
+    let r = dims.len();
+    if r == 0 {
+        f(la.start_offset(), lb.start_offset());
+        return;
+    }
+    let (inner, ia, ib) = (dims[r - 1], sa[r - 1], sb[r - 1]);
+    let mut idx = vec![0usize; r];
+    let (mut oa, mut ob) = (la.start_offset(), lb.start_offset());
+    for _ in 0..n / inner {
+        for k in 0..inner {
+            f(oa + k * ia, ob + k * ib);
+        }
+        for d in (0..r - 1).rev() {
             idx[d] += 1;
-            off += strides[d];
+            oa += sa[d];
+            ob += sb[d];
             if idx[d] < dims[d] {
                 break;
             }
-            off -= strides[d] * dims[d];
+            oa -= sa[d] * dims[d];
+            ob -= sb[d] * dims[d];
             idx[d] = 0;
         }
     }
-    out
 }
+
+fn map1<T: Copy, F: Fn(T) -> T>(v: &[T], l: &Layout, f: F) -> Vec<T> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => v[a..b].iter().map(|&x| f(x)).collect(),
+        None => {
+            let mut out = Vec::with_capacity(l.shape().elem_count());
+            for_each_offset2(l, l, |i, _| out.push(f(v[i])));
+            out
+        }
+    }
+}
+
+fn map2<T: Copy, F: Fn(T, T) -> T>(a: &[T], la: &Layout, b: &[T], lb: &Layout, f: F) -> Vec<T> {
+    match (la.contiguous_offsets(), lb.contiguous_offsets()) {
+        (Some((a0, a1)), Some((b0, b1))) => a[a0..a1]
+            .iter()
+            .zip(&b[b0..b1])
+            .map(|(&x, &y)| f(x, y))
+            .collect(),
+        _ => {
+            let mut out = Vec::with_capacity(la.shape().elem_count());
+            for_each_offset2(la, lb, |i, j| out.push(f(a[i], b[j])));
+            out
+        }
+    }
+}
+
+/// Applies the f32/f64 versions of an elementwise rule to one CPU storage; `$a` is bound
+/// to [`LEAKY_ALPHA`] in the element type.
+macro_rules! cpu_map1 {
+    ($s:expr, $l:expr, $name:expr, |$x:ident, $a:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(v) => {
+                let $a = LEAKY_ALPHA as f32;
+                CpuStorage::F32(map1(v, $l, |$x: f32| $body))
+            }
+            CpuStorage::F64(v) => {
+                let $a = LEAKY_ALPHA;
+                CpuStorage::F64(map1(v, $l, |$x: f64| $body))
+            }
+            s => bail!("{}: unsupported dtype {:?}", $name, s.dtype()),
+        }
+    };
+}
+
+/// Same for a binary rule `(x, g)`.
+macro_rules! cpu_map2 {
+    ($s1:expr, $l1:expr, $s2:expr, $l2:expr, $name:expr, |$x:ident, $g:ident, $a:ident| $body:expr) => {
+        match ($s1, $s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let $a = LEAKY_ALPHA as f32;
+                CpuStorage::F32(map2(a, $l1, b, $l2, |$x: f32, $g: f32| $body))
+            }
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let $a = LEAKY_ALPHA;
+                CpuStorage::F64(map2(a, $l1, b, $l2, |$x: f64, $g: f64| $body))
+            }
+            (a, b) => bail!(
+                "{}: unsupported dtypes {:?}/{:?}",
+                $name,
+                a.dtype(),
+                b.dtype()
+            ),
+        }
+    };
+}
+
+fn is_cpu_float(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// `clamp(x, 0, 1)` with SPD's lower-leaky backward.
+struct LowerLeakyHard;
 
 impl CustomOp1 for LowerLeakyHard {
     fn name(&self) -> &'static str {
@@ -284,27 +384,13 @@ impl CustomOp1 for LowerLeakyHard {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(map_layout(v, l, |x: f32| {
-                if x < 0.0 {
-                    0.0
-                } else if x > 1.0 {
-                    1.0
-                } else {
-                    x
-                }
-            })),
-            CpuStorage::F64(v) => CpuStorage::F64(map_layout(v, l, |x: f64| {
-                if x < 0.0 {
-                    0.0
-                } else if x > 1.0 {
-                    1.0
-                } else {
-                    x
-                }
-            })),
-            s => bail!("lower_leaky_hard: unsupported dtype {:?}", s.dtype()),
-        };
+        let out = cpu_map1!(s, l, self.name(), |x, _a| if x < 0.0 {
+            0.0
+        } else if x > 1.0 {
+            1.0
+        } else {
+            x
+        });
         Ok((out, l.shape().clone()))
     }
 
@@ -315,7 +401,7 @@ impl CustomOp1 for LowerLeakyHard {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::{BackendDevice as _, BackendStorage as _};
+        use candle_core::backend::BackendDevice as _;
         let shape = l.shape().clone();
         let dtype = s.dtype();
         let relu = s.unary_impl::<candle_core::op::Relu>(l)?; // contiguous result
@@ -331,10 +417,112 @@ impl CustomOp1 for LowerLeakyHard {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let zeros = grad.zeros_like()?;
-        let leaky = grad.minimum(0.0)?.affine(LEAKY_ALPHA, 0.0)?; // alpha*g if g < 0 else 0
-        let inner = arg.le(1.0)?.where_cond(grad, &zeros)?; // g on (0,1], 0 above 1
-        Ok(Some(arg.le(0.0)?.where_cond(&leaky, &inner)?))
+        if is_cpu_float(arg) && grad.dtype() == arg.dtype() {
+            Ok(Some(arg.apply_op2_no_bwd(grad, &LowerLeakyHardBwd)?))
+        } else {
+            Ok(Some(lower_leaky_hard_bwd_ops(arg, grad)?))
+        }
+    }
+}
+
+/// CPU backward of [`LowerLeakyHard`] on `(x, grad)`.
+struct LowerLeakyHardBwd;
+
+impl CustomOp2 for LowerLeakyHardBwd {
+    fn name(&self) -> &'static str {
+        "lower-leaky-hard-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!(
+                "lower_leaky_hard bwd: shape mismatch {:?} {:?}",
+                l1.shape(),
+                l2.shape()
+            )
+        }
+        let out = cpu_map2!(s1, l1, s2, l2, self.name(), |x, g, a| if x <= 0.0 {
+            if g < 0.0 { g * a } else { 0.0 }
+        } else if x <= 1.0 {
+            g
+        } else {
+            0.0
+        });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Upper-leaky hard sigmoid on CPU with a fused backward.
+struct UpperLeakyHard;
+
+impl CustomOp1 for UpperLeakyHard {
+    fn name(&self) -> &'static str {
+        "upper-leaky-hard"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = cpu_map1!(s, l, self.name(), |x, a| if x > 1.0 {
+            x * a + (1.0 - a)
+        } else if x < 0.0 {
+            0.0
+        } else {
+            x
+        });
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if is_cpu_float(arg) && grad.dtype() == arg.dtype() {
+            Ok(Some(arg.apply_op2_no_bwd(grad, &UpperLeakyHardBwd)?))
+        } else {
+            // Not reached through `upper_leaky_hard` (which uses plain ops off-CPU).
+            let dy = upper_leaky_hard_ops(&arg.detach())?; // only for the mask values
+            let slope = arg.gt(1.0)?.where_cond(
+                &arg.ones_like()?.affine(LEAKY_ALPHA, 0.0)?,
+                &arg.ge(0.0)?
+                    .where_cond(&arg.ones_like()?, &dy.zeros_like()?)?,
+            )?;
+            Ok(Some(grad.mul(&slope)?))
+        }
+    }
+}
+
+/// CPU backward of [`UpperLeakyHard`] on `(x, grad)`.
+struct UpperLeakyHardBwd;
+
+impl CustomOp2 for UpperLeakyHardBwd {
+    fn name(&self) -> &'static str {
+        "upper-leaky-hard-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!(
+                "upper_leaky_hard bwd: shape mismatch {:?} {:?}",
+                l1.shape(),
+                l2.shape()
+            )
+        }
+        let out = cpu_map2!(s1, l1, s2, l2, self.name(), |x, g, a| if x > 1.0 {
+            g * a
+        } else if x >= 0.0 {
+            g
+        } else {
+            0.0
+        });
+        Ok((out, l1.shape().clone()))
     }
 }
 
@@ -352,9 +540,7 @@ mod kernels {
 
     /// Rows of the batch processed together (per component the block's column of `h`
     /// is gathered into a small contiguous buffer).
-    const BB: usize = 256;
-    /// Lane count of the explicit reduction accumulators in the backward.
-    const L: usize = 8;
+    const BB: usize = 512;
 
     #[cfg(any(target_feature = "fma", target_arch = "aarch64"))]
     const STATIC_FMA: bool = true;
@@ -363,8 +549,6 @@ mod kernels {
 
     const SQRT_2: f32 = std::f32::consts::SQRT_2;
     const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-    /// 1/sqrt(pi)
-    const FRAC_1_SQRT_PI: f32 = 0.564_189_6;
     /// |u| above which the exp-based (erfc) branch is used.
     const ERF_SPLIT: f32 = 0.927_734_4; // 475/512
 
@@ -373,42 +557,113 @@ mod kernels {
         if F { a.mul_add(b, c) } else { a * b + c }
     }
 
-    /// Branch-free f32 exp (Cephes expf): Cody-Waite reduction by ln 2, degree-7
-    /// polynomial, 2^n built from exponent bits. Results below f32::MIN_POSITIVE are
-    /// flushed to 0 (t < -87.3365); t is clamped to <= 88. Max rel. error ~1e-7.
+    /// Coefficients (degree 6, highest last) of 2^f on [-0.5, 0.5] (Chebyshev fit, max
+    /// rel. error 3e-9 before f32 rounding).
+    const EXP2_P: [f32; 7] = [
+        1.0,
+        0.693_147_2,
+        0.240_226_51,
+        0.055_503_27,
+        0.009_618_057,
+        0.001_340_042_8,
+        0.000_154_614_45,
+    ];
+
+    /// `2^n * 2^f * 2^(BIAS-127)` where `k = 1.5*2^23 + n` (n integer in [-BIAS, 127]) and
+    /// `f` in [-0.5, 0.5]: Estrin-evaluated polynomial for 2^f, 2^n from exponent bits.
     #[inline(always)]
-    pub(super) fn exp<const F: bool>(t: f32) -> f32 {
-        const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-        const LO: f32 = -87.336_54;
-        let tc = if t < LO { LO } else { t };
-        let tc = if tc > 88.0 { 88.0 } else { tc };
-        let k = fma::<F>(tc, std::f32::consts::LOG2_E, MAGIC);
-        let n = k - MAGIC;
-        let r = fma::<F>(n, -0.693_359_4, tc);
-        let r = fma::<F>(n, 2.121_944_4e-4, r);
-        let mut y = 1.987_569_2e-4_f32;
-        y = fma::<F>(y, r, 1.398_2e-3);
-        y = fma::<F>(y, r, 8.333_452e-3);
-        y = fma::<F>(y, r, 4.166_579_6e-2);
-        y = fma::<F>(y, r, 1.666_666_5e-1);
-        y = fma::<F>(y, r, 5.000_000_1e-1);
-        let y = fma::<F>(y, r * r, r) + 1.0;
-        // bits(k) = 0x4B40_0000 + n with n in [-126, 127]
-        let pow2 = f32::from_bits(k.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
-        if t < LO { 0.0 } else { y * pow2 }
+    fn exp2_kf<const F: bool, const BIAS: u32>(k: f32, f: f32) -> f32 {
+        let p = EXP2_P;
+        // 2^f = 1 + f * Q(f), Q of degree 5 by Estrin (the final fma keeps ~1 ulp)
+        let f2 = f * f;
+        let a = fma::<F>(p[2], f, p[1]);
+        let b = fma::<F>(p[4], f, p[3]);
+        let c = fma::<F>(p[6], f, p[5]);
+        let q = fma::<F>(c, f2 * f2, fma::<F>(b, f2, a));
+        let y = fma::<F>(q, f, p[0]);
+        // bits(k) = 0x4B40_0000 + n
+        let pow2 = f32::from_bits(k.to_bits().wrapping_sub(0x4B40_0000 - BIAS) << 23);
+        y * pow2
     }
 
-    /// Exponent of the large-|x| branch of Norbert Juffa's erff (MLX, ~1 ulp):
-    /// erfc(t) = exp(big_arg(t)) for t = |x| > 0.9277.
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: x + MAGIC rounds x to an integer
+
+    /// Branch-free `2^m * 2^(BIAS-127)` (BIAS = 127: 2^m; 126: 2^m / 2).  `m` is clamped
+    /// below at `-BIAS`, where the result is exactly 0 (no denormals); callers pass
+    /// m <= 0.  Max rel. error ~1e-7 (the rounding of `m` itself is the caller's).
     #[inline(always)]
-    fn erfc_big_arg<const F: bool>(t: f32, s: f32) -> f32 {
-        let r = fma::<F>(-1.728_534_7e-5, t, 3.831_971_3e-4);
-        let v = fma::<F>(-3.883_964_4e-3, t, 2.425_462_2e-2);
-        let r = fma::<F>(r, s, v);
-        let r = fma::<F>(r, t, -1.067_778_8e-1);
-        let r = fma::<F>(r, t, -6.348_467e-1);
-        let r = fma::<F>(r, t, -1.287_175_1e-1);
-        fma::<F>(r, t, -t)
+    pub(super) fn exp2_core<const F: bool, const BIAS: u32>(m: f32) -> f32 {
+        let lo = -(BIAS as f32);
+        let m = if m < lo { lo } else { m };
+        let k = m + MAGIC; // = MAGIC + round(m), exactly
+        let n = k - MAGIC;
+        exp2_kf::<F, BIAS>(k, m - n) // m - n is exact
+    }
+
+    /// Branch-free f32 exp, accurate to ~1 ulp: Cody-Waite reduction x = n ln2 + r, then
+    /// 2^n * 2^(r log2 e).  Clamped to [-88, 88]; results below ~1e-38 flush to 0.
+    #[cfg_attr(not(test), allow(dead_code))]
+    #[inline(always)]
+    pub(super) fn exp<const F: bool>(x: f32) -> f32 {
+        let x = if x > 88.0 { 88.0 } else { x };
+        let x = if x < -88.0 { -88.0 } else { x };
+        let k = fma::<F>(x, std::f32::consts::LOG2_E, MAGIC);
+        let n = k - MAGIC; // in [-127, 127]
+        let r = fma::<F>(n, -0.693_359_4, x);
+        let r = fma::<F>(n, 2.121_944_4e-4, r);
+        exp2_kf::<F, 127>(k, r * std::f32::consts::LOG2_E)
+    }
+
+    /// log2(erfc(t)) = t * Q(t) for t > 0.9277: the large-|x| branch of Norbert Juffa's
+    /// erff (as shipped in MLX, ~1 ulp) with log2(e) folded into its coefficients,
+    /// evaluated with Estrin's scheme.  `s = t*t`.  (Relative accuracy of erfc degrades
+    /// beyond t ~ 5, where erfc < 2e-12.)
+    #[inline(always)]
+    fn log2_erfc_big<const F: bool>(t: f32, s: f32) -> f32 {
+        const Q: [f32; 7] = [
+            -1.628_395_2,
+            -0.915_890_16,
+            -0.154_047_91,
+            0.034_992_024,
+            -0.005_603_376_3,
+            0.000_552_836_57,
+            -2.493_748_4e-5,
+        ];
+        let a0 = fma::<F>(Q[1], t, Q[0]);
+        let a1 = fma::<F>(Q[3], t, Q[2]);
+        let a2 = fma::<F>(Q[5], t, Q[4]);
+        let b = fma::<F>(Q[6], s, a2);
+        let x = fma::<F>(a1, s, a0);
+        let q = fma::<F>(b, s * s, x);
+        t * q
+    }
+
+    /// `(sqrt(pi)/2) * erfcx(t)` (erfcx(t) = exp(t^2) erfc(t)) for t in [0.9277, 4.5]
+    /// (clamped above), so that `0.5 * erfc(t) = pdf_u(t) * half_erfcx(t)`.  Degree-7
+    /// polynomial in x = (2t - 5.4277)/3.5723, fitted (Lawson / weighted minimax) for
+    /// absolute accuracy of `0.5 erfc(t)`: 1.5e-8 with these f32 coefficients.  Estrin.
+    #[inline(always)]
+    fn half_erfcx<const F: bool>(t: f32) -> f32 {
+        const R: [f32; 8] = [
+            0.173_707_2,
+            -0.102_128_63,
+            0.057_329_513,
+            -0.040_934_89,
+            -0.020_403_717,
+            -0.072_385_31,
+            -0.052_278_984,
+            -0.023_372_592,
+        ];
+        let t = if t > 4.5 { 4.5 } else { t };
+        let x = fma::<F>(t, 0.559_868_75, -1.519_409_5);
+        let x2 = x * x;
+        let p01 = fma::<F>(R[1], x, R[0]);
+        let p23 = fma::<F>(R[3], x, R[2]);
+        let p45 = fma::<F>(R[5], x, R[4]);
+        let p67 = fma::<F>(R[7], x, R[6]);
+        let lo = fma::<F>(p23, x2, p01);
+        let hi = fma::<F>(p67, x2, p45);
+        fma::<F>(hi, x2 * x2, lo)
     }
 
     /// Coefficients of the small-|x| branch of Juffa's erff: erf(x) = x (1 + p(x^2)),
@@ -434,40 +689,67 @@ mod kernels {
         fma::<F>(r, s, fma::<F>(m, c[5], a))
     }
 
-    /// Branch-free f32 erf (Juffa's erff, max error ~1 ulp with FMA).
+    /// Branch-free f32 erf built from the same pieces as [`norm_cdf_u`]:
+    /// |x| <= 0.9277: Juffa's x (1 + p(x^2)); above: 1 - 2 pdf_u(x) half_erfcx(|x|).
     #[cfg_attr(not(test), allow(dead_code))]
     #[inline(always)]
     pub(super) fn erf<const F: bool>(x: f32) -> f32 {
         let t = x.abs();
         let s = x * x;
-        let big = 1.0 - exp::<F>(erfc_big_arg::<F>(t, s));
+        let big = fma::<F>(-2.0 * pdf_u::<F>(x), half_erfcx::<F>(t), 1.0);
         let big = if x < 0.0 { -big } else { big };
         let small = fma::<F>(erf_small_poly::<F>(s, 1.0, 0.0), x, x);
         if t > ERF_SPLIT { big } else { small }
     }
 
-    /// Standard normal CDF at z = sqrt2 * u, i.e. 0.5 * erfc(-u), branch-free.
-    /// Accurate in absolute terms (~6e-8) and, for u < 0, also relatively in the tail.
+    /// exp(-u^2) / sqrt(pi); gelu'(z) = Phi + u * pdf_u(u) with z = sqrt2 u.  Flushes to
+    /// 0 for u^2 > ~87.
     #[inline(always)]
-    pub(super) fn norm_cdf_u<const F: bool>(u: f32) -> f32 {
+    pub(super) fn pdf_u<const F: bool>(u: f32) -> f32 {
+        const LOG2_FRAC_1_SQRT_PI: f32 = -0.825_748_1;
+        exp2_core::<F, 127>(fma::<F>(
+            u * u,
+            -std::f32::consts::LOG2_E,
+            LOG2_FRAC_1_SQRT_PI,
+        ))
+    }
+
+    /// Standard normal CDF at z = sqrt2 u (i.e. 0.5 erfc(-u)) given `pdf = pdf_u(u)`,
+    /// branch-free.  Absolute error < 1e-7.
+    #[inline(always)]
+    pub(super) fn norm_cdf_u_with_pdf<const F: bool>(u: f32, pdf: f32) -> f32 {
         let t = u.abs();
-        let s = u * u;
-        // 0.5 * erfc(t) = exp(arg - ln 2)
-        let half_erfc = exp::<F>(erfc_big_arg::<F>(t, s) - std::f32::consts::LN_2);
+        let half_erfc = pdf * half_erfcx::<F>(t);
         let big = if u < 0.0 { half_erfc } else { 1.0 - half_erfc };
         // 0.5 + 0.5 u (1 + p(s)) = u * (0.5 p(s) + 0.5) + 0.5
-        let r = erf_small_poly::<F>(s, 0.5, 0.5);
-        let small = fma::<F>(u, r, 0.5);
+        let small = fma::<F>(u, erf_small_poly::<F>(u * u, 0.5, 0.5), 0.5);
         if t > ERF_SPLIT { big } else { small }
     }
 
+    /// Forward-pass variant of the normal CDF (no pdf needed): Juffa's erfc branch
+    /// through a single exp2, 0.5 * erfc(t) = 2^(log2 erfc(t) - 1) with the -1 folded into
+    /// the exponent bias.  Absolute error < 1e-7.
     #[inline(always)]
-    fn hsum(a: &[f32; L]) -> f32 {
-        let mut s = 0.0;
-        for v in a {
-            s += v;
+    pub(super) fn norm_cdf_u_fwd<const F: bool>(u: f32) -> f32 {
+        let t = u.abs();
+        let s = u * u;
+        let half_erfc = exp2_core::<F, 126>(log2_erfc_big::<F>(t, s));
+        let big = if u < 0.0 { half_erfc } else { 1.0 - half_erfc };
+        let small = fma::<F>(u, erf_small_poly::<F>(s, 0.5, 0.5), 0.5);
+        if t > ERF_SPLIT { big } else { small }
+    }
+
+    #[cfg_attr(not(test), allow(dead_code))]
+    #[inline(always)]
+    pub(super) fn norm_cdf_u<const F: bool>(u: f32) -> f32 {
+        norm_cdf_u_with_pdf::<F>(u, pdf_u::<F>(u))
+    }
+
+    #[inline(always)]
+    fn add_lanes<const L: usize>(acc: &mut [f64; L], v: &[f32; L]) {
+        for l in 0..L {
+            acc[l] += v[l] as f64;
         }
-        s
     }
 
     /// Per-(component, hidden unit) constants in the `u` parametrisation.
@@ -510,7 +792,7 @@ mod kernels {
                     let ws = wj * SQRT_2;
                     for (o, &x) in acc.iter_mut().zip(xs) {
                         let u = fma::<F>(x, a, bj);
-                        *o = fma::<F>(ws, u * norm_cdf_u::<F>(u), *o);
+                        *o = fma::<F>(ws, u * norm_cdf_u_fwd::<F>(u), *o);
                     }
                 }
                 let b2 = b2[0];
@@ -528,11 +810,33 @@ mod kernels {
         forward_impl::<true>(h, p, bsz, c, hd, out)
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    fn forward_avx512(h: &View2, p: &[f32], bsz: usize, c: usize, hd: usize, out: &mut [f32]) {
+        forward_impl::<true>(h, p, bsz, c, hd, out)
+    }
+
+    /// AVX-512 path switch (env `CIOP_NO_AVX512=1` disables it, for benchmarking).
+    #[cfg(target_arch = "x86_64")]
+    fn use_avx512() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("CIOP_NO_AVX512").is_none())
+    }
+
     pub(super) fn forward(h: &View2, p: &[f32], bsz: usize, c: usize, hd: usize, out: &mut [f32]) {
         assert_eq!(p.len(), c * (3 * hd + 1));
         assert_eq!(out.len(), bsz * c);
         #[cfg(target_arch = "x86_64")]
         {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("fma")
+                && use_avx512()
+            {
+                // SAFETY: the required CPU features were detected at run time.
+                unsafe { forward_avx512(h, p, bsz, c, hd, out) };
+                return;
+            }
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the required CPU features were detected at run time.
                 unsafe { forward_avx2(h, p, bsz, c, hd, out) };
@@ -546,7 +850,7 @@ mod kernels {
 
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn backward_impl<const F: bool>(
+    fn backward_impl<const F: bool, const L: usize>(
         h: &View2,
         g: &View2,
         p: &[f32],
@@ -557,7 +861,9 @@ mod kernels {
         gp: &mut [f32],
     ) {
         let w = 3 * hd + 1;
-        let mut acc64 = vec![0f64; c * w];
+        // Per-lane f64 partial sums of every gradient entry of P (reduced once at the end):
+        // [sum d*x | sum d | sum g*u*Phi | sum g] per component, d = g * gelu'(z).
+        let mut lanes = vec![[0f64; L]; c * w];
         let mut xb = [0f32; BB];
         let mut gb = [0f32; BB];
         let mut sb = [0f32; BB];
@@ -582,6 +888,7 @@ mod kernels {
                 let (xc, _) = xb[..nbp].as_chunks::<L>();
                 let (gc, _) = gb[..nbp].as_chunks::<L>();
                 let (sc, _) = sb[..nbp].as_chunks_mut::<L>();
+                let lrow = &mut lanes[ci * w..ci * w + w];
 
                 let mut ag = [0f32; L];
                 for gv in gc {
@@ -589,13 +896,11 @@ mod kernels {
                         ag[l] += gv[l];
                     }
                 }
-                let arow = &mut acc64[ci * w..ci * w + w];
-                arow[3 * hd] += hsum(&ag) as f64;
+                add_lanes(&mut lrow[3 * hd], &ag);
 
                 for j in 0..hd {
                     let (a, bj, wj) = unit(w1, b1, w2, j);
                     let k = wj * w1[j];
-                    // sum_b d, sum_b d*x, sum_b g*u*Phi with d = g * gelu'(z)
                     let mut ad = [0f32; L];
                     let mut adx = [0f32; L];
                     let mut agu = [0f32; L];
@@ -604,9 +909,9 @@ mod kernels {
                             let x = xv[l];
                             let gg = gv[l];
                             let u = fma::<F>(x, a, bj);
-                            let cdf = norm_cdf_u::<F>(u);
-                            let e = exp::<F>(-(u * u)) * FRAC_1_SQRT_PI;
-                            let gpr = fma::<F>(u, e, cdf); // gelu'(z)
+                            let pdf = pdf_u::<F>(u);
+                            let cdf = norm_cdf_u_with_pdf::<F>(u, pdf);
+                            let gpr = fma::<F>(u, pdf, cdf); // gelu'(z)
                             let d = gg * gpr;
                             ad[l] += d;
                             adx[l] = fma::<F>(d, x, adx[l]);
@@ -614,9 +919,9 @@ mod kernels {
                             sv[l] = fma::<F>(k, gpr, sv[l]);
                         }
                     }
-                    arow[j] += wj as f64 * hsum(&adx) as f64;
-                    arow[hd + j] += wj as f64 * hsum(&ad) as f64;
-                    arow[2 * hd + j] += std::f64::consts::SQRT_2 * hsum(&agu) as f64;
+                    add_lanes(&mut lrow[j], &adx);
+                    add_lanes(&mut lrow[hd + j], &ad);
+                    add_lanes(&mut lrow[2 * hd + j], &agu);
                 }
                 for i in 0..nb {
                     gh[(b0 + i) * c + ci] = gb[i] * sb[i];
@@ -624,8 +929,18 @@ mod kernels {
             }
             b0 += nb;
         }
-        for (o, a) in gp.iter_mut().zip(&acc64) {
-            *o = *a as f32;
+        for ci in 0..c {
+            for k in 0..w {
+                let s: f64 = lanes[ci * w + k].iter().sum();
+                let scale = if k < 2 * hd {
+                    p[ci * w + 2 * hd + k % hd] as f64 // W2[c,j] (dW1, db1)
+                } else if k < 3 * hd {
+                    std::f64::consts::SQRT_2 // gelu(z) = sqrt2 u Phi (dW2)
+                } else {
+                    1.0 // db2
+                };
+                gp[ci * w + k] = (scale * s) as f32;
+            }
         }
     }
 
@@ -642,7 +957,23 @@ mod kernels {
         gh: &mut [f32],
         gp: &mut [f32],
     ) {
-        backward_impl::<true>(h, g, p, bsz, c, hd, gh, gp)
+        backward_impl::<true, 8>(h, g, p, bsz, c, hd, gh, gp)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    fn backward_avx512(
+        h: &View2,
+        g: &View2,
+        p: &[f32],
+        bsz: usize,
+        c: usize,
+        hd: usize,
+        gh: &mut [f32],
+        gp: &mut [f32],
+    ) {
+        backward_impl::<true, 16>(h, g, p, bsz, c, hd, gh, gp)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -661,13 +992,22 @@ mod kernels {
         assert_eq!(gh.len(), bsz * c);
         #[cfg(target_arch = "x86_64")]
         {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("fma")
+                && use_avx512()
+            {
+                // SAFETY: the required CPU features were detected at run time.
+                unsafe { backward_avx512(h, g, p, bsz, c, hd, gh, gp) };
+                return;
+            }
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the required CPU features were detected at run time.
                 unsafe { backward_avx2(h, g, p, bsz, c, hd, gh, gp) };
                 return;
             }
         }
-        backward_impl::<STATIC_FMA>(h, g, p, bsz, c, hd, gh, gp)
+        backward_impl::<STATIC_FMA, 8>(h, g, p, bsz, c, hd, gh, gp)
     }
 }
 
@@ -1011,39 +1351,92 @@ mod tests {
         assert_eq!(g.get(hvar.as_tensor()).unwrap().dims(), &[0, 3]);
     }
 
+    /// Test 3: the vectorisable helpers against f64 references (std exp, libm erf).
     #[test]
     fn erf_exp_accuracy() {
-        use kernels::{erf, exp};
+        use kernels::{erf, exp, exp2_core, norm_cdf_u, pdf_u};
         let erf64 = candle_core::cpu::erf::erf_f64;
-        // erf on [-6, 6], step 2^-14 (~196k points), both code paths.
-        let (mut e_nf, mut e_f) = (0f64, 0f64);
-        let n = 12 * (1 << 14);
-        for i in 0..=n {
-            let x = -6.0 + (i as f64) / (1 << 14) as f64;
-            let xf = x as f32;
-            let r = erf64(xf as f64);
-            e_nf = e_nf.max((erf::<false>(xf) as f64 - r).abs());
-            e_f = e_f.max((erf::<true>(xf) as f64 - r).abs());
+        // erfc in f64 without cancellation: 1 - erf below 3, continued fraction above.
+        let erfc64 = |t: f64| {
+            if t < 3.0 {
+                1.0 - erf64(t)
+            } else {
+                let mut f = t;
+                for n in (1..=300).rev() {
+                    f = t + (n as f64 / 2.0) / f;
+                }
+                (-t * t).exp() / (std::f64::consts::PI.sqrt() * f)
+            }
+        };
+        let grid = |lo: f64, hi: f64, n: usize| {
+            (0..=n).map(move |i| (lo + (hi - lo) * i as f64 / n as f64) as f32)
+        };
+        // [mul+add path, fma path]
+        let mut e = [[0f64; 2]; 6];
+        for x in grid(-7.0, 7.0, 1 << 20) {
+            let r = erf64(x as f64);
+            e[0][0] = e[0][0].max((erf::<false>(x) as f64 - r).abs());
+            e[0][1] = e[0][1].max((erf::<true>(x) as f64 - r).abs());
         }
-        // exp on [-87, 0] (the range used: exp(-z^2/2)) plus a bit of positive range.
-        let (mut x_nf, mut x_f) = (0f64, 0f64);
-        let m = 1_000_000;
-        for i in 0..=m {
-            let t = (-87.0 + 97.0 * i as f64 / m as f64) as f32;
-            let r = (t as f64).exp();
-            x_nf = x_nf.max(((exp::<false>(t) as f64 - r) / r).abs());
-            x_f = x_f.max(((exp::<true>(t) as f64 - r) / r).abs());
+        for x in grid(-87.0, 88.0, 1 << 21) {
+            let r = (x as f64).exp();
+            e[1][0] = e[1][0].max(((exp::<false>(x) as f64 - r) / r).abs());
+            e[1][1] = e[1][1].max(((exp::<true>(x) as f64 - r) / r).abs());
         }
-        println!("erf max abs err: {e_nf:.3e} (mul+add) {e_f:.3e} (fma)");
-        println!("exp max rel err: {x_nf:.3e} (mul+add) {x_f:.3e} (fma)");
-        assert!(e_nf < 3e-7 && e_f < 3e-7);
-        assert!(x_nf < 2.5e-7 && x_f < 2.5e-7);
+        for m in grid(-126.0, 0.0, 1 << 21) {
+            let r = (m as f64).exp2();
+            e[2][0] = e[2][0].max(((exp2_core::<false, 127>(m) as f64 - r) / r).abs());
+            e[2][1] = e[2][1].max(((exp2_core::<true, 127>(m) as f64 - r) / r).abs());
+        }
+        // Phi(z) with z = sqrt2 u: absolute error, and relative error in the lower tail.
+        for u in grid(-10.0, 10.0, 1 << 21) {
+            let r = if u < 0.0 {
+                0.5 * erfc64(-u as f64)
+            } else {
+                0.5 * (1.0 + erf64(u as f64))
+            };
+            let tail = u < -0.93 && u > -4.0;
+            for (k, v) in [norm_cdf_u::<false>(u), norm_cdf_u::<true>(u)]
+                .into_iter()
+                .enumerate()
+            {
+                e[3][k] = e[3][k].max((v as f64 - r).abs());
+                if tail {
+                    e[4][k] = e[4][k].max(((v as f64 - r) / r).abs());
+                }
+            }
+            let r = (-(u as f64) * u as f64).exp() / std::f64::consts::PI.sqrt();
+            e[5][0] = e[5][0].max((pdf_u::<false>(u) as f64 - r).abs());
+            e[5][1] = e[5][1].max((pdf_u::<true>(u) as f64 - r).abs());
+        }
+        let names = [
+            "erf abs",
+            "exp rel",
+            "exp2 rel (m in [-126,0])",
+            "Phi abs",
+            "Phi rel (u in (-4,-0.93))",
+            "exp(-u^2)/sqrt(pi) abs",
+        ];
+        for (n, v) in names.iter().zip(&e) {
+            println!("{n:>28}: {:.3e} (mul+add) {:.3e} (fma)", v[0], v[1]);
+        }
+        assert!(e[0].iter().all(|&v| v < 1.5e-7), "erf");
+        assert!(e[1].iter().all(|&v| v < 2e-7), "exp");
+        assert!(e[2].iter().all(|&v| v < 2e-7), "exp2");
+        assert!(e[3].iter().all(|&v| v < 1e-7), "Phi");
+        assert!(e[4].iter().all(|&v| v < 2e-5), "Phi tail");
+        assert!(e[5].iter().all(|&v| v < 1e-7), "pdf");
         // Saturation / extreme arguments.
         assert_eq!(erf::<false>(10.0), 1.0);
-        assert_eq!(erf::<false>(-1e30), -1.0);
+        assert_eq!(erf::<true>(-1e30), -1.0);
         assert_eq!(erf::<false>(0.0), 0.0);
-        assert!(exp::<false>(-1e30) >= 0.0 && exp::<false>(-1e30) < 1.2e-38);
-        assert!(exp::<false>(f32::NEG_INFINITY) < 1.2e-38);
+        assert_eq!(norm_cdf_u::<true>(-1e30), 0.0);
+        assert_eq!(norm_cdf_u::<true>(1e30), 1.0);
+        assert_eq!(norm_cdf_u::<true>(f32::NEG_INFINITY), 0.0);
+        assert_eq!(pdf_u::<true>(1e30), 0.0);
+        assert_eq!(exp::<false>(-1e30), 0.0);
+        assert_eq!(exp::<true>(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp2_core::<true, 127>(-1e30), 0.0);
     }
 
     fn grad_of(f: fn(&Tensor) -> Result<Tensor>, x: f32, gy: f32) -> (f32, f32) {

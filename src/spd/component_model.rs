@@ -535,9 +535,11 @@ impl ComponentModel {
 
 /// clamp(x, 0, 1) with gradient 1 on [0, 1] (boundaries included), 0 outside.
 pub fn hard_sigmoid(x: &Tensor) -> Result<Tensor> {
-    // x − relu(x − 1) + relu(−x): candle's relu has zero gradient at 0, so both boundaries
-    // keep gradient 1.
-    ((x - (x - 1.0)?.relu()?)? + x.neg()?.relu()?)
+    // y = x·m + c with constant masks m = 1[0 ≤ x ≤ 1], c = 1[x > 1]: the value is the
+    // clamp and the gradient is m (PyTorch's clamp gradient includes both boundaries).
+    let m = (x.ge(0f32)?.to_dtype(DType::F32)? * x.le(1f32)?.to_dtype(DType::F32)?)?;
+    let c = x.gt(1f32)?.to_dtype(DType::F32)?;
+    (x * m)? + c
 }
 
 /// Smooth approximation of the hard sigmoid (reference `swish_hard`, β = 10).
@@ -549,7 +551,7 @@ pub fn swish_hard(x: &Tensor) -> Result<Tensor> {
     let zp = (&z + 0.5)?;
     let a = ((&zm * s(&(&zm * -beta)?)?)? - (&z * s(&(&z * beta)?)?)?)?;
     let b = ((&zp * s(&(&zp * beta)?)?)? - (&z * s(&(&z * -beta)?)?)?)?;
-    ((a + b)? + 0.5)
+    (a + b)? + 0.5
 }
 
 fn init_ci_layers(

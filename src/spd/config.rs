@@ -430,7 +430,7 @@ impl SpdConfig {
                 errs.push(format!("{}: coeff must be finite", l.name()));
             }
             if let LossConfig::ImportanceMinimalityLoss { pnorm, .. } = l
-                && !(*pnorm > 0.0)
+                && (pnorm.is_nan() || *pnorm <= 0.0)
             {
                 errs.push("ImportanceMinimalityLoss: pnorm must be > 0".into());
             }

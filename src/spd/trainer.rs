@@ -175,8 +175,11 @@ impl Trainer {
             self.opt.step(&grads, lr)?;
             self.model.sync_tied()?;
         }
+        // History at the log frequency (as the reference logs), plus the last step.
+        if self.step.is_multiple_of(self.config.train_log_freq.max(1)) || self.step == steps {
+            self.history.push(rec.clone());
+        }
         self.step += 1;
-        self.history.push(rec.clone());
         Ok(rec)
     }
 
@@ -621,7 +624,8 @@ mod tests {
     use candle_core::Device;
 
     fn ci_of(upper: &[[f32; 2]]) -> CiOutput {
-        let t = Tensor::new(upper, &Device::Cpu).unwrap();
+        let flat: Vec<f32> = upper.iter().flatten().copied().collect();
+        let t = Tensor::from_vec(flat, (upper.len(), 2), &Device::Cpu).unwrap();
         CiOutput {
             lower: t.clone(),
             upper: t.clone(),
