@@ -10,3 +10,9 @@ pub fn target_bytes(name: &str) -> Option<&'static [u8]> {
         _ => return None,
     })
 }
+
+/// The decomposition the app opens by default: the tms-5-2 preset trained with the full
+/// reference config (seed 0, 10k steps; target-solution error 0, MMCS 1.000).
+pub fn default_decomposition() -> &'static [u8] {
+    include_bytes!("../assets/decompositions/tms-5-2.spdlab")
+}
