@@ -12,3 +12,7 @@ pub mod presets;
 pub mod rng;
 pub mod runner;
 pub mod spd;
+pub mod worker;
+
+/// The desktop app (the only module that uses a UI crate).
+pub mod app;

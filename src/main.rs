@@ -19,9 +19,21 @@ use spdlab::{metrics, presets};
 #[command(
     name = "spdlab",
     version,
-    about = "Stochastic Parameter Decomposition lab"
+    about = "Stochastic Parameter Decomposition lab (no command: open the desktop app)",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    /// Open this file (.spdlab or a goodfire-ai/spd run) in the app.
+    file: Option<PathBuf>,
+    /// Log the app's own CPU time per frame (p50/p99) every 5 s and at exit.
+    #[arg(long)]
+    frame_stats: bool,
+    /// Close the window after this many seconds (measurements, screenshots).
+    #[arg(long)]
+    exit_after: Option<f64>,
+    /// Start training this preset as soon as the window opens.
+    #[arg(long)]
+    train_preset: Option<String>,
     /// Number of CPU threads for tensor work (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -148,12 +160,12 @@ fn main() {
         }
     }
     let res = match cli.cmd {
-        None => {
-            eprintln!(
-                "spdlab: no command given; try `spdlab train --preset tms-5-2` or `spdlab --help`"
-            );
-            Ok(())
-        }
+        None => spdlab::app::run(spdlab::app::StartOptions {
+            file: cli.file,
+            frame_stats: cli.frame_stats,
+            exit_after: cli.exit_after.map(Duration::from_secs_f64),
+            train_preset: cli.train_preset,
+        }),
         Some(cmd) => run(cmd),
     };
     if let Err(e) = res {

@@ -13,10 +13,25 @@
 //! On the CPU, [`ci_mlp`] packs the parameters into one tensor `P = [W1 | b1 | W2 | b2]`
 //! of shape `[C, 3H+1]` (with `Tensor::cat`, so candle's autograd splits the gradient of
 //! `P` back onto the four parameters) and applies a `CustomOp2` on `(h, P)`.  Its forward
-//! and its backward are each one single-threaded pass over `B x C x H` with a
-//! vectorisable f32 erf / exp (AVX2+FMA selected at run time on x86_64).  The backward
-//! recomputes `z = h*W1 + b1` instead of storing it (nothing is kept between the passes).
-//! Elsewhere (CUDA, Metal, non-f32) [`ci_mlp`] falls back to [`ci_mlp_reference`].
+//! and its backward (a `CustomOp3` on `(h, P, grad)` returning `grad_h` and `grad_P` in one
+//! buffer) are each one single-threaded pass over `B x C x H`; nothing is stored between
+//! them (the backward recomputes `z`).  Inputs may have any strides.  Elsewhere (CUDA,
+//! Metal, non-f32 dtypes) [`ci_mlp`] falls back to [`ci_mlp_reference`].
+//!
+//! Kernels (module `kernels`): blocks of 512 batch rows; per component the block's column
+//! of `h` is gathered into a contiguous buffer and the loop over the batch is
+//! auto-vectorised (branch-free f32 code, no libm calls).  The variant is chosen once at
+//! run time: AVX-512F/VL (16 lanes), AVX2+FMA (8 lanes) or portable code; the env var
+//! `CIOP_NO_AVX512` caps it at AVX2 (benchmarking only).  Maths, with `u = z / sqrt 2`:
+//! * forward: `Phi = 0.5 erfc(-u)` as `2^(|u| Q(|u|))` (weighted-minimax fit of
+//!   `log2 erfc`, one branch) through a bit-built `exp2`;
+//! * backward: `pdf = exp(-u^2)/sqrt(pi)` (one `exp2`), `Phi = pdf * R(|u|)` for
+//!   `|u| > 0.9277` (R: weighted fit of `erfcx`) and Juffa's erff polynomial below;
+//!   `gelu'(z) = Phi + u * pdf`.  Per-lane partial sums of the parameter gradients are
+//!   kept in f64.
+//!
+//! Absolute errors (see the `erf_exp_accuracy` test): Phi < 8e-8, exp(-u^2)/sqrt(pi) <
+//! 6e-8, gelu(z) < 2.1e-7 * max(1,|z|), gelu'(z) < 1.5e-7; erf < 1e-7; exp rel < 1.5e-7.
 
 use candle_core::backend::BackendStorage as _;
 use candle_core::{
@@ -100,6 +115,16 @@ fn upper_leaky_hard_ops(x: &Tensor) -> Result<Tensor> {
     let upper = x.affine(LEAKY_ALPHA, 1.0 - LEAKY_ALPHA)?; // 1 + alpha*(x-1)
     let lower_mid = x.lt(0.0)?.where_cond(&zeros, x)?; // 0 below 0, identity on [0, 1]
     x.gt(1.0)?.where_cond(&upper, &lower_mid)
+}
+
+/// Backward of [`upper_leaky_hard`] with candle tensor ops (device generic).
+fn upper_leaky_hard_bwd_ops(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let ones = x.ones_like()?;
+    let slope = x.gt(1.0)?.where_cond(
+        &ones.affine(LEAKY_ALPHA, 0.0)?,
+        &x.ge(0.0)?.where_cond(&ones, &x.zeros_like()?)?,
+    )?;
+    grad.mul(&slope)
 }
 
 /// Backward of [`lower_leaky_hard`] with candle tensor ops (device generic).
@@ -270,27 +295,25 @@ impl CustomOp3 for CiMlpBwdOp {
     }
 }
 
-/// Calls `f(offset_a, offset_b)` for the elements of two same-shape layouts in row-major
-/// order (general strides, e.g. broadcast gradients with stride 0), without allocating.
-fn for_each_offset2(la: &Layout, lb: &Layout, mut f: impl FnMut(usize, usize)) {
+/// Calls `f(row_offset_a, row_offset_b)` for every row (all but the last dimension) of
+/// two same-shape layouts, in row-major order (general strides, e.g. broadcast
+/// gradients with stride 0).
+fn for_each_row2(la: &Layout, lb: &Layout, mut f: impl FnMut(usize, usize)) {
     let dims = la.dims();
     let (sa, sb) = (la.stride(), lb.stride());
-    let n = la.shape().elem_count();
-    if n == 0 {
+    let r = dims.len();
+    if la.shape().elem_count() == 0 {
         return;
     }
-    let r = dims.len();
-    if r == 0 {
+    if r <= 1 {
         f(la.start_offset(), lb.start_offset());
         return;
     }
-    let (inner, ia, ib) = (dims[r - 1], sa[r - 1], sb[r - 1]);
-    let mut idx = vec![0usize; r];
+    let rows: usize = dims[..r - 1].iter().product();
+    let mut idx = vec![0usize; r - 1];
     let (mut oa, mut ob) = (la.start_offset(), lb.start_offset());
-    for _ in 0..n / inner {
-        for k in 0..inner {
-            f(oa + k * ia, ob + k * ib);
-        }
+    for _ in 0..rows {
+        f(oa, ob);
         for d in (0..r - 1).rev() {
             idx[d] += 1;
             oa += sa[d];
@@ -305,30 +328,48 @@ fn for_each_offset2(la: &Layout, lb: &Layout, mut f: impl FnMut(usize, usize)) {
     }
 }
 
-fn map1<T: Copy, F: Fn(T) -> T>(v: &[T], l: &Layout, f: F) -> Vec<T> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => v[a..b].iter().map(|&x| f(x)).collect(),
-        None => {
-            let mut out = Vec::with_capacity(l.shape().elem_count());
-            for_each_offset2(l, l, |i, _| out.push(f(v[i])));
-            out
-        }
+/// Length and strides of the last dimension (1, 1, 1 for scalars).
+fn inner_dim(la: &Layout, lb: &Layout) -> (usize, usize, usize) {
+    match la.dims().len() {
+        0 => (1, 1, 1),
+        r => (la.dims()[r - 1], la.stride()[r - 1], lb.stride()[r - 1]),
     }
 }
 
+fn map1<T: Copy, F: Fn(T) -> T>(v: &[T], l: &Layout, f: F) -> Vec<T> {
+    if let Some((a, b)) = l.contiguous_offsets() {
+        return v[a..b].iter().map(|&x| f(x)).collect();
+    }
+    let mut out = Vec::with_capacity(l.shape().elem_count());
+    let (n, s, _) = inner_dim(l, l);
+    for_each_row2(l, l, |o, _| out.extend((0..n).map(|k| f(v[o + k * s]))));
+    out
+}
+
 fn map2<T: Copy, F: Fn(T, T) -> T>(a: &[T], la: &Layout, b: &[T], lb: &Layout, f: F) -> Vec<T> {
-    match (la.contiguous_offsets(), lb.contiguous_offsets()) {
-        (Some((a0, a1)), Some((b0, b1))) => a[a0..a1]
+    if let (Some((a0, a1)), Some((b0, b1))) = (la.contiguous_offsets(), lb.contiguous_offsets()) {
+        return a[a0..a1]
             .iter()
             .zip(&b[b0..b1])
             .map(|(&x, &y)| f(x, y))
-            .collect(),
-        _ => {
-            let mut out = Vec::with_capacity(la.shape().elem_count());
-            for_each_offset2(la, lb, |i, j| out.push(f(a[i], b[j])));
-            out
-        }
+            .collect();
     }
+    let mut out = Vec::with_capacity(la.shape().elem_count());
+    let (n, sa, sb) = inner_dim(la, lb);
+    for_each_row2(la, lb, |oa, ob| match (sa, sb) {
+        (1, 1) => out.extend(
+            a[oa..oa + n]
+                .iter()
+                .zip(&b[ob..ob + n])
+                .map(|(&x, &y)| f(x, y)),
+        ),
+        (1, 0) => {
+            let y = b[ob];
+            out.extend(a[oa..oa + n].iter().map(|&x| f(x, y)))
+        }
+        _ => out.extend((0..n).map(|k| f(a[oa + k * sa], b[ob + k * sb]))),
+    });
+    out
 }
 
 /// Applies the f32/f64 versions of an elementwise rule to one CPU storage; `$a` is bound
@@ -384,13 +425,7 @@ impl CustomOp1 for LowerLeakyHard {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = cpu_map1!(s, l, self.name(), |x, _a| if x < 0.0 {
-            0.0
-        } else if x > 1.0 {
-            1.0
-        } else {
-            x
-        });
+        let out = cpu_map1!(s, l, self.name(), |x, _a| x.clamp(0.0, 1.0));
         Ok((out, l.shape().clone()))
     }
 
@@ -482,13 +517,7 @@ impl CustomOp1 for UpperLeakyHard {
             Ok(Some(arg.apply_op2_no_bwd(grad, &UpperLeakyHardBwd)?))
         } else {
             // Not reached through `upper_leaky_hard` (which uses plain ops off-CPU).
-            let dy = upper_leaky_hard_ops(&arg.detach())?; // only for the mask values
-            let slope = arg.gt(1.0)?.where_cond(
-                &arg.ones_like()?.affine(LEAKY_ALPHA, 0.0)?,
-                &arg.ge(0.0)?
-                    .where_cond(&arg.ones_like()?, &dy.zeros_like()?)?,
-            )?;
-            Ok(Some(grad.mul(&slope)?))
+            Ok(Some(upper_leaky_hard_bwd_ops(arg, grad)?))
         }
     }
 }
@@ -561,8 +590,8 @@ mod kernels {
     /// rel. error 3e-9 before f32 rounding).
     const EXP2_P: [f32; 7] = [
         1.0,
-        0.693_147_2,
-        0.240_226_51,
+        std::f32::consts::LN_2,
+        0.240_226_5,
         0.055_503_27,
         0.009_618_057,
         0.001_340_042_8,
@@ -614,28 +643,30 @@ mod kernels {
         exp2_kf::<F, 127>(k, r * std::f32::consts::LOG2_E)
     }
 
-    /// log2(erfc(t)) = t * Q(t) for t > 0.9277: the large-|x| branch of Norbert Juffa's
-    /// erff (as shipped in MLX, ~1 ulp) with log2(e) folded into its coefficients,
-    /// evaluated with Estrin's scheme.  `s = t*t`.  (Relative accuracy of erfc degrades
-    /// beyond t ~ 5, where erfc < 2e-12.)
+    /// log2(erfc(t)) ~= t * Q(t) on [0, 5]: degree-7 Q fitted (Lawson, weighted minimax)
+    /// for the absolute accuracy of erfc(t) = 2^(t Q(t)): 1.6e-8, and 3.9e-8 for
+    /// 0.5 erfc(t) with f32 coefficients and f32 Estrin evaluation.  Monomials in t
+    /// (well conditioned here: the terms stay small where erfc is not negligible).
     #[inline(always)]
-    fn log2_erfc_big<const F: bool>(t: f32, s: f32) -> f32 {
-        const Q: [f32; 7] = [
-            -1.628_395_2,
-            -0.915_890_16,
-            -0.154_047_91,
-            0.034_992_024,
-            -0.005_603_376_3,
-            0.000_552_836_57,
-            -2.493_748_4e-5,
+    fn log2_erfc<const F: bool>(t: f32) -> f32 {
+        const Q: [f32; 8] = [
+            -1.627_908_6,
+            -0.918_416_4,
+            -0.148_481_6,
+            0.028_253_665,
+            -0.000_774_594_96,
+            -0.001_489_475_1,
+            0.000_445_522_22,
+            -4.536_095_7e-5,
         ];
-        let a0 = fma::<F>(Q[1], t, Q[0]);
-        let a1 = fma::<F>(Q[3], t, Q[2]);
-        let a2 = fma::<F>(Q[5], t, Q[4]);
-        let b = fma::<F>(Q[6], s, a2);
-        let x = fma::<F>(a1, s, a0);
-        let q = fma::<F>(b, s * s, x);
-        t * q
+        let s = t * t;
+        let p01 = fma::<F>(Q[1], t, Q[0]);
+        let p23 = fma::<F>(Q[3], t, Q[2]);
+        let p45 = fma::<F>(Q[5], t, Q[4]);
+        let p67 = fma::<F>(Q[7], t, Q[6]);
+        let lo = fma::<F>(p23, s, p01);
+        let hi = fma::<F>(p67, s, p45);
+        t * fma::<F>(hi, s * s, lo)
     }
 
     /// `(sqrt(pi)/2) * erfcx(t)` (erfcx(t) = exp(t^2) erfc(t)) for t in [0.9277, 4.5]
@@ -726,17 +757,15 @@ mod kernels {
         if t > ERF_SPLIT { big } else { small }
     }
 
-    /// Forward-pass variant of the normal CDF (no pdf needed): Juffa's erfc branch
-    /// through a single exp2, 0.5 * erfc(t) = 2^(log2 erfc(t) - 1) with the -1 folded into
-    /// the exponent bias.  Absolute error < 1e-7.
+    /// Forward-pass variant of the normal CDF at z = sqrt2 u (no pdf needed): one branch,
+    /// 0.5 erfc(|u|) = 2^(log2 erfc(|u|) - 1) (the -1 folded into the exponent bias),
+    /// exactly 0 / 1 beyond |u| = 5 (where 0.5 erfc < 8e-13).  Absolute error < 1e-7.
     #[inline(always)]
     pub(super) fn norm_cdf_u_fwd<const F: bool>(u: f32) -> f32 {
         let t = u.abs();
-        let s = u * u;
-        let half_erfc = exp2_core::<F, 126>(log2_erfc_big::<F>(t, s));
-        let big = if u < 0.0 { half_erfc } else { 1.0 - half_erfc };
-        let small = fma::<F>(u, erf_small_poly::<F>(s, 0.5, 0.5), 0.5);
-        if t > ERF_SPLIT { big } else { small }
+        let half_erfc = exp2_core::<F, 126>(log2_erfc::<F>(if t > 5.0 { 5.0 } else { t }));
+        let half_erfc = if t > 5.0 { 0.0 } else { half_erfc };
+        if u < 0.0 { half_erfc } else { 1.0 - half_erfc }
     }
 
     #[cfg_attr(not(test), allow(dead_code))]
@@ -816,34 +845,75 @@ mod kernels {
         forward_impl::<true>(h, p, bsz, c, hd, out)
     }
 
-    /// AVX-512 path switch (env `CIOP_NO_AVX512=1` disables it, for benchmarking).
-    #[cfg(target_arch = "x86_64")]
-    fn use_avx512() -> bool {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| std::env::var_os("CIOP_NO_AVX512").is_none())
+    /// Instruction-set variants of the kernels (chosen once at run time).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(super) enum Isa {
+        /// Portable code (FMA only if enabled at compile time).
+        Generic,
+        /// x86_64 AVX2 + FMA, 8 lanes.
+        #[cfg(target_arch = "x86_64")]
+        Avx2,
+        /// x86_64 AVX-512F/VL + FMA, 16 lanes.
+        #[cfg(target_arch = "x86_64")]
+        Avx512,
+    }
+
+    /// ISA variants usable on this CPU, best last.
+    pub(super) fn available_isas() -> Vec<Isa> {
+        #[allow(unused_mut)]
+        let mut v = vec![Isa::Generic];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                v.push(Isa::Avx2);
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512vl")
+                {
+                    v.push(Isa::Avx512);
+                }
+            }
+        }
+        v
+    }
+
+    /// The variant used by [`forward`] / [`backward`]: the best available one; the env var
+    /// `CIOP_NO_AVX512` (any value, read once) caps it at AVX2, for benchmarking.
+    fn best_isa() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            #[allow(unused_mut)]
+            let mut v = available_isas();
+            #[cfg(target_arch = "x86_64")]
+            if std::env::var_os("CIOP_NO_AVX512").is_some() {
+                v.retain(|&i| i != Isa::Avx512);
+            }
+            *v.last().unwrap()
+        })
     }
 
     pub(super) fn forward(h: &View2, p: &[f32], bsz: usize, c: usize, hd: usize, out: &mut [f32]) {
+        forward_isa(best_isa(), h, p, bsz, c, hd, out)
+    }
+
+    pub(super) fn forward_isa(
+        isa: Isa,
+        h: &View2,
+        p: &[f32],
+        bsz: usize,
+        c: usize,
+        hd: usize,
+        out: &mut [f32],
+    ) {
         assert_eq!(p.len(), c * (3 * hd + 1));
         assert_eq!(out.len(), bsz * c);
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512vl")
-                && std::is_x86_feature_detected!("fma")
-                && use_avx512()
-            {
-                // SAFETY: the required CPU features were detected at run time.
-                unsafe { forward_avx512(h, p, bsz, c, hd, out) };
-                return;
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the required CPU features were detected at run time.
-                unsafe { forward_avx2(h, p, bsz, c, hd, out) };
-                return;
-            }
+        match isa {
+            Isa::Generic => forward_impl::<STATIC_FMA>(h, p, bsz, c, hd, out),
+            // SAFETY: these variants are only listed by `available_isas` when detected.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { forward_avx2(h, p, bsz, c, hd, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { forward_avx512(h, p, bsz, c, hd, out) },
         }
-        forward_impl::<STATIC_FMA>(h, p, bsz, c, hd, out)
     }
 
     // ------------------------------ backward ------------------------------
@@ -923,6 +993,7 @@ mod kernels {
                     add_lanes(&mut lrow[hd + j], &ad);
                     add_lanes(&mut lrow[2 * hd + j], &agu);
                 }
+                // grad_h = g * sum_j W2 W1 gelu'(z)
                 for i in 0..nb {
                     gh[(b0 + i) * c + ci] = gb[i] * sb[i];
                 }
@@ -987,27 +1058,32 @@ mod kernels {
         gh: &mut [f32],
         gp: &mut [f32],
     ) {
+        backward_isa(best_isa(), h, g, p, bsz, c, hd, gh, gp)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn backward_isa(
+        isa: Isa,
+        h: &View2,
+        g: &View2,
+        p: &[f32],
+        bsz: usize,
+        c: usize,
+        hd: usize,
+        gh: &mut [f32],
+        gp: &mut [f32],
+    ) {
         assert_eq!(p.len(), c * (3 * hd + 1));
         assert_eq!(gp.len(), c * (3 * hd + 1));
         assert_eq!(gh.len(), bsz * c);
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f")
-                && std::is_x86_feature_detected!("avx512vl")
-                && std::is_x86_feature_detected!("fma")
-                && use_avx512()
-            {
-                // SAFETY: the required CPU features were detected at run time.
-                unsafe { backward_avx512(h, g, p, bsz, c, hd, gh, gp) };
-                return;
-            }
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the required CPU features were detected at run time.
-                unsafe { backward_avx2(h, g, p, bsz, c, hd, gh, gp) };
-                return;
-            }
+        match isa {
+            Isa::Generic => backward_impl::<STATIC_FMA, 8>(h, g, p, bsz, c, hd, gh, gp),
+            // SAFETY: these variants are only listed by `available_isas` when detected.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { backward_avx2(h, g, p, bsz, c, hd, gh, gp) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { backward_avx512(h, g, p, bsz, c, hd, gh, gp) },
         }
-        backward_impl::<STATIC_FMA, 8>(h, g, p, bsz, c, hd, gh, gp)
     }
 }
 
@@ -1304,6 +1380,68 @@ mod tests {
         }
     }
 
+    /// Every kernel variant usable on this CPU (portable, AVX2, AVX-512) against the f64
+    /// oracle, incl. batch sizes that are not multiples of the block / lane counts.
+    #[test]
+    fn isa_variants_match_oracle() {
+        let mut rng = Rng(11);
+        for &(b, c, hd) in &[(37, 5, 16), (600, 3, 3), (1100, 2, 17), (5, 4, 1)] {
+            let p = params(&mut rng, c, hd);
+            let hv = make_h(&mut rng, b, c);
+            let gv = rng.uniform(b * c, -1.0, 1.0);
+            let o = oracle(&hv, &p, &gv, b, c, hd);
+            let pt = Tensor::cat(
+                &[
+                    &p.w1.as_tensor().reshape((c, hd)).unwrap(),
+                    p.b1.as_tensor(),
+                    &p.w2.as_tensor().reshape((c, hd)).unwrap(),
+                    p.b2.as_tensor(),
+                ],
+                1,
+            )
+            .unwrap();
+            let pv = flat(&pt);
+            let hview = View2 {
+                data: &hv,
+                off: 0,
+                s0: c,
+                s1: 1,
+            };
+            let gview = View2 {
+                data: &gv,
+                off: 0,
+                s0: c,
+                s1: 1,
+            };
+            for isa in kernels::available_isas() {
+                let mut out = vec![0f32; b * c];
+                kernels::forward_isa(isa, &hview, &pv, b, c, hd, &mut out);
+                let r = tol_ratio(&out, &to_f32(&o.pre.0), &o.pre.1, 1e-6, 1e-6);
+                let mut gh = vec![0f32; b * c];
+                let mut gp = vec![0f32; c * (3 * hd + 1)];
+                kernels::backward_isa(isa, &hview, &gview, &pv, b, c, hd, &mut gh, &mut gp);
+                let rh = tol_ratio(&gh, &to_f32(&o.grads[0].0), &o.grads[0].1, 1e-6, 1e-5);
+                // grad_P = [dW1 | db1 | dW2 | db2] per component row
+                let mut want = vec![0f32; c * (3 * hd + 1)];
+                let mut scale = vec![0f64; c * (3 * hd + 1)];
+                for ci in 0..c {
+                    for (k, gi) in [1usize, 2, 3].iter().enumerate() {
+                        for j in 0..hd {
+                            want[ci * (3 * hd + 1) + k * hd + j] =
+                                o.grads[*gi].0[ci * hd + j] as f32;
+                            scale[ci * (3 * hd + 1) + k * hd + j] = o.grads[*gi].1[ci * hd + j];
+                        }
+                    }
+                    want[ci * (3 * hd + 1) + 3 * hd] = o.grads[4].0[ci] as f32;
+                    scale[ci * (3 * hd + 1) + 3 * hd] = o.grads[4].1[ci];
+                }
+                let rp = tol_ratio(&gp, &want, &scale, 1e-6, 1e-5);
+                println!("{isa:?} B={b} C={c} H={hd}: tol ratios fwd {r:.3} dh {rh:.3} dP {rp:.3}");
+                assert!(r <= 1.0 && rh <= 1.0 && rp <= 1.0, "{isa:?}");
+            }
+        }
+    }
+
     #[test]
     fn backward_broadcast_grad_sum_loss() {
         // loss = sum(pre): grad_res arrives as a stride-0 broadcast.
@@ -1349,12 +1487,40 @@ mod tests {
             .unwrap();
         assert!(gw1.iter().all(|&v| v == 0.0));
         assert_eq!(g.get(hvar.as_tensor()).unwrap().dims(), &[0, 3]);
+        // the reference path too
+        let pre = run(&p, hvar.as_tensor(), false);
+        assert_eq!(pre.dims(), &[0, 3]);
+    }
+
+    /// Non-f32 inputs go through the reference implementation (same results).
+    #[test]
+    fn f64_falls_back_to_reference() {
+        let mut rng = Rng(9);
+        let (b, c, hd) = (9, 3, 4);
+        let p = params(&mut rng, c, hd);
+        let h = Tensor::from_vec(make_h(&mut rng, b, c), (b, c), &Device::Cpu).unwrap();
+        let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let pre = ci_mlp(
+            &to64(&h),
+            &to64(p.w1.as_tensor()),
+            &to64(p.b1.as_tensor()),
+            &to64(p.w2.as_tensor()),
+            &to64(p.b2.as_tensor()),
+        )
+        .unwrap();
+        assert_eq!(pre.dtype(), DType::F64);
+        let f = flat(&run(&p, &h, true));
+        let d = pre.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let o = oracle(&flat(&h), &p, &vec![0.0; b * c], b, c, hd);
+        assert!(tol_ratio(&f, &to_f32(&d), &o.pre.1, 1e-6, 1e-6) <= 1.0);
     }
 
     /// Test 3: the vectorisable helpers against f64 references (std exp, libm erf).
     #[test]
     fn erf_exp_accuracy() {
-        use kernels::{erf, exp, exp2_core, norm_cdf_u, pdf_u};
+        use kernels::{
+            erf, exp, exp2_core, norm_cdf_u, norm_cdf_u_fwd, norm_cdf_u_with_pdf, pdf_u,
+        };
         let erf64 = candle_core::cpu::erf::erf_f64;
         // erfc in f64 without cancellation: 1 - erf below 3, continued fraction above.
         let erfc64 = |t: f64| {
@@ -1372,7 +1538,7 @@ mod tests {
             (0..=n).map(move |i| (lo + (hi - lo) * i as f64 / n as f64) as f32)
         };
         // [mul+add path, fma path]
-        let mut e = [[0f64; 2]; 6];
+        let mut e = [[0f64; 2]; 3];
         for x in grid(-7.0, 7.0, 1 << 20) {
             let r = erf64(x as f64);
             e[0][0] = e[0][0].max((erf::<false>(x) as f64 - r).abs());
@@ -1388,49 +1554,90 @@ mod tests {
             e[2][0] = e[2][0].max(((exp2_core::<false, 127>(m) as f64 - r) / r).abs());
             e[2][1] = e[2][1].max(((exp2_core::<true, 127>(m) as f64 - r) / r).abs());
         }
-        // Phi(z) with z = sqrt2 u: absolute error, and relative error in the lower tail.
+        // Phi(z), z = sqrt2 u: forward variant (Juffa erfc branch) and backward variant
+        // (pdf * half_erfcx): absolute errors, plus the relative error of the forward
+        // variant in the lower tail; exp(-u^2)/sqrt(pi); and what the kernels finally form,
+        // gelu(z) = sqrt2 u Phi (error / max(1,|z|)) and gelu'(z) = Phi + u pdf_u (abs).
+        let mut e2 = [[0f64; 2]; 6];
         for u in grid(-10.0, 10.0, 1 << 21) {
+            let ud = u as f64;
             let r = if u < 0.0 {
-                0.5 * erfc64(-u as f64)
+                0.5 * erfc64(-ud)
             } else {
-                0.5 * (1.0 + erf64(u as f64))
+                0.5 * (1.0 + erf64(ud))
             };
-            let tail = u < -0.93 && u > -4.0;
+            for (k, v) in [norm_cdf_u_fwd::<false>(u), norm_cdf_u_fwd::<true>(u)]
+                .into_iter()
+                .enumerate()
+            {
+                e2[0][k] = e2[0][k].max((v as f64 - r).abs());
+                if u < -0.93 && u > -2.0 {
+                    e2[2][k] = e2[2][k].max(((v as f64 - r) / r).abs());
+                }
+            }
             for (k, v) in [norm_cdf_u::<false>(u), norm_cdf_u::<true>(u)]
                 .into_iter()
                 .enumerate()
             {
-                e[3][k] = e[3][k].max((v as f64 - r).abs());
-                if tail {
-                    e[4][k] = e[4][k].max(((v as f64 - r) / r).abs());
-                }
+                e2[1][k] = e2[1][k].max((v as f64 - r).abs());
             }
-            let r = (-(u as f64) * u as f64).exp() / std::f64::consts::PI.sqrt();
-            e[5][0] = e[5][0].max((pdf_u::<false>(u) as f64 - r).abs());
-            e[5][1] = e[5][1].max((pdf_u::<true>(u) as f64 - r).abs());
+            let r = (-ud * ud).exp() / std::f64::consts::PI.sqrt();
+            e2[3][0] = e2[3][0].max((pdf_u::<false>(u) as f64 - r).abs());
+            e2[3][1] = e2[3][1].max((pdf_u::<true>(u) as f64 - r).abs());
+        }
+        for z in grid(-30.0, 30.0, 1 << 21) {
+            let u = z * std::f32::consts::FRAC_1_SQRT_2;
+            let zd = z as f64;
+            let zs = zd / std::f64::consts::SQRT_2;
+            let cdf = if z < 0.0 {
+                0.5 * erfc64(-zs)
+            } else {
+                0.5 * (1.0 + erf64(zs))
+            };
+            let gelu = zd * cdf;
+            let gp = cdf + zd * (-0.5 * zd * zd).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let sc = zd.abs().max(1.0);
+            let sq2 = std::f32::consts::SQRT_2;
+            let (pn, pf) = (pdf_u::<false>(u), pdf_u::<true>(u));
+            let g = [
+                sq2 * (u * norm_cdf_u_fwd::<false>(u)),
+                sq2 * (u * norm_cdf_u_fwd::<true>(u)),
+            ];
+            let d = [
+                u * pn + norm_cdf_u_with_pdf::<false>(u, pn),
+                u.mul_add(pf, norm_cdf_u_with_pdf::<true>(u, pf)),
+            ];
+            for k in 0..2 {
+                e2[4][k] = e2[4][k].max((g[k] as f64 - gelu).abs() / sc);
+                e2[5][k] = e2[5][k].max((d[k] as f64 - gp).abs());
+            }
         }
         let names = [
             "erf abs",
             "exp rel",
             "exp2 rel (m in [-126,0])",
-            "Phi abs",
-            "Phi rel (u in (-4,-0.93))",
+            "Phi fwd-variant abs",
+            "Phi bwd-variant abs",
+            "Phi fwd rel, u in (-2,-0.93)",
             "exp(-u^2)/sqrt(pi) abs",
+            "gelu err/max(1,|z|), |z|<=30",
+            "gelu' abs, |z|<=30",
         ];
-        for (n, v) in names.iter().zip(&e) {
-            println!("{n:>28}: {:.3e} (mul+add) {:.3e} (fma)", v[0], v[1]);
+        let all = [e[0], e[1], e[2], e2[0], e2[1], e2[2], e2[3], e2[4], e2[5]];
+        for (n, v) in names.iter().zip(&all) {
+            println!("{n:>30}: {:.3e} (mul+add) {:.3e} (fma)", v[0], v[1]);
         }
-        assert!(e[0].iter().all(|&v| v < 1.5e-7), "erf");
-        assert!(e[1].iter().all(|&v| v < 2e-7), "exp");
-        assert!(e[2].iter().all(|&v| v < 2e-7), "exp2");
-        assert!(e[3].iter().all(|&v| v < 1e-7), "Phi");
-        assert!(e[4].iter().all(|&v| v < 2e-5), "Phi tail");
-        assert!(e[5].iter().all(|&v| v < 1e-7), "pdf");
+        let lim = [1.5e-7, 2e-7, 2e-7, 1e-7, 1e-7, 1e-5, 1e-7, 3e-7, 2e-7];
+        for ((n, v), l) in names.iter().zip(&all).zip(lim) {
+            assert!(v[0] < l && v[1] < l, "{n}: {v:?} >= {l}");
+        }
         // Saturation / extreme arguments.
         assert_eq!(erf::<false>(10.0), 1.0);
         assert_eq!(erf::<true>(-1e30), -1.0);
         assert_eq!(erf::<false>(0.0), 0.0);
         assert_eq!(norm_cdf_u::<true>(-1e30), 0.0);
+        assert_eq!(norm_cdf_u_fwd::<true>(-1e30), 0.0);
+        assert_eq!(norm_cdf_u_fwd::<false>(1e30), 1.0);
         assert_eq!(norm_cdf_u::<true>(1e30), 1.0);
         assert_eq!(norm_cdf_u::<true>(f32::NEG_INFINITY), 0.0);
         assert_eq!(pdf_u::<true>(1e30), 0.0);
@@ -1479,6 +1686,110 @@ mod tests {
             f(&x).unwrap().to_vec1::<f64>().unwrap(),
             vec![0.0, 0.25, 1.0]
         );
+    }
+
+    /// Fused CPU leaky sigmoids vs. their plain-op formulations: random x incl. exact 0/1,
+    /// both gradient signs, dense / broadcast gradients, transposed input, f32 and f64.
+    #[test]
+    fn leaky_fused_match_plain_ops() {
+        let mut rng = Rng(5);
+        let dev = &Device::Cpu;
+        let mut xs = rng.uniform(40 * 6, -2.0, 3.0);
+        for (i, v) in [0.0f32, 1.0, -0.0, 0.5, 1.0, 0.0].iter().enumerate() {
+            xs[i * 7] = *v;
+        }
+        for dt in [DType::F32, DType::F64] {
+            let x = Var::from_tensor(
+                &Tensor::from_vec(xs.clone(), (6, 40), dev)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap(),
+            )
+            .unwrap();
+            let xt = x.as_tensor().t().unwrap(); // non-contiguous [40, 6]
+            let w = Tensor::from_vec(rng.uniform(240, -1.0, 1.0), (40, 6), dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let run = |f: &dyn Fn(&Tensor) -> Result<Tensor>, dense: bool| {
+                let y = f(&xt).unwrap();
+                let loss = if dense {
+                    (&y * &w).unwrap().sum_all().unwrap()
+                } else {
+                    y.sum_all().unwrap()
+                };
+                let g = loss.backward().unwrap();
+                let gx = g
+                    .get(x.as_tensor())
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap();
+                (
+                    y.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap(),
+                    gx,
+                )
+            };
+            // lower: fused backward vs. the tensor-op backward formula
+            struct LowerOpsBwd;
+            impl CustomOp1 for LowerOpsBwd {
+                fn name(&self) -> &'static str {
+                    "lower-ops-bwd"
+                }
+                fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+                    LowerLeakyHard.cpu_fwd(s, l)
+                }
+                fn bwd(
+                    &self,
+                    arg: &Tensor,
+                    _res: &Tensor,
+                    grad: &Tensor,
+                ) -> Result<Option<Tensor>> {
+                    Ok(Some(lower_leaky_hard_bwd_ops(arg, grad)?))
+                }
+            }
+            struct UpperOpsBwd;
+            impl CustomOp1 for UpperOpsBwd {
+                fn name(&self) -> &'static str {
+                    "upper-ops-bwd"
+                }
+                fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+                    UpperLeakyHard.cpu_fwd(s, l)
+                }
+                fn bwd(
+                    &self,
+                    arg: &Tensor,
+                    _res: &Tensor,
+                    grad: &Tensor,
+                ) -> Result<Option<Tensor>> {
+                    Ok(Some(upper_leaky_hard_bwd_ops(arg, grad)?))
+                }
+            }
+            for dense in [true, false] {
+                let a = run(&|t| upper_leaky_hard(t), dense);
+                let b = run(&|t| t.apply_op1(UpperOpsBwd), dense);
+                assert_eq!(a, b, "upper ops-bwd {dt:?} dense={dense}");
+                let a = run(&|t| lower_leaky_hard(t), dense);
+                let b = run(&|t| t.apply_op1(LowerOpsBwd), dense);
+                assert_eq!(a, b, "lower {dt:?} dense={dense}");
+                let a = run(&|t| upper_leaky_hard(t), dense);
+                let b = run(&|t| upper_leaky_hard_ops(t), dense);
+                for (u, v) in a.0.iter().zip(&b.0).chain(a.1.iter().zip(&b.1)) {
+                    assert!(
+                        (u - v).abs() <= 1e-6 * (1.0 + v.abs()),
+                        "upper {dt:?} dense={dense}: {u} vs {v}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,522 @@
+//! The desktop app (eframe/egui). Reads immutable snapshots from the worker; adds no maths.
+
+mod views;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use eframe::egui;
+use serde::{Deserialize, Serialize};
+
+use crate::spd::config::SpdConfig;
+use crate::spd::trainer::StepRecord;
+use crate::worker::{Command, Event, RunState, Snapshot, Source, WorkerHandle};
+
+pub use views::View;
+
+/// Settings persisted between runs (eframe storage).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub preset: String,
+    pub steps: usize,
+    pub seed: u64,
+    pub lr: f64,
+    pub recent: Vec<PathBuf>,
+    pub view: View,
+    pub smoothing: f32,
+    pub probe_value: f32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            preset: "tms-5-2".into(),
+            steps: 10_000,
+            seed: 0,
+            lr: 1e-3,
+            recent: vec![],
+            view: View::Directions,
+            smoothing: 0.0,
+            probe_value: 0.75,
+        }
+    }
+}
+
+/// Per-frame CPU statistics (`--frame-stats`).
+#[derive(Default)]
+pub struct FrameStats {
+    pub cpu_ms: Vec<f32>,
+    pub frame_intervals_ms: Vec<f32>,
+    last: Option<Instant>,
+    last_report: Option<Instant>,
+    pub enabled: bool,
+}
+
+pub fn percentile(v: &[f32], p: f32) -> f32 {
+    if v.is_empty() {
+        return f32::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[((s.len() - 1) as f32 * p).round() as usize]
+}
+
+impl FrameStats {
+    fn tick(&mut self, cpu_ms: Option<f32>, training: bool) {
+        let now = Instant::now();
+        if let Some(l) = self.last {
+            self.frame_intervals_ms.push((now - l).as_secs_f32() * 1e3);
+        }
+        self.last = Some(now);
+        if let (Some(c), true) = (cpu_ms, training) {
+            self.cpu_ms.push(c);
+        }
+        if self.enabled
+            && self
+                .last_report
+                .is_none_or(|t| now - t > Duration::from_secs(5))
+        {
+            self.last_report = Some(now);
+            if !self.cpu_ms.is_empty() {
+                eprintln!("[frame-stats] {}", self.summary());
+            }
+        }
+    }
+    pub fn summary(&self) -> String {
+        format!(
+            "ui cpu per frame while training: n={} p50={:.2} ms p99={:.2} ms | frame interval p50={:.1} ms p99={:.1} ms",
+            self.cpu_ms.len(),
+            percentile(&self.cpu_ms, 0.5),
+            percentile(&self.cpu_ms, 0.99),
+            percentile(&self.frame_intervals_ms, 0.5),
+            percentile(&self.frame_intervals_ms, 0.99)
+        )
+    }
+}
+
+/// The current selection, highlighted by every view.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub module: usize,
+    pub component: Option<usize>,
+}
+
+pub struct SpdApp {
+    worker: Option<WorkerHandle>,
+    pub settings: Settings,
+    pub state: RunState,
+    pub description: String,
+    pub config: Option<SpdConfig>,
+    pub history: Vec<StepRecord>,
+    pub snapshot: Option<Arc<Snapshot>>,
+    pub snapshot_version: u64,
+    pub selection: Selection,
+    pub status: String,
+    pub error: Option<String>,
+    pub frame_stats: FrameStats,
+    steps_per_sec: f32,
+    rate_probe: Option<(Instant, usize)>,
+    pub views: views::ViewState,
+    exit_after: Option<(Instant, Duration)>,
+    start_training: bool,
+}
+
+/// How the app starts.
+#[derive(Clone, Debug, Default)]
+pub struct StartOptions {
+    pub file: Option<PathBuf>,
+    pub frame_stats: bool,
+    pub exit_after: Option<Duration>,
+    /// Start training the preset at once (for measurements).
+    pub train_preset: Option<String>,
+}
+
+impl SpdApp {
+    pub fn new(
+        cc: &eframe::CreationContext<'_>,
+        worker: Option<WorkerHandle>,
+        opts: StartOptions,
+    ) -> Self {
+        let settings: Settings = cc
+            .storage
+            .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
+            .unwrap_or_default();
+        let mut app = SpdApp {
+            worker,
+            settings,
+            state: RunState::Idle,
+            description: String::new(),
+            config: None,
+            history: vec![],
+            snapshot: None,
+            snapshot_version: 0,
+            selection: Selection::default(),
+            status: "loading…".into(),
+            error: None,
+            frame_stats: FrameStats {
+                enabled: opts.frame_stats,
+                ..Default::default()
+            },
+            steps_per_sec: 0.0,
+            rate_probe: None,
+            views: views::ViewState::default(),
+            exit_after: opts.exit_after.map(|d| (Instant::now(), d)),
+            start_training: false,
+        };
+        if let Some(p) = opts.train_preset {
+            app.settings.preset = p;
+            app.new_run();
+            app.start_training = true;
+        } else if let Some(f) = opts.file {
+            app.open(f);
+        } else {
+            app.send(Command::Load(Source::Default));
+        }
+        app
+    }
+
+    pub fn send_probe_value(&self, v: f32) {
+        self.send(Command::SetProbeValue(v));
+    }
+
+    fn send(&self, c: Command) {
+        if let Some(w) = &self.worker {
+            w.send(c);
+        }
+    }
+
+    pub fn open(&mut self, path: PathBuf) {
+        self.settings.recent.retain(|p| p != &path);
+        self.settings.recent.insert(0, path.clone());
+        self.settings.recent.truncate(8);
+        self.history.clear();
+        self.send(Command::Load(Source::File(path)));
+    }
+
+    /// Loads a fresh run of the chosen preset with the edited hyperparameters.
+    pub fn new_run(&mut self) {
+        match crate::presets::spd_config(&self.settings.preset) {
+            Ok(mut cfg) => {
+                cfg.steps = self.settings.steps;
+                cfg.seed = self.settings.seed;
+                cfg.lr_schedule.start_val = self.settings.lr;
+                self.history.clear();
+                self.send(Command::Load(Source::Preset {
+                    name: self.settings.preset.clone(),
+                    config: Box::new(cfg),
+                }));
+            }
+            Err(e) => self.error = Some(e.to_string()),
+        }
+    }
+
+    /// Applies events from the worker (never blocks).
+    pub fn drain(&mut self) {
+        let Some(w) = &self.worker else { return };
+        let events: Vec<Event> = w.rx.try_iter().collect();
+        for e in events {
+            self.apply(e);
+        }
+    }
+
+    pub fn apply(&mut self, e: Event) {
+        match e {
+            Event::Loaded {
+                description,
+                config,
+                step,
+                history,
+            } => {
+                self.description = description;
+                self.status = format!("loaded at step {step}");
+                self.config = Some(*config);
+                self.history = history;
+                self.selection = Selection::default();
+                self.error = None;
+                if self.start_training {
+                    self.start_training = false;
+                    self.send(Command::Start);
+                }
+            }
+            Event::Step(rec) => {
+                let s = rec.step;
+                let now = Instant::now();
+                match self.rate_probe {
+                    Some((t, s0)) if now - t >= Duration::from_millis(500) => {
+                        self.steps_per_sec = (s - s0) as f32 / (now - t).as_secs_f32();
+                        self.rate_probe = Some((now, s));
+                    }
+                    None => self.rate_probe = Some((now, s)),
+                    _ => {}
+                }
+                self.history.push(rec);
+            }
+            Event::Snapshot(s) => {
+                self.snapshot = Some(s);
+                self.snapshot_version += 1;
+            }
+            Event::State(s) => {
+                self.state = s;
+                if s != RunState::Running {
+                    self.rate_probe = None;
+                }
+                self.status = match s {
+                    RunState::Idle => "ready".into(),
+                    RunState::Running => "training".into(),
+                    RunState::Paused => "paused".into(),
+                    RunState::Finished => "finished".into(),
+                };
+            }
+            Event::Saved(p) => self.status = format!("saved {}", p.display()),
+            Event::Error(m) => self.error = Some(m),
+        }
+    }
+
+    pub fn step(&self) -> usize {
+        self.history.last().map(|r| r.step + 1).unwrap_or(0)
+    }
+
+    fn top_bar(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal_wrapped(|ui| {
+            ui.strong("spdlab");
+            ui.separator();
+            if ui
+                .button("Open…")
+                .on_hover_text("Open a .spdlab file or a goodfire-ai/spd run")
+                .clicked()
+                && let Some(p) = rfd::FileDialog::new()
+                    .add_filter("spdlab / torch", &["spdlab", "pth"])
+                    .pick_file()
+            {
+                self.open(p);
+            }
+            ui.menu_button("Recent", |ui| {
+                if self.settings.recent.is_empty() {
+                    ui.label("no recent files");
+                }
+                for p in self.settings.recent.clone() {
+                    if ui.button(p.display().to_string()).clicked() {
+                        self.open(p);
+                        ui.close();
+                    }
+                }
+            });
+            if ui.button("Save…").clicked()
+                && let Some(p) = rfd::FileDialog::new()
+                    .add_filter("spdlab", &["spdlab"])
+                    .save_file()
+            {
+                self.send(Command::Save(p));
+            }
+            ui.separator();
+            match self.state {
+                RunState::Running => {
+                    if ui.button("Pause").clicked() {
+                        self.send(Command::Pause);
+                    }
+                    if ui.button("Stop").clicked() {
+                        self.send(Command::Stop);
+                    }
+                }
+                RunState::Paused => {
+                    if ui.button("Resume").clicked() {
+                        self.send(Command::Resume);
+                    }
+                    if ui.button("Stop").clicked() {
+                        self.send(Command::Stop);
+                    }
+                }
+                RunState::Idle => {
+                    if ui.button("Start").clicked() {
+                        self.send(Command::Start);
+                    }
+                }
+                RunState::Finished => {}
+            }
+            ui.separator();
+            let total = self.config.as_ref().map(|c| c.steps + 1).unwrap_or(0);
+            let step = self.step();
+            let eta = if self.steps_per_sec > 0.0 && self.state == RunState::Running {
+                format!(
+                    ", ETA {:.0} s",
+                    (total.saturating_sub(step)) as f32 / self.steps_per_sec
+                )
+            } else {
+                String::new()
+            };
+            ui.label(format!(
+                "{} | step {step}/{total} | {:.0} steps/s{eta} | {}",
+                self.description, self.steps_per_sec, self.status
+            ));
+        });
+        if let Some(e) = self.error.clone() {
+            ui.horizontal(|ui| {
+                ui.colored_label(egui::Color32::from_rgb(220, 60, 60), format!("⚠ {e}"));
+                if ui.small_button("dismiss").clicked() {
+                    self.error = None;
+                }
+            });
+        }
+    }
+
+    fn side_panel(&mut self, ui: &mut egui::Ui) {
+        ui.heading("New run");
+        egui::ComboBox::from_label("preset")
+            .selected_text(self.settings.preset.clone())
+            .show_ui(ui, |ui| {
+                for p in crate::presets::PRESETS {
+                    if ui
+                        .selectable_label(self.settings.preset == p.name, p.name)
+                        .on_hover_text(p.description)
+                        .clicked()
+                    {
+                        self.settings.preset = p.name.to_string();
+                        if let Ok(c) = crate::presets::spd_config(p.name) {
+                            self.settings.steps = c.steps;
+                            self.settings.lr = c.lr_schedule.start_val;
+                        }
+                    }
+                }
+            });
+        ui.add(
+            egui::DragValue::new(&mut self.settings.steps)
+                .range(1..=1_000_000)
+                .prefix("steps "),
+        );
+        ui.add(egui::DragValue::new(&mut self.settings.seed).prefix("seed "));
+        ui.add(
+            egui::DragValue::new(&mut self.settings.lr)
+                .range(0.0..=1.0)
+                .speed(1e-5)
+                .prefix("lr "),
+        );
+        ui.label("device: cpu");
+        if ui
+            .button("New run")
+            .on_hover_text("Load the preset with these settings")
+            .clicked()
+        {
+            self.new_run();
+        }
+        ui.separator();
+        if let Some(c) = &self.config {
+            ui.heading("Config");
+            egui::Grid::new("cfg").num_columns(2).show(ui, |ui| {
+                ui.label("steps");
+                ui.label(c.steps.to_string());
+                ui.end_row();
+                ui.label("batch");
+                ui.label(c.batch_size.to_string());
+                ui.end_row();
+                ui.label("ci_fn");
+                ui.label(format!("{:?} {:?}", c.ci_fn_type, c.ci_fn_hidden_dims));
+                ui.end_row();
+                ui.label("lr");
+                ui.label(format!(
+                    "{:.1e} {:?}",
+                    c.lr_schedule.start_val, c.lr_schedule.fn_type
+                ));
+                ui.end_row();
+                for m in &c.module_info {
+                    ui.label(&m.module_pattern);
+                    ui.label(format!("C = {}", m.c));
+                    ui.end_row();
+                }
+                for l in &c.loss_metric_configs {
+                    ui.label(l.name());
+                    ui.label(
+                        l.coeff()
+                            .map(|x| format!("{x:e}"))
+                            .unwrap_or("eval only".into()),
+                    );
+                    ui.end_row();
+                }
+            });
+        }
+    }
+}
+
+impl eframe::App for SpdApp {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
+        let cpu_ms = frame.info().cpu_usage.map(|s| s * 1e3);
+        self.frame_stats
+            .tick(cpu_ms, self.state == RunState::Running);
+        self.drain();
+        // Drag and drop.
+        let dropped: Vec<PathBuf> = ui.ctx().input(|i| {
+            i.raw
+                .dropped_files
+                .iter()
+                .map(|f| f.path().to_path_buf())
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        });
+        if let Some(p) = dropped.into_iter().next() {
+            self.open(p);
+        }
+        if let Some((t0, d)) = self.exit_after {
+            if t0.elapsed() >= d {
+                ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
+            } else {
+                ui.ctx().request_repaint_after(Duration::from_millis(100));
+            }
+        }
+        if self.state == RunState::Running {
+            // Bounded repaint rate while training (~10 Hz); user input repaints at once.
+            ui.ctx().request_repaint_after(Duration::from_millis(100));
+        }
+        egui::Panel::top("top").show(ui, |ui| self.top_bar(ui));
+        egui::Panel::left("side")
+            .default_size(220.0)
+            .resizable(true)
+            .show(ui, |ui| self.side_panel(ui));
+        egui::CentralPanel::default().show(ui, |ui| {
+            ui.horizontal(|ui| {
+                for v in View::ALL {
+                    ui.selectable_value(&mut self.settings.view, v, v.label());
+                }
+            });
+            ui.separator();
+            views::show(self, ui);
+        });
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        eframe::set_value(storage, eframe::APP_KEY, &self.settings);
+    }
+
+    fn on_exit(&mut self) {
+        if self.frame_stats.enabled {
+            eprintln!("[frame-stats] final: {}", self.frame_stats.summary());
+        }
+        // Dropping the worker handle stops and joins the training thread.
+        self.worker = None;
+    }
+}
+
+/// Runs the desktop app.
+pub fn run(opts: StartOptions) -> anyhow::Result<()> {
+    let native = eframe::NativeOptions {
+        renderer: eframe::Renderer::Wgpu,
+        viewport: egui::ViewportBuilder::default()
+            .with_inner_size([1280.0, 800.0])
+            .with_title("spdlab")
+            .with_drag_and_drop(true),
+        ..Default::default()
+    };
+    eframe::run_native(
+        "spdlab",
+        native,
+        Box::new(move |cc| {
+            let ctx = cc.egui_ctx.clone();
+            let worker = WorkerHandle::spawn(
+                candle_core::Device::Cpu,
+                Box::new(move || ctx.request_repaint_after(Duration::from_millis(100))),
+            );
+            Ok(Box::new(SpdApp::new(cc, Some(worker), opts)))
+        }),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
+}

@@ -1,0 +1,198 @@
+//! Read (V_c) and write (U_c) directions of each subcomponent; arrows where a space is 2-D
+//! (the paper's TMS figure), strips otherwise.
+
+use eframe::egui;
+use egui_plot::{Arrows, Legend, Plot, PlotPoints};
+
+use super::{diverging, module_picker};
+use crate::app::SpdApp;
+use crate::worker::ModuleSnapshot;
+
+/// Subcomponents ordered by weight norm (descending), and the number of negligible ones
+/// (norm below 1% of the largest).
+pub fn order_by_norm(m: &ModuleSnapshot) -> (Vec<usize>, usize) {
+    let mut idx: Vec<usize> = (0..m.c).collect();
+    idx.sort_by(|&a, &b| m.norms[b].total_cmp(&m.norms[a]));
+    let max = m.norms.iter().copied().fold(0f32, f32::max);
+    let negligible = m.norms.iter().filter(|&&n| n < 0.01 * max).count();
+    (idx, negligible)
+}
+
+pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
+    module_picker(app, ui);
+    let Some(s) = app.snapshot.clone() else {
+        return;
+    };
+    let j = app.selection.module.min(s.modules.len() - 1);
+    let m = &s.modules[j];
+    let (order, negligible) = order_by_norm(m);
+    ui.label(format!(
+        "{}: C = {}, d_in = {}, d_out = {} — {} negligible subcomponents (norm < 1% of the largest) hidden",
+        m.name, m.c, m.d_in, m.d_out, negligible
+    ));
+    let max = m.norms.iter().copied().fold(0f32, f32::max);
+    let shown: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|&c| m.norms[c] >= 0.01 * max)
+        .collect();
+    if m.d_out == 2 || m.d_in == 2 {
+        arrows_2d(app, ui, m, &shown);
+    } else {
+        strips(app, ui, m, &shown);
+    }
+}
+
+fn arrows_2d(app: &mut SpdApp, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[usize]) {
+    // Write side 2-D (TMS linear1): subcomponent c writes U_c·‖V_c‖ into the plane; the target's
+    // feature f writes W[:, f]. Read side 2-D (TMS linear2): c reads V_c·‖U_c‖, feature f is
+    // read along W[f, :].
+    let write_side = m.d_out == 2;
+    // U_c ⊗ V_c is unchanged when both flip sign, so orient each arrow by the sign of the
+    // other side's largest entry: then a subcomponent that implements feature f lies on top
+    // of the target's column for f.
+    let signed_norm = |xs: &mut dyn Iterator<Item = f32>| -> f32 {
+        let (mut sq, mut big) = (0f32, 0f32);
+        for x in xs {
+            sq += x * x;
+            if x.abs() > big.abs() {
+                big = x;
+            }
+        }
+        sq.sqrt() * if big < 0.0 { -1.0 } else { 1.0 }
+    };
+    let vec_of = |c: usize| -> [f64; 2] {
+        if write_side {
+            let vn = signed_norm(&mut (0..m.d_in).map(|i| m.v[i * m.c + c]));
+            [(m.u[c * 2] * vn) as f64, (m.u[c * 2 + 1] * vn) as f64]
+        } else {
+            let un = signed_norm(&mut (0..m.d_out).map(|o| m.u[c * m.d_out + o]));
+            [(m.v[c] * un) as f64, (m.v[m.c + c] * un) as f64]
+        }
+    };
+    let targets: Vec<[f64; 2]> = if write_side {
+        (0..m.d_in)
+            .map(|f| [m.target_w[f] as f64, m.target_w[m.d_in + f] as f64])
+            .collect()
+    } else {
+        (0..m.d_out)
+            .map(|f| [m.target_w[f * 2] as f64, m.target_w[f * 2 + 1] as f64])
+            .collect()
+    };
+    ui.label(if write_side {
+        "write directions U_c (scaled by |V_c|) in the 2-D hidden space; grey: the target's feature columns"
+    } else {
+        "read directions V_c (scaled by |U_c|) in the 2-D hidden space; grey: the target's feature rows"
+    });
+    let sel = app.selection.component;
+    let r = targets
+        .iter()
+        .copied()
+        .chain(shown.iter().map(|&c| vec_of(c)))
+        .map(|p| p[0].hypot(p[1]))
+        .fold(0.1f64, f64::max)
+        * 1.15;
+    let resp = Plot::new(("dir2d", m.name.as_str()))
+        .legend(Legend::default())
+        .data_aspect(1.0)
+        .include_x(-r)
+        .include_x(r)
+        .include_y(-r)
+        .include_y(r)
+        .show(ui, |p| {
+            let origins: Vec<[f64; 2]> = vec![[0.0, 0.0]; targets.len()];
+            p.arrows(
+                Arrows::new(
+                    "target features",
+                    PlotPoints::from(origins),
+                    PlotPoints::from(targets.clone()),
+                )
+                .color(egui::Color32::from_gray(150)),
+            );
+            for &c in shown {
+                let tip = vec_of(c);
+                let color = if sel == Some(c) {
+                    egui::Color32::from_rgb(230, 80, 20)
+                } else {
+                    egui::Color32::from_rgb(31, 119, 180)
+                };
+                p.arrows(
+                    Arrows::new(
+                        format!("{}:{c}", m.name),
+                        PlotPoints::from(vec![[0.0, 0.0]]),
+                        PlotPoints::from(vec![tip]),
+                    )
+                    .color(color),
+                );
+            }
+            p.pointer_coordinate()
+        });
+    if resp.response.clicked()
+        && let Some(pt) = resp.inner
+    {
+        // Select the subcomponent whose tip is nearest to the click.
+        let best = shown.iter().copied().min_by(|&a, &b| {
+            let da = dist(vec_of(a), [pt.x, pt.y]);
+            let db = dist(vec_of(b), [pt.x, pt.y]);
+            da.total_cmp(&db)
+        });
+        app.selection.component = best;
+    }
+}
+
+fn dist(a: [f64; 2], b: [f64; 2]) -> f64 {
+    (a[0] - b[0]).hypot(a[1] - b[1])
+}
+
+fn strips(app: &mut SpdApp, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[usize]) {
+    ui.label("each row: one subcomponent (by weight norm); left: read direction V_c over inputs, right: write direction U_c over outputs; one colour scale per side");
+    let vmax = m.v.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
+    let umax = m.u.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
+    let avail = ui.available_width() - 80.0;
+    let cell_w = (avail / (m.d_in + m.d_out) as f32).clamp(0.5, 24.0);
+    let cell_h = 14.0;
+    egui::ScrollArea::vertical().show(ui, |ui| {
+        for &c in shown {
+            let selected = app.selection.component == Some(c);
+            ui.horizontal(|ui| {
+                let label = ui.selectable_label(selected, format!("{c:>4}"));
+                if label.clicked() {
+                    app.selection.component = Some(c);
+                }
+                let (rect, resp) = ui.allocate_exact_size(
+                    egui::vec2(cell_w * (m.d_in + m.d_out) as f32 + 8.0, cell_h),
+                    egui::Sense::click(),
+                );
+                let painter = ui.painter_at(rect);
+                for i in 0..m.d_in {
+                    let x = rect.left() + i as f32 * cell_w;
+                    let r = egui::Rect::from_min_size(
+                        egui::pos2(x, rect.top()),
+                        egui::vec2(cell_w.max(1.0), cell_h),
+                    );
+                    painter.rect_filled(r, 0.0, diverging(m.v[i * m.c + c] / vmax));
+                }
+                let off = rect.left() + m.d_in as f32 * cell_w + 8.0;
+                for o in 0..m.d_out {
+                    let x = off + o as f32 * cell_w;
+                    let r = egui::Rect::from_min_size(
+                        egui::pos2(x, rect.top()),
+                        egui::vec2(cell_w.max(1.0), cell_h),
+                    );
+                    painter.rect_filled(r, 0.0, diverging(m.u[c * m.d_out + o] / umax));
+                }
+                if selected {
+                    painter.rect_stroke(
+                        rect,
+                        0.0,
+                        egui::Stroke::new(1.5, egui::Color32::from_rgb(230, 80, 20)),
+                        egui::StrokeKind::Inside,
+                    );
+                }
+                if resp.clicked() {
+                    app.selection.component = Some(c);
+                }
+            });
+        }
+    });
+}

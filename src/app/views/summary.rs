@@ -1,0 +1,90 @@
+//! Summary: L0 per layer, alive/dead counts, mean CI per component (sorted, log option).
+
+use eframe::egui;
+use egui_plot::{Bar, BarChart, Legend, Plot, PlotPoints, Points};
+
+use super::module_picker;
+use crate::app::SpdApp;
+
+pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
+    let Some(s) = app.snapshot.clone() else {
+        return;
+    };
+    let thr = app
+        .config
+        .as_ref()
+        .map(|c| c.ci_alive_threshold)
+        .unwrap_or(0.1) as f32;
+    egui::Grid::new("summary").striped(true).show(ui, |ui| {
+        ui.strong("module");
+        ui.strong("C");
+        ui.strong("alive (fires on a batch input)");
+        ui.strong("L0 on the batch");
+        ui.end_row();
+        for m in &s.modules {
+            let alive = (0..m.c)
+                .filter(|&c| (0..s.n_batch).any(|b| m.ci_batch[b * m.c + c] > thr))
+                .count();
+            let l0 = (0..s.n_batch)
+                .map(|b| (0..m.c).filter(|&c| m.ci_batch[b * m.c + c] > thr).count())
+                .sum::<usize>() as f32
+                / s.n_batch.max(1) as f32;
+            ui.label(&m.name);
+            ui.label(m.c.to_string());
+            ui.label(format!("{alive} alive, {} dead", m.c - alive));
+            ui.label(format!("{l0:.3}"));
+            ui.end_row();
+        }
+    });
+    let h = (ui.available_height() - 60.0) / 2.0;
+    let bars: Vec<Bar> = s
+        .modules
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let l0 = (0..s.n_batch)
+                .map(|b| (0..m.c).filter(|&c| m.ci_batch[b * m.c + c] > thr).count())
+                .sum::<usize>() as f64
+                / s.n_batch.max(1) as f64;
+            Bar::new(i as f64, l0).name(&m.name).width(0.6)
+        })
+        .collect();
+    Plot::new("l0bars")
+        .height(h.max(80.0))
+        .legend(Legend::default())
+        .y_axis_label("L0")
+        .show(ui, |p| p.bar_chart(BarChart::new("L0 per layer", bars)));
+    module_picker(app, ui);
+    let log = ui
+        .ctx()
+        .data_mut(|d| *d.get_persisted_mut_or_default::<bool>(egui::Id::unique("meanci-log")));
+    let mut log_v = log;
+    ui.checkbox(&mut log_v, "log scale");
+    ui.ctx()
+        .data_mut(|d| d.insert_persisted(egui::Id::unique("meanci-log"), log_v));
+    let j = app.selection.module.min(s.modules.len() - 1);
+    let m = &s.modules[j];
+    let mut v: Vec<f32> = m.mean_ci.clone();
+    v.sort_by(|a, b| b.total_cmp(a));
+    let pts: Vec<[f64; 2]> = v
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            [
+                i as f64,
+                if log_v {
+                    (x.max(1e-8) as f64).log10()
+                } else {
+                    x as f64
+                },
+            ]
+        })
+        .collect();
+    Plot::new("meanci")
+        .height(h.max(80.0))
+        .x_axis_label("subcomponent (sorted)")
+        .y_axis_label(if log_v { "mean CI (log10)" } else { "mean CI" })
+        .show(ui, |p| {
+            p.points(Points::new(format!("mean CI {}", m.name), PlotPoints::from(pts)).radius(2.5))
+        });
+}

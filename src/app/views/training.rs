@@ -1,0 +1,205 @@
+//! Training curves: every loss term, total, L0 per layer, learning rate (log y).
+
+use eframe::egui;
+use egui_plot::{Legend, Line, Plot, PlotPoints};
+
+use crate::app::SpdApp;
+
+/// At most ~`max` points: keeps the min and max of each bucket so spikes survive.
+pub fn thin(points: &[[f64; 2]], max: usize) -> Vec<[f64; 2]> {
+    if points.len() <= max || max < 4 {
+        return points.to_vec();
+    }
+    let bucket = points.len().div_ceil(max / 2);
+    let mut out = Vec::with_capacity(max + 2);
+    for ch in points.chunks(bucket) {
+        let (mut lo, mut hi) = (ch[0], ch[0]);
+        for p in ch {
+            if p[1] < lo[1] {
+                lo = *p;
+            }
+            if p[1] > hi[1] {
+                hi = *p;
+            }
+        }
+        if lo[0] <= hi[0] {
+            out.push(lo);
+            out.push(hi);
+        } else {
+            out.push(hi);
+            out.push(lo);
+        }
+    }
+    out
+}
+
+fn smooth(points: &mut [[f64; 2]], alpha: f32) {
+    if alpha <= 0.0 {
+        return;
+    }
+    let a = alpha.min(0.999) as f64;
+    let mut acc = points.first().map(|p| p[1]).unwrap_or(0.0);
+    for p in points.iter_mut() {
+        acc = a * acc + (1.0 - a) * p[1];
+        p[1] = acc;
+    }
+}
+
+fn log_formatter(mark: egui_plot::GridMark, _r: &std::ops::RangeInclusive<f64>) -> String {
+    let v = mark.value;
+    if (v - v.round()).abs() < 1e-9 {
+        format!("1e{}", v.round() as i64)
+    } else {
+        format!("{:.2e}", 10f64.powf(v))
+    }
+}
+
+pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
+    ui.horizontal(|ui| {
+        ui.add(egui::Slider::new(&mut app.settings.smoothing, 0.0..=0.99).text("smoothing"));
+        if ui.button("Export CSV").clicked()
+            && let Some(p) = rfd::FileDialog::new()
+                .add_filter("csv", &["csv"])
+                .save_file()
+        {
+            let r = export_csv(app, &p);
+            app.status = match r {
+                Ok(()) => format!("exported {}", p.display()),
+                Err(e) => format!("export failed: {e}"),
+            };
+        }
+    });
+    if app.history.is_empty() {
+        ui.label("no training steps yet: press Start");
+        return;
+    }
+    let mut names: Vec<String> = app
+        .history
+        .last()
+        .map(|r| r.losses.keys().cloned().collect())
+        .unwrap_or_default();
+    names.sort();
+    let link = egui::Id::unique("train-x");
+    let h = (ui.available_height() - 40.0) / 3.0;
+    Plot::new("losses")
+        .legend(Legend::default())
+        .height(h.max(80.0))
+        .link_axis(link, [true, false])
+        .y_axis_formatter(log_formatter)
+        .y_axis_label("loss (log10)")
+        .show(ui, |p| {
+            for (i, n) in names.iter().enumerate() {
+                let mut pts: Vec<[f64; 2]> = app
+                    .history
+                    .iter()
+                    .filter_map(|r| {
+                        r.losses
+                            .get(n)
+                            .map(|v| [r.step as f64, v.max(1e-30).log10()])
+                    })
+                    .collect();
+                smooth(&mut pts, app.settings.smoothing);
+                let line = Line::new(n.clone(), PlotPoints::from(thin(&pts, 2000))).color(color(i));
+                p.line(line);
+            }
+        });
+    let layers: Vec<String> = app
+        .history
+        .last()
+        .map(|r| r.l0.keys().cloned().collect())
+        .unwrap_or_default();
+    Plot::new("l0")
+        .legend(Legend::default())
+        .height(h.max(80.0))
+        .link_axis(link, [true, false])
+        .y_axis_label("L0 (CI > threshold)")
+        .show(ui, |p| {
+            for (i, n) in layers.iter().enumerate() {
+                let mut pts: Vec<[f64; 2]> = app
+                    .history
+                    .iter()
+                    .filter_map(|r| r.l0.get(n).map(|v| [r.step as f64, *v]))
+                    .collect();
+                smooth(&mut pts, app.settings.smoothing);
+                p.line(
+                    Line::new(format!("L0 {n}"), PlotPoints::from(thin(&pts, 2000)))
+                        .color(color(i + 3)),
+                );
+            }
+        });
+    Plot::new("lr")
+        .legend(Legend::default())
+        .height(h.max(60.0))
+        .link_axis(link, [true, false])
+        .x_axis_label("step")
+        .show(ui, |p| {
+            let pts: Vec<[f64; 2]> = app.history.iter().map(|r| [r.step as f64, r.lr]).collect();
+            p.line(Line::new(
+                "learning rate",
+                PlotPoints::from(thin(&pts, 2000)),
+            ));
+        });
+}
+
+fn color(i: usize) -> egui::Color32 {
+    const C: [egui::Color32; 8] = [
+        egui::Color32::from_rgb(31, 119, 180),
+        egui::Color32::from_rgb(255, 127, 14),
+        egui::Color32::from_rgb(44, 160, 44),
+        egui::Color32::from_rgb(214, 39, 40),
+        egui::Color32::from_rgb(148, 103, 189),
+        egui::Color32::from_rgb(140, 86, 75),
+        egui::Color32::from_rgb(227, 119, 194),
+        egui::Color32::from_rgb(127, 127, 127),
+    ];
+    C[i % C.len()]
+}
+
+fn export_csv(app: &SpdApp, path: &std::path::Path) -> anyhow::Result<()> {
+    let mut names: Vec<String> = app
+        .history
+        .last()
+        .map(|r| r.losses.keys().cloned().collect())
+        .unwrap_or_default();
+    names.sort();
+    let layers: Vec<String> = app
+        .history
+        .last()
+        .map(|r| r.l0.keys().cloned().collect())
+        .unwrap_or_default();
+    let mut s = String::from("step,lr");
+    for n in &names {
+        s += &format!(",loss/{n}");
+    }
+    for l in &layers {
+        s += &format!(",l0/{l}");
+    }
+    s.push('\n');
+    for r in &app.history {
+        s += &format!("{},{}", r.step, r.lr);
+        for n in &names {
+            s += &format!(",{}", r.losses.get(n).copied().unwrap_or(f64::NAN));
+        }
+        for l in &layers {
+            s += &format!(",{}", r.l0.get(l).copied().unwrap_or(f64::NAN));
+        }
+        s.push('\n');
+    }
+    crate::io::atomic::write_atomic(path, s.as_bytes())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thinning_keeps_extremes() {
+        let pts: Vec<[f64; 2]> = (0..10_000)
+            .map(|i| [i as f64, if i == 5_000 { 100.0 } else { 0.0 }])
+            .collect();
+        let t = thin(&pts, 200);
+        assert!(t.len() <= 202);
+        assert!(t.iter().any(|p| p[1] == 100.0));
+    }
+}

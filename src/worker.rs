@@ -1,0 +1,399 @@
+//! The background training thread. It owns the candle tensors (the [`Trainer`]); the UI sends
+//! [`Command`]s and receives [`Event`]s. Snapshots are immutable (`Arc<Snapshot>`) and
+//! published at a bounded rate; the UI never blocks on the worker. No UI crate is used here:
+//! the UI passes a `notify` callback (egui's `request_repaint`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use crate::io::spdlab_file::{self, FileExtras};
+use crate::model::Fold;
+use crate::spd::config::SpdConfig;
+use crate::spd::trainer::{StepRecord, Trainer};
+
+/// Where a run comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A preset with an edited config (new training run).
+    Preset {
+        name: String,
+        config: Box<SpdConfig>,
+    },
+    /// A `.spdlab` file or a reference run.
+    File(PathBuf),
+    /// The embedded default decomposition.
+    Default,
+}
+
+#[derive(Clone, Debug)]
+pub enum Command {
+    Load(Source),
+    Start,
+    Pause,
+    Resume,
+    Stop,
+    /// Change the peak learning rate of the running schedule.
+    SetLr(f64),
+    Save(PathBuf),
+    /// Probe value of the one-hot inputs in snapshots.
+    SetProbeValue(f32),
+    Shutdown,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Idle,
+    Running,
+    Paused,
+    Finished,
+}
+
+/// Everything the views draw, computed once per snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub step: usize,
+    pub n_features: usize,
+    pub probe_value: f32,
+    pub modules: Vec<ModuleSnapshot>,
+    /// Inputs of the data-batch heatmap, `[n_batch, n_features]`.
+    pub batch_inputs: Vec<f32>,
+    pub n_batch: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ModuleSnapshot {
+    pub name: String,
+    pub c: usize,
+    pub d_in: usize,
+    pub d_out: usize,
+    /// `[d_in, C]`.
+    pub v: Vec<f32>,
+    /// `[C, d_out]`.
+    pub u: Vec<f32>,
+    /// Target weight `[d_out, d_in]`.
+    pub target_w: Vec<f32>,
+    /// Lower-leaky CI on one-hot probes `[n_features, C]`.
+    pub ci_probe: Vec<f32>,
+    /// Lower-leaky CI on a data batch `[n_batch, C]`.
+    pub ci_batch: Vec<f32>,
+    /// Frobenius norm of each rank-one subcomponent (‖V_c‖·‖U_c‖).
+    pub norms: Vec<f32>,
+    /// Mean CI per component over the batch.
+    pub mean_ci: Vec<f32>,
+}
+
+pub enum Event {
+    Loaded {
+        description: String,
+        config: Box<SpdConfig>,
+        step: usize,
+        history: Vec<StepRecord>,
+    },
+    Step(StepRecord),
+    Snapshot(Arc<Snapshot>),
+    State(RunState),
+    Saved(PathBuf),
+    Error(String),
+}
+
+pub struct WorkerHandle {
+    pub rx: Receiver<Event>,
+    tx: Sender<Command>,
+    join: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    pub fn spawn(device: Device, notify: Box<dyn Fn() + Send>) -> Self {
+        let (tx, crx) = crossbeam_channel::unbounded();
+        let (etx, rx) = crossbeam_channel::unbounded();
+        let join = std::thread::Builder::new()
+            .name("spdlab-worker".into())
+            .spawn(move || Worker::new(device, crx, etx, notify).run())
+            .expect("spawn worker thread");
+        WorkerHandle {
+            rx,
+            tx,
+            join: Some(join),
+        }
+    }
+
+    pub fn send(&self, cmd: Command) {
+        let _ = self.tx.send(cmd);
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+struct Worker {
+    device: Device,
+    rx: Receiver<Command>,
+    tx: Sender<Event>,
+    notify: Box<dyn Fn() + Send>,
+    trainer: Option<Trainer>,
+    extras: FileExtras,
+    state: RunState,
+    probe_value: f32,
+    last_snapshot: Instant,
+    snapshot_every: Duration,
+}
+
+impl Worker {
+    fn new(
+        device: Device,
+        rx: Receiver<Command>,
+        tx: Sender<Event>,
+        notify: Box<dyn Fn() + Send>,
+    ) -> Self {
+        Worker {
+            device,
+            rx,
+            tx,
+            notify,
+            trainer: None,
+            extras: FileExtras::default(),
+            state: RunState::Idle,
+            probe_value: 0.75,
+            last_snapshot: Instant::now(),
+            snapshot_every: Duration::from_millis(250),
+        }
+    }
+
+    fn emit(&self, e: Event) {
+        let _ = self.tx.send(e);
+        (self.notify)();
+    }
+
+    fn set_state(&mut self, s: RunState) {
+        self.state = s;
+        self.emit(Event::State(s));
+    }
+
+    fn run(mut self) {
+        loop {
+            let cmd = if self.state == RunState::Running {
+                match self.rx.try_recv() {
+                    Ok(c) => Some(c),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            } else {
+                match self.rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            };
+            if let Some(cmd) = cmd {
+                if matches!(cmd, Command::Shutdown) {
+                    return;
+                }
+                if let Err(e) = self.handle(cmd) {
+                    self.fail(e);
+                }
+                continue;
+            }
+            if let Err(e) = self.train_step() {
+                self.fail(e);
+            }
+        }
+    }
+
+    fn fail(&mut self, e: anyhow::Error) {
+        let msg = format!("{e:#}")
+            .lines()
+            .next()
+            .unwrap_or("error")
+            .to_string();
+        if self.state == RunState::Running {
+            self.set_state(RunState::Paused);
+        }
+        self.emit(Event::Error(msg));
+    }
+
+    fn handle(&mut self, cmd: Command) -> anyhow::Result<()> {
+        match cmd {
+            Command::Load(src) => {
+                let (tr, extras, description) = match src {
+                    Source::Preset { name, config } => {
+                        let target = crate::presets::target_model(&name, &self.device)?;
+                        let tr = Trainer::new(target, *config)?;
+                        let ex = FileExtras {
+                            preset: Some(name.clone()),
+                            ..Default::default()
+                        };
+                        (tr, ex, format!("new run: preset {name}"))
+                    }
+                    Source::File(p) => {
+                        let (tr, ex, _) = crate::io::load_any(&p, &self.device)?;
+                        (tr, ex, p.display().to_string())
+                    }
+                    Source::Default => {
+                        let (tr, ex) = spdlab_file::from_bytes(
+                            crate::assets::default_decomposition(),
+                            &self.device,
+                        )?;
+                        (tr, ex, "embedded tms-5-2 decomposition".to_string())
+                    }
+                };
+                self.emit(Event::Loaded {
+                    description,
+                    config: Box::new(tr.config.clone()),
+                    step: tr.step,
+                    history: tr.history.clone(),
+                });
+                self.trainer = Some(tr);
+                self.extras = extras;
+                let st = if self.trainer.as_ref().is_some_and(|t| t.is_done()) {
+                    RunState::Finished
+                } else {
+                    RunState::Idle
+                };
+                self.set_state(st);
+                self.publish_snapshot()?;
+            }
+            Command::Start | Command::Resume => {
+                let Some(tr) = self.trainer.as_mut() else {
+                    anyhow::bail!("nothing loaded");
+                };
+                if tr.is_done() {
+                    anyhow::bail!("this run has finished all {} steps", tr.config.steps);
+                }
+                if !self.extras.warmup_done {
+                    tr.faithfulness_warmup()?;
+                    self.extras.warmup_done = true;
+                }
+                self.set_state(RunState::Running);
+            }
+            Command::Pause => {
+                if self.state == RunState::Running {
+                    self.set_state(RunState::Paused);
+                    self.publish_snapshot()?;
+                }
+            }
+            Command::Stop => {
+                if matches!(self.state, RunState::Running | RunState::Paused) {
+                    self.set_state(RunState::Idle);
+                    self.publish_snapshot()?;
+                }
+            }
+            Command::SetLr(lr) => {
+                if let Some(tr) = self.trainer.as_mut() {
+                    if !(lr.is_finite() && lr >= 0.0) {
+                        anyhow::bail!("learning rate must be a finite non-negative number");
+                    }
+                    tr.config.lr_schedule.start_val = lr;
+                }
+            }
+            Command::SetProbeValue(v) => {
+                self.probe_value = v;
+                self.publish_snapshot()?;
+            }
+            Command::Save(p) => {
+                let Some(tr) = self.trainer.as_ref() else {
+                    anyhow::bail!("nothing to save");
+                };
+                spdlab_file::save(tr, &self.extras, &p)?;
+                self.emit(Event::Saved(p));
+            }
+            Command::Shutdown => {}
+        }
+        Ok(())
+    }
+
+    fn train_step(&mut self) -> anyhow::Result<()> {
+        let Some(tr) = self.trainer.as_mut() else {
+            self.set_state(RunState::Idle);
+            return Ok(());
+        };
+        let rec = tr.step()?;
+        let done = tr.is_done();
+        self.emit(Event::Step(rec));
+        if done {
+            self.set_state(RunState::Finished);
+            self.publish_snapshot()?;
+        } else if self.last_snapshot.elapsed() >= self.snapshot_every {
+            self.publish_snapshot()?;
+        }
+        Ok(())
+    }
+
+    fn publish_snapshot(&mut self) -> anyhow::Result<()> {
+        let Some(tr) = self.trainer.as_mut() else {
+            return Ok(());
+        };
+        let snap = build_snapshot(tr, self.probe_value, 256)?;
+        self.last_snapshot = Instant::now();
+        self.emit(Event::Snapshot(Arc::new(snap)));
+        Ok(())
+    }
+}
+
+/// Computes a snapshot (probe CI, a data batch's CI, weights) from a trainer.
+pub fn build_snapshot(
+    tr: &mut Trainer,
+    probe_value: f32,
+    n_batch: usize,
+) -> anyhow::Result<Snapshot> {
+    let model = &tr.model;
+    let nf = model.target.spec.n_features();
+    let dev = model.device().clone();
+    let probe = (Tensor::eye(nf, candle_core::DType::F32, &dev)? * probe_value as f64)?;
+    // A fixed batch (own RNG): the heatmap rows stay the same inputs from snapshot to snapshot,
+    // and the training stream is untouched.
+    let raw = tr.data.batch(&mut crate::rng::Rng::new(0x5eed), n_batch);
+    let batch = Tensor::from_vec(raw.clone(), (n_batch, nf), &dev)?;
+    let fold = Fold::new();
+    let (_, pin) = model.target.forward_with_inputs(&probe, &fold)?;
+    let (pci, _) = model.causal_importances(&pin, None, &fold)?;
+    let (_, bin) = model.target.forward_with_inputs(&batch, &fold)?;
+    let (bci, _) = model.causal_importances(&bin, None, &fold)?;
+    let mut modules = vec![];
+    for (j, m) in model.modules.iter().enumerate() {
+        let v: Vec<f32> = m.v.as_tensor().flatten_all()?.to_vec1()?;
+        let u: Vec<f32> = m.u.as_tensor().flatten_all()?.to_vec1()?;
+        let vn = m.v.as_tensor().sqr()?.sum(0)?.sqrt()?.to_vec1::<f32>()?;
+        let un = m.u.as_tensor().sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
+        let ci_batch: Vec<f32> = bci[j].lower.flatten_all()?.to_vec1()?;
+        let mut mean_ci = vec![0f32; m.c];
+        for row in ci_batch.chunks(m.c) {
+            for (a, b) in mean_ci.iter_mut().zip(row) {
+                *a += b / n_batch as f32;
+            }
+        }
+        modules.push(ModuleSnapshot {
+            name: m.name.clone(),
+            c: m.c,
+            d_in: m.d_in,
+            d_out: m.d_out,
+            v,
+            u,
+            target_w: model.target.modules[m.target_idx]
+                .weight
+                .flatten_all()?
+                .to_vec1()?,
+            ci_probe: pci[j].lower.flatten_all()?.to_vec1()?,
+            ci_batch,
+            norms: vn.iter().zip(&un).map(|(a, b)| a * b).collect(),
+            mean_ci,
+        });
+    }
+    Ok(Snapshot {
+        step: tr.step,
+        n_features: nf,
+        probe_value,
+        modules,
+        batch_inputs: raw,
+        n_batch,
+    })
+}
