@@ -7,6 +7,7 @@ pub fn target_bytes(name: &str) -> Option<&'static [u8]> {
         "tms-40-10" => include_bytes!("../assets/targets/tms-40-10.safetensors"),
         "resid-mlp-1" => include_bytes!("../assets/targets/resid-mlp-1.safetensors"),
         "resid-mlp-2" => include_bytes!("../assets/targets/resid-mlp-2.safetensors"),
+        "resid-mlp-3" => include_bytes!("../assets/targets/resid-mlp-3.safetensors"),
         _ => return None,
     })
 }

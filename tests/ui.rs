@@ -32,7 +32,7 @@ fn harness() -> Harness<'static, SpdApp> {
     Harness::builder()
         .with_size(egui::vec2(1100.0, 700.0))
         .wgpu()
-        .build_eframe(loaded_app)
+        .build_eframe(|cc| loaded_app(cc))
 }
 
 #[test]

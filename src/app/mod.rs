@@ -153,7 +153,7 @@ impl SpdApp {
             snapshot: None,
             snapshot_version: 0,
             selection: Selection::default(),
-            status: "loading…".into(),
+            status: "loading...".into(),
             error: None,
             frame_stats: FrameStats {
                 enabled: opts.frame_stats,
@@ -166,6 +166,11 @@ impl SpdApp {
             start_training: false,
         };
         if let Some(p) = opts.train_preset {
+            if let Ok(c) = crate::presets::spd_config(&p) {
+                app.settings.steps = c.steps;
+                app.settings.lr = c.lr_schedule.start_val;
+                app.settings.seed = c.seed;
+            }
             app.settings.preset = p;
             app.new_run();
             app.start_training = true;
@@ -283,7 +288,7 @@ impl SpdApp {
             ui.strong("spdlab");
             ui.separator();
             if ui
-                .button("Open…")
+                .button("Open...")
                 .on_hover_text("Open a .spdlab file or a goodfire-ai/spd run")
                 .clicked()
                 && let Some(p) = rfd::FileDialog::new()
@@ -303,7 +308,7 @@ impl SpdApp {
                     }
                 }
             });
-            if ui.button("Save…").clicked()
+            if ui.button("Save...").clicked()
                 && let Some(p) = rfd::FileDialog::new()
                     .add_filter("spdlab", &["spdlab"])
                     .save_file()
@@ -353,7 +358,7 @@ impl SpdApp {
         });
         if let Some(e) = self.error.clone() {
             ui.horizontal(|ui| {
-                ui.colored_label(egui::Color32::from_rgb(220, 60, 60), format!("⚠ {e}"));
+                ui.colored_label(egui::Color32::from_rgb(220, 60, 60), format!("Error: {e}"));
                 if ui.small_button("dismiss").clicked() {
                     self.error = None;
                 }
@@ -362,7 +367,7 @@ impl SpdApp {
     }
 
     fn side_panel(&mut self, ui: &mut egui::Ui) {
-        ui.heading("New run");
+        ui.heading("New training run");
         egui::ComboBox::from_label("preset")
             .selected_text(self.settings.preset.clone())
             .show_ui(ui, |ui| {
@@ -420,8 +425,8 @@ impl SpdApp {
                 ));
                 ui.end_row();
                 for m in &c.module_info {
-                    ui.label(&m.module_pattern);
-                    ui.label(format!("C = {}", m.c));
+                    ui.label(format!("C of {}", m.module_pattern));
+                    ui.label(m.c.to_string());
                     ui.end_row();
                 }
                 for l in &c.loss_metric_configs {

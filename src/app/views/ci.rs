@@ -181,7 +181,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         }
     }
     ui.label(format!(
-        "{} rows × {} subcomponents of {} (lower-leaky CI; colour 0 → {:.2})",
+        "{} rows x {} subcomponents of {} (lower-leaky CI; colour scale 0 to {:.2})",
         rows, m.c, m.name, st.vmax
     ));
 }

@@ -27,7 +27,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     let m = &s.modules[j];
     let (order, negligible) = order_by_norm(m);
     ui.label(format!(
-        "{}: C = {}, d_in = {}, d_out = {} — {} negligible subcomponents (norm < 1% of the largest) hidden",
+        "{}: C = {}, d_in = {}, d_out = {}; {} negligible subcomponents (norm < 1% of the largest) hidden",
         m.name, m.c, m.d_in, m.d_out, negligible
     ));
     let max = m.norms.iter().copied().fold(0f32, f32::max);
@@ -144,55 +144,126 @@ fn dist(a: [f64; 2], b: [f64; 2]) -> f64 {
     (a[0] - b[0]).hypot(a[1] - b[1])
 }
 
+/// Texture of the strips, rebuilt only when the snapshot or module changes.
+#[derive(Default)]
+pub struct DirectionsViewState {
+    texture: Option<egui::TextureHandle>,
+    key: Option<(u64, usize)>,
+    pub uploads: u64,
+}
+
 fn strips(app: &mut SpdApp, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[usize]) {
     ui.label("each row: one subcomponent (by weight norm); left: read direction V_c over inputs, right: write direction U_c over outputs; one colour scale per side");
-    let vmax = m.v.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
-    let umax = m.u.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
-    let avail = ui.available_width() - 80.0;
-    let cell_w = (avail / (m.d_in + m.d_out) as f32).clamp(0.5, 24.0);
-    let cell_h = 14.0;
-    egui::ScrollArea::vertical().show(ui, |ui| {
+    let key = (app.snapshot_version, app.selection.module);
+    let st = &mut app.views.directions;
+    let gap = (m.d_in + m.d_out).div_ceil(100).max(1);
+    let width = m.d_in + gap + m.d_out;
+    if st.key != Some(key) {
+        let vmax = m.v.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
+        let umax = m.u.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
+        let mut px = Vec::with_capacity(shown.len().max(1) * width);
         for &c in shown {
-            let selected = app.selection.component == Some(c);
-            ui.horizontal(|ui| {
-                let label = ui.selectable_label(selected, format!("{c:>4}"));
-                if label.clicked() {
-                    app.selection.component = Some(c);
-                }
-                let (rect, resp) = ui.allocate_exact_size(
-                    egui::vec2(cell_w * (m.d_in + m.d_out) as f32 + 8.0, cell_h),
-                    egui::Sense::click(),
-                );
-                let painter = ui.painter_at(rect);
-                for i in 0..m.d_in {
-                    let x = rect.left() + i as f32 * cell_w;
-                    let r = egui::Rect::from_min_size(
-                        egui::pos2(x, rect.top()),
-                        egui::vec2(cell_w.max(1.0), cell_h),
+            for i in 0..m.d_in {
+                px.push(diverging(m.v[i * m.c + c] / vmax));
+            }
+            px.extend(std::iter::repeat_n(egui::Color32::from_gray(40), gap));
+            for o in 0..m.d_out {
+                px.push(diverging(m.u[c * m.d_out + o] / umax));
+            }
+        }
+        if shown.is_empty() {
+            px.extend(std::iter::repeat_n(egui::Color32::from_gray(40), width));
+        }
+        let img = egui::ColorImage::new([width, shown.len().max(1)], px);
+        match &mut st.texture {
+            Some(t) => t.set(img, egui::TextureOptions::NEAREST),
+            None => {
+                st.texture = Some(ui.ctx().load_texture(
+                    "directions",
+                    img,
+                    egui::TextureOptions::NEAREST,
+                ))
+            }
+        }
+        st.key = Some(key);
+        st.uploads += 1;
+    }
+    let Some(tex) = st.texture.clone() else {
+        return;
+    };
+    let row_h = 14f32
+        .min((ui.available_height() - 20.0) / shown.len().max(1) as f32)
+        .max(2.0);
+    let w = ui.available_width() - 60.0;
+    ui.horizontal(|ui| {
+        // Row labels.
+        ui.vertical(|ui| {
+            ui.spacing_mut().item_spacing.y = 0.0;
+            if row_h >= 12.0 {
+                for &c in shown {
+                    let selected = app.selection.component == Some(c);
+                    let (r, resp) =
+                        ui.allocate_exact_size(egui::vec2(40.0, row_h), egui::Sense::click());
+                    let color = if selected {
+                        egui::Color32::from_rgb(230, 80, 20)
+                    } else {
+                        ui.visuals().text_color()
+                    };
+                    ui.painter().text(
+                        r.right_center(),
+                        egui::Align2::RIGHT_CENTER,
+                        c.to_string(),
+                        egui::FontId::monospace(10.0),
+                        color,
                     );
-                    painter.rect_filled(r, 0.0, diverging(m.v[i * m.c + c] / vmax));
+                    if resp.clicked() {
+                        app.selection.component = Some(c);
+                    }
                 }
-                let off = rect.left() + m.d_in as f32 * cell_w + 8.0;
-                for o in 0..m.d_out {
-                    let x = off + o as f32 * cell_w;
-                    let r = egui::Rect::from_min_size(
-                        egui::pos2(x, rect.top()),
-                        egui::vec2(cell_w.max(1.0), cell_h),
-                    );
-                    painter.rect_filled(r, 0.0, diverging(m.u[c * m.d_out + o] / umax));
-                }
-                if selected {
-                    painter.rect_stroke(
-                        rect,
-                        0.0,
-                        egui::Stroke::new(1.5, egui::Color32::from_rgb(230, 80, 20)),
-                        egui::StrokeKind::Inside,
-                    );
-                }
+            }
+        });
+        let (rect, resp) = ui.allocate_exact_size(
+            egui::vec2(w.max(50.0), row_h * shown.len().max(1) as f32),
+            egui::Sense::click(),
+        );
+        ui.painter().image(
+            tex.id(),
+            rect,
+            egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
+            egui::Color32::WHITE,
+        );
+        if let Some(sel) = app.selection.component
+            && let Some(row) = shown.iter().position(|&c| c == sel)
+        {
+            let r = egui::Rect::from_min_size(
+                egui::pos2(rect.left(), rect.top() + row as f32 * row_h),
+                egui::vec2(rect.width(), row_h),
+            );
+            ui.painter().rect_stroke(
+                r,
+                0.0,
+                egui::Stroke::new(1.5, egui::Color32::from_rgb(230, 80, 20)),
+                egui::StrokeKind::Inside,
+            );
+        }
+        if let Some(pos) = resp.hover_pos() {
+            let row = ((pos.y - rect.top()) / row_h) as usize;
+            let col = ((pos.x - rect.left()) / rect.width() * width as f32) as usize;
+            if row < shown.len() && col < width {
+                let c = shown[row];
+                let text = if col < m.d_in {
+                    format!("{}:{c}  V[{col}] = {:.4}", m.name, m.v[col * m.c + c])
+                } else if col >= m.d_in + gap {
+                    let o = col - m.d_in - gap;
+                    format!("{}:{c}  U[{o}] = {:.4}", m.name, m.u[c * m.d_out + o])
+                } else {
+                    format!("{}:{c}", m.name)
+                };
+                resp.clone().on_hover_text(text);
                 if resp.clicked() {
                     app.selection.component = Some(c);
                 }
-            });
+            }
         }
     });
 }

@@ -39,6 +39,7 @@ impl View {
 #[derive(Default)]
 pub struct ViewState {
     pub ci: ci::CiViewState,
+    pub directions: directions::DirectionsViewState,
 }
 
 pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
