@@ -121,6 +121,8 @@ pub struct SpdApp {
     pub views: views::ViewState,
     exit_after: Option<(Instant, Duration)>,
     start_training: bool,
+    /// (time, step) of the first and the latest step event, for the throughput report.
+    throughput: Option<((Instant, usize), (Instant, usize))>,
 }
 
 /// How the app starts.
@@ -164,6 +166,7 @@ impl SpdApp {
             views: views::ViewState::default(),
             exit_after: opts.exit_after.map(|d| (Instant::now(), d)),
             start_training: false,
+            throughput: None,
         };
         if let Some(p) = opts.train_preset {
             if let Ok(c) = crate::presets::spd_config(&p) {
@@ -256,6 +259,10 @@ impl SpdApp {
                     None => self.rate_probe = Some((now, s)),
                     _ => {}
                 }
+                self.throughput = Some(match self.throughput {
+                    Some((first, _)) => (first, (now, s)),
+                    None => ((now, s), (now, s)),
+                });
                 self.history.push(rec);
             }
             Event::Snapshot(s) => {
@@ -495,6 +502,16 @@ impl eframe::App for SpdApp {
     fn on_exit(&mut self) {
         if self.frame_stats.enabled {
             eprintln!("[frame-stats] final: {}", self.frame_stats.summary());
+            if let Some(((t0, s0), (t1, s1))) = self.throughput {
+                let secs = (t1 - t0).as_secs_f64();
+                if secs > 0.0 {
+                    eprintln!(
+                        "[frame-stats] training with the window open: {} steps in {secs:.1} s = {:.2} steps/s",
+                        s1 - s0,
+                        (s1 - s0) as f64 / secs
+                    );
+                }
+            }
         }
         // Dropping the worker handle stops and joins the training thread.
         self.worker = None;
