@@ -251,20 +251,10 @@ impl Act {
     pub fn apply(&self, m: &Tensor, fold: &Fold) -> Result<Tensor> {
         match self {
             Act::Dense(t) => t.matmul(m),
-            Act::Factored(terms) => {
-                let mut acc: Option<Tensor> = None;
-                for (coeff, basis) in terms {
-                    let y = match basis {
-                        Some(b) => coeff.matmul(&fold.product(b, m)?)?,
-                        None => coeff.matmul(m)?,
-                    };
-                    acc = Some(match acc {
-                        Some(a) => (a + y)?,
-                        None => y,
-                    });
-                }
-                acc.ok_or_else(|| candle_core::Error::Msg("empty factored activation".into()))
-            }
+            Act::Factored(terms) => sum_terms(terms, |coeff, basis| match basis {
+                Some(b) => coeff.matmul(&fold.product(b, m)?),
+                None => coeff.matmul(m),
+            }),
         }
     }
 
@@ -272,20 +262,10 @@ impl Act {
     pub fn dense(&self) -> Result<Tensor> {
         match self {
             Act::Dense(t) => Ok(t.clone()),
-            Act::Factored(terms) => {
-                let mut acc: Option<Tensor> = None;
-                for (coeff, basis) in terms {
-                    let y = match basis {
-                        Some(b) => coeff.matmul(b)?,
-                        None => coeff.clone(),
-                    };
-                    acc = Some(match acc {
-                        Some(a) => (a + y)?,
-                        None => y,
-                    });
-                }
-                acc.ok_or_else(|| candle_core::Error::Msg("empty factored activation".into()))
-            }
+            Act::Factored(terms) => sum_terms(terms, |coeff, basis| match basis {
+                Some(b) => coeff.matmul(b),
+                None => Ok(coeff.clone()),
+            }),
         }
     }
 
@@ -295,6 +275,22 @@ impl Act {
             Act::Factored(terms) => terms[0].0.dim(0),
         }
     }
+}
+
+/// Σ over factored terms of `f(coeff, basis)`.
+fn sum_terms(
+    terms: &[(Tensor, Option<Tensor>)],
+    f: impl Fn(&Tensor, &Option<Tensor>) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut acc: Option<Tensor> = None;
+    for (coeff, basis) in terms {
+        let y = f(coeff, basis)?;
+        acc = Some(match acc {
+            Some(a) => (a + y)?,
+            None => y,
+        });
+    }
+    acc.ok_or_else(|| candle_core::Error::Msg("empty factored activation".into()))
 }
 
 /// Hook called at every decomposed module with (module index, module input, fold cache).

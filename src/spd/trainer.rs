@@ -298,7 +298,12 @@ impl Trainer {
                     }
                     (sum.unwrap() / (cfg.n_mask_samples as f64 * n_rows * d_out))?
                 }
-                LossConfig::PgdReconLoss { pgd, .. } => {
+                LossConfig::PgdReconLoss { pgd, .. }
+                | LossConfig::PgdReconSubsetLoss { pgd, .. } => {
+                    let routing = match lc {
+                        LossConfig::PgdReconSubsetLoss { routing, .. } => Some(routing),
+                        _ => None,
+                    };
                     let s = pgd_recon_sum(
                         model,
                         &batch.x,
@@ -307,22 +312,7 @@ impl Trainer {
                         &fold,
                         &mut self.rng,
                         pgd,
-                        None,
-                        cfg.use_delta_component,
-                        n_rows * d_out,
-                    )?;
-                    (s / (n_rows * d_out))?
-                }
-                LossConfig::PgdReconSubsetLoss { pgd, routing, .. } => {
-                    let s = pgd_recon_sum(
-                        model,
-                        &batch.x,
-                        &ci,
-                        &target_out,
-                        &fold,
-                        &mut self.rng,
-                        pgd,
-                        Some(routing),
+                        routing,
                         cfg.use_delta_component,
                         n_rows * d_out,
                     )?;
