@@ -159,6 +159,19 @@ fn main() {
             std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
         }
     }
+    if cli.cmd.is_none() && cli.threads.is_none() && std::env::var_os("RAYON_NUM_THREADS").is_none()
+    {
+        // In the app, leave one core to the UI and the renderer: candle's worker threads spin
+        // at barriers, and oversubscribed cores made training 5x slower with the window open.
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let n = cores.saturating_sub(1).max(1).to_string();
+        unsafe {
+            std::env::set_var("RAYON_NUM_THREADS", &n);
+            std::env::set_var("CANDLE_NUM_THREADS", &n);
+        }
+    }
     let res = match cli.cmd {
         None => spdlab::app::run(spdlab::app::StartOptions {
             file: cli.file,
