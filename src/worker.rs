@@ -329,7 +329,7 @@ impl Worker {
     }
 
     fn publish_snapshot(&mut self) -> anyhow::Result<()> {
-        let Some(tr) = self.trainer.as_mut() else {
+        let Some(tr) = self.trainer.as_ref() else {
             return Ok(());
         };
         let snap = build_snapshot(tr, self.probe_value, 256)?;
@@ -340,22 +340,16 @@ impl Worker {
 }
 
 /// Computes a snapshot (probe CI, a data batch's CI, weights) from a trainer.
-pub fn build_snapshot(
-    tr: &mut Trainer,
-    probe_value: f32,
-    n_batch: usize,
-) -> anyhow::Result<Snapshot> {
+pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow::Result<Snapshot> {
     let model = &tr.model;
     let nf = model.target.spec.n_features();
     let dev = model.device().clone();
-    let probe = (Tensor::eye(nf, candle_core::DType::F32, &dev)? * probe_value as f64)?;
     // A fixed batch (own RNG): the heatmap rows stay the same inputs from snapshot to snapshot,
     // and the training stream is untouched.
     let raw = tr.data.batch(&mut crate::rng::Rng::new(0x5eed), n_batch);
     let batch = Tensor::from_vec(raw.clone(), (n_batch, nf), &dev)?;
     let fold = Fold::new();
-    let (_, pin) = model.target.forward_with_inputs(&probe, &fold)?;
-    let (pci, _) = model.causal_importances(&pin, None, &fold)?;
+    let mut ci_probe = crate::metrics::single_feature_ci(model, probe_value)?;
     let (_, bin) = model.target.forward_with_inputs(&batch, &fold)?;
     let (bci, _) = model.causal_importances(&bin, None, &fold)?;
     let mut modules = vec![];
@@ -365,12 +359,10 @@ pub fn build_snapshot(
         let vn = m.v.as_tensor().sqr()?.sum(0)?.sqrt()?.to_vec1::<f32>()?;
         let un = m.u.as_tensor().sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
         let ci_batch: Vec<f32> = bci[j].lower.flatten_all()?.to_vec1()?;
-        let mut mean_ci = vec![0f32; m.c];
-        for row in ci_batch.chunks(m.c) {
-            for (a, b) in mean_ci.iter_mut().zip(row) {
-                *a += b / n_batch as f32;
-            }
-        }
+        let mean_ci = crate::metrics::toy_metrics::mean_ci_per_component(&ci_batch, n_batch, m.c)
+            .into_iter()
+            .map(|x| x as f32)
+            .collect();
         modules.push(ModuleSnapshot {
             name: m.name.clone(),
             c: m.c,
@@ -382,7 +374,7 @@ pub fn build_snapshot(
                 .weight
                 .flatten_all()?
                 .to_vec1()?,
-            ci_probe: pci[j].lower.flatten_all()?.to_vec1()?,
+            ci_probe: std::mem::take(&mut ci_probe[j]),
             ci_batch,
             norms: vn.iter().zip(&un).map(|(a, b)| a * b).collect(),
             mean_ci,

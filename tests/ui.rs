@@ -11,12 +11,12 @@ use spdlab::worker::{Event, RunState, build_snapshot};
 
 fn loaded_app(cc: &eframe::CreationContext<'_>) -> SpdApp {
     let mut app = SpdApp::new(cc, None, StartOptions::default());
-    let (mut tr, _) = spdlab_file::from_bytes(
+    let (tr, _) = spdlab_file::from_bytes(
         spdlab::assets::default_decomposition(),
         &candle_core::Device::Cpu,
     )
     .unwrap();
-    let snap = build_snapshot(&mut tr, 0.75, 256).unwrap();
+    let snap = build_snapshot(&tr, 0.75, 256).unwrap();
     app.apply(Event::Loaded {
         description: "embedded tms-5-2 decomposition".into(),
         config: Box::new(tr.config.clone()),

@@ -185,11 +185,7 @@ impl SpdApp {
         app
     }
 
-    pub fn send_probe_value(&self, v: f32) {
-        self.send(Command::SetProbeValue(v));
-    }
-
-    fn send(&self, c: Command) {
+    pub(crate) fn send(&self, c: Command) {
         if let Some(w) = &self.worker {
             w.send(c);
         }

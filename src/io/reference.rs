@@ -313,9 +313,9 @@ pub fn import(path: &Path, device: &Device) -> anyhow::Result<(Trainer, ImportIn
         .map_err(|e| anyhow::anyhow!("{}: {e}", cfg_path.display()))?;
     for j in 0..model.modules.len() {
         let dashed = model.modules[j].name.replace('.', "-");
-        let mut take = |k: String, shape: &[usize]| -> anyhow::Result<Tensor> {
+        let mut take = |k: &str, shape: &[usize]| -> anyhow::Result<Tensor> {
             let (s, d) = comp
-                .remove(&k)
+                .remove(k)
                 .ok_or_else(|| ck_err(format!("missing tensor '{k}'")))?;
             if s != shape {
                 return Err(ck_err(format!(
@@ -324,28 +324,14 @@ pub fn import(path: &Path, device: &Device) -> anyhow::Result<(Trainer, ImportIn
             }
             Ok(Tensor::from_vec(d, s, device)?)
         };
-        let (d_in, c, d_out) = (
-            model.modules[j].d_in,
-            model.modules[j].c,
-            model.modules[j].d_out,
-        );
-        let v = take(format!("_components.{dashed}.V"), &[d_in, c])?;
-        let u = take(format!("_components.{dashed}.U"), &[c, d_out])?;
-        let shapes = crate::spd::component_model::ci_layer_shapes(
-            spd.ci_fn_type,
-            &spd.ci_fn_hidden_dims,
-            c,
-            d_in,
-        );
-        let mut layers = vec![];
-        for (i, (ws, bs)) in shapes.iter().enumerate() {
-            let w = take(format!("_ci_fns.{dashed}.layers.{}.W", 2 * i), ws)?;
-            let b = take(format!("_ci_fns.{dashed}.layers.{}.b", 2 * i), bs)?;
-            layers.push((w, b));
-        }
+        model.load_module_parameters(
+            j,
+            &format!("_components.{dashed}"),
+            &format!("_ci_fns.{dashed}"),
+            &mut take,
+        )?;
         // The bias buffer duplicates the target's bias.
         comp.remove(&format!("_components.{dashed}.bias"));
-        model.set_parameters(j, &v, &u, &layers)?;
     }
     if let Some(k) = comp.keys().next() {
         return Err(ck_err(format!(

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{TargetModel, TargetSpec};
 use crate::rng::Rng;
-use crate::spd::component_model::{ComponentModel, ci_layer_shapes};
+use crate::spd::component_model::ComponentModel;
 use crate::spd::config::SpdConfig;
 use crate::spd::trainer::{StepRecord, Trainer};
 
@@ -270,22 +270,13 @@ pub fn from_bytes(bytes: &[u8], device: &Device) -> anyhow::Result<(Trainer, Fil
                 mm.name
             );
         }
-        let (name, d_in, c, d_out) = (m.name.clone(), m.d_in, m.c, m.d_out);
-        let v = take(&format!("components.{name}.V"), &[d_in, c])?;
-        let u = take(&format!("components.{name}.U"), &[c, d_out])?;
-        let shapes = ci_layer_shapes(
-            meta.config.ci_fn_type,
-            &meta.config.ci_fn_hidden_dims,
-            c,
-            d_in,
-        );
-        let mut layers = vec![];
-        for (i, (ws, bs)) in shapes.iter().enumerate() {
-            let w = take(&format!("ci_fns.{name}.layers.{}.W", 2 * i), ws)?;
-            let b = take(&format!("ci_fns.{name}.layers.{}.b", 2 * i), bs)?;
-            layers.push((w, b));
-        }
-        model.set_parameters(j, &v, &u, &layers)?;
+        let name = m.name.clone();
+        model.load_module_parameters(
+            j,
+            &format!("components.{name}"),
+            &format!("ci_fns.{name}"),
+            &mut |k, shape| take(k, shape),
+        )?;
         if model.modules[j].tied_to != mm.tied_to {
             anyhow::bail!(
                 "module '{}': tying in the file does not match the target",

@@ -148,17 +148,14 @@ pub fn evaluate(
     let thr = tr.config.ci_alive_threshold;
     for _ in 0..n_batches {
         let batch = tr.draw_batch(batch_size)?;
-        let (_, rec) = tr.losses_on(&batch, false)?;
+        let (_, rec, ci) = tr.losses_and_ci(&batch, false)?;
         for (k, v) in rec.losses {
             *sums.entry(k).or_default() += v;
         }
         for (k, v) in rec.l0 {
             *l0s.entry(k).or_default() += v;
         }
-        // CI statistics (weighted by the folded zero rows).
-        let fold = crate::model::Fold::new();
-        let (_, inputs) = tr.model.target.forward_with_inputs(&batch.x, &fold)?;
-        let (ci, _) = tr.model.causal_importances(&inputs, None, &fold)?;
+        // CI statistics (weighted by the folded zero rows), from the same CI as the losses.
         let w = batch.weights.unsqueeze(0)?;
         for j in 0..nmod {
             let s = w.matmul(&ci[j].lower)?.flatten_all()?.to_vec1::<f32>()?;

@@ -472,6 +472,35 @@ impl ComponentModel {
         Ok(out)
     }
 
+    /// Replaces module j's parameters with tensors looked up by key: `{comp}.V`, `{comp}.U` and
+    /// `{ci}.layers.<2i>.W|b` (the same layout in `.spdlab` files and reference checkpoints,
+    /// under different prefixes). `take(key, shape)` must return a tensor of that shape.
+    pub fn load_module_parameters(
+        &mut self,
+        j: usize,
+        comp: &str,
+        ci: &str,
+        take: &mut dyn FnMut(&str, &[usize]) -> anyhow::Result<Tensor>,
+    ) -> anyhow::Result<()> {
+        let (d_in, c, d_out) = (
+            self.modules[j].d_in,
+            self.modules[j].c,
+            self.modules[j].d_out,
+        );
+        let v = take(&format!("{comp}.V"), &[d_in, c])?;
+        let u = take(&format!("{comp}.U"), &[c, d_out])?;
+        let mut layers = vec![];
+        for (i, (ws, bs)) in ci_layer_shapes(self.ci_fn_type, &self.ci_fn_hidden_dims, c, d_in)
+            .iter()
+            .enumerate()
+        {
+            let w = take(&format!("{ci}.layers.{}.W", 2 * i), ws)?;
+            let b = take(&format!("{ci}.layers.{}.b", 2 * i), bs)?;
+            layers.push((w, b));
+        }
+        self.set_parameters(j, &v, &u, &layers)
+    }
+
     /// Replaces module j's parameters (V, U, CI-function layers), checking every shape.
     pub fn set_parameters(
         &mut self,

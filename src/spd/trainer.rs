@@ -91,21 +91,7 @@ impl Trainer {
             return Ok(last);
         }
         let wd = self.config.faithfulness_warmup_weight_decay;
-        let mut entries = vec![];
-        for m in &self.model.modules {
-            match m.tied_to {
-                None => {
-                    entries.push(AdamEntry::new(m.v.clone(), wd));
-                    entries.push(AdamEntry::new(m.u.clone(), wd));
-                }
-                Some(o) => {
-                    let owner = &self.model.modules[o];
-                    entries.push(AdamEntry::alias(owner.u.clone(), m.v.clone(), wd));
-                    entries.push(AdamEntry::alias(owner.v.clone(), m.u.clone(), wd));
-                }
-            }
-        }
-        let mut opt = Adam::new(entries);
+        let mut opt = Adam::new(component_entries(&self.model, wd));
         for _ in 0..n {
             let loss = self.faithfulness_loss()?;
             last = loss.to_scalar::<f32>()? as f64;
@@ -186,6 +172,16 @@ impl Trainer {
     /// Every configured loss on a batch. Returns the weighted total (with graph when
     /// `for_training`) and the raw values, plus L0 per layer.
     pub fn losses_on(&mut self, batch: &Batch, for_training: bool) -> Result<(Tensor, StepRecord)> {
+        self.losses_and_ci(batch, for_training)
+            .map(|(t, r, _)| (t, r))
+    }
+
+    /// As [`Trainer::losses_on`], also returning the causal importances it computed.
+    pub fn losses_and_ci(
+        &mut self,
+        batch: &Batch,
+        for_training: bool,
+    ) -> Result<(Tensor, StepRecord, Vec<CiOutput>)> {
         let model = &self.model;
         let cfg = &self.config;
         let fold = crate::model::Fold::new();
@@ -339,31 +335,38 @@ impl Trainer {
                 weighted_l0(&ci[j].lower, &batch.weights, n_rows, thr)?,
             );
         }
-        Ok((total, rec))
+        Ok((total, rec, ci))
     }
 }
 
 /// Optimizer entries of the main (Adam, wd 0) optimizer: all component and CI-function
 /// parameters; tied modules update their owner's storage through their own Adam state.
 fn main_entries(model: &ComponentModel) -> Vec<AdamEntry> {
-    let mut entries = vec![];
-    for m in &model.modules {
-        match m.tied_to {
-            None => {
-                entries.push(AdamEntry::new(m.v.clone(), 0.0));
-                entries.push(AdamEntry::new(m.u.clone(), 0.0));
-            }
-            Some(o) => {
-                let owner = &model.modules[o];
-                entries.push(AdamEntry::alias(owner.u.clone(), m.v.clone(), 0.0));
-                entries.push(AdamEntry::alias(owner.v.clone(), m.u.clone(), 0.0));
-            }
-        }
-    }
+    let mut entries = component_entries(model, 0.0);
     for m in &model.modules {
         for (w, b) in &m.ci_layers {
             entries.push(AdamEntry::new(w.clone(), 0.0));
             entries.push(AdamEntry::new(b.clone(), 0.0));
+        }
+    }
+    entries
+}
+
+/// Optimizer entries for U and V of every module; a tied module updates its owner's storage
+/// (transposed) through an alias entry with its own Adam state.
+fn component_entries(model: &ComponentModel, wd: f64) -> Vec<AdamEntry> {
+    let mut entries = vec![];
+    for m in &model.modules {
+        match m.tied_to {
+            None => {
+                entries.push(AdamEntry::new(m.v.clone(), wd));
+                entries.push(AdamEntry::new(m.u.clone(), wd));
+            }
+            Some(o) => {
+                let owner = &model.modules[o];
+                entries.push(AdamEntry::alias(owner.u.clone(), m.v.clone(), wd));
+                entries.push(AdamEntry::alias(owner.v.clone(), m.u.clone(), wd));
+            }
         }
     }
     entries

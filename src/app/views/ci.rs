@@ -44,7 +44,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     if st.vmax <= 0.0 {
         st.vmax = 1.0;
     }
-    ui.horizontal(|ui| {
+    ui.horizontal_wrapped(|ui| {
         ui.label("inputs:");
         ui.selectable_value(
             &mut st.input_set,
@@ -61,16 +61,16 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         ui.selectable_value(&mut st.order, Order::AsIs, "as is");
         ui.selectable_value(&mut st.order, Order::Hungarian, "Hungarian to diagonal");
         ui.selectable_value(&mut st.order, Order::Density, "by density");
-        ui.separator();
-        ui.add(egui::Slider::new(&mut st.vmax, 0.05..=1.0).text("colour max"));
     });
     let mut probe = app.settings.probe_value;
     ui.horizontal(|ui| {
+        ui.add(egui::Slider::new(&mut app.views.ci.vmax, 0.05..=1.0).text("colour max"));
+        ui.separator();
         if ui
             .add(egui::Slider::new(&mut probe, 0.05..=1.0).text("probe value"))
             .drag_stopped()
         {
-            app.send_probe_value(probe);
+            app.send(crate::worker::Command::SetProbeValue(probe));
         }
     });
     app.settings.probe_value = probe;

@@ -5,6 +5,7 @@ use egui_plot::{Bar, BarChart, Legend, Plot, PlotPoints, Points};
 
 use super::module_picker;
 use crate::app::SpdApp;
+use crate::metrics::toy_metrics;
 
 pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     let Some(s) = app.snapshot.clone() else {
@@ -14,21 +15,24 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         .config
         .as_ref()
         .map(|c| c.ci_alive_threshold)
-        .unwrap_or(0.1) as f32;
+        .unwrap_or(0.1);
+    // (alive count, L0) per module on the snapshot's batch, computed once per frame.
+    let stats: Vec<(usize, f64)> = s
+        .modules
+        .iter()
+        .map(|m| {
+            let density = toy_metrics::activation_density(&m.ci_batch, s.n_batch, m.c, thr);
+            let alive = density.iter().filter(|&&d| d > 0.0).count();
+            (alive, toy_metrics::l0(&m.ci_batch, s.n_batch, m.c, thr))
+        })
+        .collect();
     egui::Grid::new("summary").striped(true).show(ui, |ui| {
         ui.strong("module");
         ui.strong("C");
         ui.strong("alive (fires on a batch input)");
         ui.strong("L0 on the batch");
         ui.end_row();
-        for m in &s.modules {
-            let alive = (0..m.c)
-                .filter(|&c| (0..s.n_batch).any(|b| m.ci_batch[b * m.c + c] > thr))
-                .count();
-            let l0 = (0..s.n_batch)
-                .map(|b| (0..m.c).filter(|&c| m.ci_batch[b * m.c + c] > thr).count())
-                .sum::<usize>() as f32
-                / s.n_batch.max(1) as f32;
+        for (m, &(alive, l0)) in s.modules.iter().zip(&stats) {
             ui.label(&m.name);
             ui.label(m.c.to_string());
             ui.label(format!("{alive} alive, {} dead", m.c - alive));
@@ -40,14 +44,9 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     let bars: Vec<Bar> = s
         .modules
         .iter()
+        .zip(&stats)
         .enumerate()
-        .map(|(i, m)| {
-            let l0 = (0..s.n_batch)
-                .map(|b| (0..m.c).filter(|&c| m.ci_batch[b * m.c + c] > thr).count())
-                .sum::<usize>() as f64
-                / s.n_batch.max(1) as f64;
-            Bar::new(i as f64, l0).name(&m.name).width(0.6)
-        })
+        .map(|(i, (m, &(_, l0)))| Bar::new(i as f64, l0).name(&m.name).width(0.6))
         .collect();
     Plot::new("l0bars")
         .height(h.max(80.0))

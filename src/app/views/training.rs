@@ -73,12 +73,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         ui.label("no training steps yet: press Start");
         return;
     }
-    let mut names: Vec<String> = app
-        .history
-        .last()
-        .map(|r| r.losses.keys().cloned().collect())
-        .unwrap_or_default();
-    names.sort();
+    let (names, layers) = series_names(app);
     let link = egui::Id::unique("train-x");
     let h = (ui.available_height() - 40.0) / 3.0;
     Plot::new("losses")
@@ -103,11 +98,6 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
                 p.line(line);
             }
         });
-    let layers: Vec<String> = app
-        .history
-        .last()
-        .map(|r| r.l0.keys().cloned().collect())
-        .unwrap_or_default();
     Plot::new("l0")
         .legend(Legend::default())
         .height(h.max(80.0))
@@ -155,18 +145,20 @@ fn color(i: usize) -> egui::Color32 {
     C[i % C.len()]
 }
 
-fn export_csv(app: &SpdApp, path: &std::path::Path) -> anyhow::Result<()> {
-    let mut names: Vec<String> = app
-        .history
-        .last()
+/// Loss-term and layer names of the latest step record (BTreeMap keys: already sorted).
+fn series_names(app: &SpdApp) -> (Vec<String>, Vec<String>) {
+    let last = app.history.last();
+    let names = last
         .map(|r| r.losses.keys().cloned().collect())
         .unwrap_or_default();
-    names.sort();
-    let layers: Vec<String> = app
-        .history
-        .last()
+    let layers = last
         .map(|r| r.l0.keys().cloned().collect())
         .unwrap_or_default();
+    (names, layers)
+}
+
+fn export_csv(app: &SpdApp, path: &std::path::Path) -> anyhow::Result<()> {
+    let (names, layers) = series_names(app);
     let mut s = String::from("step,lr");
     for n in &names {
         s += &format!(",loss/{n}");
