@@ -10,6 +10,9 @@ pub struct SparseFeatureData {
     pub feature_probability: f32,
     pub kind: DataGenerationType,
     pub value_range: (f32, f32),
+    /// Grouped one-hot inputs (e.g. day ⊕ operation): when set, every row has exactly one
+    /// active feature per group, with value `value_range.1`, and `kind` is not used.
+    pub groups: Option<Vec<usize>>,
 }
 
 impl SparseFeatureData {
@@ -21,6 +24,16 @@ impl SparseFeatureData {
         let n = self.n_features;
         let (lo, hi) = self.value_range;
         let mut out = vec![0f32; b * n];
+        if let Some(groups) = &self.groups {
+            for row in out.chunks_mut(n) {
+                let mut start = 0;
+                for &g in groups {
+                    row[start + rng.below(g)] = hi;
+                    start += g;
+                }
+            }
+            return out;
+        }
         match self.kind.exactly_n() {
             None => {
                 let p = self.feature_probability;
@@ -61,6 +74,7 @@ mod tests {
             feature_probability: 0.05,
             kind: DataGenerationType::AtLeastZeroActive,
             value_range: (0.0, 1.0),
+            groups: None,
         };
         let mut rng = Rng::new(0);
         let b = 40_000;
@@ -74,12 +88,44 @@ mod tests {
     }
 
     #[test]
+    fn grouped_one_hot() {
+        let d = SparseFeatureData {
+            n_features: 10,
+            feature_probability: 0.0,
+            kind: DataGenerationType::AtLeastZeroActive,
+            value_range: (1.0, 1.0),
+            groups: Some(vec![7, 3]),
+        };
+        let mut rng = Rng::new(5);
+        let x = d.batch(&mut rng, 2100);
+        let mut counts = [0usize; 10];
+        for row in x.chunks(10) {
+            assert_eq!(row[..7].iter().filter(|&&v| v == 1.0).count(), 1);
+            assert_eq!(row[7..].iter().filter(|&&v| v == 1.0).count(), 1);
+            assert_eq!(row.iter().filter(|&&v| v != 0.0).count(), 2);
+            for (c, v) in counts.iter_mut().zip(row) {
+                *c += (*v != 0.0) as usize;
+            }
+        }
+        // Uniform within each group.
+        assert!(
+            counts[..7].iter().all(|&c| (240..360).contains(&c)),
+            "{counts:?}"
+        );
+        assert!(
+            counts[7..].iter().all(|&c| (600..800).contains(&c)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
     fn exactly_n_active() {
         let d = SparseFeatureData {
             n_features: 10,
             feature_probability: 0.0,
             kind: DataGenerationType::ExactlyTwoActive,
             value_range: (-1.0, 1.0),
+            groups: None,
         };
         let mut rng = Rng::new(3);
         let x = d.batch(&mut rng, 1000);

@@ -90,12 +90,41 @@ enum Cmd {
     Ci {
         /// A .spdlab file or a goodfire-ai/spd run (folder or model_<step>.pth).
         file: PathBuf,
-        /// JSON file {"inputs": [[...], ...]}.
+        /// JSON file {"inputs": [[...], ...]}, `probes[:VALUE]` or `batch:N[:SEED]`.
         #[arg(long)]
-        inputs: PathBuf,
+        inputs: String,
         /// Report the upper-leaky CI (the minimality loss's) instead of the lower-leaky (masks').
         #[arg(long)]
         upper: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Intervene: ablate (or otherwise mask) a selection of subcomponents, clusters or layers
+    /// and report how every output changes.
+    Ablate {
+        /// A .spdlab file or a goodfire-ai/spd run.
+        file: PathBuf,
+        /// What to intervene on: `layer:index`, `layer:a-b`, `layer:*`, `cluster:id`
+        /// (comma-separated).
+        #[arg(long)]
+        select: String,
+        /// JSON file {"inputs": [[...], ...]}, `probes[:VALUE]` or `batch:N[:SEED]`.
+        #[arg(long, default_value = "probes")]
+        inputs: String,
+        /// Mask of the selection: ablate, keep, ci, stochastic.
+        #[arg(long, default_value = "ablate")]
+        mode: String,
+        /// Mask of everything else: keep, ablate, ci, stochastic.
+        #[arg(long, default_value = "keep")]
+        others: String,
+        /// Keep the delta component (W_target − Σ subcomponents) at weight 1 (off by default).
+        #[arg(long)]
+        delta: bool,
+        /// Seed of the stochastic masks.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         #[arg(long, default_value = "cpu")]
         device: String,
         #[arg(long)]
@@ -131,8 +160,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// List the presets.
-    Presets,
+    /// List the presets, or print one preset's full config (a starting point for --config).
+    Presets {
+        /// Print this preset's config as JSON (with "preset" set), ready to edit.
+        #[arg(long)]
+        show: Option<String>,
+    },
     /// Train a new target model for a preset and save it (how assets/targets were made).
     TrainTarget {
         #[arg(long)]
@@ -190,7 +223,13 @@ fn main() {
 
 fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Presets => {
+        Cmd::Presets { show: Some(name) } => {
+            let mut v = serde_json::to_value(presets::spd_config(&name)?)?;
+            v["preset"] = serde_json::Value::String(name);
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
+        Cmd::Presets { show: None } => {
             for p in presets::PRESETS {
                 println!("{:<14} {}", p.name, p.description);
             }
@@ -323,12 +362,62 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             for w in warnings {
                 eprintln!("warning: {w}");
             }
-            let x = runner::read_inputs(&inputs, tr.model.target.spec.n_features())?;
+            let x = runner::resolve_inputs(&inputs, &tr)?;
             let rep = runner::ci_report(&tr.model, &x, upper)?;
             if json {
                 println!("{}", serde_json::to_string(&rep)?);
             } else {
                 runner::print_ci_report(&rep);
+            }
+            Ok(())
+        }
+        Cmd::Ablate {
+            file,
+            select,
+            inputs,
+            mode,
+            others,
+            delta,
+            seed,
+            device,
+            json,
+        } => {
+            use spdlab::interventions::*;
+            let dev = runner::device(&device)?;
+            let (tr, extras, warnings) = spdlab::io::load_any(&file, &dev)?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            let clusters = stored_clusters(&extras.extra)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let selection = Selection::parse(&select, &tr.model, clusters.as_ref())
+                .map_err(|e| anyhow::anyhow!("--select: {e}"))?;
+            let iv = Intervention {
+                selection,
+                selected_mode: MaskMode::parse(&mode)
+                    .map_err(|e| anyhow::anyhow!("--mode: {e}"))?,
+                other_mode: MaskMode::parse(&others)
+                    .map_err(|e| anyhow::anyhow!("--others: {e}"))?,
+                delta,
+            };
+            let x = runner::resolve_inputs(&inputs, &tr)?;
+            let res = run_intervention(&tr.model, &x, &iv, &mut spdlab::rng::Rng::new(seed))?;
+            if json {
+                let v = serde_json::json!({
+                    "selection": iv.selection.labels(&tr.model),
+                    "mode": iv.selected_mode,
+                    "others": iv.other_mode,
+                    "delta": iv.delta,
+                    "result": res,
+                });
+                println!("{v}");
+            } else {
+                runner::print_intervention(
+                    &tr.model.target.spec,
+                    &iv.selection.labels(&tr.model),
+                    &iv,
+                    &res,
+                );
             }
             Ok(())
         }

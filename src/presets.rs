@@ -50,6 +50,11 @@ pub const PRESETS: &[Preset] = &[
         description: "Residual MLP, 102 features, 3 layers of 17 neurons, C=500, 50k steps",
         target_seed: 0,
     },
+    Preset {
+        name: "days",
+        description: "Day of week: 7 days on a circle, ops same/next (next = a gated rotation) (constructed target), C=12 per layer, 4k steps",
+        target_seed: 0,
+    },
 ];
 
 pub fn preset_names() -> Vec<&'static str> {
@@ -76,6 +81,10 @@ pub fn target_spec(name: &str) -> anyhow::Result<TargetSpec> {
         "resid-mlp-1" => resid(100, 50, 1),
         "resid-mlp-2" => resid(100, 25, 2),
         "resid-mlp-3" => resid(102, 17, 3),
+        "days" => TargetSpec::Days {
+            n_days: 7,
+            n_ops: 2,
+        },
         _ => unreachable!(),
     })
 }
@@ -159,6 +168,8 @@ pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
         task_config: TaskConfig {
             task_name: if name.starts_with("tms") {
                 "tms".into()
+            } else if name == "days" {
+                "days".into()
             } else {
                 "resid_mlp".into()
             },
@@ -288,6 +299,22 @@ pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
             cfg.eval_freq = 500;
             cfg
         }
+        "days" => {
+            // Small, exactly-known model: every (day, op) pair is equally likely, so a
+            // per-input CI function that sees the whole module input (vector_mlp) is needed to
+            // tell "same" from "next" for the subcomponents that read the day plane.
+            let mut cfg = base(
+                vec![mi("embed", 12), mi("mlp_in", 12), mi("mlp_out", 12)],
+                vec![imp_min(3e-3, 1.0), sr(1.0), srl(1.0)],
+                4_000,
+                256,
+                cosine.clone(),
+                0.0,
+            );
+            cfg.ci_fn_type = CiFnType::VectorMlp;
+            cfg.ci_fn_hidden_dims = vec![16];
+            cfg
+        }
         _ => unreachable!(),
     };
     cfg.seed = 0;
@@ -301,6 +328,9 @@ pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
 /// steps), so they share the weights of their base preset's shipped target.
 pub fn target_model(name: &str, device: &Device) -> anyhow::Result<TargetModel> {
     let spec = target_spec(name)?;
+    if let TargetSpec::Days { n_days, n_ops } = spec {
+        return crate::model::days::days_target(n_days, n_ops, device);
+    }
     let base = name.strip_suffix("-id").unwrap_or(name);
     let bytes = crate::assets::target_bytes(base)
         .ok_or_else(|| anyhow::anyhow!("no shipped target for preset '{name}'"))?;

@@ -162,6 +162,78 @@ pub fn read_inputs(path: &Path, n_features: usize) -> anyhow::Result<Vec<Vec<f32
     Ok(inp.inputs)
 }
 
+/// Probe inputs of a model: one row per feature with that feature at `value` (for targets with
+/// grouped one-hot inputs, such as days, every combination of one feature per group).
+pub fn probe_inputs(spec: &crate::model::TargetSpec, value: f32) -> Vec<Vec<f32>> {
+    let nf = spec.n_features();
+    match spec.input_groups() {
+        Some(groups) => {
+            let mut rows: Vec<Vec<f32>> = vec![vec![0.0; nf]];
+            let mut start = 0;
+            for g in groups {
+                let mut next = vec![];
+                for r in &rows {
+                    for i in 0..g {
+                        let mut r = r.clone();
+                        r[start + i] = 1.0;
+                        next.push(r);
+                    }
+                }
+                rows = next;
+                start += g;
+            }
+            rows
+        }
+        None => (0..nf)
+            .map(|i| {
+                let mut r = vec![0.0; nf];
+                r[i] = value;
+                r
+            })
+            .collect(),
+    }
+}
+
+/// Resolves an input-set argument: `probes` or `probes:VALUE` (one-hot probes, default 0.75),
+/// `batch:N` or `batch:N:SEED` (N rows from the training distribution), or a JSON file
+/// `{"inputs": [[...], ...]}`.
+pub fn resolve_inputs(
+    arg: &str,
+    tr: &crate::spd::trainer::Trainer,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let nf = tr.model.target.spec.n_features();
+    if arg == "probes" || arg.starts_with("probes:") {
+        let v = match arg.strip_prefix("probes:") {
+            Some(s) => s
+                .parse::<f32>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| anyhow::anyhow!("--inputs {arg}: bad probe value"))?,
+            None => 0.75,
+        };
+        return Ok(probe_inputs(&tr.model.target.spec, v));
+    }
+    if let Some(rest) = arg.strip_prefix("batch:") {
+        let mut it = rest.split(':');
+        let n: usize = it
+            .next()
+            .and_then(|s| s.parse().ok())
+            .filter(|&n| n > 0 && n <= 1 << 20)
+            .ok_or_else(|| {
+                anyhow::anyhow!("--inputs {arg}: expected batch:N with 0 < N <= 1048576")
+            })?;
+        let seed: u64 = match it.next() {
+            Some(s) => s
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--inputs {arg}: bad seed"))?,
+            None => 0,
+        };
+        let raw = tr.data.batch(&mut crate::rng::Rng::new(seed), n);
+        return Ok(raw.chunks(nf).map(|r| r.to_vec()).collect());
+    }
+    read_inputs(Path::new(arg), nf)
+}
+
 /// CI values and outputs on chosen inputs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CiReport {
@@ -261,5 +333,96 @@ pub fn print_ci_report(r: &CiReport) {
         }
         println!("  target output       {:?}", r.target_output[i]);
         println!("  unmasked output     {:?}", r.unmasked_output[i]);
+    }
+}
+
+/// Short description of an input row: its active features (`f3=0.75`), or the (day, op) label.
+pub fn describe_input(spec: &crate::model::TargetSpec, x: &[f32]) -> String {
+    if let crate::model::TargetSpec::Days { n_days, n_ops } = spec
+        && let Some((d, o)) = crate::model::days::decode_input(*n_days, *n_ops, x)
+    {
+        return crate::model::days::input_label(*n_days, d, o);
+    }
+    let active: Vec<String> = x
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| **v != 0.0)
+        .map(|(i, v)| format!("f{i}={v:.2}"))
+        .collect();
+    if active.is_empty() {
+        "(all zero)".into()
+    } else if active.len() > 6 {
+        format!("{} ... ({} active)", active[..6].join(" "), active.len())
+    } else {
+        active.join(" ")
+    }
+}
+
+pub fn print_intervention(
+    spec: &crate::model::TargetSpec,
+    labels: &[String],
+    iv: &crate::interventions::Intervention,
+    r: &crate::interventions::InterventionResult,
+) {
+    println!(
+        "selection ({} subcomponents, {}): {}",
+        labels.len(),
+        iv.selected_mode.label(),
+        if labels.len() > 12 {
+            format!("{} ...", labels[..12].join(" "))
+        } else {
+            labels.join(" ")
+        }
+    );
+    println!(
+        "others: {}; delta component {}; change measured against everything in the others' mode",
+        iv.other_mode.label(),
+        if iv.delta { "on" } else { "off" }
+    );
+    println!(
+        "{:>5}  {:<28} {:>11} {:>11} {:>11} {:>11}",
+        "input", "active", "max|change|", "loss base", "loss interv", "change"
+    );
+    for i in r.what_breaks() {
+        println!(
+            "{i:>5}  {:<28} {:>11.4} {:>11.3e} {:>11.3e} {:>+11.3e}",
+            describe_input(spec, &r.inputs[i]),
+            r.max_change[i],
+            r.loss_baseline[i],
+            r.loss_intervened[i],
+            r.loss_change[i]
+        );
+    }
+    if !r.per_feature.is_empty() {
+        println!("per feature / class (baseline -> intervened):");
+        for f in &r.per_feature {
+            let broken = match f.metric.as_str() {
+                "accuracy" => f.intervened < f.baseline,
+                _ => f.intervened > 10.0 * f.baseline.max(1e-6),
+            };
+            println!(
+                "  {:<16} {:>6} inputs  {} {:.4e} -> {:.4e}{}",
+                f.name,
+                f.n_inputs,
+                f.metric,
+                f.baseline,
+                f.intervened,
+                if broken { "  <- broken" } else { "" }
+            );
+        }
+    }
+    println!("per-output MSE against the target (baseline -> intervened):");
+    for (k, (a, b)) in r
+        .per_output_mse_baseline
+        .iter()
+        .zip(&r.per_output_mse_intervened)
+        .enumerate()
+    {
+        let flag = if *b > 10.0 * a.max(1e-6) {
+            "  <- broken"
+        } else {
+            ""
+        };
+        println!("  out {k:>3}: {a:.3e} -> {b:.3e}{flag}");
     }
 }

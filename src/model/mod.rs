@@ -5,6 +5,7 @@
 //! return a replacement output (the masked subcomponents), exactly like the reference's PyTorch
 //! forward hooks.
 
+pub mod days;
 mod train;
 
 pub use train::{TargetTrainConfig, train_target};
@@ -47,6 +48,9 @@ pub enum TargetSpec {
         #[serde(default)]
         out_bias: bool,
     },
+    /// Day-of-week arithmetic (see [`days`]): one-hot day ⊕ one-hot operation → day logits.
+    /// Weights are constructed analytically by [`days::days_target`].
+    Days { n_days: usize, n_ops: usize },
 }
 
 fn yes() -> bool {
@@ -62,15 +66,27 @@ impl TargetSpec {
             TargetSpec::Tms { n_features, .. } | TargetSpec::ResidMlp { n_features, .. } => {
                 *n_features
             }
+            TargetSpec::Days { n_days, n_ops } => n_days + n_ops,
         }
     }
     pub fn n_outputs(&self) -> usize {
-        self.n_features()
+        match self {
+            TargetSpec::Days { n_days, .. } => *n_days,
+            _ => self.n_features(),
+        }
+    }
+    /// Input features come in groups with exactly one active (value 1) per group, when set.
+    pub fn input_groups(&self) -> Option<Vec<usize>> {
+        match self {
+            TargetSpec::Days { n_days, n_ops } => Some(vec![*n_days, *n_ops]),
+            _ => None,
+        }
     }
     pub fn family(&self) -> &'static str {
         match self {
             TargetSpec::Tms { .. } => "tms",
             TargetSpec::ResidMlp { .. } => "resid_mlp",
+            TargetSpec::Days { .. } => "days",
         }
     }
     /// Default feature value range of the task.
@@ -78,6 +94,7 @@ impl TargetSpec {
         match self {
             TargetSpec::Tms { .. } => (0.0, 1.0),
             TargetSpec::ResidMlp { .. } => (-1.0, 1.0),
+            TargetSpec::Days { .. } => (1.0, 1.0),
         }
     }
 
@@ -129,6 +146,16 @@ impl TargetSpec {
                 }
                 v
             }
+            TargetSpec::Days { n_days, n_ops } => {
+                let (d_model, d_mlp) = (2 + n_ops, 3 * n_ops.saturating_sub(1));
+                vec![
+                    ("embed.weight".into(), vec![d_model, n_days + n_ops]),
+                    ("mlp_in.weight".into(), vec![d_mlp, d_model]),
+                    ("mlp_in.bias".into(), vec![d_mlp]),
+                    ("mlp_out.weight".into(), vec![d_model, d_mlp]),
+                    ("unembed.weight".into(), vec![*n_days, d_model]),
+                ]
+            }
         }
     }
 
@@ -174,6 +201,15 @@ impl TargetSpec {
                 }
                 v
             }
+            TargetSpec::Days { .. } => vec![
+                ("embed".into(), "embed.weight".into(), None),
+                (
+                    "mlp_in".into(),
+                    "mlp_in.weight".into(),
+                    Some("mlp_in.bias".into()),
+                ),
+                ("mlp_out".into(), "mlp_out.weight".into(), None),
+            ],
         }
     }
 }
@@ -304,6 +340,9 @@ impl TargetModel {
         named: Vec<(String, Tensor)>,
         device: &Device,
     ) -> anyhow::Result<Self> {
+        if let TargetSpec::Days { n_days, n_ops } = spec {
+            days::check_spec(n_days, n_ops)?;
+        }
         let mut params = vec![];
         for (key, shape) in spec.param_shapes() {
             let t = named
@@ -417,6 +456,10 @@ impl TargetModel {
         zero_bias: bool,
         device: &Device,
     ) -> anyhow::Result<Self> {
+        if let TargetSpec::Days { n_days, n_ops } = spec {
+            // Constructed, not trained: the ground truth is the point of this target.
+            return days::days_target(*n_days, *n_ops, device);
+        }
         let mut named = vec![];
         let uniform = |rng: &mut Rng, n: usize, bound: f32| -> Vec<f32> {
             (0..n)
@@ -455,6 +498,7 @@ impl TargetModel {
                                 *d_mlp
                             }
                         }
+                        TargetSpec::Days { .. } => unreachable!("constructed above"),
                     };
                     uniform(rng, n, 1.0 / (fan_in as f32).sqrt())
                 }
@@ -555,6 +599,18 @@ impl TargetModel {
                     }
                 }
                 Act::Factored(stream).apply(self.param("W_U"), fold)
+            }
+            TargetSpec::Days { .. } => {
+                let mut run = |i: usize, a: &Act| -> Result<Tensor> {
+                    match hook(i, a, fold)? {
+                        Some(out) => out.dense(),
+                        None => self.module_forward(i, a, fold),
+                    }
+                };
+                let r = run(0, &Act::Dense(x.clone()))?;
+                let pre = run(1, &Act::Dense(r.clone()))?;
+                let delta = run(2, &Act::Dense(pre.relu()?))?;
+                (r + delta)?.matmul(&self.param("unembed.weight").t()?)
             }
         }
     }

@@ -54,6 +54,21 @@ impl TargetTrainConfig {
                 weight_decay: 0.01,
                 init_bias_to_zero: false,
             },
+            // Constructed analytically; there is nothing to train.
+            TargetSpec::Days { .. } => TargetTrainConfig {
+                seed,
+                steps: 0,
+                batch_size: 1,
+                feature_probability: 0.0,
+                lr_schedule: ScheduleConfig {
+                    start_val: 0.0,
+                    warmup_pct: 0.0,
+                    final_val_frac: 1.0,
+                    fn_type: ScheduleFn::Constant,
+                },
+                weight_decay: 0.0,
+                init_bias_to_zero: false,
+            },
         }
     }
 }
@@ -68,6 +83,10 @@ pub fn train_target(
     device: &Device,
     mut progress: impl FnMut(usize, f32),
 ) -> anyhow::Result<(TargetModel, f32)> {
+    if let TargetSpec::Days { n_days, n_ops } = spec {
+        // The days target is constructed with known weights; it is exact (zero error).
+        return Ok((super::days::days_target(*n_days, *n_ops, device)?, 0.0));
+    }
     let mut rng = Rng::new(cfg.seed);
     let init = TargetModel::init_random(spec, &mut rng, cfg.init_bias_to_zero, device)?;
     // Trainable parameters: everything except the frozen embedding / identity hidden layers
@@ -108,6 +127,7 @@ pub fn train_target(
         feature_probability: cfg.feature_probability as f32,
         kind: DataGenerationType::AtLeastZeroActive,
         value_range: spec.value_range(),
+        groups: None,
     };
     let mut opt = AdamW::new(
         vars.iter().map(|(_, v)| v.clone()).collect(),
@@ -173,6 +193,7 @@ pub fn train_target(
                 };
                 (out, (&x + act)?)
             }
+            TargetSpec::Days { .. } => unreachable!("returned above"),
         };
         let loss = (out - labels)?.sqr()?.mean_all()?;
         opt.backward_step(&loss)?;

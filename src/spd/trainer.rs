@@ -64,6 +64,7 @@ impl Trainer {
             feature_probability: config.task_config.feature_probability as f32,
             kind: config.task_config.data_generation_type,
             value_range: config.task_config.value_range.unwrap_or(spec.value_range()),
+            groups: spec.input_groups(),
         };
         let compact_zero_rows = model.target.zero_input_is_inert()?;
         let opt = Adam::new(main_entries(&model));
