@@ -130,6 +130,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Report what a decomposition of the `days` preset found: the rotation mechanism of each
+    /// operation against the known construction, the per-day embedding, and the unlearning
+    /// test (ablate the mechanism's cluster).
+    Days {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Convert a goodfire-ai/spd run into a .spdlab file.
     Import {
         run: PathBuf,
@@ -418,6 +426,22 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                     &iv,
                     &res,
                 );
+            }
+            Ok(())
+        }
+        Cmd::Days { file, json } => {
+            let (tr, extras, warnings) = spdlab::io::load_any(&file, &candle_core::Device::Cpu)?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            let clusters = spdlab::interventions::stored_clusters(&extras.extra)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let rep = spdlab::metrics::days::days_report(&tr.model, clusters.as_ref())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            if json {
+                println!("{}", serde_json::to_string(&rep)?);
+            } else {
+                spdlab::metrics::days::print_days_report(&rep);
             }
             Ok(())
         }

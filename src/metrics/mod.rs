@@ -1,6 +1,7 @@
 //! Evaluation of a decomposition: losses on fresh data, L0, CI statistics, single-feature CI
 //! matrices, target-solution error, MMCS / ML2R.
 
+pub mod days;
 pub mod toy_metrics;
 
 use std::collections::BTreeMap;

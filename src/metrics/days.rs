@@ -1,0 +1,292 @@
+//! What a decomposition of the days target found: the rotation mechanism of each rotating
+//! operation, checked against the known construction (see [`crate::model::days`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::ClusteringResult;
+use crate::interventions::{Intervention, Selection, run_intervention};
+use crate::model::TargetSpec;
+use crate::model::days::{answer, op_delta};
+use crate::rng::Rng;
+use crate::runner::probe_inputs;
+use crate::spd::component_model::ComponentModel;
+
+/// CI at or above this on an operation's inputs makes a rotating-layer subcomponent part of
+/// that operation's mechanism.
+pub const MEMBER_CI: f32 = 0.5;
+
+/// The mechanism found for one rotating operation ("next", "previous").
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OpMechanism {
+    pub op: String,
+    /// Subcomponents of the rotating layers (mlp_in, mlp_out) with CI ≥ 0.5 on some input of
+    /// this operation.
+    pub members: Vec<String>,
+    /// Per member: min over days of its CI under this operation.
+    pub member_min_ci_on_op: Vec<f32>,
+    /// Per member: max over days of its CI under "same day".
+    pub member_max_ci_on_same: Vec<f32>,
+    /// Mechanism level: per day, max CI over members; then min over days (op) / max (same).
+    pub mechanism_min_ci_on_op: f32,
+    pub mechanism_max_ci_on_same: f32,
+    /// Cluster ids of the members (with a clustering), sorted and deduplicated.
+    pub clusters: Vec<usize>,
+    /// Σ members' weights composed on the day plane: W_out[plane, ·] · W_in[·, plane]
+    /// (row-major, acting on column vectors).
+    pub plane_map: [[f32; 2]; 2],
+    /// The construction's R − I.
+    pub expected: [[f32; 2]; 2],
+    /// ‖plane_map − (R − I)‖_F / ‖R − I‖_F.
+    pub plane_map_rel_error: f32,
+    /// What was ablated: the members' cluster(s) when clustered, else the members.
+    pub ablated: Vec<String>,
+    /// After ablation: (operation, correct of n_days, answers equal to the same-day answer).
+    pub ablated_answers: Vec<(String, usize, usize)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DaysReport {
+    /// Correct answers of the full decomposition per operation (of n_days).
+    pub full_correct: Vec<(String, usize)>,
+    /// MMCS / ML2R of the embedding's subcomponents against its day columns, and whether the
+    /// best-matching subcomponent differs for every day.
+    pub embed_mmcs: f64,
+    pub embed_ml2r: f64,
+    pub embed_distinct: bool,
+    pub mechanisms: Vec<OpMechanism>,
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
+/// Analyses a decomposition of a days target.
+pub fn days_report(
+    model: &ComponentModel,
+    clusters: Option<&ClusteringResult>,
+) -> anyhow::Result<DaysReport> {
+    let TargetSpec::Days { n_days, n_ops } = model.target.spec else {
+        anyhow::bail!("not a days model");
+    };
+    let inputs = probe_inputs(&model.target.spec, 1.0);
+    let row = |d: usize, o: usize| d * n_ops + o;
+    let dev = model.device();
+    let xt = candle_core::Tensor::from_vec(
+        inputs.iter().flatten().copied().collect(),
+        (inputs.len(), n_days + n_ops),
+        dev,
+    )?;
+    let ci: Vec<Vec<Vec<f32>>> = crate::interventions::lower_ci(model, &xt)?
+        .iter()
+        .map(|t| t.to_vec2::<f32>())
+        .collect::<candle_core::Result<_>>()?;
+    let op_name = |o: usize| crate::model::days::OP_NAMES[o].to_string();
+
+    // Full decomposition answers.
+    let keep = Intervention {
+        selected_mode: crate::interventions::MaskMode::Keep,
+        ..Intervention::ablate(Selection::empty(model))
+    };
+    let full = run_intervention(model, &inputs, &keep, &mut Rng::new(0))?;
+    let full_correct = (0..n_ops)
+        .map(|o| {
+            let ok = (0..n_days)
+                .filter(|&d| argmax(&full.full[row(d, o)]) == answer(n_days, d, o))
+                .count();
+            (op_name(o), ok)
+        })
+        .collect();
+
+    // Embedding vs its day columns.
+    let je = model
+        .module_index("embed")
+        .ok_or_else(|| anyhow::anyhow!("the decomposition does not decompose 'embed'"))?;
+    let em = &model.modules[je];
+    let v = em.v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+    let u = em.u.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+    let w = model.target.modules[em.target_idx]
+        .weight
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mm = super::toy_metrics::mmcs(&v, &u, &w, em.d_in, em.c, em.d_out);
+    let embed_mmcs = mm.best_cos[..n_days].iter().sum::<f64>() / n_days as f64;
+    let embed_ml2r = mm.l2_ratio[..n_days].iter().sum::<f64>() / n_days as f64;
+    let mut best: Vec<usize> = mm.best_component[..n_days].to_vec();
+    best.sort();
+    best.dedup();
+    let embed_distinct = best.len() == n_days;
+
+    let j_in = model
+        .module_index("mlp_in")
+        .ok_or_else(|| anyhow::anyhow!("the decomposition does not decompose 'mlp_in'"))?;
+    let j_out = model
+        .module_index("mlp_out")
+        .ok_or_else(|| anyhow::anyhow!("the decomposition does not decompose 'mlp_out'"))?;
+    let mut mechanisms = vec![];
+    for op in 1..n_ops {
+        let mut members = vec![];
+        let mut member_min = vec![];
+        let mut member_same = vec![];
+        let mut sel = Selection::empty(model);
+        let mut per_day_op = vec![0f32; n_days];
+        let mut per_day_same = vec![0f32; n_days];
+        for &j in &[j_in, j_out] {
+            for c in 0..model.modules[j].c {
+                let on_op: Vec<f32> = (0..n_days).map(|d| ci[j][row(d, op)][c]).collect();
+                if on_op.iter().all(|&g| g < MEMBER_CI) {
+                    continue;
+                }
+                let on_same: Vec<f32> = (0..n_days).map(|d| ci[j][row(d, 0)][c]).collect();
+                members.push(format!("{}:{c}", model.modules[j].name));
+                member_min.push(on_op.iter().copied().fold(f32::INFINITY, f32::min));
+                member_same.push(on_same.iter().copied().fold(0.0, f32::max));
+                for d in 0..n_days {
+                    per_day_op[d] = per_day_op[d].max(on_op[d]);
+                    per_day_same[d] = per_day_same[d].max(on_same[d]);
+                }
+                sel.selected[j][c] = true;
+            }
+        }
+        // Composed plane map of the members' summed weights.
+        let summed = |j: usize| -> anyhow::Result<Vec<Vec<f32>>> {
+            // Σ_c V[:, c] U[c, :] over selected c: [d_in, d_out].
+            let m = &model.modules[j];
+            let v = m.v.as_tensor().to_vec2::<f32>()?;
+            let u = m.u.as_tensor().to_vec2::<f32>()?;
+            let mut a = vec![vec![0f32; m.d_out]; m.d_in];
+            for c in (0..m.c).filter(|&c| sel.selected[j][c]) {
+                for (i, row) in a.iter_mut().enumerate() {
+                    for (o, x) in row.iter_mut().enumerate() {
+                        *x += v[i][c] * u[c][o];
+                    }
+                }
+            }
+            Ok(a)
+        };
+        let a_in = summed(j_in)?; // [d_model, d_mlp]
+        let a_out = summed(j_out)?; // [d_mlp, d_model]
+        let mut plane_map = [[0f32; 2]; 2];
+        for (r, pm_row) in plane_map.iter_mut().enumerate() {
+            for (c, x) in pm_row.iter_mut().enumerate() {
+                // out_r = Σ_k a_out[k][r] · (Σ_c a_in[c][k] p_c)
+                *x = (0..a_out.len()).map(|k| a_in[c][k] * a_out[k][r]).sum();
+            }
+        }
+        let expected = op_delta(n_days, op);
+        let (mut num, mut den) = (0f32, 0f32);
+        for r in 0..2 {
+            for c in 0..2 {
+                num += (plane_map[r][c] - expected[r][c]).powi(2);
+                den += expected[r][c].powi(2);
+            }
+        }
+        let mut cluster_ids: Vec<usize> = vec![];
+        let mut ablate = sel.clone();
+        if let Some(cl) = clusters {
+            for m in &members {
+                if let Some(&id) = cl.assignment.get(m) {
+                    cluster_ids.push(id);
+                }
+            }
+            cluster_ids.sort();
+            cluster_ids.dedup();
+            for &id in &cluster_ids {
+                ablate.add_cluster(model, cl, id)?;
+            }
+        }
+        let res = run_intervention(
+            model,
+            &inputs,
+            &Intervention::ablate(ablate.clone()),
+            &mut Rng::new(0),
+        )?;
+        let ablated_answers = (0..n_ops)
+            .map(|o| {
+                let ok = (0..n_days)
+                    .filter(|&d| argmax(&res.intervened[row(d, o)]) == answer(n_days, d, o))
+                    .count();
+                let as_same = (0..n_days)
+                    .filter(|&d| argmax(&res.intervened[row(d, o)]) == d)
+                    .count();
+                (op_name(o), ok, as_same)
+            })
+            .collect();
+        mechanisms.push(OpMechanism {
+            op: op_name(op),
+            members,
+            member_min_ci_on_op: member_min,
+            member_max_ci_on_same: member_same,
+            mechanism_min_ci_on_op: per_day_op.iter().copied().fold(f32::INFINITY, f32::min),
+            mechanism_max_ci_on_same: per_day_same.iter().copied().fold(0.0, f32::max),
+            clusters: cluster_ids,
+            plane_map,
+            expected,
+            plane_map_rel_error: (num / den.max(1e-12)).sqrt(),
+            ablated: ablate.labels(model),
+            ablated_answers,
+        });
+    }
+    Ok(DaysReport {
+        full_correct,
+        embed_mmcs,
+        embed_ml2r,
+        embed_distinct,
+        mechanisms,
+    })
+}
+
+/// Prints a report for people.
+pub fn print_days_report(r: &DaysReport) {
+    let full: Vec<String> = r
+        .full_correct
+        .iter()
+        .map(|(o, k)| format!("{o} {k}/7"))
+        .collect();
+    println!("full decomposition answers: {}", full.join(", "));
+    println!(
+        "embedding: MMCS {:.4} ML2R {:.4} against the day columns; one subcomponent per day: {}",
+        r.embed_mmcs,
+        r.embed_ml2r,
+        if r.embed_distinct { "yes" } else { "no" }
+    );
+    for m in &r.mechanisms {
+        println!("operation '{}': {} members", m.op, m.members.len());
+        for (i, l) in m.members.iter().enumerate() {
+            println!(
+                "  {l:<12} min CI on '{}' {:.3}, max CI on 'same' {:.3}",
+                m.op, m.member_min_ci_on_op[i], m.member_max_ci_on_same[i]
+            );
+        }
+        println!(
+            "  mechanism CI: min over days on '{}' {:.3}, max on 'same' {:.3}",
+            m.op, m.mechanism_min_ci_on_op, m.mechanism_max_ci_on_same
+        );
+        println!(
+            "  clusters of the members: {}",
+            if m.clusters.is_empty() {
+                "(no clustering)".to_string()
+            } else {
+                format!("{:?}", m.clusters)
+            }
+        );
+        println!(
+            "  plane map {:?} vs R - I {:?}: relative error {:.2}%",
+            m.plane_map,
+            m.expected,
+            100.0 * m.plane_map_rel_error
+        );
+        let ab: Vec<String> = m
+            .ablated_answers
+            .iter()
+            .map(|(o, k, s)| format!("{o} {k}/7 correct ({s} answered as same day)"))
+            .collect();
+        println!(
+            "  ablating {} subcomponents: {}",
+            m.ablated.len(),
+            ab.join(", ")
+        );
+    }
+}
