@@ -17,3 +17,12 @@ pub fn target_bytes(name: &str) -> Option<&'static [u8]> {
 pub fn default_decomposition() -> &'static [u8] {
     include_bytes!("../assets/decompositions/tms-5-2.spdlab")
 }
+
+/// Decompositions shipped in the binary, by name.
+pub fn decomposition(name: &str) -> Option<&'static [u8]> {
+    Some(match name {
+        "tms-5-2" => default_decomposition(),
+        "days" => include_bytes!("../assets/decompositions/days.spdlab"),
+        _ => return None,
+    })
+}

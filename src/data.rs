@@ -12,7 +12,7 @@ pub struct SparseFeatureData {
     pub value_range: (f32, f32),
     /// Grouped one-hot inputs (e.g. day ⊕ operation): when set, every row has exactly one
     /// active feature per group, with value `value_range.1`, and `kind` is not used.
-    pub groups: Option<Vec<usize>>,
+    pub groups: Option<Vec<(usize, bool)>>,
 }
 
 impl SparseFeatureData {
@@ -27,8 +27,14 @@ impl SparseFeatureData {
         if let Some(groups) = &self.groups {
             for row in out.chunks_mut(n) {
                 let mut start = 0;
-                for &g in groups {
-                    row[start + rng.below(g)] = hi;
+                for &(g, optional) in groups {
+                    // An optional group has g + 1 equally likely options, the first "none".
+                    let k = rng.below(g + optional as usize);
+                    match (optional, k) {
+                        (true, 0) => {}
+                        (true, k) => row[start + k - 1] = hi,
+                        (false, k) => row[start + k] = hi,
+                    }
                     start += g;
                 }
             }
@@ -90,24 +96,27 @@ mod tests {
     #[test]
     fn grouped_one_hot() {
         let d = SparseFeatureData {
-            n_features: 10,
+            n_features: 9,
             feature_probability: 0.0,
             kind: DataGenerationType::AtLeastZeroActive,
             value_range: (1.0, 1.0),
-            groups: Some(vec![7, 3]),
+            groups: Some(vec![(7, false), (2, true)]),
         };
         let mut rng = Rng::new(5);
         let x = d.batch(&mut rng, 2100);
-        let mut counts = [0usize; 10];
-        for row in x.chunks(10) {
+        let mut counts = [0usize; 9];
+        let mut no_op = 0;
+        for row in x.chunks(9) {
             assert_eq!(row[..7].iter().filter(|&&v| v == 1.0).count(), 1);
-            assert_eq!(row[7..].iter().filter(|&&v| v == 1.0).count(), 1);
-            assert_eq!(row.iter().filter(|&&v| v != 0.0).count(), 2);
+            let ops = row[7..].iter().filter(|&&v| v == 1.0).count();
+            assert!(ops <= 1);
+            no_op += (ops == 0) as usize;
+            assert_eq!(row.iter().filter(|&&v| v != 0.0).count(), 1 + ops);
             for (c, v) in counts.iter_mut().zip(row) {
                 *c += (*v != 0.0) as usize;
             }
         }
-        // Uniform within each group.
+        // Uniform within each group; "none" as likely as each option of an optional group.
         assert!(
             counts[..7].iter().all(|&c| (240..360).contains(&c)),
             "{counts:?}"
@@ -116,6 +125,7 @@ mod tests {
             counts[7..].iter().all(|&c| (600..800).contains(&c)),
             "{counts:?}"
         );
+        assert!((600..800).contains(&no_op), "{no_op}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::rng::Rng;
 use crate::spd::component_model::{ComponentModel, ModuleMask};
 
 /// What a mask does to a subcomponent.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum MaskMode {
     /// Mask 1: the subcomponent is used fully.
@@ -28,6 +28,8 @@ pub enum MaskMode {
     Ci,
     /// Mask g + (1 − g)·U(0,1), resampled every run (as in stochastic reconstruction).
     Stochastic,
+    /// A fixed mask value (dial a mechanism from off (0) to fully on (1)).
+    Scale(f32),
 }
 
 impl MaskMode {
@@ -43,6 +45,7 @@ impl MaskMode {
             MaskMode::Ablate => "ablate (0)",
             MaskMode::Ci => "CI-masked (g)",
             MaskMode::Stochastic => "stochastic (g+(1-g)U)",
+            MaskMode::Scale(_) => "scaled (fixed value)",
         }
     }
     pub fn parse(s: &str) -> anyhow::Result<Self> {
@@ -51,7 +54,12 @@ impl MaskMode {
             "ablate" => MaskMode::Ablate,
             "ci" => MaskMode::Ci,
             "stochastic" => MaskMode::Stochastic,
-            _ => anyhow::bail!("unknown mask mode '{s}' (keep, ablate, ci, stochastic)"),
+            _ => match s.strip_prefix("scale:").and_then(|v| v.parse::<f32>().ok()) {
+                Some(v) if v.is_finite() => MaskMode::Scale(v),
+                _ => anyhow::bail!(
+                    "unknown mask mode '{s}' (keep, ablate, ci, stochastic, scale:VALUE)"
+                ),
+            },
         })
     }
 }
@@ -273,6 +281,17 @@ pub struct FeatureSummary {
     pub intervened: f32,
 }
 
+impl FeatureSummary {
+    /// Accuracy dropped, or the error grew tenfold above a floor of 1e-4 (well above the
+    /// reconstruction noise of a good decomposition).
+    pub fn is_broken(&self) -> bool {
+        match self.metric.as_str() {
+            "accuracy" => self.intervened < self.baseline,
+            _ => self.intervened > 10.0 * self.baseline.max(1e-4),
+        }
+    }
+}
+
 fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
@@ -369,6 +388,7 @@ fn mask_values(mode: MaskMode, g: f32, rng: &mut Rng) -> f32 {
         MaskMode::Ablate => 0.0,
         MaskMode::Ci => g,
         MaskMode::Stochastic => g + (1.0 - g) * rng.uniform_f32(),
+        MaskMode::Scale(v) => v,
     }
 }
 

@@ -34,6 +34,12 @@ struct Cli {
     /// Start training this preset as soon as the window opens.
     #[arg(long)]
     train_preset: Option<String>,
+    /// Open on this view (training, directions, ci, summary, interventions, days, ...).
+    #[arg(long)]
+    view: Option<String>,
+    /// Open a decomposition shipped in the binary ("tms-5-2", "days").
+    #[arg(long)]
+    asset: Option<String>,
     /// Number of CPU threads for tensor work (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -219,6 +225,8 @@ fn main() {
             frame_stats: cli.frame_stats,
             exit_after: cli.exit_after.map(Duration::from_secs_f64),
             train_preset: cli.train_preset,
+            view: cli.view,
+            asset: cli.asset,
         }),
         Some(cmd) => run(cmd),
     };

@@ -170,9 +170,12 @@ pub fn probe_inputs(spec: &crate::model::TargetSpec, value: f32) -> Vec<Vec<f32>
         Some(groups) => {
             let mut rows: Vec<Vec<f32>> = vec![vec![0.0; nf]];
             let mut start = 0;
-            for g in groups {
+            for (g, optional) in groups {
                 let mut next = vec![];
                 for r in &rows {
+                    if optional {
+                        next.push(r.clone());
+                    }
                     for i in 0..g {
                         let mut r = r.clone();
                         r[start + i] = 1.0;
@@ -396,10 +399,7 @@ pub fn print_intervention(
     if !r.per_feature.is_empty() {
         println!("per feature / class (baseline -> intervened):");
         for f in &r.per_feature {
-            let broken = match f.metric.as_str() {
-                "accuracy" => f.intervened < f.baseline,
-                _ => f.intervened > 10.0 * f.baseline.max(1e-6),
-            };
+            let broken = f.is_broken();
             println!(
                 "  {:<16} {:>6} inputs  {} {:.4e} -> {:.4e}{}",
                 f.name,

@@ -28,6 +28,8 @@ pub enum Source {
     File(PathBuf),
     /// The embedded default decomposition.
     Default,
+    /// A decomposition shipped in the binary (`assets::decomposition`), e.g. "days".
+    Asset(String),
 }
 
 #[derive(Clone, Debug)]
@@ -42,7 +44,46 @@ pub enum Command {
     Save(PathBuf),
     /// Probe value of the one-hot inputs in snapshots.
     SetProbeValue(f32),
+    /// Run an intervention on the current decomposition.
+    Intervene(InterventionRequest),
+    /// Mechanism trace of one input.
+    Trace {
+        input: Vec<f32>,
+        threshold: f32,
+    },
     Shutdown,
+}
+
+/// Inputs of an intervention.
+#[derive(Clone, Debug, PartialEq)]
+pub enum InputSet {
+    /// One-hot probes at a value (days: every (day, operation)).
+    Probes(f32),
+    /// Rows from the training distribution (seeded).
+    Batch { n: usize, seed: u64 },
+    /// One custom row.
+    Custom(Vec<f32>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct InterventionRequest {
+    /// Selection spec (`layer:index`, `layer:a-b`, `layer:*`, `cluster:id`, comma-separated).
+    pub select: String,
+    pub selected_mode: crate::interventions::MaskMode,
+    pub other_mode: crate::interventions::MaskMode,
+    pub delta: bool,
+    pub inputs: InputSet,
+    pub seed: u64,
+}
+
+/// An intervention's result, with the labels it selected.
+#[derive(Clone, Debug)]
+pub struct InterventionOutcome {
+    pub request: InterventionRequest,
+    pub labels: Vec<String>,
+    pub result: crate::interventions::InterventionResult,
+    /// Short description of every input row.
+    pub input_labels: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +104,13 @@ pub struct Snapshot {
     /// Inputs of the data-batch heatmap, `[n_batch, n_features]`.
     pub batch_inputs: Vec<f32>,
     pub n_batch: usize,
+    /// Rows of the probe heatmaps (`n_features` one-hot probes; days: every (day, op)).
+    pub n_probe: usize,
+    pub probe_labels: Vec<String>,
+    /// The clustering stored with the decomposition, if any.
+    pub clusters: Option<Arc<crate::cluster::ClusteringResult>>,
+    /// Days models: everything the days view draws.
+    pub days: Option<Arc<crate::metrics::days::DaysViewData>>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -98,6 +146,8 @@ pub enum Event {
     Snapshot(Arc<Snapshot>),
     State(RunState),
     Saved(PathBuf),
+    Intervened(Arc<InterventionOutcome>),
+    Traced(Arc<crate::interventions::Trace>),
     Error(String),
 }
 
@@ -143,6 +193,7 @@ struct Worker {
     notify: Box<dyn Fn() + Send>,
     trainer: Option<Trainer>,
     extras: FileExtras,
+    clusters: Option<Arc<crate::cluster::ClusteringResult>>,
     state: RunState,
     probe_value: f32,
     last_snapshot: Instant,
@@ -163,6 +214,7 @@ impl Worker {
             notify,
             trainer: None,
             extras: FileExtras::default(),
+            clusters: None,
             state: RunState::Idle,
             probe_value: 0.75,
             last_snapshot: Instant::now(),
@@ -245,6 +297,12 @@ impl Worker {
                         )?;
                         (tr, ex, "embedded tms-5-2 decomposition".to_string())
                     }
+                    Source::Asset(name) => {
+                        let bytes = crate::assets::decomposition(&name)
+                            .ok_or_else(|| anyhow::anyhow!("no shipped decomposition '{name}'"))?;
+                        let (tr, ex) = spdlab_file::from_bytes(bytes, &self.device)?;
+                        (tr, ex, format!("embedded {name} decomposition"))
+                    }
                 };
                 self.emit(Event::Loaded {
                     description,
@@ -253,6 +311,11 @@ impl Worker {
                     history: tr.history.clone(),
                 });
                 self.trainer = Some(tr);
+                self.clusters = None;
+                match crate::interventions::stored_clusters(&extras.extra) {
+                    Ok(c) => self.clusters = c.map(Arc::new),
+                    Err(e) => self.emit(Event::Error(format!("{e}; clusters ignored"))),
+                }
                 self.extras = extras;
                 let st = if self.trainer.as_ref().is_some_and(|t| t.is_done()) {
                     RunState::Finished
@@ -306,6 +369,25 @@ impl Worker {
                 spdlab_file::save(tr, &self.extras, &p)?;
                 self.emit(Event::Saved(p));
             }
+            Command::Intervene(req) => {
+                let Some(tr) = self.trainer.as_ref() else {
+                    anyhow::bail!("nothing loaded");
+                };
+                let out = intervene(tr, self.clusters.as_deref(), req)?;
+                self.emit(Event::Intervened(Arc::new(out)));
+            }
+            Command::Trace { input, threshold } => {
+                let Some(tr) = self.trainer.as_ref() else {
+                    anyhow::bail!("nothing loaded");
+                };
+                let t = crate::interventions::trace(
+                    &tr.model,
+                    &input,
+                    threshold,
+                    self.clusters.as_deref(),
+                )?;
+                self.emit(Event::Traced(Arc::new(t)));
+            }
             Command::Shutdown => {}
         }
         Ok(())
@@ -332,7 +414,7 @@ impl Worker {
         let Some(tr) = self.trainer.as_ref() else {
             return Ok(());
         };
-        let snap = build_snapshot(tr, self.probe_value, 256)?;
+        let snap = snapshot_with_extras(tr, self.clusters.clone(), self.probe_value, 256)?;
         self.last_snapshot = Instant::now();
         self.emit(Event::Snapshot(Arc::new(snap)));
         Ok(())
@@ -349,7 +431,19 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
     let raw = tr.data.batch(&mut crate::rng::Rng::new(0x5eed), n_batch);
     let batch = Tensor::from_vec(raw.clone(), (n_batch, nf), &dev)?;
     let fold = Fold::new();
-    let mut ci_probe = crate::metrics::single_feature_ci(model, probe_value)?;
+    let probes = crate::runner::probe_inputs(&model.target.spec, probe_value);
+    let n_probe = probes.len();
+    let probe_labels = probes
+        .iter()
+        .map(|r| crate::runner::describe_input(&model.target.spec, r))
+        .collect();
+    let mut ci_probe: Vec<Vec<f32>> = crate::interventions::lower_ci(
+        model,
+        &Tensor::from_vec(probes.concat(), (n_probe, nf), &dev)?,
+    )?
+    .iter()
+    .map(|t| t.flatten_all()?.to_vec1::<f32>())
+    .collect::<candle_core::Result<_>>()?;
     let (_, bin) = model.target.forward_with_inputs(&batch, &fold)?;
     let (bci, _) = model.causal_importances(&bin, None, &fold)?;
     let mut modules = vec![];
@@ -387,5 +481,66 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
         modules,
         batch_inputs: raw,
         n_batch,
+        n_probe,
+        probe_labels,
+        clusters: None,
+        days: None,
+    })
+}
+
+/// [`build_snapshot`] plus the stored clustering and, for days models, the days view's data.
+pub fn snapshot_with_extras(
+    tr: &Trainer,
+    clusters: Option<Arc<crate::cluster::ClusteringResult>>,
+    probe_value: f32,
+    n_batch: usize,
+) -> anyhow::Result<Snapshot> {
+    let mut snap = build_snapshot(tr, probe_value, n_batch)?;
+    if matches!(tr.model.target.spec, crate::model::TargetSpec::Days { .. }) {
+        snap.days = Some(Arc::new(crate::metrics::days::days_view_data(
+            &tr.model,
+            clusters.as_deref(),
+        )?));
+    }
+    snap.clusters = clusters;
+    Ok(snap)
+}
+
+/// Runs an intervention request on a trainer's decomposition.
+pub fn intervene(
+    tr: &Trainer,
+    clusters: Option<&crate::cluster::ClusteringResult>,
+    req: InterventionRequest,
+) -> anyhow::Result<InterventionOutcome> {
+    use crate::interventions::{Intervention, Selection, run_intervention};
+    let model = &tr.model;
+    let selection = Selection::parse(&req.select, model, clusters)?;
+    let x: Vec<Vec<f32>> = match &req.inputs {
+        InputSet::Probes(v) => crate::runner::probe_inputs(&model.target.spec, *v),
+        InputSet::Batch { n, seed } => {
+            let nf = model.target.spec.n_features();
+            tr.data
+                .batch(&mut crate::rng::Rng::new(*seed), *n)
+                .chunks(nf)
+                .map(|r| r.to_vec())
+                .collect()
+        }
+        InputSet::Custom(row) => vec![row.clone()],
+    };
+    let iv = Intervention {
+        selection,
+        selected_mode: req.selected_mode,
+        other_mode: req.other_mode,
+        delta: req.delta,
+    };
+    let result = run_intervention(model, &x, &iv, &mut crate::rng::Rng::new(req.seed))?;
+    Ok(InterventionOutcome {
+        labels: iv.selection.labels(model),
+        input_labels: x
+            .iter()
+            .map(|r| crate::runner::describe_input(&model.target.spec, r))
+            .collect(),
+        request: req,
+        result,
     })
 }

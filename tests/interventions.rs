@@ -8,7 +8,10 @@ use spdlab::interventions::{Intervention, MaskMode, Selection, run_intervention}
 use spdlab::io::spdlab_file;
 use spdlab::rng::Rng;
 
-fn clustered_default() -> (spdlab::spd::trainer::Trainer, spdlab::cluster::ClusteringResult) {
+fn clustered_default() -> (
+    spdlab::spd::trainer::Trainer,
+    spdlab::cluster::ClusteringResult,
+) {
     let (mut tr, _) =
         spdlab_file::from_bytes(spdlab::assets::default_decomposition(), &Device::Cpu).unwrap();
     let opts = ClusterOptions::default();
@@ -142,13 +145,21 @@ fn ablate_cli_reports_json_and_rejects_bad_selections() {
         .arg(&clustered)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = spdlab()
         .args(["ablate", clustered.to_str().unwrap()])
         .args(["--select", "cluster:0", "--inputs", "probes", "--json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["selection"].as_array().unwrap().len(), 2);
     assert_eq!(v["delta"], false);
@@ -173,7 +184,10 @@ fn ablate_cli_reports_json_and_rejects_bad_selections() {
             vec!["--select", "linear1:0", "--inputs", "batch:zero"],
             "batch:N",
         ),
-        (vec!["--select", "linear1:0", "--mode", "halve"], "mask mode"),
+        (
+            vec!["--select", "linear1:0", "--mode", "halve"],
+            "mask mode",
+        ),
     ] {
         let out = spdlab()
             .args(["ablate", plain.to_str().unwrap()])

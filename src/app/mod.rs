@@ -123,6 +123,9 @@ pub struct SpdApp {
     start_training: bool,
     /// (time, step) of the first and the latest step event, for the throughput report.
     throughput: Option<((Instant, usize), (Instant, usize))>,
+    /// The latest intervention result and mechanism trace from the worker.
+    pub intervention: Option<Arc<crate::worker::InterventionOutcome>>,
+    pub trace: Option<Arc<crate::interventions::Trace>>,
 }
 
 /// How the app starts.
@@ -133,6 +136,10 @@ pub struct StartOptions {
     pub exit_after: Option<Duration>,
     /// Start training the preset at once (for measurements).
     pub train_preset: Option<String>,
+    /// Open on this view (its label's first word, lower case: "days", "interventions", ...).
+    pub view: Option<String>,
+    /// Open a shipped decomposition by name.
+    pub asset: Option<String>,
 }
 
 impl SpdApp {
@@ -167,7 +174,15 @@ impl SpdApp {
             exit_after: opts.exit_after.map(|d| (Instant::now(), d)),
             start_training: false,
             throughput: None,
+            intervention: None,
+            trace: None,
         };
+        if let Some(v) = &opts.view {
+            match View::ALL.iter().find(|x| x.cli_name() == v) {
+                Some(x) => app.settings.view = *x,
+                None => app.error = Some(format!("unknown view '{v}'")),
+            }
+        }
         if let Some(p) = opts.train_preset {
             if let Ok(c) = crate::presets::spd_config(&p) {
                 app.settings.steps = c.steps;
@@ -179,6 +194,8 @@ impl SpdApp {
             app.start_training = true;
         } else if let Some(f) = opts.file {
             app.open(f);
+        } else if let Some(a) = opts.asset {
+            app.send(Command::Load(Source::Asset(a)));
         } else {
             app.send(Command::Load(Source::Default));
         }
@@ -239,6 +256,8 @@ impl SpdApp {
                 self.history = history;
                 self.selection = Selection::default();
                 self.error = None;
+                self.intervention = None;
+                self.trace = None;
                 if self.start_training {
                     self.start_training = false;
                     self.send(Command::Start);
@@ -278,6 +297,11 @@ impl SpdApp {
                 };
             }
             Event::Saved(p) => self.status = format!("saved {}", p.display()),
+            Event::Intervened(o) => {
+                self.intervention = Some(o);
+                self.error = None;
+            }
+            Event::Traced(t) => self.trace = Some(t),
             Event::Error(m) => self.error = Some(m),
         }
     }

@@ -76,7 +76,7 @@ pub fn days_report(
     let dev = model.device();
     let xt = candle_core::Tensor::from_vec(
         inputs.iter().flatten().copied().collect(),
-        (inputs.len(), n_days + n_ops),
+        (inputs.len(), model.target.spec.n_features()),
         dev,
     )?;
     let ci: Vec<Vec<Vec<f32>>> = crate::interventions::lower_ci(model, &xt)?
@@ -289,4 +289,155 @@ pub fn print_days_report(r: &DaysReport) {
             ab.join(", ")
         );
     }
+}
+
+/// Everything the app's days view draws, computed by the worker once per snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct DaysViewData {
+    pub n_days: usize,
+    pub n_ops: usize,
+    /// (day, op) of every input row (row = day·n_ops + op).
+    pub rows: Vec<(usize, usize)>,
+    /// Per decomposed module: name and lower-leaky CI `[rows][C]`.
+    pub ci: Vec<(String, Vec<Vec<f32>>)>,
+    /// Per rotating operation (index op − 1): the mechanism found.
+    pub mechanisms: Vec<OpMechanism>,
+    /// Labels of every subcomponent ablated per mechanism (cluster when clustered).
+    pub answers_full: Vec<usize>,
+    /// Answers with the mechanism of op k (index k − 1) ablated.
+    pub answers_ablated: Vec<Vec<usize>>,
+    /// Plane position of every row's embedding (before the MLP).
+    pub plane_embed: Vec<[f32; 2]>,
+    /// Per row: plane positions as the row's mechanism is dialled from 0 to 1 (21 steps);
+    /// for "same" rows a single point.
+    pub paths: Vec<Vec<[f32; 2]>>,
+    /// Plane position of every row with its operation's mechanism ablated.
+    pub plane_ablated: Vec<[f32; 2]>,
+    /// Per mechanism: arrows in the day plane (label, is_write, direction).
+    pub arrows: Vec<Vec<(String, bool, [f32; 2])>>,
+}
+
+/// Computes [`DaysViewData`].
+pub fn days_view_data(
+    model: &ComponentModel,
+    clusters: Option<&ClusteringResult>,
+) -> anyhow::Result<DaysViewData> {
+    use crate::interventions::MaskMode;
+    use crate::model::days::plane_from_logits;
+    let TargetSpec::Days { n_days, n_ops } = model.target.spec else {
+        anyhow::bail!("not a days model");
+    };
+    let rep = days_report(model, clusters)?;
+    let inputs = probe_inputs(&model.target.spec, 1.0);
+    let rows: Vec<(usize, usize)> = (0..n_days)
+        .flat_map(|d| (0..n_ops).map(move |o| (d, o)))
+        .collect();
+    let xt = candle_core::Tensor::from_vec(
+        inputs.iter().flatten().copied().collect(),
+        (inputs.len(), model.target.spec.n_features()),
+        model.device(),
+    )?;
+    let lci = crate::interventions::lower_ci(model, &xt)?;
+    let mut ci = vec![];
+    for (j, m) in model.modules.iter().enumerate() {
+        ci.push((m.name.clone(), lci[j].to_vec2::<f32>()?));
+    }
+    let mut rng = Rng::new(0);
+    let none = Selection::empty(model);
+    let keep = Intervention {
+        selected_mode: MaskMode::Keep,
+        ..Intervention::ablate(none.clone())
+    };
+    let full = run_intervention(model, &inputs, &keep, &mut rng)?;
+    let answers_full = full.full.iter().map(|o| argmax(o)).collect();
+    // Embedding plane position: the stream before the MLP = the output with the MLP's
+    // subcomponents all ablated (no delta): the unembedding reads the plane directly.
+    let mut mlp = Selection::empty(model);
+    for name in ["mlp_in", "mlp_out"] {
+        if let Some(j) = model.module_index(name) {
+            mlp.selected[j].iter_mut().for_each(|s| *s = true);
+        }
+    }
+    let embed_only = run_intervention(model, &inputs, &Intervention::ablate(mlp), &mut rng)?;
+    let plane_embed: Vec<[f32; 2]> = embed_only
+        .intervened
+        .iter()
+        .map(|o| plane_from_logits(n_days, o))
+        .collect();
+    let selection_of = |m: &OpMechanism| -> anyhow::Result<Selection> {
+        let mut s = Selection::empty(model);
+        for l in &m.ablated {
+            s.add_label(model, l)?;
+        }
+        Ok(s)
+    };
+    let mut answers_ablated = vec![];
+    let mut plane_ablated = vec![[0f32; 2]; rows.len()];
+    let mut paths: Vec<Vec<[f32; 2]>> = full
+        .full
+        .iter()
+        .map(|o| vec![plane_from_logits(n_days, o)])
+        .collect();
+    let mut arrows = vec![];
+    for (k, mech) in rep.mechanisms.iter().enumerate() {
+        let op = k + 1;
+        let sel = selection_of(mech)?;
+        let ab = run_intervention(model, &inputs, &Intervention::ablate(sel.clone()), &mut rng)?;
+        answers_ablated.push(ab.intervened.iter().map(|o| argmax(o)).collect());
+        for (i, &(_, o)) in rows.iter().enumerate() {
+            if o == op {
+                plane_ablated[i] = plane_from_logits(n_days, &ab.intervened[i]);
+                paths[i].clear();
+            } else if o == 0 && k == 0 {
+                plane_ablated[i] = plane_from_logits(n_days, &ab.intervened[i]);
+            }
+        }
+        for t in 0..=20 {
+            let iv = Intervention {
+                selected_mode: MaskMode::Scale(t as f32 / 20.0),
+                ..Intervention::ablate(sel.clone())
+            };
+            let r = run_intervention(model, &inputs, &iv, &mut rng)?;
+            for (i, &(_, o)) in rows.iter().enumerate() {
+                if o == op {
+                    paths[i].push(plane_from_logits(n_days, &r.intervened[i]));
+                }
+            }
+        }
+        // Arrows: read directions of mlp_in members and write directions of mlp_out members,
+        // restricted to the day plane (stream dims 0, 1), scaled by the other factor's norm.
+        let mut arr = vec![];
+        for label in &mech.members {
+            let (name, idx) = label.rsplit_once(':').unwrap_or(("", "0"));
+            let (Some(j), Ok(c)) = (model.module_index(name), idx.parse::<usize>()) else {
+                continue;
+            };
+            let m = &model.modules[j];
+            let v = m.v.as_tensor().to_vec2::<f32>()?;
+            let u = m.u.as_tensor().to_vec2::<f32>()?;
+            let norm = |x: &[f32]| x.iter().map(|a| a * a).sum::<f32>().sqrt();
+            if name == "mlp_in" {
+                let un = norm(&u[c]);
+                arr.push((label.clone(), false, [v[0][c] * un, v[1][c] * un]));
+            } else {
+                let vc: Vec<f32> = v.iter().map(|r| r[c]).collect();
+                let vn = norm(&vc);
+                arr.push((label.clone(), true, [u[c][0] * vn, u[c][1] * vn]));
+            }
+        }
+        arrows.push(arr);
+    }
+    Ok(DaysViewData {
+        n_days,
+        n_ops,
+        rows,
+        ci,
+        mechanisms: rep.mechanisms,
+        answers_full,
+        answers_ablated,
+        plane_embed,
+        paths,
+        plane_ablated,
+        arrows,
+    })
 }

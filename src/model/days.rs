@@ -3,9 +3,13 @@
 //! The weights are constructed analytically (nothing is trained), so the ground truth is known
 //! exactly:
 //!
-//! * `embed` (one-hot day ⊕ one-hot operation → residual stream of width 2 + n_ops): day d is
-//!   written at angle θ_d = 2πd/n_days on the unit circle of the *day plane* (stream dims 0, 1);
-//!   operation o writes 1 into its own stream dimension 2 + o.
+//! * Inputs: one-hot day (n_days) ⊕ one-hot rotating operation (next[, previous]); "same day"
+//!   is no operation bit. (A one-hot "same" bit as well would make Σ days − Σ ops ≡ 0 on every
+//!   input, a direction any read vector can absorb without changing anything, which blurs the
+//!   decomposition of the embedding.)
+//! * `embed` (→ residual stream of width 2 + n_rot): day d is written at angle θ_d = 2πd/n_days
+//!   on the unit circle of the *day plane* (stream dims 0, 1); rotating operation o writes 1 into
+//!   its own stream dimension 1 + o.
 //! * `mlp_in`, ReLU, `mlp_out` (a residual MLP): every rotating operation (next, previous) owns
 //!   three neurons. Its operation dimension lifts them by a gate `H` against a bias `−B₀`, so
 //!   they are either all off (pre-activation ≤ 1 − B₀ < 0: another operation) or all in the
@@ -75,6 +79,20 @@ pub fn op_delta(n_days: usize, op: usize) -> [[f32; 2]; 2] {
     [[c - 1.0, -s], [s, c - 1.0]]
 }
 
+/// Position in the day plane of a residual stream read out as `logits` (logit_j = ⟨p_j, r⟩):
+/// r = (2/n) Σ_j p_j·logit_j, exact because Σ_j p_j p_jᵀ = (n/2)·I for n ≥ 3 equally spaced
+/// points.
+pub fn plane_from_logits(n_days: usize, logits: &[f32]) -> [f32; 2] {
+    let mut r = [0f32; 2];
+    for (j, l) in logits.iter().enumerate().take(n_days) {
+        let (s, c) = day_angle(n_days, j).sin_cos();
+        r[0] += c * l;
+        r[1] += s * l;
+    }
+    let k = 2.0 / n_days as f32;
+    [r[0] * k, r[1] * k]
+}
+
 /// Checks the architecture's sizes.
 pub fn check_spec(n_days: usize, n_ops: usize) -> anyhow::Result<()> {
     if !(3..=64).contains(&n_days) {
@@ -86,18 +104,21 @@ pub fn check_spec(n_days: usize, n_ops: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every (day, operation) input as a one-hot row, in the order day-major: row = day·n_ops + op.
-pub fn all_inputs(n_days: usize, n_ops: usize) -> Vec<Vec<f32>> {
-    let mut rows = vec![];
-    for d in 0..n_days {
-        for o in 0..n_ops {
-            let mut x = vec![0f32; n_days + n_ops];
-            x[d] = 1.0;
-            x[n_days + o] = 1.0;
-            rows.push(x);
-        }
+/// Input row of (day, operation); operation 0 ("same") sets no operation bit.
+pub fn input_row(n_days: usize, n_ops: usize, day: usize, op: usize) -> Vec<f32> {
+    let mut x = vec![0f32; n_days + n_ops - 1];
+    x[day] = 1.0;
+    if op > 0 {
+        x[n_days + op - 1] = 1.0;
     }
-    rows
+    x
+}
+
+/// Every (day, operation) input, day-major: row = day·n_ops + op.
+pub fn all_inputs(n_days: usize, n_ops: usize) -> Vec<Vec<f32>> {
+    (0..n_days)
+        .flat_map(|d| (0..n_ops).map(move |o| input_row(n_days, n_ops, d, o)))
+        .collect()
 }
 
 /// Human label of input row (day, op).
@@ -107,41 +128,44 @@ pub fn input_label(n_days: usize, day: usize, op: usize) -> String {
 
 /// Decodes a one-hot input row into (day, op) when it is one.
 pub fn decode_input(n_days: usize, n_ops: usize, x: &[f32]) -> Option<(usize, usize)> {
-    if x.len() != n_days + n_ops {
+    if x.len() != n_days + n_ops - 1 {
         return None;
     }
-    let argmax = |s: &[f32]| {
-        let (i, v) = s
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, v)| (i, *v))?;
-        (v > 0.5 && s.iter().filter(|&&u| u != 0.0).count() == 1).then_some(i)
+    let one_hot = |s: &[f32]| -> Option<Option<usize>> {
+        let active: Vec<usize> = (0..s.len()).filter(|&i| s[i] != 0.0).collect();
+        match active.as_slice() {
+            [] => Some(None),
+            [i] if s[*i] == 1.0 => Some(Some(*i)),
+            _ => None,
+        }
     };
-    Some((argmax(&x[..n_days])?, argmax(&x[n_days..])?))
+    let day = one_hot(&x[..n_days])??;
+    let op = one_hot(&x[n_days..])?.map_or(0, |o| o + 1);
+    Some((day, op))
 }
 
 /// The analytically constructed target.
 pub fn days_target(n_days: usize, n_ops: usize, device: &Device) -> anyhow::Result<TargetModel> {
     check_spec(n_days, n_ops)?;
-    let d_model = 2 + n_ops;
-    let n_in = n_days + n_ops;
-    let d_mlp = 3 * (n_ops - 1);
+    let n_rot = n_ops - 1;
+    let d_model = 2 + n_rot;
+    let n_in = n_days + n_rot;
+    let d_mlp = 3 * n_rot;
     let mut embed = vec![0f32; d_model * n_in];
     for d in 0..n_days {
         let (s, c) = day_angle(n_days, d).sin_cos();
         embed[d] = c;
         embed[n_in + d] = s;
     }
-    for o in 0..n_ops {
-        embed[(2 + o) * n_in + n_days + o] = 1.0;
+    for o in 1..n_ops {
+        embed[(1 + o) * n_in + n_days + o - 1] = 1.0;
     }
     let mut w_in = vec![0f32; d_mlp * d_model];
     let b_in = vec![-GATE_BIAS; d_mlp];
     let mut w_out = vec![0f32; d_model * d_mlp];
     for o in 1..n_ops {
         let base = 3 * (o - 1);
-        let op_dim = 2 + o;
+        let op_dim = 1 + o;
         for k in 0..3 {
             w_in[(base + k) * d_model + op_dim] = GATE;
         }
@@ -197,6 +221,9 @@ mod tests {
                 assert_eq!(best, answer(7, d, o), "{}", input_label(7, d, o));
                 // The answer's logit is exactly 1 (the rotated point is on the circle).
                 assert!((logits[best] - 1.0).abs() < 1e-5, "{logits:?}");
+                let p = plane_from_logits(7, logits);
+                let (s, c) = day_angle(7, best).sin_cos();
+                assert!((p[0] - c).abs() < 1e-5 && (p[1] - s).abs() < 1e-5);
             }
         }
         Ok(())

@@ -66,7 +66,7 @@ impl TargetSpec {
             TargetSpec::Tms { n_features, .. } | TargetSpec::ResidMlp { n_features, .. } => {
                 *n_features
             }
-            TargetSpec::Days { n_days, n_ops } => n_days + n_ops,
+            TargetSpec::Days { n_days, n_ops } => n_days + n_ops - 1,
         }
     }
     pub fn n_outputs(&self) -> usize {
@@ -75,10 +75,12 @@ impl TargetSpec {
             _ => self.n_features(),
         }
     }
-    /// Input features come in groups with exactly one active (value 1) per group, when set.
-    pub fn input_groups(&self) -> Option<Vec<usize>> {
+    /// Input features come in groups (size, optional) with exactly one active feature (value
+    /// 1) per group, or none for an optional group, when set. Every option (none included)
+    /// is equally likely.
+    pub fn input_groups(&self) -> Option<Vec<(usize, bool)>> {
         match self {
-            TargetSpec::Days { n_days, n_ops } => Some(vec![*n_days, *n_ops]),
+            TargetSpec::Days { n_days, n_ops } => Some(vec![(*n_days, false), (n_ops - 1, true)]),
             _ => None,
         }
     }
@@ -147,9 +149,10 @@ impl TargetSpec {
                 v
             }
             TargetSpec::Days { n_days, n_ops } => {
-                let (d_model, d_mlp) = (2 + n_ops, 3 * n_ops.saturating_sub(1));
+                let n_rot = n_ops.saturating_sub(1);
+                let (d_model, d_mlp) = (2 + n_rot, 3 * n_rot);
                 vec![
-                    ("embed.weight".into(), vec![d_model, n_days + n_ops]),
+                    ("embed.weight".into(), vec![d_model, n_days + n_rot]),
                     ("mlp_in.weight".into(), vec![d_mlp, d_model]),
                     ("mlp_in.bias".into(), vec![d_mlp]),
                     ("mlp_out.weight".into(), vec![d_model, d_mlp]),

@@ -78,7 +78,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     let j = app.selection.module.min(s.modules.len() - 1);
     let m = &s.modules[j];
     let (data, rows) = match st.input_set {
-        InputSet::Probes => (&m.ci_probe, s.n_features),
+        InputSet::Probes => (&m.ci_probe, s.n_probe),
         InputSet::Batch => (&m.ci_batch, s.n_batch),
     };
     let key = (
@@ -91,7 +91,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     if st.key != Some(key) {
         st.columns = match st.order {
             Order::AsIs => (0..m.c).collect(),
-            Order::Hungarian => toy_metrics::permute_to_identity(&m.ci_probe, s.n_features, m.c),
+            Order::Hungarian => toy_metrics::permute_to_identity(&m.ci_probe, s.n_probe, m.c),
             Order::Density => {
                 let mut idx: Vec<usize> = (0..m.c).collect();
                 idx.sort_by(|&a, &b| m.mean_ci[b].total_cmp(&m.mean_ci[a]));
@@ -154,7 +154,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     {
         let c = st.columns[x];
         let input = match st.input_set {
-            InputSet::Probes => format!("feature {r} = {}", s.probe_value),
+            InputSet::Probes => s.probe_labels.get(r).cloned().unwrap_or_default(),
             InputSet::Batch => {
                 let row = &s.batch_inputs[r * s.n_features..(r + 1) * s.n_features];
                 let active: Vec<String> = row

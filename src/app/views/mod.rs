@@ -1,7 +1,9 @@
 //! The views: one file each, all reading the same snapshot and highlighting the selection.
 
 mod ci;
+mod days;
 mod directions;
+mod interventions;
 mod summary;
 mod training;
 
@@ -16,21 +18,38 @@ pub enum View {
     Directions,
     CausalImportance,
     Summary,
+    Interventions,
+    Days,
 }
 
 impl View {
-    pub const ALL: [View; 4] = [
+    pub const ALL: [View; 6] = [
         View::Training,
         View::Directions,
         View::CausalImportance,
         View::Summary,
+        View::Interventions,
+        View::Days,
     ];
+    /// Name on the command line (`--view`).
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            View::Training => "training",
+            View::Directions => "directions",
+            View::CausalImportance => "ci",
+            View::Summary => "summary",
+            View::Interventions => "interventions",
+            View::Days => "days",
+        }
+    }
     pub fn label(self) -> &'static str {
         match self {
             View::Training => "Training curves",
             View::Directions => "Read/write directions",
             View::CausalImportance => "Causal importance",
             View::Summary => "Summary",
+            View::Interventions => "Interventions",
+            View::Days => "Days demo",
         }
     }
 }
@@ -40,10 +59,12 @@ impl View {
 pub struct ViewState {
     pub ci: ci::CiViewState,
     pub directions: directions::DirectionsViewState,
+    pub interventions: interventions::InterventionsViewState,
+    pub days: days::DaysViewState,
 }
 
 pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
-    if app.snapshot.is_none() && app.settings.view != View::Training {
+    if app.snapshot.is_none() && !matches!(app.settings.view, View::Training | View::Days) {
         ui.label("no decomposition loaded yet");
         return;
     }
@@ -52,6 +73,8 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         View::Directions => directions::show(app, ui),
         View::CausalImportance => ci::show(app, ui),
         View::Summary => summary::show(app, ui),
+        View::Interventions => interventions::show(app, ui),
+        View::Days => days::show(app, ui),
     }
 }
 

@@ -1,0 +1,383 @@
+//! The day-of-week demonstration: days on a circle, the rotation mechanism's read/write
+//! directions in the day plane, a chosen (day, operation) moving through the mechanism, the CI
+//! of every (day, operation) input, and the unlearning toggle (ablate the mechanism).
+
+use eframe::egui;
+use egui_plot::{Arrows, Corner, Legend, Line, Plot, PlotPoints, Points, Text};
+
+use crate::app::SpdApp;
+use crate::metrics::days::DaysViewData;
+use crate::model::days::{OP_NAMES, answer, day_angle, day_name};
+
+pub struct DaysViewState {
+    pub day: usize,
+    pub op: usize,
+    /// Position along the mechanism path (0 = mechanism off, 1 = fully on).
+    pub t: f32,
+    pub playing: bool,
+    pub ablate: bool,
+}
+
+impl Default for DaysViewState {
+    fn default() -> Self {
+        DaysViewState {
+            day: 0,
+            op: 1,
+            t: 1.0,
+            playing: false,
+            ablate: false,
+        }
+    }
+}
+
+const READ: egui::Color32 = egui::Color32::from_rgb(44, 160, 44);
+const WRITE: egui::Color32 = egui::Color32::from_rgb(230, 80, 20);
+
+pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
+    let Some(d) = app.snapshot.as_ref().and_then(|s| s.days.clone()) else {
+        ui.label("This view shows a decomposition of the 'days' preset: 7 days on a circle, and 'next day' as a rotation mechanism.");
+        ui.horizontal(|ui| {
+            if ui.button("Open the shipped days decomposition").clicked() {
+                app.history.clear();
+                app.send(crate::worker::Command::Load(crate::worker::Source::Asset(
+                    "days".into(),
+                )));
+            }
+            if ui.button("New run of the days preset").clicked() {
+                app.settings.preset = "days".into();
+                if let Ok(c) = crate::presets::spd_config("days") {
+                    app.settings.steps = c.steps;
+                    app.settings.lr = c.lr_schedule.start_val;
+                }
+                app.new_run();
+            }
+        });
+        return;
+    };
+    let st = &mut app.views.days;
+    st.day = st.day.min(d.n_days - 1);
+    st.op = st.op.min(d.n_ops - 1);
+    if st.playing {
+        st.t += ui.ctx().input(|i| i.stable_dt).min(0.1) / 1.5;
+        if st.t >= 1.0 {
+            st.t = 1.0;
+            st.playing = false;
+        }
+        ui.ctx().request_repaint();
+    }
+    ui.horizontal_wrapped(|ui| {
+        ui.label("day:");
+        for day in 0..d.n_days {
+            ui.selectable_value(&mut st.day, day, day_name(d.n_days, day));
+        }
+        ui.separator();
+        ui.label("operation:");
+        for op in 0..d.n_ops {
+            ui.selectable_value(&mut st.op, op, OP_NAMES[op]);
+        }
+        ui.separator();
+        if ui
+            .button("Play")
+            .on_hover_text("dial the mechanism from 0 to 1")
+            .clicked()
+        {
+            st.t = 0.0;
+            st.playing = true;
+        }
+        ui.add(egui::Slider::new(&mut st.t, 0.0..=1.0).text("mechanism mask"));
+        ui.separator();
+        ui.checkbox(&mut st.ablate, "ablate the rotation mechanism (unlearn)");
+    });
+    let st = &app.views.days;
+    ui.columns(2, |cols| {
+        circle_plot(&mut cols[0], &d, st);
+        answers_table(&mut cols[1], &d, st);
+    });
+    ui.separator();
+    ci_grid(app, ui, &d);
+}
+
+fn circle_plot(ui: &mut egui::Ui, d: &DaysViewData, st: &DaysViewState) {
+    let row = st.day * d.n_ops + st.op;
+    Plot::new("days_circle")
+        .legend(Legend::default().position(Corner::LeftBottom))
+        .data_aspect(1.0)
+        .height(ui.available_height().min(420.0).max(260.0))
+        .include_x(-1.4)
+        .include_x(1.4)
+        .include_y(-1.4)
+        .include_y(1.4)
+        .allow_scroll(false)
+        .show(ui, |p| {
+            let circle: Vec<[f64; 2]> = (0..=128)
+                .map(|i| {
+                    let a = std::f64::consts::TAU * i as f64 / 128.0;
+                    [a.cos(), a.sin()]
+                })
+                .collect();
+            p.line(Line::new("", PlotPoints::from(circle)).color(egui::Color32::from_gray(190)));
+            let pts: Vec<[f64; 2]> = (0..d.n_days)
+                .map(|k| {
+                    let (s, c) = day_angle(d.n_days, k).sin_cos();
+                    [c as f64, s as f64]
+                })
+                .collect();
+            p.points(
+                Points::new("days", PlotPoints::from(pts.clone()))
+                    .radius(5.0)
+                    .color(egui::Color32::from_gray(90)),
+            );
+            for (k, pt) in pts.iter().enumerate() {
+                p.text(Text::new(
+                    "",
+                    [pt[0] * 1.18, pt[1] * 1.18].into(),
+                    day_name(d.n_days, k),
+                ));
+            }
+            // The mechanism's read (mlp_in) and write (mlp_out) directions in the plane.
+            if st.op > 0
+                && let Some(arrows) = d.arrows.get(st.op - 1)
+            {
+                for (label, is_write, v) in arrows {
+                    let norm = (v[0].hypot(v[1])).max(1e-6);
+                    // Unit length: the direction matters, the size is the mechanism's.
+                    let tip = [(v[0] / norm) as f64 * 0.9, (v[1] / norm) as f64 * 0.9];
+                    let _ = label;
+                    p.arrows(
+                        Arrows::new(
+                            if *is_write {
+                                "write directions U (mlp_out)"
+                            } else {
+                                "read directions V (mlp_in)"
+                            },
+                            PlotPoints::from(vec![[0.0, 0.0]]),
+                            PlotPoints::from(vec![tip]),
+                        )
+                        .color(if *is_write { WRITE } else { READ }),
+                    );
+                }
+            }
+            // The chosen input: from its embedding through the mechanism.
+            let start = d.plane_embed[row];
+            let path = &d.paths[row];
+            let (cur, trail): ([f32; 2], Vec<[f64; 2]>) = if st.ablate {
+                (d.plane_ablated[row], vec![])
+            } else if path.len() > 1 {
+                let f = st.t.clamp(0.0, 1.0) * (path.len() - 1) as f32;
+                let i = (f.floor() as usize).min(path.len() - 2);
+                let a = f - i as f32;
+                let cur = [
+                    path[i][0] * (1.0 - a) + path[i + 1][0] * a,
+                    path[i][1] * (1.0 - a) + path[i + 1][1] * a,
+                ];
+                let mut trail: Vec<[f64; 2]> = path[..=i]
+                    .iter()
+                    .map(|q| [q[0] as f64, q[1] as f64])
+                    .collect();
+                trail.push([cur[0] as f64, cur[1] as f64]);
+                (cur, trail)
+            } else {
+                (path[0], vec![])
+            };
+            if trail.len() > 1 {
+                p.line(
+                    Line::new("path through the mechanism", PlotPoints::from(trail))
+                        .color(WRITE)
+                        .width(2.0),
+                );
+            }
+            p.points(
+                Points::new(
+                    "embedding (before the MLP)",
+                    PlotPoints::from(vec![[start[0] as f64, start[1] as f64]]),
+                )
+                .radius(7.0)
+                .filled(false)
+                .color(egui::Color32::from_rgb(31, 119, 180)),
+            );
+            p.points(
+                Points::new(
+                    if st.ablate {
+                        "output (mechanism ablated)"
+                    } else {
+                        "output"
+                    },
+                    PlotPoints::from(vec![[cur[0] as f64, cur[1] as f64]]),
+                )
+                .radius(7.0)
+                .color(egui::Color32::from_rgb(31, 119, 180)),
+            );
+        });
+}
+
+fn answers_table(ui: &mut egui::Ui, d: &DaysViewData, st: &DaysViewState) {
+    let ablated = if st.ablate && st.op > 0 {
+        d.answers_ablated.get(st.op - 1)
+    } else if st.ablate {
+        d.answers_ablated.first()
+    } else {
+        None
+    };
+    ui.strong(if ablated.is_some() {
+        "Answers with the rotation mechanism ablated"
+    } else {
+        "Answers of the decomposition"
+    });
+    let answers = ablated.unwrap_or(&d.answers_full);
+    egui::Grid::new("days_answers")
+        .striped(true)
+        .show(ui, |ui| {
+            ui.label("");
+            for op in 0..d.n_ops {
+                ui.strong(OP_NAMES[op]);
+            }
+            ui.end_row();
+            let mut correct = vec![0usize; d.n_ops];
+            for day in 0..d.n_days {
+                ui.label(day_name(d.n_days, day));
+                for op in 0..d.n_ops {
+                    let got = answers[day * d.n_ops + op];
+                    let ok = got == answer(d.n_days, day, op);
+                    correct[op] += ok as usize;
+                    let text = egui::RichText::new(day_name(d.n_days, got)).color(if ok {
+                        egui::Color32::from_rgb(40, 150, 40)
+                    } else {
+                        egui::Color32::from_rgb(210, 50, 50)
+                    });
+                    ui.label(text);
+                }
+                ui.end_row();
+            }
+            ui.strong("correct");
+            for c in correct {
+                ui.strong(format!("{c}/{}", d.n_days));
+            }
+            ui.end_row();
+        });
+    if let Some(m) = d.mechanisms.get(st.op.max(1) - 1) {
+        ui.add_space(6.0);
+        ui.label(format!(
+            "'{}' mechanism: {} subcomponents in mlp_in/mlp_out{}; plane map vs R - I: {:.1}% error",
+            m.op,
+            m.members.len(),
+            if m.clusters.is_empty() {
+                String::new()
+            } else {
+                format!(", cluster(s) {:?}", m.clusters)
+            },
+            100.0 * m.plane_map_rel_error
+        ));
+        ui.label(format!(
+            "mechanism CI: >= {:.2} on every '{}' input, <= {:.2} on 'same'",
+            m.mechanism_min_ci_on_op, m.op, m.mechanism_max_ci_on_same
+        ));
+    }
+}
+
+/// CI of every (day, op) row: the mechanism's subcomponents first, then the other live ones.
+fn ci_grid(app: &mut SpdApp, ui: &mut egui::Ui, d: &DaysViewData) {
+    let mut members: Vec<String> = d
+        .mechanisms
+        .iter()
+        .flat_map(|m| m.ablated.clone())
+        .collect();
+    members.dedup();
+    let mut cols: Vec<(usize, usize, bool)> = vec![]; // (module, comp, in a mechanism)
+    for (j, (name, rows)) in d.ci.iter().enumerate() {
+        let c = rows.first().map_or(0, |r| r.len());
+        for k in 0..c {
+            let label = format!("{name}:{k}");
+            let live = rows.iter().any(|r| r[k] > 0.1);
+            let mech = members.contains(&label);
+            if mech || live {
+                cols.push((j, k, mech));
+            }
+        }
+    }
+    cols.sort_by_key(|&(j, k, mech)| (!mech, j, k));
+    ui.strong(
+        "Causal importance per (day, operation); mechanism subcomponents first (orange header)",
+    );
+    let cell = egui::vec2(18.0, 14.0);
+    let label_w = 90.0;
+    let n_rows = d.rows.len();
+    ui.add_space(12.0);
+    let (rect, resp) = ui.allocate_exact_size(
+        egui::vec2(
+            label_w + cell.x * cols.len() as f32,
+            cell.y * (n_rows + 1) as f32,
+        ),
+        egui::Sense::click(),
+    );
+    let p = ui.painter_at(rect);
+    let font = egui::FontId::proportional(10.0);
+    let mut last_module = usize::MAX;
+    for (ci, &(j, _, _)) in cols.iter().enumerate() {
+        if j != last_module {
+            last_module = j;
+            p.text(
+                egui::pos2(rect.min.x + label_w + ci as f32 * cell.x, rect.min.y - 1.0),
+                egui::Align2::LEFT_BOTTOM,
+                &d.ci[j].0,
+                font.clone(),
+                ui.visuals().weak_text_color(),
+            );
+        }
+    }
+    for (ci, &(_, _, mech)) in cols.iter().enumerate() {
+        let r = egui::Rect::from_min_size(
+            rect.min + egui::vec2(label_w + ci as f32 * cell.x, 0.0),
+            egui::vec2(cell.x - 1.0, cell.y - 3.0),
+        );
+        p.rect_filled(
+            r,
+            0.0,
+            if mech {
+                WRITE
+            } else {
+                egui::Color32::from_gray(200)
+            },
+        );
+    }
+    for (ri, &(day, op)) in d.rows.iter().enumerate() {
+        let y = rect.min.y + cell.y * (ri + 1) as f32;
+        p.text(
+            egui::pos2(rect.min.x, y),
+            egui::Align2::LEFT_TOP,
+            format!("{} {}", day_name(d.n_days, day), OP_NAMES[op]),
+            font.clone(),
+            ui.visuals().text_color(),
+        );
+        for (ci, &(j, k, _)) in cols.iter().enumerate() {
+            let g = d.ci[j].1[ri][k];
+            let r = egui::Rect::from_min_size(
+                egui::pos2(rect.min.x + label_w + ci as f32 * cell.x, y),
+                cell - egui::vec2(1.0, 1.0),
+            );
+            p.rect_filled(r, 0.0, super::sequential(g));
+        }
+    }
+    if let Some(pos) = resp.hover_pos() {
+        let ci = ((pos.x - rect.min.x - label_w) / cell.x).floor();
+        let ri = ((pos.y - rect.min.y) / cell.y).floor() as isize - 1;
+        if ci >= 0.0 && (ci as usize) < cols.len() && ri >= 0 && (ri as usize) < n_rows {
+            let (j, k, _) = cols[ci as usize];
+            let (day, op) = d.rows[ri as usize];
+            let text = format!(
+                "{}:{k} on {} {}: CI {:.3}",
+                d.ci[j].0,
+                day_name(d.n_days, day),
+                OP_NAMES[op],
+                d.ci[j].1[ri as usize][k]
+            );
+            resp.clone().on_hover_text(text);
+            if resp.clicked()
+                && let Some(s) = &app.snapshot
+                && let Some(mj) = s.modules.iter().position(|m| m.name == d.ci[j].0)
+            {
+                app.selection.module = mj;
+                app.selection.component = Some(k);
+            }
+        }
+    }
+}
