@@ -34,6 +34,9 @@ struct Cli {
     /// Start training this preset as soon as the window opens.
     #[arg(long)]
     train_preset: Option<String>,
+    /// Open this view first: training, directions, ci, summary or clusters.
+    #[arg(long)]
+    view: Option<String>,
     /// Number of CPU threads for tensor work (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -173,12 +176,18 @@ fn main() {
         }
     }
     let res = match cli.cmd {
-        None => spdlab::app::run(spdlab::app::StartOptions {
-            file: cli.file,
-            frame_stats: cli.frame_stats,
-            exit_after: cli.exit_after.map(Duration::from_secs_f64),
-            train_preset: cli.train_preset,
-        }),
+        None => match cli.view.as_deref().map(|v| (v, spdlab::app::View::from_name(v))) {
+            Some((v, None)) => Err(anyhow::anyhow!(
+                "unknown view {v:?}: use training, directions, ci, summary or clusters"
+            )),
+            view => spdlab::app::run(spdlab::app::StartOptions {
+                file: cli.file,
+                frame_stats: cli.frame_stats,
+                exit_after: cli.exit_after.map(Duration::from_secs_f64),
+                train_preset: cli.train_preset,
+                view: view.and_then(|(_, v)| v),
+            }),
+        },
         Some(cmd) => run(cmd),
     };
     if let Err(e) = res {

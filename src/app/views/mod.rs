@@ -1,6 +1,7 @@
 //! The views: one file each, all reading the same snapshot and highlighting the selection.
 
 mod ci;
+mod clusters;
 mod directions;
 mod summary;
 mod training;
@@ -16,14 +17,16 @@ pub enum View {
     Directions,
     CausalImportance,
     Summary,
+    Clusters,
 }
 
 impl View {
-    pub const ALL: [View; 4] = [
+    pub const ALL: [View; 5] = [
         View::Training,
         View::Directions,
         View::CausalImportance,
         View::Summary,
+        View::Clusters,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -31,7 +34,21 @@ impl View {
             View::Directions => "Read/write directions",
             View::CausalImportance => "Causal importance",
             View::Summary => "Summary",
+            View::Clusters => "Clusters",
         }
+    }
+    /// Short name for the command line (`--view`).
+    pub fn name(self) -> &'static str {
+        match self {
+            View::Training => "training",
+            View::Directions => "directions",
+            View::CausalImportance => "ci",
+            View::Summary => "summary",
+            View::Clusters => "clusters",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<View> {
+        View::ALL.into_iter().find(|v| v.name() == s)
     }
 }
 
@@ -40,6 +57,9 @@ impl View {
 pub struct ViewState {
     pub ci: ci::CiViewState,
     pub directions: directions::DirectionsViewState,
+    pub clusters: clusters::ClustersViewState,
+    /// Where the current view was drawn last frame (PNG export crops to it).
+    pub rect: Option<egui::Rect>,
 }
 
 pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
@@ -52,7 +72,39 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         View::Directions => directions::show(app, ui),
         View::CausalImportance => ci::show(app, ui),
         View::Summary => summary::show(app, ui),
+        View::Clusters => clusters::show(app, ui),
     }
+}
+
+/// CSV of the current view's data.
+pub fn export_csv(app: &SpdApp, path: &std::path::Path) -> anyhow::Result<()> {
+    use crate::app::export;
+    let snap = || {
+        app.snapshot
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no decomposition loaded"))
+    };
+    let text = match app.settings.view {
+        View::Training => return training::export_csv(app, path),
+        View::Directions => export::directions_csv(snap()?.as_ref()),
+        View::CausalImportance => ci::csv(app)?,
+        View::Summary => {
+            let thr = app
+                .config
+                .as_ref()
+                .map(|c| c.ci_alive_threshold)
+                .unwrap_or(0.1);
+            export::summary_csv(snap()?.as_ref(), thr)
+        }
+        View::Clusters => {
+            let d = app
+                .clusters
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("no clustering yet: run one first"))?;
+            crate::app::cluster_data::clusters_csv(d, &app.cluster_rows, app.cluster_k)
+        }
+    };
+    export::write_atomic(path, text.as_bytes())
 }
 
 /// Module picker shared by the per-module views.
@@ -81,7 +133,31 @@ pub fn module_picker(app: &mut SpdApp, ui: &mut egui::Ui) {
                 app.selection.component = None;
             }
         }
+        if let Some(c) = app.selection.cluster
+            && let Some(row) = app.cluster_rows.get(c)
+        {
+            ui.separator();
+            ui.colored_label(
+                CLUSTER_COLOR,
+                format!("cluster {c} (k = {}): {}", app.cluster_k, short_members(&row.members, 6)),
+            );
+            if ui.small_button("clear cluster").clicked() {
+                app.selection.cluster = None;
+            }
+        }
     });
+}
+
+/// Highlight colour of the selected cluster's members in every view.
+pub const CLUSTER_COLOR: egui::Color32 = egui::Color32::from_rgb(40, 160, 60);
+
+/// Up to `n` member labels, then a count of the rest.
+pub fn short_members(members: &[String], n: usize) -> String {
+    if members.len() <= n {
+        members.join(" ")
+    } else {
+        format!("{} ... (+{})", members[..n].join(" "), members.len() - n)
+    }
 }
 
 /// Diverging colour for a value in [-1, 1] (blue – white – red).
