@@ -176,7 +176,11 @@ fn main() {
         }
     }
     let res = match cli.cmd {
-        None => match cli.view.as_deref().map(|v| (v, spdlab::app::View::from_name(v))) {
+        None => match cli
+            .view
+            .as_deref()
+            .map(|v| (v, spdlab::app::View::from_name(v)))
+        {
             Some((v, None)) => Err(anyhow::anyhow!(
                 "unknown view {v:?}: use training, directions, ci, summary or clusters"
             )),

@@ -112,7 +112,10 @@ pub enum Event {
     /// `stored` is set) or a clustering the UI asked to run (`stored` is `None`).
     ClusterInput(Box<ClusterInput>),
     /// CI of one custom input row, one `Vec` of C values per module.
-    CustomCi { input: Vec<f32>, ci: Vec<Vec<f32>> },
+    CustomCi {
+        input: Vec<f32>,
+        ci: Vec<Vec<f32>>,
+    },
 }
 
 /// Upper-leaky CI `[n_samples, Σ C]` of a fresh data batch, with column labels `module:index`.
@@ -487,7 +490,10 @@ pub fn cluster_activations(
 pub fn custom_ci(tr: &Trainer, input: &[f32]) -> anyhow::Result<Vec<Vec<f32>>> {
     let nf = tr.model.target.spec.n_features();
     if input.len() != nf {
-        anyhow::bail!("custom input has {} values, the model takes {nf}", input.len());
+        anyhow::bail!(
+            "custom input has {} values, the model takes {nf}",
+            input.len()
+        );
     }
     let x = Tensor::from_vec(input.to_vec(), (1, nf), tr.model.device())?;
     let fold = Fold::new();

@@ -135,8 +135,15 @@ pub struct SpdApp {
     pub cluster_rows: Vec<ClusterRow>,
     /// Bumped whenever `cluster_rows` changes (texture keys).
     pub cluster_version: u64,
+    /// An alive subcomponent of the selected cluster: the selection follows it across k.
+    cluster_anchor: Option<usize>,
+    /// "Run clustering" asked the worker for activations and has no answer yet.
+    cluster_waiting: bool,
     /// A clustering computing on a background thread (`true`: store it in the file extras).
-    cluster_job: Option<(crossbeam_channel::Receiver<Result<ClusterData, String>>, bool)>,
+    cluster_job: Option<(
+        crossbeam_channel::Receiver<Result<ClusterData, String>>,
+        bool,
+    )>,
     /// Results of PNG exports (written from the screenshot callback).
     export_tx: crossbeam_channel::Sender<Result<PathBuf, String>>,
     export_rx: crossbeam_channel::Receiver<Result<PathBuf, String>>,
@@ -191,6 +198,8 @@ impl SpdApp {
             cluster_k: 0,
             cluster_rows: vec![],
             cluster_version: 0,
+            cluster_anchor: None,
+            cluster_waiting: false,
             cluster_job: None,
             export_tx,
             export_rx,
@@ -215,9 +224,14 @@ impl SpdApp {
         app
     }
 
-    pub(crate) fn send(&self, c: Command) {
-        if let Some(w) = &self.worker {
-            w.send(c);
+    /// Sends a command to the worker; false when there is none (tests).
+    pub(crate) fn send(&self, c: Command) -> bool {
+        match &self.worker {
+            Some(w) => {
+                w.send(c);
+                true
+            }
+            None => false,
         }
     }
 
@@ -294,13 +308,15 @@ impl SpdApp {
 
     /// Whether a clustering is computing in the background.
     pub fn clustering_running(&self) -> bool {
-        self.cluster_job.is_some()
+        self.cluster_job.is_some() || self.cluster_waiting
     }
 
     /// Asks the worker for an activations batch and clusters it off the UI thread.
     pub fn run_clustering(&mut self, opts: crate::cluster::ClusterOptions) {
-        self.send(Command::ClusterActivations(opts));
-        self.status = "clustering...".into();
+        if self.send(Command::ClusterActivations(opts)) {
+            self.cluster_waiting = true;
+            self.status = "clustering...".into();
+        }
     }
 
     /// Starts building the clustering data of `input` on a background thread.
@@ -324,6 +340,7 @@ impl SpdApp {
         let k = data.result.k;
         self.clusters = Some(Arc::new(data));
         self.selection.cluster = None;
+        self.cluster_anchor = None;
         self.cluster_k = 0;
         self.set_cluster_k(k);
     }
@@ -339,19 +356,23 @@ impl SpdApp {
         if k == self.cluster_k && !self.cluster_rows.is_empty() {
             return;
         }
-        let first = self
+        // Keep the anchor while it is in the selected cluster (so merging and un-merging
+        // returns to the same cluster), else take the selected cluster's first member.
+        let selected = self
             .selection
             .cluster
-            .and_then(|c| self.cluster_rows.get(c))
-            .and_then(|r| r.alive.first().copied());
+            .and_then(|c| self.cluster_rows.get(c));
+        self.cluster_anchor = match (selected, self.cluster_anchor) {
+            (Some(r), Some(a)) if r.alive.contains(&a) => Some(a),
+            (Some(r), _) => r.alive.first().copied(),
+            (None, _) => None,
+        };
         self.cluster_k = k;
         self.cluster_rows = d.clusters_at(k);
         self.cluster_version += 1;
-        self.selection.cluster = first.and_then(|a| {
-            self.cluster_rows
-                .iter()
-                .position(|r| r.alive.contains(&a))
-        });
+        self.selection.cluster = self
+            .cluster_anchor
+            .and_then(|a| self.cluster_rows.iter().position(|r| r.alive.contains(&a)));
     }
 
     /// Components of module `module` in the selected cluster (empty when none is selected).
@@ -419,6 +440,7 @@ impl SpdApp {
                 self.cluster_k = 0;
                 self.cluster_version += 1;
                 self.cluster_job = None;
+                self.cluster_waiting = false;
                 self.views.ci.reset_custom();
                 if self.start_training {
                     self.start_training = false;
@@ -459,8 +481,14 @@ impl SpdApp {
                 };
             }
             Event::Saved(p) => self.status = format!("saved {}", p.display()),
-            Event::Error(m) => self.error = Some(m),
-            Event::ClusterInput(input) => self.start_cluster_job(*input),
+            Event::Error(m) => {
+                self.error = Some(m);
+                self.cluster_waiting = false;
+            }
+            Event::ClusterInput(input) => {
+                self.cluster_waiting = false;
+                self.start_cluster_job(*input);
+            }
             Event::CustomCi { input, ci } => self.views.ci.set_custom_result(input, ci),
         }
     }

@@ -347,11 +347,13 @@ fn custom_sliders(app: &mut SpdApp, ui: &mut egui::Ui, s: &crate::worker::Snapsh
         st.custom_dirty = true;
     }
     if st.custom_dirty && !st.custom_pending {
-        st.custom_dirty = false;
-        st.custom_pending = true;
-        st.custom_asked_at = version;
         let input = st.custom_input.clone();
-        app.send(crate::worker::Command::CustomCi(input));
+        if app.send(crate::worker::Command::CustomCi(input)) {
+            let st = &mut app.views.ci;
+            st.custom_dirty = false;
+            st.custom_pending = true;
+            st.custom_asked_at = version;
+        }
     }
 }
 

@@ -78,9 +78,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
 
     let avail = ui.available_size();
     let plot_h = (avail.y * 0.3).clamp(90.0, 220.0);
-    let side = (avail.y - plot_h - 16.0)
-        .min(avail.x * 0.45)
-        .max(60.0);
+    let side = (avail.y - plot_h - 16.0).min(avail.x * 0.45).max(60.0);
     ui.horizontal_top(|ui| {
         matrix(app, ui, &d, side);
         ui.vertical(|ui| {
@@ -271,7 +269,7 @@ fn dl_plot(app: &SpdApp, ui: &mut egui::Ui, d: &ClusterData, h: f32) {
         .map(|&(k, v)| [k as f64, v]);
     Plot::new("dl-curve")
         .height(h.max(80.0))
-        .legend(Legend::default())
+        .legend(Legend::default().position(egui_plot::Corner::RightBottom))
         .x_axis_label("groups k")
         .y_axis_label("description length / sample")
         .show(ui, |p| {

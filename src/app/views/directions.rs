@@ -85,9 +85,15 @@ fn arrows_2d(app: &mut SpdApp, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[u
         "read directions V_c (scaled by |U_c|) in the 2-D hidden space; grey: the target's feature rows"
     });
     let sel = app.selection.component;
-    let members = app.selected_cluster_members(app.selection.module.min(
-        app.snapshot.as_ref().map(|s| s.modules.len()).unwrap_or(1).saturating_sub(1),
-    ));
+    let members = app.selected_cluster_members(
+        app.selection.module.min(
+            app.snapshot
+                .as_ref()
+                .map(|s| s.modules.len())
+                .unwrap_or(1)
+                .saturating_sub(1),
+        ),
+    );
     let r = targets
         .iter()
         .copied()

@@ -139,7 +139,11 @@ pub fn module_picker(app: &mut SpdApp, ui: &mut egui::Ui) {
             ui.separator();
             ui.colored_label(
                 CLUSTER_COLOR,
-                format!("cluster {c} (k = {}): {}", app.cluster_k, short_members(&row.members, 6)),
+                format!(
+                    "cluster {c} (k = {}): {}",
+                    app.cluster_k,
+                    short_members(&row.members, 6)
+                ),
             );
             if ui.small_button("clear cluster").clicked() {
                 app.selection.cluster = None;
