@@ -121,10 +121,16 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         ui.selectable_value(&mut st.order, Order::AsIs, "as is");
         ui.selectable_value(&mut st.order, Order::Hungarian, "Hungarian to diagonal");
         ui.selectable_value(&mut st.order, Order::Density, "by density");
-        ui.add_enabled_ui(has_clusters, |ui| {
-            ui.selectable_value(&mut st.order, Order::ByCluster, "by cluster")
-                .on_disabled_hover_text("no clustering: run one in the Clusters view");
-        });
+        if ui
+            .add_enabled(
+                has_clusters,
+                egui::Button::selectable(st.order == Order::ByCluster, "by cluster"),
+            )
+            .on_disabled_hover_text("no clustering: run one in the Clusters view")
+            .clicked()
+        {
+            st.order = Order::ByCluster;
+        }
     });
     if st.input_set == InputSet::Custom {
         custom_sliders(app, ui, &s);
@@ -208,7 +214,10 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         st.uploads += 1;
     }
     let Some(tex) = &st.texture else { return };
-    let avail = ui.available_size() - egui::vec2(0.0, 24.0);
+    let mut avail = ui.available_size() - egui::vec2(0.0, 24.0);
+    if st.input_set == InputSet::Custom {
+        avail.y = avail.y.min(80.0);
+    }
     let (rect, resp) =
         ui.allocate_exact_size(avail.max(egui::vec2(50.0, 50.0)), egui::Sense::click());
     ui.painter().image(
@@ -334,12 +343,20 @@ fn custom_sliders(app: &mut SpdApp, ui: &mut egui::Ui, s: &crate::worker::Snapsh
         .id_salt("custom-sliders")
         .max_height(70.0)
         .show(ui, |ui| {
-            ui.horizontal_wrapped(|ui| {
-                ui.spacing_mut().slider_width = 90.0;
+            let cols = ((ui.available_width() / 190.0) as usize).max(1);
+            ui.spacing_mut().slider_width = 100.0;
+            egui::Grid::new("custom-grid").show(ui, |ui| {
                 for (i, v) in st.custom_input.iter_mut().enumerate() {
-                    changed |= ui
-                        .add(egui::Slider::new(v, lo..=hi).text(format!("f{i}")))
-                        .changed();
+                    ui.horizontal(|ui| {
+                        let l = ui.label(format!("f{i}"));
+                        changed |= ui
+                            .add(egui::Slider::new(v, lo..=hi))
+                            .labelled_by(l.id)
+                            .changed();
+                    });
+                    if (i + 1) % cols == 0 {
+                        ui.end_row();
+                    }
                 }
             });
         });

@@ -11,6 +11,7 @@ use crate::app::SpdApp;
 use crate::app::cluster_data::ClusterData;
 use crate::cluster::ClusterOptions;
 
+#[derive(Default)]
 pub struct ClustersViewState {
     /// Options of the next "Run clustering".
     pub options: ClusterOptions,
@@ -21,17 +22,6 @@ pub struct ClustersViewState {
     pub uploads: u64,
 }
 
-impl Default for ClustersViewState {
-    fn default() -> Self {
-        ClustersViewState {
-            options: ClusterOptions::default(),
-            texture: None,
-            key: None,
-            order: vec![],
-            uploads: 0,
-        }
-    }
-}
 
 pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     let Some(d) = app.clusters.clone() else {
@@ -271,7 +261,7 @@ fn dl_plot(app: &SpdApp, ui: &mut egui::Ui, d: &ClusterData, h: f32) {
         .height(h.max(80.0))
         .legend(Legend::default().position(egui_plot::Corner::RightBottom))
         .x_axis_label("groups k")
-        .y_axis_label("description length / sample")
+        .y_axis_label("DL per sample")
         .show(ui, |p| {
             p.line(Line::new("description length", PlotPoints::from(pts)));
             if let Some(b) = best {
