@@ -259,3 +259,50 @@ fn custom_input_row_shows_the_workers_answer() {
     let csv = h.state().views.ci.columns.len();
     assert_eq!(csv, 20);
 }
+
+/// The real worker: "Run clustering" gets an activations batch, the clustering runs on its own
+/// thread, the result is stored in the file extras; reopening the saved file shows it again.
+#[test]
+fn run_clustering_with_the_worker_and_reopen_it() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1100.0, 700.0))
+        .wgpu()
+        .build_eframe(|cc| {
+            let w = spdlab::worker::WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
+            SpdApp::new(
+                cc,
+                Some(w),
+                StartOptions {
+                    view: Some(View::Clusters),
+                    ..Default::default()
+                },
+            )
+        });
+    let wait = |h: &mut Harness<'static, SpdApp>, what: &str, f: &dyn Fn(&SpdApp) -> bool| {
+        let t0 = Instant::now();
+        while !f(h.state()) {
+            assert!(t0.elapsed() < Duration::from_secs(60), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+            h.step();
+        }
+    };
+    wait(&mut h, "load", &|a| a.snapshot.is_some());
+    h.run();
+    h.get_by_label("Run clustering").click();
+    h.step();
+    wait(&mut h, "clustering", &|a| a.clusters.is_some());
+    assert_eq!(h.state().cluster_k, 5);
+    let saved = dir.path().join("c.spdlab");
+    h.state()
+        .send_command(spdlab::worker::Command::Save(saved.clone()));
+    wait(&mut h, "save", &|_| saved.exists());
+    std::thread::sleep(Duration::from_millis(200));
+    h.state_mut().open(saved);
+    h.step();
+    wait(&mut h, "reload", &|a| a.clusters.is_none());
+    wait(&mut h, "stored clustering", &|a| a.clusters.is_some());
+    assert_eq!(h.state().cluster_rows.len(), 5);
+    assert!(h.state().error.is_none(), "{:?}", h.state().error);
+}

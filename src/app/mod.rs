@@ -224,6 +224,11 @@ impl SpdApp {
         app
     }
 
+    /// Sends a command to the worker (tests, scripts); false when there is none.
+    pub fn send_command(&self, c: Command) -> bool {
+        self.send(c)
+    }
+
     /// Sends a command to the worker; false when there is none (tests).
     pub(crate) fn send(&self, c: Command) -> bool {
         match &self.worker {

@@ -22,7 +22,6 @@ pub struct ClustersViewState {
     pub uploads: u64,
 }
 
-
 pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     let Some(d) = app.clusters.clone() else {
         ui.label("This decomposition has no stored clustering.");
