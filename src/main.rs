@@ -34,7 +34,8 @@ struct Cli {
     /// Start training this preset as soon as the window opens.
     #[arg(long)]
     train_preset: Option<String>,
-    /// Open on this view (training, directions, ci, summary, interventions, days, ...).
+    /// Open this view first: training, directions, ci, summary, clusters, interventions or
+    /// days.
     #[arg(long)]
     view: Option<String>,
     /// Open a decomposition shipped in the binary ("tms-5-2", "days").
@@ -220,14 +221,23 @@ fn main() {
         }
     }
     let res = match cli.cmd {
-        None => spdlab::app::run(spdlab::app::StartOptions {
-            file: cli.file,
-            frame_stats: cli.frame_stats,
-            exit_after: cli.exit_after.map(Duration::from_secs_f64),
-            train_preset: cli.train_preset,
-            view: cli.view,
-            asset: cli.asset,
-        }),
+        None => match cli
+            .view
+            .as_deref()
+            .map(|v| (v, spdlab::app::View::from_name(v)))
+        {
+            Some((v, None)) => Err(anyhow::anyhow!(
+                "unknown view {v:?}: use training, directions, ci, summary, clusters, interventions or days"
+            )),
+            view => spdlab::app::run(spdlab::app::StartOptions {
+                file: cli.file,
+                frame_stats: cli.frame_stats,
+                exit_after: cli.exit_after.map(Duration::from_secs_f64),
+                train_preset: cli.train_preset,
+                view: view.and_then(|(_, v)| v),
+                asset: cli.asset,
+            }),
+        },
         Some(cmd) => run(cmd),
     };
     if let Err(e) = res {

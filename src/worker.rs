@@ -51,6 +51,13 @@ pub enum Command {
         input: Vec<f32>,
         threshold: f32,
     },
+    /// Upper-leaky CI of every subcomponent on a fresh batch (answered by
+    /// [`Event::ClusterInput`]), for running a clustering with these options.
+    ClusterActivations(crate::cluster::ClusterOptions),
+    /// Keep this clustering in the file extras (written by the next Save).
+    StoreClusters(Box<crate::cluster::ClusteringResult>),
+    /// Lower-leaky CI of every module on one custom input row (answered by [`Event::CustomCi`]).
+    CustomCi(Vec<f32>),
     Shutdown,
 }
 
@@ -111,6 +118,8 @@ pub struct Snapshot {
     pub clusters: Option<Arc<crate::cluster::ClusteringResult>>,
     /// Days models: everything the days view draws.
     pub days: Option<Arc<crate::metrics::days::DaysViewData>>,
+    /// Range of one input feature's values (TargetSpec::value_range).
+    pub value_range: (f32, f32),
 }
 
 #[derive(Clone, Debug, Default)]
@@ -149,6 +158,24 @@ pub enum Event {
     Intervened(Arc<InterventionOutcome>),
     Traced(Arc<crate::interventions::Trace>),
     Error(String),
+    /// Binary-activation input of a clustering: the stored clustering of a loaded file (then
+    /// `stored` is set) or a clustering the UI asked to run (`stored` is `None`).
+    ClusterInput(Box<ClusterInput>),
+    /// CI of one custom input row, one `Vec` of C values per module.
+    CustomCi {
+        input: Vec<f32>,
+        ci: Vec<Vec<f32>>,
+    },
+}
+
+/// Upper-leaky CI `[n_samples, Σ C]` of a fresh data batch, with column labels `module:index`.
+#[derive(Clone, Debug)]
+pub struct ClusterInput {
+    pub stored: Option<crate::cluster::ClusteringResult>,
+    pub options: crate::cluster::ClusterOptions,
+    pub acts: Vec<f32>,
+    pub labels: Vec<String>,
+    pub n_samples: usize,
 }
 
 pub struct WorkerHandle {
@@ -324,6 +351,29 @@ impl Worker {
                 };
                 self.set_state(st);
                 self.publish_snapshot()?;
+                if let Some(v) = self.extras.extra.get("clusters") {
+                    let stored: crate::cluster::ClusteringResult =
+                        serde_json::from_value(v.clone()).map_err(|e| {
+                            anyhow::anyhow!("the stored clustering is unreadable: {e}")
+                        })?;
+                    self.send_cluster_input(Some(stored.options.clone()), Some(stored))?;
+                }
+            }
+            Command::ClusterActivations(opts) => self.send_cluster_input(Some(opts), None)?,
+            Command::StoreClusters(res) => {
+                self.extras
+                    .extra
+                    .insert("clusters".into(), serde_json::to_value(&*res)?);
+                // Interventions (`cluster:id`) and the days view use it from now on.
+                self.clusters = Some(Arc::new(*res));
+                self.publish_snapshot()?;
+            }
+            Command::CustomCi(input) => {
+                let Some(tr) = self.trainer.as_ref() else {
+                    anyhow::bail!("nothing loaded");
+                };
+                let ci = custom_ci(tr, &input)?;
+                self.emit(Event::CustomCi { input, ci });
             }
             Command::Start | Command::Resume => {
                 let Some(tr) = self.trainer.as_mut() else {
@@ -410,6 +460,27 @@ impl Worker {
         Ok(())
     }
 
+    fn send_cluster_input(
+        &mut self,
+        opts: Option<crate::cluster::ClusterOptions>,
+        stored: Option<crate::cluster::ClusteringResult>,
+    ) -> anyhow::Result<()> {
+        let Some(tr) = self.trainer.as_ref() else {
+            anyhow::bail!("nothing loaded");
+        };
+        let options = opts.unwrap_or_default();
+        let n = options.n_samples.clamp(1, 1 << 16);
+        let (acts, labels) = cluster_activations(tr, n, options.seed)?;
+        self.emit(Event::ClusterInput(Box::new(ClusterInput {
+            stored,
+            options,
+            acts,
+            labels,
+            n_samples: n,
+        })));
+        Ok(())
+    }
+
     fn publish_snapshot(&mut self) -> anyhow::Result<()> {
         let Some(tr) = self.trainer.as_ref() else {
             return Ok(());
@@ -481,6 +552,7 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
         modules,
         batch_inputs: raw,
         n_batch,
+        value_range: model.target.spec.value_range(),
         n_probe,
         probe_labels,
         clusters: None,
@@ -543,4 +615,49 @@ pub fn intervene(
         request: req,
         result,
     })
+}
+
+/// Upper-leaky CI of every subcomponent on a fresh batch drawn with its own RNG (the training
+/// stream is untouched): `[n, Σ C]` plus labels `module:index`, as `cluster::activations`.
+pub fn cluster_activations(
+    tr: &Trainer,
+    n: usize,
+    seed: u64,
+) -> anyhow::Result<(Vec<f32>, Vec<String>)> {
+    let nf = tr.data.n_features;
+    let raw = tr
+        .data
+        .batch(&mut crate::rng::Rng::new(seed ^ 0xc105_7e25), n);
+    let x = Tensor::from_vec(raw, (n, nf), tr.model.device())?;
+    let fold = Fold::new();
+    let (_, inputs) = tr.model.target.forward_with_inputs(&x, &fold)?;
+    let (ci, _) = tr.model.causal_importances(&inputs, None, &fold)?;
+    let mut labels = vec![];
+    let mut cols = vec![];
+    for (j, m) in tr.model.modules.iter().enumerate() {
+        for c in 0..m.c {
+            labels.push(format!("{}:{c}", m.name));
+        }
+        cols.push(ci[j].upper.clone());
+    }
+    let all = Tensor::cat(&cols, 1)?;
+    Ok((all.flatten_all()?.to_vec1::<f32>()?, labels))
+}
+
+/// Lower-leaky CI of every module on one input row.
+pub fn custom_ci(tr: &Trainer, input: &[f32]) -> anyhow::Result<Vec<Vec<f32>>> {
+    let nf = tr.model.target.spec.n_features();
+    if input.len() != nf {
+        anyhow::bail!(
+            "custom input has {} values, the model takes {nf}",
+            input.len()
+        );
+    }
+    let x = Tensor::from_vec(input.to_vec(), (1, nf), tr.model.device())?;
+    let fold = Fold::new();
+    let (_, inputs) = tr.model.target.forward_with_inputs(&x, &fold)?;
+    let (ci, _) = tr.model.causal_importances(&inputs, None, &fold)?;
+    ci.iter()
+        .map(|c| Ok(c.lower.flatten_all()?.to_vec1::<f32>()?))
+        .collect()
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use eframe::egui;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
+use spdlab::app::cluster_data::ClusterData;
 use spdlab::app::{SpdApp, StartOptions, View};
 use spdlab::io::spdlab_file;
 use spdlab::worker::{Event, RunState, build_snapshot};
@@ -204,4 +205,255 @@ fn days_view_shows_the_rotation_and_unlearning() {
     h.run();
     assert_eq!(h.state().views.days.day, 1);
     let _ = h.render().expect("render");
+}
+
+/// The app with a clustering of the shipped decomposition (run here, as `spdlab cluster` does).
+fn clustered_harness() -> Harness<'static, SpdApp> {
+    let mut h = harness();
+    let (tr, _) = spdlab_file::from_bytes(
+        spdlab::assets::default_decomposition(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let opts = spdlab::cluster::ClusterOptions {
+        n_samples: 2048,
+        ..Default::default()
+    };
+    let (acts, labels) = spdlab::worker::cluster_activations(&tr, opts.n_samples, 0).unwrap();
+    let input = spdlab::worker::ClusterInput {
+        stored: None,
+        options: opts.clone(),
+        acts,
+        labels,
+        n_samples: opts.n_samples,
+    };
+    let data = ClusterData::build(&input).unwrap();
+    h.state_mut().set_clusters(data);
+    h
+}
+
+#[test]
+fn clusters_view_selects_a_cluster_and_slides_k() {
+    let mut h = clustered_harness();
+    h.state_mut().settings.view = View::Clusters;
+    h.run();
+    let k0 = h.state().cluster_k;
+    // tms-5-2: five features, each implemented by one subcomponent per layer.
+    assert_eq!(k0, 5, "minimum description length at five groups");
+    assert_eq!(h.state().cluster_rows.len(), 5);
+    assert!(h.state().cluster_rows.iter().all(|r| r.rank == 2));
+    let uploads = h.state().views.clusters.uploads;
+    assert_eq!(uploads, 1);
+    h.run();
+    assert_eq!(
+        h.state().views.clusters.uploads,
+        uploads,
+        "no re-upload per frame"
+    );
+
+    h.get_by_label("cluster 2").click();
+    h.run();
+    assert_eq!(h.state().selection.cluster, Some(2));
+    let members = h.state().cluster_rows[2].members.clone();
+    let l1 = h.state().selected_cluster_members(0);
+    assert_eq!(l1.len(), 1, "one linear1 member: {members:?}");
+
+    // One merge further: four groups, matrix re-uploaded once, the selection follows its members.
+    h.get_by_label("fewer").click();
+    h.run();
+    assert_eq!(h.state().cluster_k, 4);
+    assert_eq!(h.state().cluster_rows.len(), 4);
+    assert_eq!(h.state().views.clusters.uploads, uploads + 1);
+    let sel = h.state().selection.cluster.expect("selection kept");
+    assert!(
+        members
+            .iter()
+            .all(|m| h.state().cluster_rows[sel].members.contains(m))
+    );
+    h.get_by_label("more").click();
+    h.run();
+    assert_eq!(h.state().cluster_k, 5);
+
+    // The other views highlight the selected cluster; the CI view orders by cluster.
+    h.state_mut().settings.view = View::CausalImportance;
+    h.run();
+    h.get_by_label("by cluster").click();
+    h.run();
+    let cols = h.state().views.ci.columns.clone();
+    let first: Vec<usize> = h.state().cluster_rows[0]
+        .members
+        .iter()
+        .filter_map(|m| m.strip_prefix("linear1:").and_then(|i| i.parse().ok()))
+        .collect();
+    assert_eq!(cols[0], first[0], "cluster 0 first");
+    h.state_mut().settings.view = View::Directions;
+    h.run();
+    h.get_by_label_contains("cluster 2 (k = 5)");
+}
+
+#[test]
+fn clusters_view_without_clustering_offers_to_run_one() {
+    let mut h = harness();
+    h.state_mut().settings.view = View::Clusters;
+    h.run();
+    h.get_by_label_contains("no stored clustering");
+    h.get_by_label("Run clustering");
+}
+
+#[test]
+fn exports_write_parsable_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = clustered_harness();
+    // The interventions view exports the latest result: give it one.
+    let (tr, _) = spdlab_file::from_bytes(
+        spdlab::assets::default_decomposition(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let req = spdlab::worker::InterventionRequest {
+        select: "linear1:0-4".into(),
+        selected_mode: spdlab::interventions::MaskMode::Ablate,
+        other_mode: spdlab::interventions::MaskMode::Keep,
+        delta: false,
+        inputs: spdlab::worker::InputSet::Probes(0.75),
+        seed: 0,
+    };
+    let out = spdlab::worker::intervene(&tr, None, req).unwrap();
+    h.state_mut().apply(Event::Intervened(Arc::new(out)));
+    for v in View::ALL {
+        if v == View::Days {
+            continue; // needs a days model: covered by days_view_exports_csv
+        }
+        h.state_mut().settings.view = v;
+        h.run();
+        let csv = dir.path().join(format!("{}.csv", v.name()));
+        h.state().export_csv(&csv).unwrap();
+        let text = std::fs::read_to_string(&csv).unwrap();
+        let mut lines = text.lines();
+        let n_cols = lines.next().unwrap().split(',').count();
+        assert!(n_cols >= 2, "{v:?}: header");
+        let mut rows = 0;
+        for l in lines {
+            assert_eq!(l.split(',').count(), n_cols, "{v:?}: rectangular: {l}");
+            rows += 1;
+        }
+        assert!(rows > 0, "{v:?}: has rows");
+
+        let png = dir.path().join(format!("{}.png", v.name()));
+        let ctx = h.ctx.clone();
+        h.state_mut().export_png(&ctx, png.clone());
+        // The screenshot is taken after the next frame and encoded on a thread.
+        for _ in 0..100 {
+            h.run();
+            if png.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let img = image::open(&png).unwrap_or_else(|e| panic!("{v:?}: {e}"));
+        let rect = h.state().views.rect.unwrap();
+        assert!(
+            (img.width() as f32 - rect.width()).abs() <= 2.0,
+            "{v:?}: {} vs {}",
+            img.width(),
+            rect.width()
+        );
+        assert!(img.height() > 50);
+        assert!(h.state().error.is_none());
+    }
+    // The clusters CSV has every subcomponent: 10 alive in 5 clusters and 30 dead.
+    let text = std::fs::read_to_string(dir.path().join("clusters.csv")).unwrap();
+    assert_eq!(text.lines().count(), 1 + 40);
+    // An unwritable path is an error in the GUI, not a panic.
+    let bad = dir.path().join("missing").join("x.csv");
+    assert!(h.state().export_csv(&bad).is_err());
+}
+
+#[test]
+fn custom_input_row_shows_the_workers_answer() {
+    let mut h = harness();
+    h.state_mut().settings.view = View::CausalImportance;
+    h.run();
+    h.get_by_label("custom").click();
+    h.run();
+    assert_eq!(h.state().views.ci.custom_input.len(), 5);
+    // No worker in this test: answer as the worker would.
+    let (tr, _) = spdlab_file::from_bytes(
+        spdlab::assets::default_decomposition(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let input = vec![0.0, 0.0, 0.9, 0.0, 0.0];
+    let ci = spdlab::worker::custom_ci(&tr, &input).unwrap();
+    h.state_mut().apply(Event::CustomCi { input, ci });
+    h.run();
+    assert_eq!(h.state().views.ci.rows, 1);
+    let csv = h.state().views.ci.columns.len();
+    assert_eq!(csv, 20);
+}
+
+/// The real worker: "Run clustering" gets an activations batch, the clustering runs on its own
+/// thread, the result is stored in the file extras; reopening the saved file shows it again.
+#[test]
+fn run_clustering_with_the_worker_and_reopen_it() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1100.0, 700.0))
+        .wgpu()
+        .build_eframe(|cc| {
+            let w = spdlab::worker::WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
+            SpdApp::new(
+                cc,
+                Some(w),
+                StartOptions {
+                    view: Some(View::Clusters),
+                    ..Default::default()
+                },
+            )
+        });
+    let wait = |h: &mut Harness<'static, SpdApp>, what: &str, f: &dyn Fn(&SpdApp) -> bool| {
+        let t0 = Instant::now();
+        while !f(h.state()) {
+            assert!(t0.elapsed() < Duration::from_secs(60), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+            h.step();
+        }
+    };
+    wait(&mut h, "load", &|a| a.snapshot.is_some());
+    h.run();
+    h.get_by_label("Run clustering").click();
+    h.step();
+    wait(&mut h, "clustering", &|a| a.clusters.is_some());
+    assert_eq!(h.state().cluster_k, 5);
+    let saved = dir.path().join("c.spdlab");
+    h.state()
+        .send_command(spdlab::worker::Command::Save(saved.clone()));
+    wait(&mut h, "save", &|_| saved.exists());
+    std::thread::sleep(Duration::from_millis(200));
+    h.state_mut().open(saved);
+    h.step();
+    wait(&mut h, "reload", &|a| a.clusters.is_none());
+    wait(&mut h, "stored clustering", &|a| a.clusters.is_some());
+    assert_eq!(h.state().cluster_rows.len(), 5);
+    assert!(h.state().error.is_none(), "{:?}", h.state().error);
+}
+
+#[test]
+fn days_view_exports_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1300.0, 900.0))
+        .wgpu()
+        .build_eframe(|cc| app_with(cc, "days", false));
+    h.state_mut().settings.view = View::Days;
+    h.run();
+    let csv = dir.path().join("days.csv");
+    h.state().export_csv(&csv).unwrap();
+    let text = std::fs::read_to_string(&csv).unwrap();
+    // Header + 7 days x 2 operations, rectangular, answers named.
+    assert_eq!(text.lines().count(), 15);
+    let n = text.lines().next().unwrap().split(',').count();
+    assert!(text.lines().all(|l| l.split(',').count() == n));
+    assert!(text.contains("Mon,next,Tue,Tue"), "{text}");
 }

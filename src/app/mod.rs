@@ -1,5 +1,7 @@
 //! The desktop app (eframe/egui). Reads immutable snapshots from the worker; adds no maths.
 
+pub mod cluster_data;
+pub mod export;
 mod views;
 
 use std::path::PathBuf;
@@ -12,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::spd::config::SpdConfig;
 use crate::spd::trainer::StepRecord;
 use crate::worker::{Command, Event, RunState, Snapshot, Source, WorkerHandle};
+use cluster_data::{ClusterData, ClusterRow};
 
 pub use views::View;
 
@@ -101,6 +104,8 @@ impl FrameStats {
 pub struct Selection {
     pub module: usize,
     pub component: Option<usize>,
+    /// Cluster id at the clusters view's current k (see `SpdApp::cluster_rows`).
+    pub cluster: Option<usize>,
 }
 
 pub struct SpdApp {
@@ -126,6 +131,25 @@ pub struct SpdApp {
     /// The latest intervention result and mechanism trace from the worker.
     pub intervention: Option<Arc<crate::worker::InterventionOutcome>>,
     pub trace: Option<Arc<crate::interventions::Trace>>,
+    /// The clustering of the open decomposition (stored in the file or run here).
+    pub clusters: Option<Arc<ClusterData>>,
+    /// Number of groups shown (a state of the merge history) and its clusters.
+    pub cluster_k: usize,
+    pub cluster_rows: Vec<ClusterRow>,
+    /// Bumped whenever `cluster_rows` changes (texture keys).
+    pub cluster_version: u64,
+    /// An alive subcomponent of the selected cluster: the selection follows it across k.
+    cluster_anchor: Option<usize>,
+    /// "Run clustering" asked the worker for activations and has no answer yet.
+    cluster_waiting: bool,
+    /// A clustering computing on a background thread (`true`: store it in the file extras).
+    cluster_job: Option<(
+        crossbeam_channel::Receiver<Result<ClusterData, String>>,
+        bool,
+    )>,
+    /// Results of PNG exports (written from the screenshot callback).
+    export_tx: crossbeam_channel::Sender<Result<PathBuf, String>>,
+    export_rx: crossbeam_channel::Receiver<Result<PathBuf, String>>,
 }
 
 /// How the app starts.
@@ -136,8 +160,8 @@ pub struct StartOptions {
     pub exit_after: Option<Duration>,
     /// Start training the preset at once (for measurements).
     pub train_preset: Option<String>,
-    /// Open on this view (its label's first word, lower case: "days", "interventions", ...).
-    pub view: Option<String>,
+    /// Open this view first.
+    pub view: Option<View>,
     /// Open a shipped decomposition by name.
     pub asset: Option<String>,
 }
@@ -152,6 +176,7 @@ impl SpdApp {
             .storage
             .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
             .unwrap_or_default();
+        let (export_tx, export_rx) = crossbeam_channel::unbounded();
         let mut app = SpdApp {
             worker,
             settings,
@@ -176,12 +201,18 @@ impl SpdApp {
             throughput: None,
             intervention: None,
             trace: None,
+            clusters: None,
+            cluster_k: 0,
+            cluster_rows: vec![],
+            cluster_version: 0,
+            cluster_anchor: None,
+            cluster_waiting: false,
+            cluster_job: None,
+            export_tx,
+            export_rx,
         };
-        if let Some(v) = &opts.view {
-            match View::ALL.iter().find(|x| x.cli_name() == v) {
-                Some(x) => app.settings.view = *x,
-                None => app.error = Some(format!("unknown view '{v}'")),
-            }
+        if let Some(v) = opts.view {
+            app.settings.view = v;
         }
         if let Some(p) = opts.train_preset {
             if let Ok(c) = crate::presets::spd_config(&p) {
@@ -202,9 +233,19 @@ impl SpdApp {
         app
     }
 
-    pub(crate) fn send(&self, c: Command) {
-        if let Some(w) = &self.worker {
-            w.send(c);
+    /// Sends a command to the worker (tests, scripts); false when there is none.
+    pub fn send_command(&self, c: Command) -> bool {
+        self.send(c)
+    }
+
+    /// Sends a command to the worker; false when there is none (tests).
+    pub(crate) fn send(&self, c: Command) -> bool {
+        match &self.worker {
+            Some(w) => {
+                w.send(c);
+                true
+            }
+            None => false,
         }
     }
 
@@ -235,11 +276,163 @@ impl SpdApp {
 
     /// Applies events from the worker (never blocks).
     pub fn drain(&mut self) {
-        let Some(w) = &self.worker else { return };
-        let events: Vec<Event> = w.rx.try_iter().collect();
+        let events: Vec<Event> = match &self.worker {
+            Some(w) => w.rx.try_iter().collect(),
+            None => vec![],
+        };
         for e in events {
             self.apply(e);
         }
+        self.poll_jobs();
+    }
+
+    /// Picks up finished clustering jobs and PNG exports (never blocks).
+    pub fn poll_jobs(&mut self) {
+        if let Some((rx, store)) = &self.cluster_job {
+            match rx.try_recv() {
+                Ok(Ok(data)) => {
+                    if *store {
+                        self.send(Command::StoreClusters(Box::new(data.result.clone())));
+                        self.status = format!(
+                            "clustered: minimum description length at k = {} (Save to keep it)",
+                            data.result.best_k
+                        );
+                    }
+                    self.cluster_job = None;
+                    self.set_clusters(data);
+                }
+                Ok(Err(e)) => {
+                    self.cluster_job = None;
+                    self.error = Some(format!("clustering failed: {e}"));
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    self.cluster_job = None;
+                    self.error = Some("clustering failed".into());
+                }
+            }
+        }
+        while let Ok(r) = self.export_rx.try_recv() {
+            match r {
+                Ok(p) => self.status = format!("exported {}", p.display()),
+                Err(e) => self.error = Some(format!("export failed: {e}")),
+            }
+        }
+    }
+
+    /// Whether a clustering is computing in the background.
+    pub fn clustering_running(&self) -> bool {
+        self.cluster_job.is_some() || self.cluster_waiting
+    }
+
+    /// Asks the worker for an activations batch and clusters it off the UI thread.
+    pub fn run_clustering(&mut self, opts: crate::cluster::ClusterOptions) {
+        if self.send(Command::ClusterActivations(opts)) {
+            self.cluster_waiting = true;
+            self.status = "clustering...".into();
+        }
+    }
+
+    /// Starts building the clustering data of `input` on a background thread.
+    fn start_cluster_job(&mut self, input: crate::worker::ClusterInput) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let store = input.stored.is_none();
+        let spawned = std::thread::Builder::new()
+            .name("spdlab-cluster".into())
+            .spawn(move || {
+                let r = ClusterData::build(&input).map_err(|e| format!("{e:#}"));
+                let _ = tx.send(r);
+            });
+        match spawned {
+            Ok(_) => self.cluster_job = Some((rx, store)),
+            Err(e) => self.error = Some(format!("cannot start the clustering thread: {e}")),
+        }
+    }
+
+    /// Shows this clustering, at its stored k.
+    pub fn set_clusters(&mut self, data: ClusterData) {
+        let k = data.result.k;
+        self.clusters = Some(Arc::new(data));
+        self.selection.cluster = None;
+        self.cluster_anchor = None;
+        self.cluster_k = 0;
+        self.set_cluster_k(k);
+    }
+
+    /// Moves to the state of the merge history with k groups (clamped); recomputes the clusters
+    /// only when k changes. A selected cluster follows its first member.
+    pub fn set_cluster_k(&mut self, k: usize) {
+        let Some(d) = self.clusters.clone() else {
+            return;
+        };
+        let (lo, hi) = d.k_range();
+        let k = k.clamp(lo, hi.max(lo));
+        if k == self.cluster_k && !self.cluster_rows.is_empty() {
+            return;
+        }
+        // Keep the anchor while it is in the selected cluster (so merging and un-merging
+        // returns to the same cluster), else take the selected cluster's first member.
+        let selected = self
+            .selection
+            .cluster
+            .and_then(|c| self.cluster_rows.get(c));
+        self.cluster_anchor = match (selected, self.cluster_anchor) {
+            (Some(r), Some(a)) if r.alive.contains(&a) => Some(a),
+            (Some(r), _) => r.alive.first().copied(),
+            (None, _) => None,
+        };
+        self.cluster_k = k;
+        self.cluster_rows = d.clusters_at(k);
+        self.cluster_version += 1;
+        self.selection.cluster = self
+            .cluster_anchor
+            .and_then(|a| self.cluster_rows.iter().position(|r| r.alive.contains(&a)));
+    }
+
+    /// Components of module `module` in the selected cluster (empty when none is selected).
+    pub fn selected_cluster_members(&self, module: usize) -> Vec<usize> {
+        let (Some(c), Some(s)) = (self.selection.cluster, &self.snapshot) else {
+            return vec![];
+        };
+        let (Some(row), Some(m)) = (self.cluster_rows.get(c), s.modules.get(module)) else {
+            return vec![];
+        };
+        row.members
+            .iter()
+            .filter_map(|l| match cluster_data::split_label(l) {
+                (name, Some(i)) if name == m.name => Some(i),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Requests a screenshot and writes the current view's rect of it to `path` as PNG (the
+    /// result arrives in a later frame as a status line or an error).
+    pub fn export_png(&mut self, ctx: &egui::Context, path: PathBuf) {
+        let Some(rect) = self.views.rect else {
+            self.error = Some("export failed: the view has not been drawn yet".into());
+            return;
+        };
+        let ppp = ctx.pixels_per_point();
+        let tx = self.export_tx.clone();
+        let ctx2 = ctx.clone();
+        ctx.send_viewport_cmd(egui::ViewportCommand::Screenshot(
+            egui::ScreenshotCallback::new(move |image| {
+                // Encode off the render thread.
+                std::thread::spawn(move || {
+                    let r = export::save_png_region(&image, rect, ppp, &path)
+                        .map(|_| path)
+                        .map_err(|e| format!("{e:#}"));
+                    let _ = tx.send(r);
+                    ctx2.request_repaint();
+                });
+            }),
+        ));
+    }
+
+    /// Writes the current view's data as CSV.
+    pub fn export_csv(&self, path: &std::path::Path) -> anyhow::Result<()> {
+        views::export_csv(self, path)
     }
 
     pub fn apply(&mut self, e: Event) {
@@ -258,6 +451,13 @@ impl SpdApp {
                 self.error = None;
                 self.intervention = None;
                 self.trace = None;
+                self.clusters = None;
+                self.cluster_rows.clear();
+                self.cluster_k = 0;
+                self.cluster_version += 1;
+                self.cluster_job = None;
+                self.cluster_waiting = false;
+                self.views.ci.reset_custom();
                 if self.start_training {
                     self.start_training = false;
                     self.send(Command::Start);
@@ -302,7 +502,15 @@ impl SpdApp {
                 self.error = None;
             }
             Event::Traced(t) => self.trace = Some(t),
-            Event::Error(m) => self.error = Some(m),
+            Event::Error(m) => {
+                self.error = Some(m);
+                self.cluster_waiting = false;
+            }
+            Event::ClusterInput(input) => {
+                self.cluster_waiting = false;
+                self.start_cluster_job(*input);
+            }
+            Event::CustomCi { input, ci } => self.views.ci.set_custom_result(input, ci),
         }
     }
 
@@ -390,6 +598,43 @@ impl SpdApp {
                     self.error = None;
                 }
             });
+        }
+    }
+
+    fn export_buttons(&mut self, ui: &mut egui::Ui) {
+        let stem = match self.settings.view {
+            View::Training => "training",
+            View::Directions => "directions",
+            View::CausalImportance => "causal-importance",
+            View::Summary => "summary",
+            View::Clusters => "clusters",
+            View::Interventions => "interventions",
+            View::Days => "days",
+        };
+        if ui
+            .button("Export PNG...")
+            .on_hover_text("Save a picture of this view")
+            .clicked()
+            && let Some(p) = rfd::FileDialog::new()
+                .add_filter("png", &["png"])
+                .set_file_name(format!("{stem}.png"))
+                .save_file()
+        {
+            self.export_png(ui.ctx(), p);
+        }
+        if ui
+            .button("Export CSV...")
+            .on_hover_text("Save the data of this view")
+            .clicked()
+            && let Some(p) = rfd::FileDialog::new()
+                .add_filter("csv", &["csv"])
+                .set_file_name(format!("{stem}.csv"))
+                .save_file()
+        {
+            match self.export_csv(&p) {
+                Ok(()) => self.status = format!("exported {}", p.display()),
+                Err(e) => self.error = Some(format!("export failed: {e:#}")),
+            }
         }
     }
 
@@ -505,13 +750,16 @@ impl eframe::App for SpdApp {
             .resizable(true)
             .show(ui, |ui| self.side_panel(ui));
         egui::CentralPanel::default().show(ui, |ui| {
-            ui.horizontal(|ui| {
+            ui.horizontal_wrapped(|ui| {
                 for v in View::ALL {
                     ui.selectable_value(&mut self.settings.view, v, v.label());
                 }
+                ui.separator();
+                self.export_buttons(ui);
             });
             ui.separator();
-            views::show(self, ui);
+            let rect = ui.scope(|ui| views::show(self, ui)).response.rect;
+            self.views.rect = Some(rect);
         });
     }
 

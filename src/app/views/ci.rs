@@ -3,7 +3,7 @@
 
 use eframe::egui;
 
-use super::{module_picker, sequential};
+use super::{CLUSTER_COLOR, module_picker, sequential};
 use crate::app::SpdApp;
 use crate::metrics::toy_metrics;
 
@@ -12,6 +12,8 @@ pub enum InputSet {
     #[default]
     Probes,
     Batch,
+    /// One row edited with a slider per input feature.
+    Custom,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -20,6 +22,8 @@ pub enum Order {
     #[default]
     Hungarian,
     Density,
+    /// Members of each cluster contiguous, clusters by id, dead/unclustered last.
+    ByCluster,
 }
 
 #[derive(Default)]
@@ -28,11 +32,62 @@ pub struct CiViewState {
     pub order: Order,
     pub vmax: f32,
     texture: Option<egui::TextureHandle>,
-    key: Option<(u64, usize, InputSet, Order, u32)>,
+    key: Option<(u64, usize, InputSet, Order, u32, u64, u64)>,
     /// Column order used for the current texture.
     pub columns: Vec<usize>,
     pub rows: usize,
     pub uploads: u64,
+    /// The custom input row (one value per feature).
+    pub custom_input: Vec<f32>,
+    /// The worker's answer: (input, CI per module), and a counter of answers.
+    pub custom_ci: Option<(Vec<f32>, Vec<Vec<f32>>)>,
+    custom_results: u64,
+    /// A request is with the worker / the input changed since the last request.
+    custom_pending: bool,
+    custom_dirty: bool,
+    /// Snapshot version the custom CI was asked for (training moves the model).
+    custom_asked_at: u64,
+}
+
+impl CiViewState {
+    pub fn reset_custom(&mut self) {
+        self.custom_input.clear();
+        self.custom_ci = None;
+        self.custom_pending = false;
+        self.custom_dirty = true;
+        self.custom_results += 1;
+    }
+
+    pub fn set_custom_result(&mut self, input: Vec<f32>, ci: Vec<Vec<f32>>) {
+        self.custom_pending = false;
+        self.custom_ci = Some((input, ci));
+        self.custom_results += 1;
+    }
+}
+
+/// Column order of module `j` by cluster: members of each cluster (at the shown k) in cluster
+/// order, then every other subcomponent (dead or not clustered) by index.
+pub fn cluster_columns(app: &SpdApp, j: usize, c: usize) -> Vec<usize> {
+    let Some(s) = &app.snapshot else {
+        return (0..c).collect();
+    };
+    let name = &s.modules[j].name;
+    let mut cols = vec![];
+    let mut seen = vec![false; c];
+    for r in &app.cluster_rows {
+        for l in &r.members {
+            if let (m, Some(i)) = crate::app::cluster_data::split_label(l)
+                && m == name
+                && i < c
+                && !seen[i]
+            {
+                seen[i] = true;
+                cols.push(i);
+            }
+        }
+    }
+    cols.extend((0..c).filter(|&i| !seen[i]));
+    cols
 }
 
 pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
@@ -40,7 +95,11 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     let Some(s) = app.snapshot.clone() else {
         return;
     };
+    let has_clusters = app.clusters.is_some();
     let st = &mut app.views.ci;
+    if !has_clusters && st.order == Order::ByCluster {
+        st.order = Order::AsIs;
+    }
     if st.vmax <= 0.0 {
         st.vmax = 1.0;
     }
@@ -56,12 +115,26 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
             InputSet::Batch,
             format!("data batch ({})", s.n_batch),
         );
+        ui.selectable_value(&mut st.input_set, InputSet::Custom, "custom");
         ui.separator();
         ui.label("columns:");
         ui.selectable_value(&mut st.order, Order::AsIs, "as is");
         ui.selectable_value(&mut st.order, Order::Hungarian, "Hungarian to diagonal");
         ui.selectable_value(&mut st.order, Order::Density, "by density");
+        if ui
+            .add_enabled(
+                has_clusters,
+                egui::Button::selectable(st.order == Order::ByCluster, "by cluster"),
+            )
+            .on_disabled_hover_text("no clustering: run one in the Clusters view")
+            .clicked()
+        {
+            st.order = Order::ByCluster;
+        }
     });
+    if st.input_set == InputSet::Custom {
+        custom_sliders(app, ui, &s);
+    }
     let mut probe = app.settings.probe_value;
     ui.horizontal(|ui| {
         ui.add(egui::Slider::new(&mut app.views.ci.vmax, 0.05..=1.0).text("colour max"));
@@ -74,22 +147,43 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         }
     });
     app.settings.probe_value = probe;
-    let st = &mut app.views.ci;
     let j = app.selection.module.min(s.modules.len() - 1);
-    let m = &s.modules[j];
-    let (data, rows) = match st.input_set {
-        InputSet::Probes => (&m.ci_probe, s.n_probe),
-        InputSet::Batch => (&m.ci_batch, s.n_batch),
+    let by_cluster = if app.views.ci.order == Order::ByCluster {
+        cluster_columns(app, j, s.modules[j].c)
+    } else {
+        vec![]
     };
+    let members = app.selected_cluster_members(j);
+    let st = &mut app.views.ci;
+    let m = &s.modules[j];
+    let custom: &[f32] = st
+        .custom_ci
+        .as_ref()
+        .and_then(|(_, ci)| ci.get(j))
+        .filter(|ci| ci.len() == m.c)
+        .map(|v| v.as_slice())
+        .unwrap_or(&[]);
+    let (data, rows) = match st.input_set {
+        InputSet::Probes => (m.ci_probe.as_slice(), s.n_probe),
+        InputSet::Batch => (m.ci_batch.as_slice(), s.n_batch),
+        InputSet::Custom => (custom, custom.len() / m.c.max(1)),
+    };
+    if rows == 0 {
+        ui.label("computing the CI of the custom input...");
+        return;
+    }
     let key = (
         app.snapshot_version,
         j,
         st.input_set,
         st.order,
         st.vmax.to_bits(),
+        app.cluster_version,
+        st.custom_results,
     );
     if st.key != Some(key) {
         st.columns = match st.order {
+            Order::ByCluster => by_cluster,
             Order::AsIs => (0..m.c).collect(),
             Order::Hungarian => toy_metrics::permute_to_identity(&m.ci_probe, s.n_probe, m.c),
             Order::Density => {
@@ -120,7 +214,10 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         st.uploads += 1;
     }
     let Some(tex) = &st.texture else { return };
-    let avail = ui.available_size() - egui::vec2(0.0, 24.0);
+    let mut avail = ui.available_size() - egui::vec2(0.0, 24.0);
+    if st.input_set == InputSet::Custom {
+        avail.y = avail.y.min(80.0);
+    }
     let (rect, resp) =
         ui.allocate_exact_size(avail.max(egui::vec2(50.0, 50.0)), egui::Sense::click());
     ui.painter().image(
@@ -134,6 +231,21 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         let (x, y) = ((uv.x * m.c as f32) as usize, (uv.y * rows as f32) as usize);
         (x < m.c && y < rows).then_some((y, x))
     };
+    for &mc in &members {
+        if let Some(col) = st.columns.iter().position(|&c| c == mc) {
+            let w = rect.width() / m.c as f32;
+            let r = egui::Rect::from_min_size(
+                egui::pos2(rect.left() + col as f32 * w, rect.top()),
+                egui::vec2(w, rect.height()),
+            );
+            ui.painter().rect_stroke(
+                r,
+                0.0,
+                egui::Stroke::new(2.0, CLUSTER_COLOR),
+                egui::StrokeKind::Inside,
+            );
+        }
+    }
     if let Some(sel) = app.selection.component
         && let Some(col) = st.columns.iter().position(|&c| c == sel)
     {
@@ -155,6 +267,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         let c = st.columns[x];
         let input = match st.input_set {
             InputSet::Probes => s.probe_labels.get(r).cloned().unwrap_or_default(),
+            InputSet::Custom => format!("custom input {}", custom_label(&st.custom_input)),
             InputSet::Batch => {
                 let row = &s.batch_inputs[r * s.n_features..(r + 1) * s.n_features];
                 let active: Vec<String> = row
@@ -184,4 +297,126 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         "{} rows x {} subcomponents of {} (lower-leaky CI; colour scale 0 to {:.2})",
         rows, m.c, m.name, st.vmax
     ));
+}
+
+/// `f0=0.50 f3=0.20` (non-zero features) or `all zero`.
+pub fn custom_label(input: &[f32]) -> String {
+    let active: Vec<String> = input
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| **v != 0.0)
+        .map(|(i, v)| format!("f{i}={v:.2}"))
+        .collect();
+    if active.is_empty() {
+        "all zero".into()
+    } else {
+        active.join(" ")
+    }
+}
+
+/// One slider per input feature; the CI of the edited row is asked from the worker (one request
+/// in flight at a time, the latest input wins).
+fn custom_sliders(app: &mut SpdApp, ui: &mut egui::Ui, s: &crate::worker::Snapshot) {
+    let nf = s.n_features;
+    let (lo, hi) = s.value_range;
+    let version = app.snapshot_version;
+    let st = &mut app.views.ci;
+    if st.custom_input.len() != nf {
+        st.custom_input = vec![0.0; nf];
+        if let Some(x) = st.custom_input.first_mut() {
+            *x = hi * 0.75;
+        }
+        st.custom_dirty = true;
+    }
+    let mut changed = false;
+    ui.horizontal(|ui| {
+        ui.label(format!("custom input ({nf} features, range {lo} to {hi}):"));
+        if ui.small_button("zero all").clicked() {
+            st.custom_input.iter_mut().for_each(|x| *x = 0.0);
+            changed = true;
+        }
+        if st.custom_pending {
+            ui.spinner();
+        }
+    });
+    egui::ScrollArea::vertical()
+        .id_salt("custom-sliders")
+        .max_height(70.0)
+        .show(ui, |ui| {
+            let cols = ((ui.available_width() / 190.0) as usize).max(1);
+            ui.spacing_mut().slider_width = 100.0;
+            egui::Grid::new("custom-grid").show(ui, |ui| {
+                for (i, v) in st.custom_input.iter_mut().enumerate() {
+                    ui.horizontal(|ui| {
+                        let l = ui.label(format!("f{i}"));
+                        changed |= ui
+                            .add(egui::Slider::new(v, lo..=hi))
+                            .labelled_by(l.id)
+                            .changed();
+                    });
+                    if (i + 1) % cols == 0 {
+                        ui.end_row();
+                    }
+                }
+            });
+        });
+    if changed || st.custom_asked_at != version {
+        st.custom_dirty = true;
+    }
+    if st.custom_dirty && !st.custom_pending {
+        let input = st.custom_input.clone();
+        if app.send(crate::worker::Command::CustomCi(input)) {
+            let st = &mut app.views.ci;
+            st.custom_dirty = false;
+            st.custom_pending = true;
+            st.custom_asked_at = version;
+        }
+    }
+}
+
+/// CSV of the heatmap as shown: rows = inputs (labelled), columns = subcomponents in the
+/// shown order.
+pub fn csv(app: &SpdApp) -> anyhow::Result<String> {
+    let s = app
+        .snapshot
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no decomposition loaded"))?;
+    let st = &app.views.ci;
+    let j = app.selection.module.min(s.modules.len().saturating_sub(1));
+    let m = s
+        .modules
+        .get(j)
+        .ok_or_else(|| anyhow::anyhow!("the decomposition has no modules"))?;
+    let columns: Vec<usize> = if st.columns.len() == m.c {
+        st.columns.clone()
+    } else {
+        (0..m.c).collect()
+    };
+    let nf = s.n_features;
+    let (data, labels): (&[f32], Vec<String>) = match st.input_set {
+        InputSet::Probes => (
+            &m.ci_probe,
+            (0..nf)
+                .map(|i| format!("feature {i} = {}", s.probe_value))
+                .collect(),
+        ),
+        InputSet::Batch => (
+            &m.ci_batch,
+            (0..s.n_batch)
+                .map(|r| {
+                    format!(
+                        "batch row {r}: {}",
+                        custom_label(&s.batch_inputs[r * nf..(r + 1) * nf])
+                    )
+                })
+                .collect(),
+        ),
+        InputSet::Custom => match &st.custom_ci {
+            Some((input, ci)) if ci.get(j).is_some_and(|v| v.len() == m.c) => {
+                (&ci[j], vec![format!("custom: {}", custom_label(input))])
+            }
+            _ => anyhow::bail!("the custom input's CI has not arrived yet"),
+        },
+    };
+    Ok(crate::app::export::ci_csv(m, data, &labels, &columns))
 }

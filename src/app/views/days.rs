@@ -381,3 +381,47 @@ fn ci_grid(app: &mut SpdApp, ui: &mut egui::Ui, d: &DaysViewData) {
         }
     }
 }
+
+/// CSV of the days view: one row per (day, operation) with the answers (full and with each
+/// mechanism ablated), plane positions, and the CI of every subcomponent.
+pub fn csv(app: &SpdApp) -> anyhow::Result<String> {
+    let d = app
+        .snapshot
+        .as_ref()
+        .and_then(|s| s.days.clone())
+        .ok_or_else(|| anyhow::anyhow!("no days decomposition loaded"))?;
+    let mut s = String::from("day,op,correct,answer_full");
+    for m in &d.mechanisms {
+        s.push_str(&format!(",answer_{}_ablated", m.op));
+    }
+    s.push_str(",embed_x,embed_y,out_x,out_y,ablated_x,ablated_y");
+    for (name, rows) in &d.ci {
+        for k in 0..rows.first().map_or(0, |r| r.len()) {
+            s.push_str(&format!(",ci_{name}:{k}"));
+        }
+    }
+    s.push('\n');
+    for (i, &(day, op)) in d.rows.iter().enumerate() {
+        s.push_str(&format!(
+            "{},{},{},{}",
+            day_name(d.n_days, day),
+            OP_NAMES[op],
+            day_name(d.n_days, answer(d.n_days, day, op)),
+            day_name(d.n_days, d.answers_full[i])
+        ));
+        for a in &d.answers_ablated {
+            s.push_str(&format!(",{}", day_name(d.n_days, a[i])));
+        }
+        let out = d.paths[i].last().copied().unwrap_or([f32::NAN; 2]);
+        for p in [d.plane_embed[i], out, d.plane_ablated[i]] {
+            s.push_str(&format!(",{},{}", p[0], p[1]));
+        }
+        for (_, rows) in &d.ci {
+            for v in &rows[i] {
+                s.push_str(&format!(",{v}"));
+            }
+        }
+        s.push('\n');
+    }
+    Ok(s)
+}

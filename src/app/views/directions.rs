@@ -4,7 +4,7 @@
 use eframe::egui;
 use egui_plot::{Arrows, Legend, Plot, PlotPoints};
 
-use super::{diverging, module_picker};
+use super::{CLUSTER_COLOR, diverging, module_picker};
 use crate::app::SpdApp;
 use crate::worker::ModuleSnapshot;
 
@@ -85,6 +85,15 @@ fn arrows_2d(app: &mut SpdApp, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[u
         "read directions V_c (scaled by |U_c|) in the 2-D hidden space; grey: the target's feature rows"
     });
     let sel = app.selection.component;
+    let members = app.selected_cluster_members(
+        app.selection.module.min(
+            app.snapshot
+                .as_ref()
+                .map(|s| s.modules.len())
+                .unwrap_or(1)
+                .saturating_sub(1),
+        ),
+    );
     let r = targets
         .iter()
         .copied()
@@ -113,6 +122,8 @@ fn arrows_2d(app: &mut SpdApp, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[u
                 let tip = vec_of(c);
                 let color = if sel == Some(c) {
                     egui::Color32::from_rgb(230, 80, 20)
+                } else if members.contains(&c) {
+                    CLUSTER_COLOR
                 } else {
                     egui::Color32::from_rgb(31, 119, 180)
                 };
@@ -232,6 +243,20 @@ fn strips(app: &mut SpdApp, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[usiz
             egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
             egui::Color32::WHITE,
         );
+        for mc in app.selected_cluster_members(app.selection.module) {
+            if let Some(row) = shown.iter().position(|&c| c == mc) {
+                let r = egui::Rect::from_min_size(
+                    egui::pos2(rect.left(), rect.top() + row as f32 * row_h),
+                    egui::vec2(rect.width(), row_h),
+                );
+                ui.painter().rect_stroke(
+                    r,
+                    0.0,
+                    egui::Stroke::new(2.0, CLUSTER_COLOR),
+                    egui::StrokeKind::Inside,
+                );
+            }
+        }
         if let Some(sel) = app.selection.component
             && let Some(row) = shown.iter().position(|&c| c == sel)
         {

@@ -148,7 +148,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         // Left: what breaks, then the per-feature summary.
         let ui = &mut cols[0];
         ui.strong("What breaks (inputs by max |change| of the output)");
-        egui::ScrollArea::vertical()
+        egui::ScrollArea::both()
             .id_salt("breaks")
             .max_height(ui.available_height() * 0.55)
             .show(ui, |ui| {
@@ -175,29 +175,27 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
             });
         ui.separator();
         ui.strong("Per feature / class (baseline -> intervened)");
-        egui::ScrollArea::vertical()
-            .id_salt("perfeat")
-            .show(ui, |ui| {
-                egui::Grid::new("perfeat_grid")
-                    .striped(true)
-                    .show(ui, |ui| {
-                        for f in &r.per_feature {
-                            let broken = f.is_broken();
-                            ui.label(&f.name);
-                            ui.label(format!("{} inputs", f.n_inputs));
-                            ui.label(format!(
-                                "{} {:.3e} -> {:.3e}",
-                                f.metric, f.baseline, f.intervened
-                            ));
-                            if broken {
-                                ui.colored_label(egui::Color32::from_rgb(220, 60, 60), "broken");
-                            } else {
-                                ui.label("");
-                            }
-                            ui.end_row();
+        egui::ScrollArea::both().id_salt("perfeat").show(ui, |ui| {
+            egui::Grid::new("perfeat_grid")
+                .striped(true)
+                .show(ui, |ui| {
+                    for f in &r.per_feature {
+                        let broken = f.is_broken();
+                        ui.label(&f.name);
+                        ui.label(format!("{} inputs", f.n_inputs));
+                        ui.label(format!(
+                            "{} {:.3e} -> {:.3e}",
+                            f.metric, f.baseline, f.intervened
+                        ));
+                        if broken {
+                            ui.colored_label(egui::Color32::from_rgb(220, 60, 60), "broken");
+                        } else {
+                            ui.label("");
                         }
-                    });
-            });
+                        ui.end_row();
+                    }
+                });
+        });
         // Right: outputs side by side and the mechanism trace of the chosen input.
         let ui = &mut cols[1];
         if r.inputs.is_empty() {
@@ -367,13 +365,11 @@ fn trace_panel(app: &mut SpdApp, ui: &mut egui::Ui, input: &[f32]) {
             threshold: thr,
         });
     }
-    ui.horizontal(|ui| {
-        ui.strong("Mechanism trace: what fires on this input");
-        ui.add(
-            egui::Slider::new(&mut app.views.interventions.trace_threshold, 0.01..=0.99)
-                .text("CI threshold"),
-        );
-    });
+    ui.strong("Mechanism trace: what fires on this input");
+    ui.add(
+        egui::Slider::new(&mut app.views.interventions.trace_threshold, 0.01..=0.99)
+            .text("CI threshold"),
+    );
     let Some(t) = app.trace.clone() else {
         ui.label("tracing...");
         return;
@@ -387,45 +383,43 @@ fn trace_panel(app: &mut SpdApp, ui: &mut egui::Ui, input: &[f32]) {
         ui.label(format!("clusters: {}", cl.join(", ")));
     }
     let snap = app.snapshot.clone();
-    egui::ScrollArea::vertical()
-        .id_salt("trace")
-        .show(ui, |ui| {
-            egui::Grid::new("trace_grid").striped(true).show(ui, |ui| {
-                ui.strong("subcomponent");
-                ui.strong("CI");
-                ui.strong("cluster");
-                ui.strong("write size");
-                ui.strong("read V / write U");
-                ui.end_row();
-                for e in &t.entries {
-                    let selected = app.selection.module == e.module
-                        && app.selection.component == Some(e.index);
-                    if ui.selectable_label(selected, &e.label).clicked() {
-                        app.selection.module = e.module;
-                        app.selection.component = Some(e.index);
-                    }
-                    ui.label(format!("{:.3}", e.ci));
-                    ui.label(e.cluster.map(|c| c.to_string()).unwrap_or("-".into()));
-                    ui.label(format!("{:.3}", e.contribution));
-                    if let Some(m) = snap.as_ref().and_then(|s| s.modules.get(e.module)) {
-                        let v: Vec<f32> = (0..m.d_in).map(|i| m.v[i * m.c + e.index]).collect();
-                        let u: Vec<f32> = m.u[e.index * m.d_out..(e.index + 1) * m.d_out].to_vec();
-                        ui.horizontal(|ui| {
-                            strip(ui, &v);
-                            ui.label("/");
-                            strip(ui, &u);
-                        });
-                    }
-                    ui.end_row();
+    egui::ScrollArea::both().id_salt("trace").show(ui, |ui| {
+        egui::Grid::new("trace_grid").striped(true).show(ui, |ui| {
+            ui.strong("subcomponent");
+            ui.strong("CI");
+            ui.strong("cluster");
+            ui.strong("write size");
+            ui.strong("read V / write U");
+            ui.end_row();
+            for e in &t.entries {
+                let selected =
+                    app.selection.module == e.module && app.selection.component == Some(e.index);
+                if ui.selectable_label(selected, &e.label).clicked() {
+                    app.selection.module = e.module;
+                    app.selection.component = Some(e.index);
                 }
-            });
+                ui.label(format!("{:.3}", e.ci));
+                ui.label(e.cluster.map(|c| c.to_string()).unwrap_or("-".into()));
+                ui.label(format!("{:.3}", e.contribution));
+                if let Some(m) = snap.as_ref().and_then(|s| s.modules.get(e.module)) {
+                    let v: Vec<f32> = (0..m.d_in).map(|i| m.v[i * m.c + e.index]).collect();
+                    let u: Vec<f32> = m.u[e.index * m.d_out..(e.index + 1) * m.d_out].to_vec();
+                    ui.horizontal(|ui| {
+                        strip(ui, &v);
+                        ui.label("/");
+                        strip(ui, &u);
+                    });
+                }
+                ui.end_row();
+            }
         });
+    });
 }
 
-/// A small diverging-colour strip of a vector (at most 64 cells; longer vectors are pooled by
+/// A small diverging-colour strip of a vector (at most 32 cells; longer vectors are pooled by
 /// taking the largest magnitude per cell).
 fn strip(ui: &mut egui::Ui, v: &[f32]) {
-    let n = v.len().min(64);
+    let n = v.len().min(32);
     if n == 0 {
         return;
     }
@@ -458,4 +452,39 @@ fn strip(ui: &mut egui::Ui, v: &[f32]) {
         egui::Stroke::new(0.5, egui::Color32::from_gray(160)),
         egui::StrokeKind::Inside,
     );
+}
+
+/// CSV of the latest intervention: one row per input with its losses and every output of the
+/// target, the full decomposition and the intervened model.
+pub fn csv(app: &SpdApp) -> anyhow::Result<String> {
+    let out = app
+        .intervention
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no intervention has run yet"))?;
+    let r = &out.result;
+    let n_out = r.target.first().map_or(0, |t| t.len());
+    let mut s = String::from("input,label,max_change,loss_baseline,loss_intervened,loss_change");
+    for kind in ["target", "full", "intervened"] {
+        for k in 0..n_out {
+            s.push_str(&format!(",{kind}_{k}"));
+        }
+    }
+    s.push('\n');
+    for i in 0..r.inputs.len() {
+        s.push_str(&format!(
+            "{i},\"{}\",{},{},{},{}",
+            out.input_labels.get(i).cloned().unwrap_or_default(),
+            r.max_change[i],
+            r.loss_baseline[i],
+            r.loss_intervened[i],
+            r.loss_change[i]
+        ));
+        for o in [&r.target[i], &r.full[i], &r.intervened[i]] {
+            for v in o {
+                s.push_str(&format!(",{v}"));
+            }
+        }
+        s.push('\n');
+    }
+    Ok(s)
 }

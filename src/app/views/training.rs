@@ -57,17 +57,6 @@ fn log_formatter(mark: egui_plot::GridMark, _r: &std::ops::RangeInclusive<f64>) 
 pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     ui.horizontal(|ui| {
         ui.add(egui::Slider::new(&mut app.settings.smoothing, 0.0..=0.99).text("smoothing"));
-        if ui.button("Export CSV").clicked()
-            && let Some(p) = rfd::FileDialog::new()
-                .add_filter("csv", &["csv"])
-                .save_file()
-        {
-            let r = export_csv(app, &p);
-            app.status = match r {
-                Ok(()) => format!("exported {}", p.display()),
-                Err(e) => format!("export failed: {e}"),
-            };
-        }
     });
     if app.history.is_empty() {
         ui.label("no training steps yet: press Start");
@@ -157,7 +146,7 @@ fn series_names(app: &SpdApp) -> (Vec<String>, Vec<String>) {
     (names, layers)
 }
 
-fn export_csv(app: &SpdApp, path: &std::path::Path) -> anyhow::Result<()> {
+pub fn export_csv(app: &SpdApp, path: &std::path::Path) -> anyhow::Result<()> {
     let (names, layers) = series_names(app);
     let mut s = String::from("step,lr");
     for n in &names {

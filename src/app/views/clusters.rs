@@ -1,0 +1,278 @@
+//! Clusters: the MDL merge clustering of the open decomposition. Co-activation matrix of the
+//! alive subcomponents in cluster order (one texture, re-uploaded only when k or the data
+//! changes), a slider over the merge history, a clickable cluster table, and the description
+//! length curve. Without a stored clustering, "Run clustering" runs one off the UI thread.
+
+use eframe::egui;
+use egui_plot::{Legend, Line, Plot, PlotPoints, Points, VLine};
+
+use super::{CLUSTER_COLOR, sequential, short_members};
+use crate::app::SpdApp;
+use crate::app::cluster_data::ClusterData;
+use crate::cluster::ClusterOptions;
+
+#[derive(Default)]
+pub struct ClustersViewState {
+    /// Options of the next "Run clustering".
+    pub options: ClusterOptions,
+    texture: Option<egui::TextureHandle>,
+    key: Option<u64>,
+    /// Alive indices in the texture's row/column order.
+    pub order: Vec<usize>,
+    pub uploads: u64,
+}
+
+pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
+    let Some(d) = app.clusters.clone() else {
+        ui.label("This decomposition has no stored clustering.");
+        run_controls(app, ui);
+        return;
+    };
+    let (lo, hi) = d.k_range();
+    let mut k = app.cluster_k;
+    ui.horizontal_wrapped(|ui| {
+        if ui
+            .add_enabled(k > lo, egui::Button::new("fewer").small())
+            .on_hover_text("one merge further (k - 1)")
+            .clicked()
+        {
+            k -= 1;
+        }
+        ui.add(egui::Slider::new(&mut k, lo..=hi.max(lo)).text("groups (k)"));
+        if ui
+            .add_enabled(k < hi, egui::Button::new("more").small())
+            .on_hover_text("one merge back (k + 1)")
+            .clicked()
+        {
+            k += 1;
+        }
+        if ui
+            .button(format!("best k = {}", d.result.best_k))
+            .on_hover_text("minimum description length")
+            .clicked()
+        {
+            k = d.result.best_k;
+        }
+        ui.separator();
+        ui.label(format!(
+            "{} alive, {} dead subcomponents; co-activation on {} samples (CI > {})",
+            d.n_alive(),
+            d.result.dead.len(),
+            d.n_samples,
+            d.result.options.activation_threshold
+        ));
+    });
+    app.set_cluster_k(k);
+    ui.collapsing("Run clustering again", |ui| run_controls(app, ui));
+
+    let avail = ui.available_size();
+    let plot_h = (avail.y * 0.3).clamp(90.0, 220.0);
+    let side = (avail.y - plot_h - 16.0).min(avail.x * 0.45).max(60.0);
+    ui.horizontal_top(|ui| {
+        matrix(app, ui, &d, side);
+        ui.vertical(|ui| {
+            ui.set_max_height(side);
+            table(app, ui);
+        });
+    });
+    dl_plot(app, ui, &d, plot_h);
+}
+
+fn run_controls(app: &mut SpdApp, ui: &mut egui::Ui) {
+    let running = app.clustering_running();
+    let mut run = None;
+    let o = &mut app.views.clusters.options;
+    ui.horizontal_wrapped(|ui| {
+        ui.add(
+            egui::DragValue::new(&mut o.alpha)
+                .range(0.0..=100.0)
+                .speed(0.01)
+                .prefix("alpha "),
+        )
+        .on_hover_text("rank weight of the description length");
+        ui.add(
+            egui::DragValue::new(&mut o.activation_threshold)
+                .range(0.0..=1.0)
+                .speed(0.001)
+                .prefix("threshold "),
+        )
+        .on_hover_text("CI above which a subcomponent counts as firing");
+        ui.add(egui::DragValue::new(&mut o.seed).prefix("seed "));
+        ui.add(
+            egui::DragValue::new(&mut o.n_samples)
+                .range(64..=65536)
+                .prefix("samples "),
+        );
+        if ui
+            .add_enabled(!running, egui::Button::new("Run clustering"))
+            .clicked()
+        {
+            run = Some(o.clone());
+        }
+        if running {
+            ui.spinner();
+            ui.label("clustering...");
+        }
+    });
+    if let Some(opts) = run {
+        app.run_clustering(opts);
+    }
+}
+
+fn matrix(app: &mut SpdApp, ui: &mut egui::Ui, d: &ClusterData, side: f32) {
+    let na = d.n_alive();
+    let st = &mut app.views.clusters;
+    if na == 0 {
+        ui.label("no alive subcomponents");
+        return;
+    }
+    if st.key != Some(app.cluster_version) {
+        st.order = ClusterData::cluster_order(&app.cluster_rows);
+        let mut px = Vec::with_capacity(na * na);
+        for &i in &st.order {
+            for &j in &st.order {
+                px.push(sequential(d.coact_norm(i, j)));
+            }
+        }
+        let img = egui::ColorImage::new([na, na], px);
+        match &mut st.texture {
+            Some(t) => t.set(img, egui::TextureOptions::NEAREST),
+            None => {
+                st.texture = Some(ui.ctx().load_texture(
+                    "coactivation",
+                    img,
+                    egui::TextureOptions::NEAREST,
+                ))
+            }
+        }
+        st.key = Some(app.cluster_version);
+        st.uploads += 1;
+    }
+    let Some(tex) = &st.texture else { return };
+    let (rect, resp) = ui.allocate_exact_size(egui::vec2(side, side), egui::Sense::click());
+    let painter = ui.painter_at(rect.expand(2.0));
+    painter.image(
+        tex.id(),
+        rect,
+        egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
+        egui::Color32::WHITE,
+    );
+    let cell = side / na as f32;
+    // Cluster blocks on the diagonal.
+    let mut start = 0usize;
+    for (ci, r) in app.cluster_rows.iter().enumerate() {
+        let block = egui::Rect::from_min_size(
+            rect.min + egui::vec2(start as f32 * cell, start as f32 * cell),
+            egui::vec2(r.rank as f32 * cell, r.rank as f32 * cell),
+        );
+        let selected = app.selection.cluster == Some(ci);
+        let stroke = if selected {
+            egui::Stroke::new(2.5, CLUSTER_COLOR)
+        } else {
+            egui::Stroke::new(1.0, egui::Color32::from_rgb(230, 80, 20))
+        };
+        painter.rect_stroke(block, 0.0, stroke, egui::StrokeKind::Middle);
+        start += r.rank;
+    }
+    if let Some(pos) = resp.hover_pos() {
+        let x = ((pos.x - rect.left()) / cell) as usize;
+        let y = ((pos.y - rect.top()) / cell) as usize;
+        if x < na && y < na {
+            let (i, j) = (st.order[y], st.order[x]);
+            let labels = &d.result.labels_alive;
+            let both = d.coact[i * na + j];
+            let cluster_of = |a: usize| app.cluster_rows.iter().position(|r| r.alive.contains(&a));
+            resp.clone().on_hover_text(format!(
+                "{} (cluster {}) and {} (cluster {})\nfire together on {both} of {} samples\nnormalised co-activation {:.3}",
+                labels[i],
+                cluster_of(i).map(|c| c.to_string()).unwrap_or_default(),
+                labels[j],
+                cluster_of(j).map(|c| c.to_string()).unwrap_or_default(),
+                d.n_samples,
+                d.coact_norm(i, j)
+            ));
+            if resp.clicked() {
+                app.selection.cluster = cluster_of(i);
+            }
+        }
+    }
+}
+
+fn table(app: &mut SpdApp, ui: &mut egui::Ui) {
+    egui::ScrollArea::vertical()
+        .id_salt("cluster-table")
+        .auto_shrink([false, true])
+        .show(ui, |ui| {
+            egui::Grid::new("cluster-grid")
+                .striped(true)
+                .num_columns(5)
+                .show(ui, |ui| {
+                    ui.strong("cluster");
+                    ui.strong("rank");
+                    ui.strong("fires");
+                    ui.strong("layers");
+                    ui.strong("members");
+                    ui.end_row();
+                    let mut clicked = None;
+                    for (i, r) in app.cluster_rows.iter().enumerate() {
+                        let selected = app.selection.cluster == Some(i);
+                        if ui
+                            .selectable_label(selected, format!("cluster {}", r.id))
+                            .clicked()
+                        {
+                            clicked = Some(if selected { None } else { Some(i) });
+                        }
+                        ui.label(r.rank.to_string());
+                        ui.label(format!("{:.2}%", 100.0 * r.firing_fraction));
+                        ui.label(r.layers.join(", "));
+                        let text = short_members(&r.members, 8);
+                        let l = if selected {
+                            ui.colored_label(CLUSTER_COLOR, text)
+                        } else {
+                            ui.label(text)
+                        };
+                        if r.members.len() > 8 {
+                            l.on_hover_text(r.members.join(" "));
+                        }
+                        ui.end_row();
+                    }
+                    if let Some(c) = clicked {
+                        app.selection.cluster = c;
+                    }
+                });
+        });
+}
+
+fn dl_plot(app: &SpdApp, ui: &mut egui::Ui, d: &ClusterData, h: f32) {
+    let pts: Vec<[f64; 2]> = d
+        .result
+        .description_length
+        .iter()
+        .map(|&(k, v)| [k as f64, v])
+        .collect();
+    let best = d
+        .result
+        .description_length
+        .iter()
+        .find(|(k, _)| *k == d.result.best_k)
+        .map(|&(k, v)| [k as f64, v]);
+    Plot::new("dl-curve")
+        .height(h.max(80.0))
+        .legend(Legend::default().position(egui_plot::Corner::RightBottom))
+        .x_axis_label("groups k")
+        .y_axis_label("DL per sample")
+        .show(ui, |p| {
+            p.line(Line::new("description length", PlotPoints::from(pts)));
+            if let Some(b) = best {
+                p.points(
+                    Points::new(format!("minimum (k = {})", b[0]), PlotPoints::from(vec![b]))
+                        .radius(5.0)
+                        .color(egui::Color32::from_rgb(230, 80, 20)),
+                );
+            }
+            p.vline(
+                VLine::new(format!("shown k = {}", app.cluster_k), app.cluster_k as f64)
+                    .color(CLUSTER_COLOR),
+            );
+        });
+}
