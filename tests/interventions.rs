@@ -200,3 +200,64 @@ fn ablate_cli_reports_json_and_rejects_bad_selections() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// resid-mlp-1 (the full reference-config decomposition, optimizer state stripped): ablating
+/// the mlp_in subcomponent of feature f breaks only y_f = x_f + ReLU(x_f). On inputs without
+/// feature f, every other feature's error moves by less than the decomposition's own
+/// reconstruction noise (its mean per-feature error).
+#[test]
+fn resid_mlp_ablating_one_mlp_in_subcomponent_breaks_only_its_feature() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/resid-mlp-1.spdlab"
+    );
+    let (tr, _) = spdlab_file::load(std::path::Path::new(path), &Device::Cpu).unwrap();
+    let m = &tr.model;
+    let probes = spdlab::runner::resolve_inputs("probes", &tr).unwrap();
+    let probe_ci = spdlab::interventions::lower_ci(
+        m,
+        &candle_core::Tensor::new(probes.clone(), &Device::Cpu).unwrap(),
+    )
+    .unwrap()[0]
+        .to_vec2::<f32>()
+        .unwrap();
+    let batch = spdlab::runner::resolve_inputs("batch:8000:3", &tr).unwrap();
+    for f in [0usize, 17, 42, 99] {
+        let comp = (0..probe_ci[f].len())
+            .max_by(|&a, &b| probe_ci[f][a].total_cmp(&probe_ci[f][b]))
+            .unwrap();
+        assert!(probe_ci[f][comp] > 0.9);
+        let sel = Selection::parse(&format!("layers.0.mlp_in:{comp}"), m, None).unwrap();
+        let r = run_intervention(m, &batch, &Intervention::ablate(sel), &mut Rng::new(0)).unwrap();
+        let mse = |o: &[Vec<f32>], k: usize, rows: &[usize]| {
+            rows.iter()
+                .map(|&i| (o[i][k] - r.target[i][k]).powi(2))
+                .sum::<f32>()
+                / rows.len() as f32
+        };
+        let on: Vec<usize> = (0..batch.len()).filter(|&i| batch[i][f] != 0.0).collect();
+        let (own_b, own_i) = (mse(&r.baseline, f, &on), mse(&r.intervened, f, &on));
+        assert!(
+            own_i > 100.0 * own_b && own_i > 0.01,
+            "feature {f}: {own_b} -> {own_i}"
+        );
+        let mut base = vec![];
+        let mut worst = 0f32;
+        for k in (0..100).filter(|&k| k != f) {
+            let rows: Vec<usize> = (0..batch.len())
+                .filter(|&i| batch[i][k] != 0.0 && batch[i][f] == 0.0)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let b = mse(&r.baseline, k, &rows);
+            base.push(b);
+            worst = worst.max((mse(&r.intervened, k, &rows) - b).abs());
+        }
+        let noise = base.iter().sum::<f32>() / base.len() as f32;
+        assert!(
+            worst < noise,
+            "feature {f}: other features moved by {worst}, noise {noise}"
+        );
+    }
+}
