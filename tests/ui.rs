@@ -124,12 +124,7 @@ fn app_with(cc: &eframe::CreationContext<'_>, asset: &str, cluster: bool) -> Spd
     app.apply(Event::State(RunState::Finished));
     // The worker's answers, computed here (the harness runs without a worker thread).
     let req = spdlab::worker::InterventionRequest {
-        select: if asset == "days" {
-            "cluster:0"
-        } else {
-            "cluster:0"
-        }
-        .into(),
+        select: "cluster:0".into(),
         selected_mode: spdlab::interventions::MaskMode::Ablate,
         other_mode: spdlab::interventions::MaskMode::Keep,
         delta: false,

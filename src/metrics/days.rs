@@ -64,6 +64,8 @@ fn argmax(v: &[f32]) -> usize {
 }
 
 /// Analyses a decomposition of a days target.
+// CI tables are indexed [module][row][component]; a column walk reads best with indices.
+#[allow(clippy::needless_range_loop)]
 pub fn days_report(
     model: &ComponentModel,
     clusters: Option<&ClusteringResult>,
@@ -143,9 +145,9 @@ pub fn days_report(
                 members.push(format!("{}:{c}", model.modules[j].name));
                 member_min.push(on_op.iter().copied().fold(f32::INFINITY, f32::min));
                 member_same.push(on_same.iter().copied().fold(0.0, f32::max));
-                for d in 0..n_days {
-                    per_day_op[d] = per_day_op[d].max(on_op[d]);
-                    per_day_same[d] = per_day_same[d].max(on_same[d]);
+                for (d, (a, b)) in per_day_op.iter_mut().zip(&mut per_day_same).enumerate() {
+                    *a = a.max(on_op[d]);
+                    *b = b.max(on_same[d]);
                 }
                 sel.selected[j][c] = true;
             }

@@ -75,9 +75,9 @@ impl TargetSpec {
             _ => self.n_features(),
         }
     }
-    /// Input features come in groups (size, optional) with exactly one active feature (value
-    /// 1) per group, or none for an optional group, when set. Every option (none included)
-    /// is equally likely.
+    /// Input features come in groups (size, optional) with exactly one active feature per
+    /// group (value one), or none for an optional group, when set. Every option (none
+    /// included) is equally likely.
     pub fn input_groups(&self) -> Option<Vec<(usize, bool)>> {
         match self {
             TargetSpec::Days { n_days, n_ops } => Some(vec![(*n_days, false), (n_ops - 1, true)]),

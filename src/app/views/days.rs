@@ -72,8 +72,8 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         }
         ui.separator();
         ui.label("operation:");
-        for op in 0..d.n_ops {
-            ui.selectable_value(&mut st.op, op, OP_NAMES[op]);
+        for (op, name) in OP_NAMES.iter().enumerate().take(d.n_ops) {
+            ui.selectable_value(&mut st.op, op, *name);
         }
         ui.separator();
         if ui
@@ -102,7 +102,7 @@ fn circle_plot(ui: &mut egui::Ui, d: &DaysViewData, st: &DaysViewState) {
     Plot::new("days_circle")
         .legend(Legend::default().position(Corner::LeftBottom))
         .data_aspect(1.0)
-        .height(ui.available_height().min(420.0).max(260.0))
+        .height(ui.available_height().clamp(260.0, 420.0))
         .include_x(-1.4)
         .include_x(1.4)
         .include_y(-1.4)
@@ -228,8 +228,8 @@ fn answers_table(ui: &mut egui::Ui, d: &DaysViewData, st: &DaysViewState) {
         .striped(true)
         .show(ui, |ui| {
             ui.label("");
-            for op in 0..d.n_ops {
-                ui.strong(OP_NAMES[op]);
+            for name in OP_NAMES.iter().take(d.n_ops) {
+                ui.strong(*name);
             }
             ui.end_row();
             let mut correct = vec![0usize; d.n_ops];
