@@ -41,6 +41,8 @@ pub enum Command {
     Stop,
     /// Change the peak learning rate of the running schedule.
     SetLr(f64),
+    /// Device for the next load ("cpu", or "cuda" in builds with the cuda feature).
+    SetDevice(String),
     Save(PathBuf),
     /// Probe value of the one-hot inputs in snapshots.
     SetProbeValue(f32),
@@ -399,6 +401,9 @@ impl Worker {
                     self.set_state(RunState::Idle);
                     self.publish_snapshot()?;
                 }
+            }
+            Command::SetDevice(name) => {
+                self.device = crate::runner::device(&name)?;
             }
             Command::SetLr(lr) => {
                 if let Some(tr) = self.trainer.as_mut() {

@@ -30,6 +30,7 @@ pub struct Settings {
     pub view: View,
     pub smoothing: f32,
     pub probe_value: f32,
+    pub device: String,
 }
 
 impl Default for Settings {
@@ -43,6 +44,7 @@ impl Default for Settings {
             view: View::Directions,
             smoothing: 0.0,
             probe_value: 0.75,
+            device: "cpu".into(),
         }
     }
 }
@@ -669,13 +671,35 @@ impl SpdApp {
                 .speed(1e-5)
                 .prefix("lr "),
         );
-        ui.label("device: cpu");
+        let devices: &[&str] = if cfg!(feature = "cuda") {
+            &["cpu", "cuda"]
+        } else {
+            &["cpu"]
+        };
+        egui::ComboBox::from_label("device")
+            .selected_text(self.settings.device.clone())
+            .show_ui(ui, |ui| {
+                for d in devices {
+                    ui.selectable_value(&mut self.settings.device, d.to_string(), *d);
+                }
+            })
+            .response
+            .on_hover_text("cuda needs a build with --features cuda and an NVIDIA GPU");
         if ui
             .button("New run")
             .on_hover_text("Load the preset with these settings")
             .clicked()
         {
+            self.send(Command::SetDevice(self.settings.device.clone()));
             self.new_run();
+        }
+        if matches!(self.state, RunState::Running | RunState::Paused)
+            && ui
+                .button("Apply lr now")
+                .on_hover_text("Change the running schedule's peak learning rate")
+                .clicked()
+        {
+            self.send(Command::SetLr(self.settings.lr));
         }
         ui.separator();
         if let Some(c) = &self.config {

@@ -181,7 +181,7 @@ fn circle_plot(ui: &mut egui::Ui, d: &DaysViewData, st: &DaysViewState) {
             };
             if trail.len() > 1 {
                 p.line(
-                    Line::new("path through the mechanism", PlotPoints::from(trail))
+                    Line::new("path as the mask goes 0 -> 1", PlotPoints::from(trail))
                         .color(WRITE)
                         .width(2.0),
                 );
@@ -301,11 +301,11 @@ fn ci_grid(app: &mut SpdApp, ui: &mut egui::Ui, d: &DaysViewData) {
     let cell = egui::vec2(18.0, 14.0);
     let label_w = 90.0;
     let n_rows = d.rows.len();
-    ui.add_space(12.0);
+    let head = 12.0;
     let (rect, resp) = ui.allocate_exact_size(
         egui::vec2(
             label_w + cell.x * cols.len() as f32,
-            cell.y * (n_rows + 1) as f32,
+            head + cell.y * (n_rows + 1) as f32,
         ),
         egui::Sense::click(),
     );
@@ -316,7 +316,7 @@ fn ci_grid(app: &mut SpdApp, ui: &mut egui::Ui, d: &DaysViewData) {
         if j != last_module {
             last_module = j;
             p.text(
-                egui::pos2(rect.min.x + label_w + ci as f32 * cell.x, rect.min.y - 1.0),
+                egui::pos2(rect.min.x + label_w + ci as f32 * cell.x, rect.min.y + head - 1.0),
                 egui::Align2::LEFT_BOTTOM,
                 &d.ci[j].0,
                 font.clone(),
@@ -326,7 +326,7 @@ fn ci_grid(app: &mut SpdApp, ui: &mut egui::Ui, d: &DaysViewData) {
     }
     for (ci, &(_, _, mech)) in cols.iter().enumerate() {
         let r = egui::Rect::from_min_size(
-            rect.min + egui::vec2(label_w + ci as f32 * cell.x, 0.0),
+            rect.min + egui::vec2(label_w + ci as f32 * cell.x, head),
             egui::vec2(cell.x - 1.0, cell.y - 3.0),
         );
         p.rect_filled(
@@ -340,7 +340,7 @@ fn ci_grid(app: &mut SpdApp, ui: &mut egui::Ui, d: &DaysViewData) {
         );
     }
     for (ri, &(day, op)) in d.rows.iter().enumerate() {
-        let y = rect.min.y + cell.y * (ri + 1) as f32;
+        let y = rect.min.y + head + cell.y * (ri + 1) as f32;
         p.text(
             egui::pos2(rect.min.x, y),
             egui::Align2::LEFT_TOP,
@@ -359,7 +359,7 @@ fn ci_grid(app: &mut SpdApp, ui: &mut egui::Ui, d: &DaysViewData) {
     }
     if let Some(pos) = resp.hover_pos() {
         let ci = ((pos.x - rect.min.x - label_w) / cell.x).floor();
-        let ri = ((pos.y - rect.min.y) / cell.y).floor() as isize - 1;
+        let ri = ((pos.y - rect.min.y - head) / cell.y).floor() as isize - 1;
         if ci >= 0.0 && (ci as usize) < cols.len() && ri >= 0 && (ri as usize) < n_rows {
             let (j, k, _) = cols[ci as usize];
             let (day, op) = d.rows[ri as usize];
