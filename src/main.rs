@@ -41,6 +41,9 @@ struct Cli {
     /// Open a decomposition shipped in the binary ("tms-5-2", "days").
     #[arg(long)]
     asset: Option<String>,
+    /// Rows of the data-batch CI heatmap (default 256).
+    #[arg(long)]
+    heatmap_rows: Option<usize>,
     /// Number of CPU threads for tensor work (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -236,6 +239,7 @@ fn main() {
                 train_preset: cli.train_preset,
                 view: view.and_then(|(_, v)| v),
                 asset: cli.asset,
+                heatmap_rows: cli.heatmap_rows,
             }),
         },
         Some(cmd) => run(cmd),

@@ -43,6 +43,8 @@ pub enum Command {
     SetLr(f64),
     /// Device for the next load ("cpu", or "cuda" in builds with the cuda feature).
     SetDevice(String),
+    /// Rows of the data-batch CI heatmap in snapshots (default 256).
+    SetBatchRows(usize),
     Save(PathBuf),
     /// Probe value of the one-hot inputs in snapshots.
     SetProbeValue(f32),
@@ -225,6 +227,7 @@ struct Worker {
     clusters: Option<Arc<crate::cluster::ClusteringResult>>,
     state: RunState,
     probe_value: f32,
+    batch_rows: usize,
     last_snapshot: Instant,
     snapshot_every: Duration,
 }
@@ -246,6 +249,7 @@ impl Worker {
             clusters: None,
             state: RunState::Idle,
             probe_value: 0.75,
+            batch_rows: 256,
             last_snapshot: Instant::now(),
             snapshot_every: Duration::from_millis(250),
         }
@@ -405,6 +409,10 @@ impl Worker {
             Command::SetDevice(name) => {
                 self.device = crate::runner::device(&name)?;
             }
+            Command::SetBatchRows(n) => {
+                self.batch_rows = n.clamp(1, 1 << 16);
+                self.publish_snapshot()?;
+            }
             Command::SetLr(lr) => {
                 if let Some(tr) = self.trainer.as_mut() {
                     if !(lr.is_finite() && lr >= 0.0) {
@@ -490,7 +498,8 @@ impl Worker {
         let Some(tr) = self.trainer.as_ref() else {
             return Ok(());
         };
-        let snap = snapshot_with_extras(tr, self.clusters.clone(), self.probe_value, 256)?;
+        let snap =
+            snapshot_with_extras(tr, self.clusters.clone(), self.probe_value, self.batch_rows)?;
         self.last_snapshot = Instant::now();
         self.emit(Event::Snapshot(Arc::new(snap)));
         Ok(())

@@ -166,6 +166,8 @@ pub struct StartOptions {
     pub view: Option<View>,
     /// Open a shipped decomposition by name.
     pub asset: Option<String>,
+    /// Rows of the data-batch CI heatmap (default 256; e.g. 4096 to measure a big heatmap).
+    pub heatmap_rows: Option<usize>,
 }
 
 impl SpdApp {
@@ -215,6 +217,11 @@ impl SpdApp {
         };
         if let Some(v) = opts.view {
             app.settings.view = v;
+        }
+        if let Some(n) = opts.heatmap_rows {
+            app.send(Command::SetBatchRows(n));
+            // Show the big heatmap: the data-batch rows.
+            app.views.ci.input_set = views::CiInputSet::Batch;
         }
         if let Some(p) = opts.train_preset {
             if let Ok(c) = crate::presets::spd_config(&p) {

@@ -31,9 +31,9 @@ use candle_core::{Device, Tensor};
 use super::{TargetModel, TargetSpec};
 
 /// Gate weight of an operation dimension onto its neurons.
-pub const GATE: f32 = 3.5;
+pub const GATE: f32 = 2.55;
 /// Negative bias of the gated neurons.
-pub const GATE_BIAS: f32 = 2.0;
+pub const GATE_BIAS: f32 = 1.05;
 
 /// Names of the operations, in input order.
 pub const OP_NAMES: [&str; 3] = ["same", "next", "previous"];

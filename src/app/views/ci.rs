@@ -26,8 +26,13 @@ pub enum Order {
     ByCluster,
 }
 
+/// Texture rows of the heatmap at most (more input rows are max-pooled).
+const MAX_TEXTURE_ROWS: usize = 1024;
+
 #[derive(Default)]
 pub struct CiViewState {
+    /// Input rows per texture row (1 unless the input set is taller than the texture).
+    pub pool: usize,
     pub input_set: InputSet,
     pub order: Order,
     pub vmax: f32,
@@ -192,13 +197,25 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
                 idx
             }
         };
-        let mut pixels = Vec::with_capacity(rows * m.c);
-        for r in 0..rows {
-            for &c in &st.columns {
-                pixels.push(sequential(data[r * m.c + c] / st.vmax));
+        // More rows than a screen shows are max-pooled into at most MAX_TEXTURE_ROWS texture
+        // rows (a cell lights if any of its rows fires); hover still reads exact rows.
+        let pool = rows.div_ceil(MAX_TEXTURE_ROWS).max(1);
+        let tex_rows = rows.div_ceil(pool);
+        let inv = 1.0 / st.vmax;
+        let mut pixels = Vec::with_capacity(tex_rows * m.c);
+        let mut acc = vec![0f32; m.c];
+        for t in 0..tex_rows {
+            acc.iter_mut().for_each(|a| *a = 0.0);
+            for r in t * pool..((t + 1) * pool).min(rows) {
+                let row = &data[r * m.c..(r + 1) * m.c];
+                for (a, &c) in acc.iter_mut().zip(&st.columns) {
+                    *a = a.max(row[c]);
+                }
             }
+            pixels.extend(acc.iter().map(|&v| sequential(v * inv)));
         }
-        let img = egui::ColorImage::new([m.c, rows], pixels);
+        st.pool = pool;
+        let img = egui::ColorImage::new([m.c, tex_rows], pixels);
         match &mut st.texture {
             Some(t) => t.set(img, egui::TextureOptions::NEAREST),
             None => {
@@ -294,8 +311,16 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         }
     }
     ui.label(format!(
-        "{} rows x {} subcomponents of {} (lower-leaky CI; colour scale 0 to {:.2})",
-        rows, m.c, m.name, st.vmax
+        "{} rows x {} subcomponents of {} (lower-leaky CI; colour scale 0 to {:.2}){}",
+        rows,
+        m.c,
+        m.name,
+        st.vmax,
+        if st.pool > 1 {
+            format!("; drawn {} rows per pixel row (max)", st.pool)
+        } else {
+            String::new()
+        }
     ));
 }
 

@@ -316,7 +316,10 @@ fn ci_grid(app: &mut SpdApp, ui: &mut egui::Ui, d: &DaysViewData) {
         if j != last_module {
             last_module = j;
             p.text(
-                egui::pos2(rect.min.x + label_w + ci as f32 * cell.x, rect.min.y + head - 1.0),
+                egui::pos2(
+                    rect.min.x + label_w + ci as f32 * cell.x,
+                    rect.min.y + head - 1.0,
+                ),
                 egui::Align2::LEFT_BOTTOM,
                 &d.ci[j].0,
                 font.clone(),

@@ -1,6 +1,7 @@
 //! The views: one file each, all reading the same snapshot and highlighting the selection.
 
 mod ci;
+pub use ci::InputSet as CiInputSet;
 mod clusters;
 mod days;
 mod directions;
