@@ -311,21 +311,34 @@ fn ci_grid(app: &mut SpdApp, ui: &mut egui::Ui, d: &DaysViewData) {
     );
     let p = ui.painter_at(rect);
     let font = egui::FontId::proportional(10.0);
-    let mut last_module = usize::MAX;
-    for (ci, &(j, _, _)) in cols.iter().enumerate() {
-        if j != last_module {
-            last_module = j;
-            p.text(
-                egui::pos2(
-                    rect.min.x + label_w + ci as f32 * cell.x,
-                    rect.min.y + head - 1.0,
-                ),
-                egui::Align2::LEFT_BOTTOM,
-                &d.ci[j].0,
-                font.clone(),
-                ui.visuals().weak_text_color(),
-            );
-        }
+    // Module name over each run of columns (shortened where the run is narrow).
+    let mut start = 0;
+    while start < cols.len() {
+        let j = cols[start].0;
+        let len = cols[start..].iter().take_while(|c| c.0 == j).count();
+        let name = &d.ci[j].0;
+        let text = if len as f32 * cell.x >= 6.0 * name.len() as f32 {
+            name.as_str()
+        } else if name.ends_with("_in") {
+            "in"
+        } else if name.ends_with("_out") {
+            "out"
+        } else {
+            &name[..name.len().min(3)]
+        };
+        // One column is too narrow for even a short name: its first letter.
+        let text = if len == 1 { &text[..1] } else { text };
+        p.text(
+            egui::pos2(
+                rect.min.x + label_w + start as f32 * cell.x,
+                rect.min.y + head - 1.0,
+            ),
+            egui::Align2::LEFT_BOTTOM,
+            text,
+            font.clone(),
+            ui.visuals().weak_text_color(),
+        );
+        start += len;
     }
     for (ci, &(_, _, mech)) in cols.iter().enumerate() {
         let r = egui::Rect::from_min_size(
