@@ -157,8 +157,9 @@ enum Cmd {
     /// Group subcomponents into mechanisms (MDL merge clustering on CI co-activation).
     Cluster {
         file: PathBuf,
-        /// Rank weight α of the description length.
-        #[arg(long, default_value_t = 1.0)]
+        /// Rank weight α of the description length (the reference's default is 1; see
+        /// cluster::DEFAULT_ALPHA for why spdlab uses 2).
+        #[arg(long, default_value_t = spdlab::cluster::DEFAULT_ALPHA)]
         alpha: f64,
         /// CI above which a subcomponent counts as firing.
         #[arg(long, default_value_t = 0.01)]
