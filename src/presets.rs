@@ -143,6 +143,7 @@ pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
         seed: 0,
         n_mask_samples: 1,
         ci_fn_type: CiFnType::Mlp,
+        ci_fn_type_overrides: vec![],
         ci_fn_hidden_dims: vec![16],
         sampling: Sampling::Continuous,
         sigmoid_type: SigmoidType::LeakyHard,

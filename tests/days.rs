@@ -163,3 +163,37 @@ fn shipped_decomposition_and_ablate_cli_unlearn_next_day() {
         "{text}"
     );
 }
+
+/// Per-module CI-function types (an spdlab extension) are built, saved and loaded per module.
+#[test]
+fn per_module_ci_function_types_round_trip() {
+    use spdlab::spd::config::{CiFnOverride, CiFnType};
+    let dev = Device::Cpu;
+    let mut cfg = spdlab::presets::spd_config("days").unwrap();
+    cfg.ci_fn_type = CiFnType::VectorMlp;
+    cfg.ci_fn_type_overrides = vec![CiFnOverride {
+        module_pattern: "embed".into(),
+        ci_fn_type: CiFnType::Mlp,
+    }];
+    cfg.steps = 3;
+    let target = spdlab::presets::target_model("days", &dev).unwrap();
+    let mut tr = Trainer::new(target, cfg).unwrap();
+    tr.step().unwrap();
+    let types: Vec<CiFnType> = tr.model.modules.iter().map(|m| m.ci_fn_type).collect();
+    assert_eq!(
+        types,
+        [CiFnType::Mlp, CiFnType::VectorMlp, CiFnType::VectorMlp]
+    );
+    let extras = spdlab::io::spdlab_file::FileExtras::default();
+    let bytes = spdlab::io::spdlab_file::to_bytes(&tr, &extras).unwrap();
+    let (back, _) = spdlab::io::spdlab_file::from_bytes(&bytes, &dev).unwrap();
+    let again = spdlab::io::spdlab_file::to_bytes(&back, &extras).unwrap();
+    assert_eq!(bytes, again, "save -> load -> save is bit-exact");
+    let x = spdlab::runner::probe_inputs(&back.model.target.spec, 1.0);
+    let xt = candle_core::Tensor::new(x, &dev).unwrap();
+    let a = spdlab::interventions::lower_ci(&tr.model, &xt).unwrap();
+    let b = spdlab::interventions::lower_ci(&back.model, &xt).unwrap();
+    for (p, q) in a.iter().zip(&b) {
+        assert_eq!(p.to_vec2::<f32>().unwrap(), q.to_vec2::<f32>().unwrap());
+    }
+}

@@ -721,6 +721,11 @@ impl SpdApp {
                 ui.label("ci_fn");
                 ui.label(format!("{:?} {:?}", c.ci_fn_type, c.ci_fn_hidden_dims));
                 ui.end_row();
+                for o in &c.ci_fn_type_overrides {
+                    ui.label(format!("ci_fn of {}", o.module_pattern));
+                    ui.label(format!("{:?}", o.ci_fn_type));
+                    ui.end_row();
+                }
                 ui.label("lr");
                 ui.label(format!(
                     "{:.1e} {:?}",

@@ -27,6 +27,8 @@ pub struct DecomposedModule {
     pub tied_to: Option<usize>,
     /// CI-function layers: (W, b) per linear layer, shapes per [`CiFnType`].
     pub ci_layers: Vec<(Var, Var)>,
+    /// This module's CI-function type.
+    pub ci_fn_type: CiFnType,
 }
 
 /// Causal importances of one module on a batch.
@@ -112,17 +114,12 @@ impl ComponentModel {
                 u: Var::from_tensor(&u)?,
                 tied_to: None,
                 ci_layers: vec![],
+                ci_fn_type: cfg.ci_fn_type_of(&tm.name),
             });
         }
         for m in modules.iter_mut() {
-            m.ci_layers = init_ci_layers(
-                cfg.ci_fn_type,
-                &cfg.ci_fn_hidden_dims,
-                m.c,
-                m.d_in,
-                rng,
-                &dev,
-            )?;
+            m.ci_layers =
+                init_ci_layers(m.ci_fn_type, &cfg.ci_fn_hidden_dims, m.c, m.d_in, rng, &dev)?;
         }
         let mut model = ComponentModel {
             target,
@@ -224,7 +221,7 @@ impl ComponentModel {
     ) -> Result<Tensor> {
         let m = &self.modules[j];
         let l = &m.ci_layers;
-        match self.ci_fn_type {
+        match m.ci_fn_type {
             CiFnType::Mlp => {
                 if l.len() == 2 {
                     ci_op::ci_mlp(
@@ -490,7 +487,8 @@ impl ComponentModel {
         let v = take(&format!("{comp}.V"), &[d_in, c])?;
         let u = take(&format!("{comp}.U"), &[c, d_out])?;
         let mut layers = vec![];
-        for (i, (ws, bs)) in ci_layer_shapes(self.ci_fn_type, &self.ci_fn_hidden_dims, c, d_in)
+        let ci_type = self.modules[j].ci_fn_type;
+        for (i, (ws, bs)) in ci_layer_shapes(ci_type, &self.ci_fn_hidden_dims, c, d_in)
             .iter()
             .enumerate()
         {

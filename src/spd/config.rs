@@ -285,6 +285,24 @@ fn default_data_gen() -> DataGenerationType {
     DataGenerationType::AtLeastZeroActive
 }
 
+/// A per-module CI-function type (see [`SpdConfig::ci_fn_type_overrides`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CiFnOverride {
+    pub module_pattern: String,
+    pub ci_fn_type: CiFnType,
+}
+
+impl SpdConfig {
+    /// The CI-function type of a module.
+    pub fn ci_fn_type_of(&self, module: &str) -> CiFnType {
+        self.ci_fn_type_overrides
+            .iter()
+            .find(|o| fnmatch(&o.module_pattern, module))
+            .map_or(self.ci_fn_type, |o| o.ci_fn_type)
+    }
+}
+
 /// The full SPD configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SpdConfig {
@@ -294,6 +312,10 @@ pub struct SpdConfig {
     pub n_mask_samples: usize,
     #[serde(default = "default_ci_fn_type")]
     pub ci_fn_type: CiFnType,
+    /// spdlab extension: a different CI-function type for modules matching a pattern (first
+    /// match wins; others use `ci_fn_type`). Empty in reference configs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ci_fn_type_overrides: Vec<CiFnOverride>,
     #[serde(default = "default_hidden")]
     pub ci_fn_hidden_dims: Vec<usize>,
     #[serde(default = "default_sampling")]
@@ -396,7 +418,9 @@ impl SpdConfig {
         if self.n_mask_samples == 0 {
             errs.push("n_mask_samples must be > 0".into());
         }
-        if matches!(self.ci_fn_type, CiFnType::Mlp | CiFnType::VectorMlp)
+        if std::iter::once(self.ci_fn_type)
+            .chain(self.ci_fn_type_overrides.iter().map(|o| o.ci_fn_type))
+            .any(|t| matches!(t, CiFnType::Mlp | CiFnType::VectorMlp))
             && self.ci_fn_hidden_dims.is_empty()
         {
             errs.push(format!(
