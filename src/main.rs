@@ -110,8 +110,10 @@ enum Cmd {
     /// Group subcomponents into mechanisms (MDL merge clustering on CI co-activation).
     Cluster {
         file: PathBuf,
-        /// Rank weight α of the description length.
-        #[arg(long, default_value_t = 1.0)]
+        /// Rank weight α of the description length (the reference uses 1; 2 removes the
+        /// uniform index code's bias towards merging rare, unrelated groups: see
+        /// `ClusterOptions::alpha`).
+        #[arg(long, default_value_t = 2.0)]
         alpha: f64,
         /// CI above which a subcomponent counts as firing.
         #[arg(long, default_value_t = 0.01)]
@@ -123,6 +125,17 @@ enum Cmd {
         k: Option<usize>,
         #[arg(long, default_value_t = 4096)]
         samples: usize,
+        /// Subcomponents whose CI never reaches this (or the activation threshold, whichever is
+        /// larger) on the batch are dropped as dead.
+        #[arg(long, default_value_t = 0.001)]
+        dead_threshold: f32,
+        /// Pair sampler band: merge a uniformly random pair among those with cost within this
+        /// fraction of the cost range above the minimum (0 = always a cheapest pair).
+        #[arg(long, default_value_t = 0.05)]
+        range_threshold: f64,
+        /// Which CI to cluster on: upper (upper-leaky, the reference's) or lower.
+        #[arg(long, default_value = "upper")]
+        ci: String,
         /// Store the result in this .spdlab file (may be FILE itself).
         #[arg(long)]
         save: Option<PathBuf>,
@@ -339,12 +352,15 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             seed,
             k,
             samples,
+            dead_threshold,
+            range_threshold,
+            ci,
             save,
             device,
             json,
         } => {
             let dev = runner::device(&device)?;
-            let (mut tr, mut extras, warnings) = spdlab::io::load_any(&file, &dev)?;
+            let (tr, mut extras, warnings) = spdlab::io::load_any(&file, &dev)?;
             for w in warnings {
                 eprintln!("warning: {w}");
             }
@@ -353,9 +369,15 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 activation_threshold: threshold,
                 seed,
                 n_samples: samples,
-                ..Default::default()
+                filter_dead_threshold: dead_threshold,
+                range_threshold,
+                ci: match ci.as_str() {
+                    "upper" => spdlab::cluster::CiSource::Upper,
+                    "lower" => spdlab::cluster::CiSource::Lower,
+                    other => anyhow::bail!("--ci must be upper or lower, not {other:?}"),
+                },
             };
-            let h = spdlab::cluster::cluster(&mut tr, &opts)?;
+            let h = spdlab::cluster::cluster(&tr, &opts)?;
             let k = k.unwrap_or_else(|| h.best_k());
             let res = spdlab::cluster::summarize(&h, &opts, k);
             if json {
