@@ -38,7 +38,10 @@ pub struct ClusterOptions {
     /// α = 2 passes 20/20 on all three; α = 2.5 fails 4/20 and α = 3 9/20 on resid-mlp-1
     /// (the rank-50 mlp_out block starts to split). With α = 2 the MDL minimum is also well
     /// separated (tms-5-2: 1.770 at k = 5 vs 1.925 at k = 4; with α = 1 it was 1.210 vs
-    /// 1.221). Pass `alpha: 1.0` for the reference's behaviour.
+    /// 1.221). Pass `alpha: 1.0` for the reference's behaviour. A larger α shrinks the bias
+    /// but does not remove it: mechanisms much rarer than the mean group (1% next to a block
+    /// firing on 60%) can still be merged (see the merge.rs test
+    /// `alpha_one_merges_independent_rare_components_alpha_two_does_not`).
     pub alpha: f64,
     pub activation_threshold: f32,
     /// Subcomponents whose CI stays below `max(filter_dead_threshold, activation_threshold)`
