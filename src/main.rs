@@ -110,7 +110,7 @@ enum Cmd {
     /// Group subcomponents into mechanisms (MDL merge clustering on CI co-activation).
     Cluster {
         file: PathBuf,
-        /// Rank weight α of the description length (the reference uses 1; 2 removes the
+        /// Rank weight α of the description length (the reference uses 1; 2 counters the
         /// uniform index code's bias towards merging rare, unrelated groups: see
         /// `ClusterOptions::alpha`).
         #[arg(long, default_value_t = 2.0)]
@@ -118,6 +118,7 @@ enum Cmd {
         /// CI above which a subcomponent counts as firing.
         #[arg(long, default_value_t = 0.01)]
         threshold: f32,
+        /// Seeds the data batch and the pair sampler.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Number of groups to report (default: where the description length is minimal).
