@@ -164,6 +164,7 @@ enum Cmd {
         /// CI above which a subcomponent counts as firing.
         #[arg(long, default_value_t = 0.01)]
         threshold: f32,
+        /// Seeds the data batch and the pair sampler.
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Number of groups to report (default: where the description length is minimal).
@@ -171,6 +172,17 @@ enum Cmd {
         k: Option<usize>,
         #[arg(long, default_value_t = 4096)]
         samples: usize,
+        /// Subcomponents whose CI never reaches this (or the activation threshold, whichever is
+        /// larger) on the batch are dropped as dead.
+        #[arg(long, default_value_t = 0.001)]
+        dead_threshold: f32,
+        /// Pair sampler band: merge a uniformly random pair among those with cost within this
+        /// fraction of the cost range above the minimum (0 = always a cheapest pair).
+        #[arg(long, default_value_t = 0.05)]
+        range_threshold: f64,
+        /// Which CI to cluster on: upper (upper-leaky, the reference's) or lower.
+        #[arg(long, default_value = "upper")]
+        ci: String,
         /// Store the result in this .spdlab file (may be FILE itself).
         #[arg(long)]
         save: Option<PathBuf>,
@@ -475,12 +487,15 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             seed,
             k,
             samples,
+            dead_threshold,
+            range_threshold,
+            ci,
             save,
             device,
             json,
         } => {
             let dev = runner::device(&device)?;
-            let (mut tr, mut extras, warnings) = spdlab::io::load_any(&file, &dev)?;
+            let (tr, mut extras, warnings) = spdlab::io::load_any(&file, &dev)?;
             for w in warnings {
                 eprintln!("warning: {w}");
             }
@@ -489,9 +504,15 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 activation_threshold: threshold,
                 seed,
                 n_samples: samples,
-                ..Default::default()
+                filter_dead_threshold: dead_threshold,
+                range_threshold,
+                ci: match ci.as_str() {
+                    "upper" => spdlab::cluster::CiSource::Upper,
+                    "lower" => spdlab::cluster::CiSource::Lower,
+                    other => anyhow::bail!("--ci must be upper or lower, not {other:?}"),
+                },
             };
-            let h = spdlab::cluster::cluster(&mut tr, &opts)?;
+            let h = spdlab::cluster::cluster(&tr, &opts)?;
             let k = k.unwrap_or_else(|| h.best_k());
             let res = spdlab::cluster::summarize(&h, &opts, k);
             if json {

@@ -23,12 +23,9 @@ fn train(steps: usize, seed: u64) -> Trainer {
 }
 
 fn report(tr: &mut Trainer) -> DaysReport {
-    // α = 1 (the reference's default): at spdlab's default α = 2 the mechanism of seed 3
-    // splits into two clusters (seeds 0, 1, 2, 5 stay whole).
-    let opts = ClusterOptions {
-        alpha: 1.0,
-        ..ClusterOptions::default()
-    };
+    // Default options (α = 2). Measured on the six full runs: the mechanism is one cluster on
+    // seeds 0, 1, 2, 4 and 5 (at α = 1 too); on seed 3 it splits into two.
+    let opts = ClusterOptions::default();
     let h = cluster(tr, &opts).unwrap();
     let res = summarize(&h, &opts, h.best_k());
     days_report(&tr.model, Some(&res)).unwrap()

@@ -12,10 +12,10 @@ fn clustered_default() -> (
     spdlab::spd::trainer::Trainer,
     spdlab::cluster::ClusteringResult,
 ) {
-    let (mut tr, _) =
+    let (tr, _) =
         spdlab_file::from_bytes(spdlab::assets::default_decomposition(), &Device::Cpu).unwrap();
     let opts = ClusterOptions::default();
-    let h = cluster(&mut tr, &opts).unwrap();
+    let h = cluster(&tr, &opts).unwrap();
     let res = summarize(&h, &opts, h.best_k());
     (tr, res)
 }

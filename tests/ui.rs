@@ -101,7 +101,7 @@ fn training_view_with_history_and_controls() {
 
 fn app_with(cc: &eframe::CreationContext<'_>, asset: &str, cluster: bool) -> SpdApp {
     let mut app = SpdApp::new(cc, None, StartOptions::default());
-    let (mut tr, extras) = spdlab_file::from_bytes(
+    let (tr, extras) = spdlab_file::from_bytes(
         spdlab::assets::decomposition(asset).unwrap(),
         &candle_core::Device::Cpu,
     )
@@ -109,7 +109,7 @@ fn app_with(cc: &eframe::CreationContext<'_>, asset: &str, cluster: bool) -> Spd
     let mut clusters = spdlab::interventions::stored_clusters(&extras.extra).unwrap();
     if cluster && clusters.is_none() {
         let opts = spdlab::cluster::ClusterOptions::default();
-        let h = spdlab::cluster::cluster(&mut tr, &opts).unwrap();
+        let h = spdlab::cluster::cluster(&tr, &opts).unwrap();
         clusters = Some(spdlab::cluster::summarize(&h, &opts, h.best_k()));
     }
     let clusters = clusters.map(Arc::new);

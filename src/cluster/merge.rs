@@ -813,6 +813,86 @@ mod tests {
         assert_eq!(cl[1].member_labels, vec!["layer2:2".to_string()]);
     }
 
+    #[test]
+    fn cost_with_unequal_ranks_and_alpha_matches_hand_computation() {
+        // Same co-activations as above (s = 0.5, 0.5, 0.25; s01 = 0.25; Σ = 1.25; k = 3) with
+        // ranks (2, 3, 1) and α = 2. Every pair has s∪ = 0.75.
+        // F_01 = 0.25·log2(2/3) + [0.75 − 1.0·log2 3] + 2·[0.75·5 − 0.5·2 − 0.5·3]
+        //      = −0.14624062518028906 − 0.8349625007211562 + 2.5 = 1.5187968740985547
+        // F_02 = 0.5·log2(2/3) + [0.75 − 0.75·log2 3] + 2·[0.75·3 − 0.5·2 − 0.25·1]
+        //      = −0.2924812503605781 − 0.438721875540867 + 2.0 = 1.2687968740985549
+        // F_12 = (same index terms as F_02) + 2·[0.75·4 − 0.5·3 − 0.25·1] = 1.7687968740985549
+        let coact = [2.0, 1.0, 0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 1.0];
+        let f = merge_cost_matrix(&coact, &[2, 3, 1], 4, 2.0);
+        assert_close(f[1], 1.5187968740985547, 1e-12);
+        assert_close(f[2], 1.268_796_874_098_555, 1e-12);
+        assert_close(f[5], 1.768_796_874_098_555, 1e-12);
+        assert_eq!(f[3].to_bits(), f[1].to_bits());
+    }
+
+    #[test]
+    fn samples_where_nothing_fires_change_no_decision() {
+        // Every term of F and of the MDL is linear in s = K / n, so padding the batch with
+        // samples on which nothing fires scales all costs by the same factor: the merge history
+        // (pairs, including the range sampler's random picks) and best k are unchanged. The
+        // sparsity of toy data therefore does not bias the stopping point by itself.
+        let (n, c) = (400, 24);
+        let acts = random_acts(n, c, 6, 21);
+        let mut padded = acts.clone();
+        padded.extend(std::iter::repeat_n(0.0f32, 3 * n * c));
+        let cfg = MergeConfig {
+            stop_at_k: 1,
+            ..MergeConfig::default()
+        };
+        let h = merge_iteration(&acts, n, &labels(c), &cfg).unwrap();
+        let hp = merge_iteration(&padded, 4 * n, &labels(c), &cfg).unwrap();
+        assert_eq!(h.pairs, hp.pairs);
+        assert_eq!(h.best_k(), hp.best_k());
+        for (a, b) in h.mdl_norm.iter().zip(&hp.mdl_norm) {
+            assert_close(*b, a / 4.0, 1e-12);
+        }
+    }
+
+    /// The bias of the uniform index code (see `ClusterOptions::alpha` in `cluster/mod.rs`):
+    /// 10 components firing together on 20% of samples (one mechanism) and 20 statistically
+    /// independent components firing on 3% each. With α = 1 the MDL minimum merges unrelated
+    /// rare components; with α = 2 they stay apart. (With 1% rare vs. a 60% dense block even
+    /// α = 2 merges a few: the bias shrinks with α but does not vanish.)
+    #[test]
+    fn alpha_one_merges_independent_rare_components_alpha_two_does_not() {
+        let (n, c) = (8000, 30);
+        let mut rng = Rng::new(3);
+        let mut acts = vec![0f32; n * c];
+        for s in 0..n {
+            let dense = rng.uniform_f64() < 0.2;
+            for j in 0..c {
+                let on = if j < 10 {
+                    dense
+                } else {
+                    rng.uniform_f64() < 0.03
+                };
+                acts[s * c + j] = if on { 0.5 } else { 0.0 };
+            }
+        }
+        let lab = labels(c);
+        let rare_merged = |alpha: f64| {
+            let cfg = MergeConfig {
+                alpha,
+                stop_at_k: 1,
+                ..MergeConfig::default()
+            };
+            let cl = merge_iteration(&acts, n, &lab, &cfg)
+                .unwrap()
+                .best_clusters();
+            assert_eq!(cl[0].members, (0..10).collect::<Vec<_>>(), "alpha {alpha}");
+            cl.iter()
+                .filter(|c| c.members.iter().filter(|&&m| m >= 10).count() > 1)
+                .count()
+        };
+        assert!(rare_merged(1.0) >= 5);
+        assert_eq!(rare_merged(2.0), 0);
+    }
+
     /// 13 columns: 5 planted pairs (each pair fires on its own disjoint 10% of the samples)
     /// and 3 dead columns, interleaved; sub-threshold noise everywhere else.
     fn planted() -> (Vec<f32>, usize, Vec<usize>, Vec<[usize; 2]>) {
