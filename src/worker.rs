@@ -483,7 +483,7 @@ impl Worker {
         };
         let options = opts.unwrap_or_default();
         let n = options.n_samples.clamp(1, 1 << 16);
-        let (acts, labels) = cluster_activations(tr, n, options.seed)?;
+        let (acts, labels) = crate::cluster::activations(tr, n, options.ci, options.seed)?;
         self.emit(Event::ClusterInput(Box::new(ClusterInput {
             stored,
             options,
@@ -631,33 +631,6 @@ pub fn intervene(
     })
 }
 
-/// Upper-leaky CI of every subcomponent on a fresh batch drawn with its own RNG (the training
-/// stream is untouched): `[n, Σ C]` plus labels `module:index`, as `cluster::activations`.
-pub fn cluster_activations(
-    tr: &Trainer,
-    n: usize,
-    seed: u64,
-) -> anyhow::Result<(Vec<f32>, Vec<String>)> {
-    let nf = tr.data.n_features;
-    let raw = tr
-        .data
-        .batch(&mut crate::rng::Rng::new(seed ^ 0xc105_7e25), n);
-    let x = Tensor::from_vec(raw, (n, nf), tr.model.device())?;
-    let fold = Fold::new();
-    let (_, inputs) = tr.model.target.forward_with_inputs(&x, &fold)?;
-    let (ci, _) = tr.model.causal_importances(&inputs, None, &fold)?;
-    let mut labels = vec![];
-    let mut cols = vec![];
-    for (j, m) in tr.model.modules.iter().enumerate() {
-        for c in 0..m.c {
-            labels.push(format!("{}:{c}", m.name));
-        }
-        cols.push(ci[j].upper.clone());
-    }
-    let all = Tensor::cat(&cols, 1)?;
-    Ok((all.flatten_all()?.to_vec1::<f32>()?, labels))
-}
-
 /// Lower-leaky CI of every module on one input row.
 pub fn custom_ci(tr: &Trainer, input: &[f32]) -> anyhow::Result<Vec<Vec<f32>>> {
     let nf = tr.model.target.spec.n_features();
@@ -668,10 +641,8 @@ pub fn custom_ci(tr: &Trainer, input: &[f32]) -> anyhow::Result<Vec<Vec<f32>>> {
         );
     }
     let x = Tensor::from_vec(input.to_vec(), (1, nf), tr.model.device())?;
-    let fold = Fold::new();
-    let (_, inputs) = tr.model.target.forward_with_inputs(&x, &fold)?;
-    let (ci, _) = tr.model.causal_importances(&inputs, None, &fold)?;
-    ci.iter()
-        .map(|c| Ok(c.lower.flatten_all()?.to_vec1::<f32>()?))
+    crate::interventions::lower_ci(&tr.model, &x)?
+        .iter()
+        .map(|c| Ok(c.flatten_all()?.to_vec1::<f32>()?))
         .collect()
 }

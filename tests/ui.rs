@@ -214,7 +214,8 @@ fn clustered_harness() -> Harness<'static, SpdApp> {
         n_samples: 2048,
         ..Default::default()
     };
-    let (acts, labels) = spdlab::worker::cluster_activations(&tr, opts.n_samples, 0).unwrap();
+    let (acts, labels) =
+        spdlab::cluster::activations(&tr, opts.n_samples, opts.ci, opts.seed).unwrap();
     let input = spdlab::worker::ClusterInput {
         stored: None,
         options: opts.clone(),

@@ -2,7 +2,7 @@
 //! firing masks and co-activation counts of its alive subcomponents on one activations batch.
 //! Built off the UI thread ([`ClusterData::build`]); cluster membership at any k is then cheap.
 
-use crate::cluster::{ClusterOptions, ClusteringResult, MergeConfig, PairSampling, merge};
+use crate::cluster::{ClusterOptions, ClusteringResult};
 use crate::worker::ClusterInput;
 
 /// One cluster at the chosen k.
@@ -184,18 +184,7 @@ pub fn run_merge(
     labels: &[String],
     opts: &ClusterOptions,
 ) -> anyhow::Result<ClusteringResult> {
-    let cfg = MergeConfig {
-        activation_threshold: Some(opts.activation_threshold),
-        alpha: opts.alpha,
-        iters: None,
-        pair_sampling: PairSampling::Range {
-            threshold: opts.range_threshold,
-        },
-        filter_dead_threshold: opts.filter_dead_threshold,
-        seed: opts.seed,
-        stop_at_k: 1,
-    };
-    let h = merge::merge_iteration(acts, n, labels, &cfg)?;
+    let h = crate::cluster::merge_activations(acts, n, labels, opts)?;
     Ok(crate::cluster::summarize(&h, opts, h.best_k()))
 }
 

@@ -138,7 +138,12 @@ pub fn activations(
 /// adding to that group's rank.
 pub fn cluster(tr: &Trainer, opts: &ClusterOptions) -> anyhow::Result<MergeHistory> {
     let (acts, labels) = activations(tr, opts.n_samples, opts.ci, opts.seed)?;
-    let cfg = MergeConfig {
+    merge_activations(&acts, opts.n_samples, &labels, opts)
+}
+
+/// The merge configuration of a clustering with these options.
+pub fn merge_config(opts: &ClusterOptions) -> MergeConfig {
+    MergeConfig {
         activation_threshold: Some(opts.activation_threshold),
         alpha: opts.alpha,
         iters: None,
@@ -148,12 +153,21 @@ pub fn cluster(tr: &Trainer, opts: &ClusterOptions) -> anyhow::Result<MergeHisto
         filter_dead_threshold: opts.filter_dead_threshold.max(opts.activation_threshold),
         seed: opts.seed,
         stop_at_k: 1,
-    };
+    }
+}
+
+/// The merge clustering of already computed activations (`[n, Σ C]` with their labels).
+pub fn merge_activations(
+    acts: &[f32],
+    n: usize,
+    labels: &[String],
+    opts: &ClusterOptions,
+) -> anyhow::Result<MergeHistory> {
     Ok(merge::merge_iteration(
-        &acts,
-        opts.n_samples,
-        &labels,
-        &cfg,
+        acts,
+        n,
+        labels,
+        &merge_config(opts),
     )?)
 }
 
