@@ -292,7 +292,8 @@ impl FeatureSummary {
     }
 }
 
-fn argmax(v: &[f32]) -> usize {
+/// Index of the largest value (first on ties; 0 for an empty slice).
+pub fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
@@ -461,7 +462,12 @@ pub fn run_intervention(
     }
     let target: Vec<Vec<f32>> = target.to_vec2()?;
     let full: Vec<Vec<f32>> = model.forward_masked(&xt, &full_masks, &fold)?.to_vec2()?;
-    let baseline: Vec<Vec<f32>> = model.forward_masked(&xt, &base_masks, &fold)?.to_vec2()?;
+    // With the others kept, the baseline is the full decomposition: no second pass.
+    let baseline: Vec<Vec<f32>> = if iv.other_mode == MaskMode::Keep {
+        full.clone()
+    } else {
+        model.forward_masked(&xt, &base_masks, &fold)?.to_vec2()?
+    };
     let intervened: Vec<Vec<f32>> = model.forward_masked(&xt, &masks, &fold)?.to_vec2()?;
     let mse = |a: &[f32], b: &[f32]| {
         a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).sum::<f32>() / a.len().max(1) as f32

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusteringResult;
-use crate::interventions::{Intervention, Selection, run_intervention};
+use crate::interventions::{Intervention, Selection, argmax, run_intervention};
 use crate::model::TargetSpec;
 use crate::model::days::{answer, op_delta};
 use crate::rng::Rng;
@@ -54,13 +54,6 @@ pub struct DaysReport {
     pub embed_ml2r: f64,
     pub embed_distinct: bool,
     pub mechanisms: Vec<OpMechanism>,
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i)
 }
 
 /// Analyses a decomposition of a days target.

@@ -285,23 +285,10 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         let input = match st.input_set {
             InputSet::Probes => s.probe_labels.get(r).cloned().unwrap_or_default(),
             InputSet::Custom => format!("custom input {}", custom_label(&st.custom_input)),
-            InputSet::Batch => {
-                let row = &s.batch_inputs[r * s.n_features..(r + 1) * s.n_features];
-                let active: Vec<String> = row
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, v)| **v != 0.0)
-                    .map(|(i, v)| format!("f{i}={v:.2}"))
-                    .collect();
-                format!(
-                    "batch row {r}: {}",
-                    if active.is_empty() {
-                        "all zero".into()
-                    } else {
-                        active.join(" ")
-                    }
-                )
-            }
+            InputSet::Batch => format!(
+                "batch row {r}: {}",
+                custom_label(&s.batch_inputs[r * s.n_features..(r + 1) * s.n_features])
+            ),
         };
         let v = data[r * m.c + c];
         resp.clone()
@@ -324,7 +311,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     ));
 }
 
-/// `f0=0.50 f3=0.20` (non-zero features) or `all zero`.
+/// `f0=0.50 f3=0.20` (non-zero features) or `all zero`, for custom and batch rows.
 pub fn custom_label(input: &[f32]) -> String {
     let active: Vec<String> = input
         .iter()
