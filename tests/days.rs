@@ -23,17 +23,21 @@ fn train(steps: usize, seed: u64) -> Trainer {
 }
 
 fn report(tr: &mut Trainer) -> DaysReport {
-    // Default options (α = 2). Measured on the six full runs: the mechanism is one cluster on
-    // seeds 0, 1, 2, 4 and 5 (at α = 1 too); on seed 3 it splits into two.
+    // Default options (α = 2). Measured on full runs of seeds 0-9: the mechanism is one cluster
+    // on every seed.
     let opts = ClusterOptions::default();
     let h = cluster(tr, &opts).unwrap();
     let res = summarize(&h, &opts, h.best_k());
     days_report(&tr.model, Some(&res)).unwrap()
 }
 
-/// Checks the mechanism properties; returns the problems found (empty = recovered).
-fn problems(r: &DaysReport, max_plane_error: f32) -> Vec<String> {
+/// Checks the mechanism properties and the per-day embedding; returns the problems found
+/// (empty = recovered).
+fn problems(r: &DaysReport, max_plane_error: f32, min_embed_mmcs: f64) -> Vec<String> {
     let mut p = vec![];
+    if r.embed_mmcs < min_embed_mmcs {
+        p.push(format!("embedding MMCS {:.4}", r.embed_mmcs));
+    }
     for (op, k) in &r.full_correct {
         if *k != 7 {
             p.push(format!("full decomposition answers {op}: {k}/7"));
@@ -63,26 +67,30 @@ fn problems(r: &DaysReport, max_plane_error: f32) -> Vec<String> {
     p
 }
 
-/// Reduced budget (4k of 10k steps): the rotation is already one mechanism that fires on every
-/// "next" input and never on "same", composes to R − I, and ablating it unlearns "next day".
+/// Reduced budget (4k of 10k steps): the embedding already has one subcomponent per day, and
+/// the rotation is one mechanism that fires on every "next" input and never on "same",
+/// composes to R − I (measured 7.6% here, 2.5% at the full budget), and ablating it unlearns
+/// "next day".
 #[test]
 fn reduced_run_recovers_the_rotation_mechanism() {
     let mut tr = train(4000, 0);
     let r = report(&mut tr);
-    let p = problems(&r, 0.08);
+    let p = problems(&r, 0.10, 0.99);
     assert!(p.is_empty(), "{p:?}\n{r:#?}");
 }
 
-/// Full budget, default seed and five more: at least 5 of the 6 recover the mechanism.
+/// Full budget, default seed and five more: the default seed and at least 4 of the other 5
+/// recover the mechanism and one embedding subcomponent per day (MMCS ≥ 0.99).
 #[test]
 #[ignore = "full-budget SPD runs (about 1 min each in release)"]
 fn full_runs_recover_the_rotation_mechanism_across_seeds() {
     let mut ok = 0;
+    let mut default_ok = false;
     for seed in 0..6 {
         let steps = spdlab::presets::spd_config("days").unwrap().steps;
         let mut tr = train(steps, seed);
         let r = report(&mut tr);
-        let p = problems(&r, 0.05);
+        let p = problems(&r, 0.05, 0.99);
         eprintln!(
             "seed {seed}: {} | embed MMCS {:.4}",
             if p.is_empty() {
@@ -93,7 +101,9 @@ fn full_runs_recover_the_rotation_mechanism_across_seeds() {
             r.embed_mmcs
         );
         ok += p.is_empty() as usize;
+        default_ok |= seed == 0 && p.is_empty();
     }
+    assert!(default_ok, "the default seed did not recover the mechanism");
     assert!(ok >= 5, "{ok}/6 seeds recovered the mechanism");
 }
 
@@ -110,7 +120,7 @@ fn shipped_decomposition_and_ablate_cli_unlearn_next_day() {
         .unwrap()
         .expect("the shipped days decomposition carries its clustering");
     let r = days_report(&tr.model, Some(&clusters)).unwrap();
-    let p = problems(&r, 0.05);
+    let p = problems(&r, 0.05, 0.99);
     assert!(p.is_empty(), "{p:?}\n{r:#?}");
     let id = r.mechanisms[0].clusters[0];
 

@@ -745,6 +745,21 @@ impl SpdApp {
                             .unwrap_or("eval only".into()),
                     );
                     ui.end_row();
+                    if let crate::spd::config::LossConfig::ImportanceMinimalityLoss {
+                        pnorm,
+                        module_weights,
+                        ..
+                    } = l
+                    {
+                        ui.label("  p");
+                        ui.label(pnorm.to_string());
+                        ui.end_row();
+                        for w in module_weights {
+                            ui.label(format!("  weight of {}", w.module_pattern));
+                            ui.label(format!("x{}", w.weight));
+                            ui.end_row();
+                        }
+                    }
                 }
             });
         }

@@ -19,12 +19,23 @@
 //!   stream becomes `R·p`: the point rotated by ±2π/n_days. This passes the plane linearly, the
 //!   way the ReLU(z) − ReLU(−z) pairs do, without tempting a decomposition to split the
 //!   rotation by the sign of z.
-//! * `unembed` (frozen, not decomposed): logit_j = ⟨p_j, plane⟩, so the answer is the day whose
-//!   point is nearest.
+//! * `unembed` (frozen, not decomposed): logit_j = ⟨p_j, plane⟩ + [`OP_LOGIT_SHIFT`]·Σ_o op_o,
+//!   so the answer is the day whose point is nearest; the shift, common to every logit, keeps
+//!   the operation dimensions honest (see its doc).
 //!
 //! The rotation mechanism of "next day" is therefore: the `mlp_in` rows of its three neurons
 //! (rank 3: the two plane coordinates and the gate) and the `mlp_out` columns (rank 2, the
 //! plane map R − I). Composed on the day plane, `W_out[plane, ·] · W_in[·, plane] = R − I`.
+//!
+//! A direction whose value the output ignores is a place where a decomposition can park parts
+//! of its subcomponents for free. [`OP_LOGIT_SHIFT`] closes the operation dimensions: without
+//! it their value mattered only through the gate's slack, and embedding subcomponents wrote
+//! day-dependent amounts there (20°-30° off their day's column). One such direction is left,
+//! by design: `W_out` annihilates the all-ones neuron direction (the offset s cancels in
+//! `n − g`), so `mlp_in` subcomponents may carry a term along it while the neurons are on.
+//! Closing it as well (the reference neuron clearing the operation flag) made the rotation's
+//! `mlp_out` rank 3 and split the mechanism into twice as many subcomponents, with a worse
+//! embedding on 4 of 6 seeds, so it is not done; the day preset keeps `mlp_in` small instead.
 
 use candle_core::{Device, Tensor};
 
@@ -34,6 +45,14 @@ use super::{TargetModel, TargetSpec};
 pub const GATE: f32 = 2.55;
 /// Negative bias of the gated neurons.
 pub const GATE_BIAS: f32 = 1.05;
+/// What the unembedding adds to every logit per unit of an operation dimension.
+///
+/// The shift changes no answer (every logit moves together), but it makes the operation
+/// dimension's value visible in the output. Without it that value matters only through the
+/// gate, whose slack (off: any value below the threshold; on: any value that keeps the neurons
+/// linear) let a decomposition hide day information there: embedding subcomponents wrote
+/// day-dependent amounts into the operation dimension, 20°-30° off their day's column.
+pub const OP_LOGIT_SHIFT: f32 = 1.0;
 
 /// Names of the operations, in input order.
 pub const OP_NAMES: [&str; 3] = ["same", "next", "previous"];
@@ -79,9 +98,9 @@ pub fn op_delta(n_days: usize, op: usize) -> [[f32; 2]; 2] {
     [[c - 1.0, -s], [s, c - 1.0]]
 }
 
-/// Position in the day plane of a residual stream read out as `logits` (logit_j = ⟨p_j, r⟩):
+/// Position in the day plane of a residual stream read out as `logits` (logit_j = ⟨p_j, r⟩ + s):
 /// r = (2/n) Σ_j p_j·logit_j, exact because Σ_j p_j p_jᵀ = (n/2)·I for n ≥ 3 equally spaced
-/// points.
+/// points, and the common shift s of an operation cancels since Σ_j p_j = 0.
 pub fn plane_from_logits(n_days: usize, logits: &[f32]) -> [f32; 2] {
     let mut r = [0f32; 2];
     for (j, l) in logits.iter().enumerate().take(n_days) {
@@ -183,6 +202,9 @@ pub fn days_target(n_days: usize, n_ops: usize, device: &Device) -> anyhow::Resu
         let (s, c) = day_angle(n_days, j).sin_cos();
         unembed[j * d_model] = c;
         unembed[j * d_model + 1] = s;
+        for o in 1..n_ops {
+            unembed[j * d_model + 1 + o] = OP_LOGIT_SHIFT;
+        }
     }
     let t = |v: Vec<f32>, shape: (usize, usize)| Tensor::from_vec(v, shape, device);
     let named = vec![
@@ -219,8 +241,10 @@ mod tests {
                     .unwrap()
                     .0;
                 assert_eq!(best, answer(7, d, o), "{}", input_label(7, d, o));
-                // The answer's logit is exactly 1 (the rotated point is on the circle).
-                assert!((logits[best] - 1.0).abs() < 1e-5, "{logits:?}");
+                // The answer's logit is exactly 1 (the rotated point is on the circle), plus
+                // the common shift of an asked operation.
+                let shift = if o > 0 { OP_LOGIT_SHIFT } else { 0.0 };
+                assert!((logits[best] - 1.0 - shift).abs() < 1e-5, "{logits:?}");
                 let p = plane_from_logits(7, logits);
                 let (s, c) = day_angle(7, best).sin_cos();
                 assert!((p[0] - c).abs() < 1e-5 && (p[1] - s).abs() < 1e-5);

@@ -115,6 +115,10 @@ pub enum LossConfig {
         p_anneal_end_frac: f64,
         #[serde(default = "default_eps")]
         eps: f64,
+        /// spdlab extension: a weight on the term of modules matching a pattern (first match
+        /// wins; others weigh 1). Empty in reference configs.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        module_weights: Vec<ModuleWeight>,
     },
     StochasticReconLoss {
         coeff: Option<f64>,
@@ -285,6 +289,22 @@ fn default_data_gen() -> DataGenerationType {
     DataGenerationType::AtLeastZeroActive
 }
 
+/// A per-module weight of the importance-minimality term (spdlab extension).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleWeight {
+    pub module_pattern: String,
+    pub weight: f64,
+}
+
+/// The weight of `module` under `weights` (first matching pattern; 1 when none matches).
+pub fn module_weight(weights: &[ModuleWeight], module: &str) -> f64 {
+    weights
+        .iter()
+        .find(|w| fnmatch(&w.module_pattern, module))
+        .map_or(1.0, |w| w.weight)
+}
+
 /// A per-module CI-function type (see [`SpdConfig::ci_fn_type_overrides`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -453,10 +473,32 @@ impl SpdConfig {
             {
                 errs.push(format!("{}: coeff must be finite", l.name()));
             }
-            if let LossConfig::ImportanceMinimalityLoss { pnorm, .. } = l
-                && (pnorm.is_nan() || *pnorm <= 0.0)
+            if let LossConfig::ImportanceMinimalityLoss {
+                pnorm,
+                module_weights,
+                ..
+            } = l
             {
-                errs.push("ImportanceMinimalityLoss: pnorm must be > 0".into());
+                if pnorm.is_nan() || *pnorm <= 0.0 {
+                    errs.push("ImportanceMinimalityLoss: pnorm must be > 0".into());
+                }
+                for w in module_weights {
+                    if !(w.weight.is_finite() && w.weight >= 0.0) {
+                        errs.push(format!(
+                            "ImportanceMinimalityLoss: module weight of '{}' must be finite and >= 0, got {}",
+                            w.module_pattern, w.weight
+                        ));
+                    }
+                    if !self.module_info.iter().any(|m| {
+                        fnmatch(&w.module_pattern, &m.module_pattern)
+                            || fnmatch(&m.module_pattern, &w.module_pattern)
+                    }) {
+                        errs.push(format!(
+                            "ImportanceMinimalityLoss: module weight pattern '{}' matches no decomposed module",
+                            w.module_pattern
+                        ));
+                    }
+                }
             }
         }
         if errs.is_empty() {
@@ -537,5 +579,49 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("wobbly"), "{e}");
+    }
+
+    #[test]
+    fn minimality_module_weights() {
+        let ws = vec![
+            ModuleWeight {
+                module_pattern: "embed".into(),
+                weight: 10.0,
+            },
+            ModuleWeight {
+                module_pattern: "layers.*".into(),
+                weight: 0.5,
+            },
+        ];
+        assert_eq!(module_weight(&ws, "embed"), 10.0);
+        assert_eq!(module_weight(&ws, "layers.0.mlp_in"), 0.5);
+        assert_eq!(module_weight(&ws, "unembed"), 1.0);
+        // Reference configs (no weights) serialise without the field.
+        let plain = r#"{"classname":"ImportanceMinimalityLoss","coeff":0.003,"pnorm":1.0}"#;
+        let l: LossConfig = serde_json::from_str(plain).unwrap();
+        assert!(
+            !serde_json::to_string(&l)
+                .unwrap()
+                .contains("module_weights")
+        );
+        // Bad weights and patterns that match no module are named.
+        let mut cfg = crate::presets::spd_config("days").unwrap();
+        if let LossConfig::ImportanceMinimalityLoss { module_weights, .. } =
+            &mut cfg.loss_metric_configs[0]
+        {
+            module_weights.push(ModuleWeight {
+                module_pattern: "embd".into(),
+                weight: 2.0,
+            });
+            module_weights.push(ModuleWeight {
+                module_pattern: "mlp_in".into(),
+                weight: f64::NAN,
+            });
+        } else {
+            panic!("days preset: first loss is not the minimality loss");
+        }
+        let e = cfg.validate().unwrap_err();
+        assert!(e.contains("'embd' matches no decomposed module"), "{e}");
+        assert!(e.contains("module weight of 'mlp_in'"), "{e}");
     }
 }

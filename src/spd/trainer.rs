@@ -206,6 +206,7 @@ impl Trainer {
                     p_anneal_final_p,
                     p_anneal_end_frac,
                     eps,
+                    module_weights,
                     ..
                 } => {
                     let p = annealed_p(
@@ -215,7 +216,20 @@ impl Trainer {
                         *p_anneal_final_p,
                         *p_anneal_end_frac,
                     );
-                    importance_minimality(&ci, &batch.weights, n_rows, p, *eps, *beta)?
+                    let layer_weights: Vec<f64> = model
+                        .modules
+                        .iter()
+                        .map(|m| crate::spd::config::module_weight(module_weights, &m.name))
+                        .collect();
+                    importance_minimality(
+                        &ci,
+                        &layer_weights,
+                        &batch.weights,
+                        n_rows,
+                        p,
+                        *eps,
+                        *beta,
+                    )?
                 }
                 LossConfig::StochasticReconLoss { .. } => {
                     let mut sum: Option<Tensor> = None;
@@ -573,9 +587,11 @@ pub fn annealed_p(p: f64, frac: f64, start: f64, final_p: Option<f64>, end: f64)
     }
 }
 
-/// Σ_l Σ_c [m_c + β·m_c·log2(1 + S_c)], S_c = Σ_rows w·(ci_upper + eps)^p, m_c = S_c / N.
+/// Σ_l λ_l Σ_c [m_c + β·m_c·log2(1 + S_c)], S_c = Σ_rows w·(ci_upper + eps)^p, m_c = S_c / N;
+/// λ_l = `layer_weights[l]` (1 in the reference).
 pub fn importance_minimality(
     ci: &[CiOutput],
+    layer_weights: &[f64],
     weights: &Tensor,
     n_rows: f64,
     p: f64,
@@ -584,7 +600,7 @@ pub fn importance_minimality(
 ) -> Result<Tensor> {
     let w = weights.unsqueeze(0)?; // [1, n]
     let mut total: Option<Tensor> = None;
-    for c in ci {
+    for (c, &lw) in ci.iter().zip(layer_weights) {
         let x = (&c.upper + eps)?;
         let xp = if p == 1.0 {
             x
@@ -601,6 +617,7 @@ pub fn importance_minimality(
         } else {
             m.sum_all()?
         };
+        let layer = if lw == 1.0 { layer } else { (layer * lw)? };
         total = Some(add_opt(total, layer)?);
     }
     Ok(total.unwrap())
@@ -632,19 +649,37 @@ mod tests {
         // two rows, C = 2; p = 1: m = [(0.5+1)/2, (0+0.2)/2] → sum 0.85
         let ci = vec![ci_of(&[[0.5, 0.0], [1.0, 0.2]])];
         let w = Tensor::new(&[1f32, 1.0], &Device::Cpu)?;
-        let v = importance_minimality(&ci, &w, 2.0, 1.0, 0.0, 0.0)?.to_scalar::<f32>()?;
+        let v = importance_minimality(&ci, &[1.0], &w, 2.0, 1.0, 0.0, 0.0)?.to_scalar::<f32>()?;
         assert!((v - 0.85).abs() < 1e-6);
         // p = 2: [(0.25+1)/2, 0.04/2] = 0.625 + 0.02
-        let v = importance_minimality(&ci, &w, 2.0, 2.0, 0.0, 0.0)?.to_scalar::<f32>()?;
+        let v = importance_minimality(&ci, &[1.0], &w, 2.0, 2.0, 0.0, 0.0)?.to_scalar::<f32>()?;
         assert!((v - 0.645).abs() < 1e-6);
         // β = 1, p = 1: S = [1.5, 0.2]; m + m·log2(1+S) = 0.75(1+log2 2.5) + 0.1(1+log2 1.2)
-        let v = importance_minimality(&ci, &w, 2.0, 1.0, 0.0, 1.0)?.to_scalar::<f32>()? as f64;
+        let v =
+            importance_minimality(&ci, &[1.0], &w, 2.0, 1.0, 0.0, 1.0)?.to_scalar::<f32>()? as f64;
         let e = 0.75 * (1.0 + 2.5f64.log2()) + 0.1 * (1.0 + 1.2f64.log2());
         assert!((v - e).abs() < 1e-5, "{v} {e}");
         // weighted rows equal repeated rows: row 2 counted three times over N = 4
         let w = Tensor::new(&[1f32, 3.0], &Device::Cpu)?;
-        let v = importance_minimality(&ci, &w, 4.0, 1.0, 0.0, 0.0)?.to_scalar::<f32>()?;
+        let v = importance_minimality(&ci, &[1.0], &w, 4.0, 1.0, 0.0, 0.0)?.to_scalar::<f32>()?;
         assert!((v - (3.5 / 4.0 + 0.6 / 4.0)).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn minimality_module_weights_scale_their_layer() -> Result<()> {
+        // Layer terms 0.85 (as above) and (0.3 + 0.1)/2 = 0.2; weights 1 and 10 → 0.85 + 2.
+        let ci = vec![
+            ci_of(&[[0.5, 0.0], [1.0, 0.2]]),
+            ci_of(&[[0.3, 0.1], [0.0, 0.0]]),
+        ];
+        let w = Tensor::new(&[1f32, 1.0], &Device::Cpu)?;
+        let v =
+            importance_minimality(&ci, &[1.0, 10.0], &w, 2.0, 1.0, 0.0, 0.0)?.to_scalar::<f32>()?;
+        assert!((v - 2.85).abs() < 1e-5, "{v}");
+        let v =
+            importance_minimality(&ci, &[1.0, 1.0], &w, 2.0, 1.0, 0.0, 0.0)?.to_scalar::<f32>()?;
+        assert!((v - 1.05).abs() < 1e-5, "{v}");
         Ok(())
     }
 
