@@ -223,6 +223,14 @@ fn main() {
             std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
         }
     }
+    #[cfg(unix)]
+    if cli.cmd.is_some() {
+        // A CLI report piped into `head` should end quietly when the pipe closes, as other
+        // command-line tools do, instead of panicking in println!.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     if cli.cmd.is_none() && cli.threads.is_none() && std::env::var_os("RAYON_NUM_THREADS").is_none()
     {
         // In the app, leave one core to the UI and the renderer: candle's worker threads spin

@@ -204,3 +204,37 @@ fn per_module_ci_function_types_round_trip() {
         assert_eq!(p.to_vec2::<f32>().unwrap(), q.to_vec2::<f32>().unwrap());
     }
 }
+
+/// A report piped into a reader that has gone (`spdlab days FILE | head -0`) ends quietly,
+/// the way command-line tools do (SIGPIPE), instead of panicking in println!.
+#[cfg(unix)]
+#[test]
+fn closed_stdout_pipe_does_not_panic() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("days.spdlab");
+    std::fs::write(&file, spdlab::assets::decomposition("days").unwrap()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spdlab"))
+        .args(["days", file.to_str().unwrap(), "--threads", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before the report (written after loading and analysing) arrives.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.signal(),
+        Some(libc_sigpipe()),
+        "{:?} {stderr}",
+        out.status
+    );
+}
+
+#[cfg(unix)]
+fn libc_sigpipe() -> i32 {
+    13 // SIGPIPE on Linux and the BSDs
+}
