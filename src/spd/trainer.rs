@@ -598,6 +598,13 @@ pub fn importance_minimality(
     eps: f64,
     beta: f64,
 ) -> Result<Tensor> {
+    if layer_weights.len() != ci.len() {
+        candle_core::bail!(
+            "importance_minimality: {} layer weights for {} layers",
+            layer_weights.len(),
+            ci.len()
+        );
+    }
     let w = weights.unsqueeze(0)?; // [1, n]
     let mut total: Option<Tensor> = None;
     for (c, &lw) in ci.iter().zip(layer_weights) {
