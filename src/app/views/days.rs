@@ -103,7 +103,8 @@ fn circle_plot(ui: &mut egui::Ui, d: &DaysViewData, st: &DaysViewState) {
         .legend(Legend::default().position(Corner::LeftBottom))
         .data_aspect(1.0)
         .height(ui.available_height().clamp(260.0, 420.0))
-        .include_x(-1.4)
+        // Room left of the circle for the legend, so it covers no day.
+        .include_x(-3.0)
         .include_x(1.4)
         .include_y(-1.4)
         .include_y(1.4)
