@@ -56,7 +56,6 @@ pub struct ModuleMask {
 pub struct ComponentModel {
     pub target: TargetModel,
     pub modules: Vec<DecomposedModule>,
-    pub ci_fn_type: CiFnType,
     pub ci_fn_hidden_dims: Vec<usize>,
     pub sigmoid_type: SigmoidType,
     pub sampling: Sampling,
@@ -124,7 +123,6 @@ impl ComponentModel {
         let mut model = ComponentModel {
             target,
             modules,
-            ci_fn_type: cfg.ci_fn_type,
             ci_fn_hidden_dims: cfg.ci_fn_hidden_dims.clone(),
             sigmoid_type: cfg.sigmoid_type,
             sampling: cfg.sampling,
