@@ -29,10 +29,13 @@ pub enum Order {
 /// Texture rows of the heatmap at most (more input rows are max-pooled).
 const MAX_TEXTURE_ROWS: usize = 1024;
 
+/// Input rows per texture row (1 unless the input set is taller than the texture).
+fn pool_of(rows: usize) -> usize {
+    rows.div_ceil(MAX_TEXTURE_ROWS).max(1)
+}
+
 #[derive(Default)]
 pub struct CiViewState {
-    /// Input rows per texture row (1 unless the input set is taller than the texture).
-    pub pool: usize,
     pub input_set: InputSet,
     pub order: Order,
     pub vmax: f32,
@@ -199,7 +202,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         };
         // More rows than a screen shows are max-pooled into at most MAX_TEXTURE_ROWS texture
         // rows (a cell lights if any of its rows fires); hover still reads exact rows.
-        let pool = rows.div_ceil(MAX_TEXTURE_ROWS).max(1);
+        let pool = pool_of(rows);
         let tex_rows = rows.div_ceil(pool);
         let inv = 1.0 / st.vmax;
         let mut pixels = Vec::with_capacity(tex_rows * m.c);
@@ -214,7 +217,6 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
             }
             pixels.extend(acc.iter().map(|&v| sequential(v * inv)));
         }
-        st.pool = pool;
         let img = egui::ColorImage::new([m.c, tex_rows], pixels);
         match &mut st.texture {
             Some(t) => t.set(img, egui::TextureOptions::NEAREST),
@@ -303,8 +305,8 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         m.c,
         m.name,
         st.vmax,
-        if st.pool > 1 {
-            format!("; drawn {} rows per pixel row (max)", st.pool)
+        if pool_of(rows) > 1 {
+            format!("; drawn {} rows per pixel row (max)", pool_of(rows))
         } else {
             String::new()
         }
