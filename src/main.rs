@@ -181,8 +181,8 @@ enum Cmd {
         #[arg(long, default_value_t = 0.05)]
         range_threshold: f64,
         /// Which CI to cluster on: upper (upper-leaky, the reference's) or lower.
-        #[arg(long, default_value = "upper")]
-        ci: String,
+        #[arg(long, value_enum, default_value_t = spdlab::cluster::CiSource::Upper)]
+        ci: spdlab::cluster::CiSource,
         /// Store the result in this .spdlab file (may be FILE itself).
         #[arg(long)]
         save: Option<PathBuf>,
@@ -514,11 +514,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 n_samples: samples,
                 filter_dead_threshold: dead_threshold,
                 range_threshold,
-                ci: match ci.as_str() {
-                    "upper" => spdlab::cluster::CiSource::Upper,
-                    "lower" => spdlab::cluster::CiSource::Lower,
-                    other => anyhow::bail!("--ci must be upper or lower, not {other:?}"),
-                },
+                ci,
             };
             let h = spdlab::cluster::cluster(&tr, &opts)?;
             let k = k.unwrap_or_else(|| h.best_k());

@@ -59,7 +59,7 @@ pub struct ClusterOptions {
 }
 
 /// Which causal importance clustering looks at.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CiSource {
     /// Upper-leaky CI (the reference's choice).
