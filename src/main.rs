@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 // the kernel each time (mmap/munmap, page faults). mimalloc keeps them.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use spdlab::io::output::Replace;
 use spdlab::io::spdlab_file::{self, FileExtras};
 use spdlab::runner::{self, RunOptions, TrainSummary};
 use spdlab::spd::trainer::Trainer;
@@ -19,8 +20,7 @@ use spdlab::{metrics, presets};
 #[command(
     name = "spdlab",
     version,
-    about = "Stochastic Parameter Decomposition lab (no command: open the desktop app)",
-    args_conflicts_with_subcommands = true
+    about = "Stochastic Parameter Decomposition lab (no command: open the desktop app)"
 )]
 struct Cli {
     /// Open this file (.spdlab or a goodfire-ai/spd run) in the app.
@@ -44,9 +44,14 @@ struct Cli {
     /// Rows of the data-batch CI heatmap (default 256).
     #[arg(long)]
     heatmap_rows: Option<usize>,
-    /// Number of CPU threads for tensor work (default: all cores).
+    /// Threads for training (each step's batch is split into row shards, one per thread;
+    /// default: all cores, fewer when the batch is small).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Load files whose optimizer state is unusable (non-finite, half missing) without it:
+    /// Adam restarts from zero when training resumes.
+    #[arg(long, global = true)]
+    drop_optimizer_state: bool,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -75,6 +80,9 @@ enum Cmd {
         /// Seconds between recovery autosaves (0 = off).
         #[arg(long, default_value_t = 60)]
         autosave_secs: u64,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
         /// Print one JSON object with the results on stdout.
         #[arg(long)]
         json: bool,
@@ -95,6 +103,13 @@ enum Cmd {
         steps: usize,
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Measure every thread count from 1 to the number of cores (each in its own
+        /// process, as thread pools are sized once) and report steps/s for each.
+        #[arg(long)]
+        threads_scan: bool,
+        /// Repeat each measurement this many times and report the median.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
     },
     /// Causal importances of every subcomponent on chosen inputs.
     Ci {
@@ -153,6 +168,9 @@ enum Cmd {
         run: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
     },
     /// Group subcomponents into mechanisms (MDL merge clustering on CI co-activation).
     Cluster {
@@ -183,9 +201,12 @@ enum Cmd {
         /// Which CI to cluster on: upper (upper-leaky, the reference's) or lower.
         #[arg(long, value_enum, default_value_t = spdlab::cluster::CiSource::Upper)]
         ci: spdlab::cluster::CiSource,
-        /// Store the result in this .spdlab file (may be FILE itself).
+        /// Store the result in this .spdlab file (may be FILE itself: an in-place update).
         #[arg(long)]
         save: Option<PathBuf>,
+        /// Replace an existing --save file other than FILE.
+        #[arg(long)]
+        force: bool,
         #[arg(long, default_value = "cpu")]
         device: String,
         #[arg(long)]
@@ -205,6 +226,9 @@ enum Cmd {
         seed: u64,
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -216,12 +240,11 @@ fn main() {
         libmimalloc_sys::mi_option_set(15, -1);
     }
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        // Must happen before candle creates its thread pools (nothing has run yet).
-        unsafe {
-            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
-        }
+    spdlab::io::spdlab_file::set_drop_optimizer_state(cli.drop_optimizer_state);
+    // Before any tensor work or thread exists: candle single-threaded, training steps split
+    // into row shards on `--threads` threads (default: all cores). See spdlab::parallel.
+    unsafe {
+        spdlab::parallel::configure(cli.threads);
     }
     #[cfg(unix)]
     if cli.cmd.is_some() {
@@ -229,19 +252,6 @@ fn main() {
         // command-line tools do, instead of panicking in println!.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
-    if cli.cmd.is_none() && cli.threads.is_none() && std::env::var_os("RAYON_NUM_THREADS").is_none()
-    {
-        // In the app, leave one core to the UI and the renderer: candle's worker threads spin
-        // at barriers, and oversubscribed cores made training 5x slower with the window open.
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        let n = cores.saturating_sub(1).max(1).to_string();
-        unsafe {
-            std::env::set_var("RAYON_NUM_THREADS", &n);
-            std::env::set_var("CANDLE_NUM_THREADS", &n);
         }
     }
     let res = match cli.cmd {
@@ -295,12 +305,35 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             device,
             out,
             autosave_secs,
+            force,
             json,
         } => {
             let dev = runner::device(&device)?;
             let mut out = out;
+            // Files this run reads (an output must not be one of them, but a resumed run may
+            // save over the file it resumed: the documented in-place continuation).
+            let mut inputs: Vec<PathBuf> = config.iter().cloned().collect();
+            let mut in_place: Option<PathBuf> = None;
             let (mut tr, mut extras, name) = if let Some(path) = resume {
-                let (tr, extras) = spdlab_file::load(&path, &dev)?;
+                let (mut tr, extras) = spdlab_file::load(&path, &dev)?;
+                if let Some(s) = steps {
+                    // Extend or shorten the run; the LR schedule follows the new length.
+                    spdlab::limits::check_positive("--steps", s, spdlab::limits::MAX_STEPS)?;
+                    if s + 1 < tr.step {
+                        anyhow::bail!(
+                            "{}: the run has already trained {} steps; --steps {s} would end it before where it is",
+                            path.display(),
+                            tr.step
+                        );
+                    }
+                    tr.config.steps = s;
+                }
+                if seed.is_some() {
+                    anyhow::bail!(
+                        "--seed does not apply to --resume (the run keeps its RNG state)"
+                    );
+                }
+                in_place = Some(path.clone());
                 let name = extras.preset.clone().unwrap_or_else(|| "run".into());
                 // Resuming X.spdlab.recovery saves to X.spdlab unless told otherwise.
                 if out.is_none() {
@@ -323,10 +356,14 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                     _ => anyhow::bail!("give --preset NAME or --config FILE (or --resume FILE)"),
                 };
                 if let Some(s) = steps {
+                    spdlab::limits::check_positive("--steps", s, spdlab::limits::MAX_STEPS)?;
                     cfg.steps = s;
                 }
                 if let Some(s) = seed {
                     cfg.seed = s;
+                }
+                if let Some(c) = &config {
+                    inputs.extend(runner::config_target_path(c)?);
                 }
                 let name = preset_name.clone().unwrap_or_else(|| "config".into());
                 let tr = Trainer::new(target, cfg)?;
@@ -339,13 +376,20 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             let out = out.unwrap_or_else(|| {
                 PathBuf::from("spdlab-runs").join(format!("{name}-seed{}.spdlab", tr.config.seed))
             });
-            if let Some(dir) = out.parent()
-                && !dir.as_os_str().is_empty()
-            {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| anyhow::anyhow!("{}: cannot create folder: {e}", dir.display()))?;
-            }
+            // Check the output (and its recovery file) before the first step, and hold its
+            // lock while training.
+            let resumed_here = in_place
+                .as_deref()
+                .is_some_and(|p| spdlab::io::output::same_file(p, &out));
+            let replace = if force || resumed_here {
+                Replace::Allowed
+            } else {
+                Replace::Never
+            };
+            let input_refs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
+            let _lock = spdlab::io::output::prepare(&out, &input_refs, replace)?;
             let recovery = recovery_path(&out);
+            spdlab::io::output::check_replaceable(&recovery).map_err(|e| anyhow::anyhow!("{e}"))?;
             let opts = RunOptions {
                 autosave: (autosave_secs > 0)
                     .then(|| (recovery.clone(), Duration::from_secs(autosave_secs))),
@@ -371,7 +415,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 }
             })?;
             bar.finish_and_clear();
-            let trained = total + 1 - start_step;
+            let trained = (total + 1).saturating_sub(start_step);
             let report = runner::final_eval(&mut tr)?;
             spdlab_file::save(&tr, &extras, &out)?;
             let _ = std::fs::remove_file(&recovery);
@@ -499,10 +543,46 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             range_threshold,
             ci,
             save,
+            force,
             device,
             json,
         } => {
             let dev = runner::device(&device)?;
+            // Flags first: nonsense values would give a nonsense clustering.
+            if !(alpha.is_finite() && alpha > 0.0) {
+                anyhow::bail!("--alpha must be a finite number > 0, got {alpha}");
+            }
+            for (flag, v) in [
+                ("--threshold", threshold),
+                ("--dead-threshold", dead_threshold),
+            ] {
+                if !(v.is_finite() && (0.0..=1.0).contains(&v)) {
+                    anyhow::bail!("{flag} must be in [0, 1], got {v}");
+                }
+            }
+            if !(range_threshold.is_finite() && (0.0..=1.0).contains(&range_threshold)) {
+                anyhow::bail!("--range-threshold must be in [0, 1], got {range_threshold}");
+            }
+            if k == Some(0) {
+                anyhow::bail!("--k must be at least 1");
+            }
+            spdlab::limits::check_positive("--samples", samples, spdlab::limits::MAX_SAMPLES)?;
+            // Saving into FILE itself is the documented in-place update; any other existing
+            // file needs --force.
+            let _lock = match &save {
+                Some(out) => {
+                    let in_place = spdlab::io::output::same_file(out, &file)
+                        && !spdlab::io::reference::is_reference_run(&file);
+                    let replace = if force || in_place {
+                        Replace::Allowed
+                    } else {
+                        Replace::Never
+                    };
+                    let inputs: Vec<&std::path::Path> = if in_place { vec![] } else { vec![&file] };
+                    Some(spdlab::io::output::prepare(out, &inputs, replace)?)
+                }
+                None => None,
+            };
             let (tr, mut extras, warnings) = spdlab::io::load_any(&file, &dev)?;
             for w in warnings {
                 eprintln!("warning: {w}");
@@ -554,8 +634,19 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Import { run, out } => {
+        Cmd::Import { run, out, force } => {
             let dev = candle_core::Device::Cpu;
+            let (ckpt, _) = spdlab::io::reference::resolve_checkpoint(&run)?;
+            let run_dir = ckpt
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .to_path_buf();
+            let replace = if force {
+                Replace::Allowed
+            } else {
+                Replace::Never
+            };
+            let _lock = spdlab::io::output::prepare(&out, &[&run, &ckpt, &run_dir], replace)?;
             let (tr, info) = spdlab::io::reference::import(&run, &dev)?;
             for w in &info.warnings {
                 eprintln!("warning: {w}");
@@ -586,7 +677,62 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             preset,
             steps,
             device,
+            threads_scan,
+            repeat,
         } => {
+            spdlab::limits::check_positive("--steps", steps, spdlab::limits::MAX_STEPS)?;
+            spdlab::limits::check_positive("--repeat", repeat, 1000)?;
+            if threads_scan || repeat > 1 {
+                // Explicit counts, then the default (no --threads): each in a new process.
+                let counts: Vec<Option<usize>> = if threads_scan {
+                    (1..=spdlab::parallel::default_threads())
+                        .map(Some)
+                        .chain([None])
+                        .collect()
+                } else {
+                    vec![spdlab::parallel::explicit().then(spdlab::parallel::threads)]
+                };
+                let mut rows = vec![];
+                for t in counts {
+                    let mut runs = vec![];
+                    let mut used = serde_json::Value::Null;
+                    for _ in 0..repeat {
+                        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+                        if let Some(t) = t {
+                            cmd.args(["--threads", &t.to_string()]);
+                        }
+                        let out = cmd
+                            .args(["bench", "--preset", &preset])
+                            .args(["--steps", &steps.to_string(), "--device", &device])
+                            .output()?;
+                        if !out.status.success() {
+                            anyhow::bail!(
+                                "bench with {t:?} threads failed: {}",
+                                String::from_utf8_lossy(&out.stderr).trim()
+                            );
+                        }
+                        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+                        runs.push(v["steps_per_second"].as_f64().unwrap_or(f64::NAN));
+                        used = serde_json::json!({"threads": v["threads"], "shards": v["shards"]});
+                    }
+                    runs.sort_by(f64::total_cmp);
+                    rows.push(serde_json::json!({
+                        "threads": t.map_or(serde_json::json!("default"), |t| serde_json::json!(t)),
+                        "used": used,
+                        "steps_per_second": runs[runs.len() / 2],
+                        "runs": runs,
+                    }));
+                }
+                let out = serde_json::json!({
+                    "preset": preset,
+                    "device": device,
+                    "steps": steps,
+                    "default_threads": spdlab::parallel::default_threads(),
+                    "scan": rows,
+                });
+                println!("{out}");
+                return Ok(());
+            }
             let dev = runner::device(&device)?;
             let cfg = presets::spd_config(&preset)?;
             let target = presets::target_model(&preset, &dev)?;
@@ -603,7 +749,8 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             let out = serde_json::json!({
                 "preset": preset,
                 "device": device,
-                "threads": candle_core::utils::get_num_threads(),
+                "threads": spdlab::parallel::threads(),
+                "shards": tr.last_shards,
                 "steps": steps,
                 "seconds": secs,
                 "steps_per_second": steps as f64 / secs,
@@ -612,8 +759,19 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             println!("{out}");
             Ok(())
         }
-        Cmd::TrainTarget { preset, seed, out } => {
+        Cmd::TrainTarget {
+            preset,
+            seed,
+            out,
+            force,
+        } => {
             let spec = presets::target_spec(&preset)?;
+            let replace = if force {
+                Replace::Allowed
+            } else {
+                Replace::Never
+            };
+            let _lock = spdlab::io::output::prepare(&out, &[], replace)?;
             let cfg = spdlab::model::TargetTrainConfig::reference(&spec, seed);
             let (model, loss) =
                 spdlab::model::train_target(&spec, &cfg, &candle_core::Device::Cpu, |s, l| {

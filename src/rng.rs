@@ -4,9 +4,16 @@
 //! the same seed gives the same result on every machine, independent of candle's own RNG.
 
 /// xoshiro256++ generator.
+///
+/// A generator may be narrowed to a window of rows of a batch ([`Rng::for_rows`]): per-row
+/// draws ([`Rng::uniform_rows`]) then advance it exactly as for the whole batch but return
+/// only the window's rows. Shards of a batch trained on separate threads thus see the very
+/// numbers the whole batch would have drawn, whatever the number of threads.
 #[derive(Clone, Debug)]
 pub struct Rng {
     s: [u64; 4],
+    /// `(first row, rows of the whole batch)` when narrowed to a window.
+    window: Option<(usize, usize)>,
 }
 
 fn splitmix64(state: &mut u64) -> u64 {
@@ -27,7 +34,7 @@ impl Rng {
             splitmix64(&mut st),
             splitmix64(&mut st),
         ];
-        Rng { s }
+        Rng { s, window: None }
     }
 
     /// The full internal state (to save and resume a run).
@@ -40,7 +47,37 @@ impl Rng {
         if s == [0; 4] {
             return Rng::new(0);
         }
-        Rng { s }
+        Rng { s, window: None }
+    }
+
+    /// A copy narrowed to rows `start..` of a batch of `full` rows (see the type's docs).
+    pub fn for_rows(&self, start: usize, full: usize) -> Rng {
+        Rng {
+            s: self.s,
+            window: Some((start, full)),
+        }
+    }
+
+    /// `(first row, rows of the whole batch)` for a draw over `n` local rows.
+    pub fn rows(&self, n: usize) -> (usize, usize) {
+        self.window.unwrap_or((0, n))
+    }
+
+    /// `n × k` uniform samples for `n` rows of `k` values: the window's rows of a draw over
+    /// the whole batch.
+    pub fn uniform_rows(&mut self, n: usize, k: usize) -> Vec<f32> {
+        let (start, full) = self.rows(n);
+        let all = self.uniform_vec(full * k);
+        window_of(all, start, n, k)
+    }
+
+    /// As [`Rng::uniform_rows`] with fair bits (0 or 1).
+    pub fn bits_rows(&mut self, n: usize, k: usize) -> Vec<f32> {
+        let (start, full) = self.rows(n);
+        let all: Vec<f32> = (0..full * k)
+            .map(|_| (self.next_u64() >> 63) as f32)
+            .collect();
+        window_of(all, start, n, k)
     }
 
     /// An independent generator derived from this one's seed and a stream label.
@@ -107,6 +144,15 @@ impl Rng {
     }
 }
 
+fn window_of(mut all: Vec<f32>, start: usize, n: usize, k: usize) -> Vec<f32> {
+    if start == 0 && all.len() == n * k {
+        return all;
+    }
+    all.truncate((start + n) * k);
+    all.drain(..start * k);
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,6 +166,21 @@ mod tests {
         }
         let mut c = Rng::new(8);
         assert_ne!(Rng::new(7).next_u64(), c.next_u64());
+    }
+
+    #[test]
+    fn row_windows_see_the_whole_batch_numbers() {
+        let mut whole = Rng::new(3);
+        let all = whole.uniform_rows(10, 3);
+        let bits = whole.bits_rows(10, 2);
+        let base = Rng::new(3);
+        for (start, n) in [(0, 4), (4, 6), (9, 1)] {
+            let mut w = base.for_rows(start, 10);
+            assert_eq!(w.uniform_rows(n, 3), all[start * 3..(start + n) * 3]);
+            assert_eq!(w.bits_rows(n, 2), bits[start * 2..(start + n) * 2]);
+            // The generator ends where the whole batch's did.
+            assert_eq!(w.state(), whole.state());
+        }
     }
 
     #[test]

@@ -52,6 +52,11 @@ pub fn load_config_file(
         .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
     let cf: ConfigFile = serde_json::from_str(&text)
         .map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))?;
+    // A misspelt field would otherwise silently take its default (`batch_sizee: 16` trains
+    // with 4096).
+    let raw: serde_json::Value = serde_json::from_str(&text)?;
+    crate::spd::config::check_unknown_fields(&raw, &serde_json::to_value(&cf)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     cf.spd
         .validate()
         .map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))?;
@@ -74,6 +79,22 @@ pub fn load_config_file(
         ),
     };
     Ok((cf.spd, target, cf.preset))
+}
+
+/// The target weights file a JSON config names (resolved against the config's folder).
+pub fn config_target_path(path: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))?;
+    Ok(v.get("target_path").and_then(|t| t.as_str()).map(|t| {
+        let t = Path::new(t);
+        if t.is_relative() {
+            path.parent().unwrap_or(Path::new(".")).join(t)
+        } else {
+            t.to_path_buf()
+        }
+    }))
 }
 
 /// Result of a finished training run.
@@ -130,6 +151,9 @@ pub fn final_eval(tr: &mut Trainer) -> anyhow::Result<EvalReport> {
     evaluate(tr, n, b)
 }
 
+/// Largest input value accepted (toy features live in [-1, 1]).
+pub const MAX_INPUT_ABS: f32 = 1e6;
+
 /// Reads `{"inputs": [[...], ...]}` with rows of length `n_features`.
 pub fn read_inputs(path: &Path, n_features: usize) -> anyhow::Result<Vec<Vec<f32>>> {
     #[derive(Deserialize)]
@@ -147,6 +171,12 @@ pub fn read_inputs(path: &Path, n_features: usize) -> anyhow::Result<Vec<Vec<f32
     if inp.inputs.is_empty() {
         anyhow::bail!("{}: no inputs", path.display());
     }
+    crate::limits::check(
+        "inputs (rows)",
+        inp.inputs.len(),
+        crate::limits::MAX_SAMPLES,
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     for (i, r) in inp.inputs.iter().enumerate() {
         if r.len() != n_features {
             anyhow::bail!(
@@ -157,6 +187,13 @@ pub fn read_inputs(path: &Path, n_features: usize) -> anyhow::Result<Vec<Vec<f32
         }
         if r.iter().any(|x| !x.is_finite()) {
             anyhow::bail!("{}: input {i} contains a non-finite value", path.display());
+        }
+        // Far beyond any feature scale; larger values overflow f32 inside the model.
+        if let Some(x) = r.iter().find(|x| x.abs() > MAX_INPUT_ABS) {
+            anyhow::bail!(
+                "{}: input {i} has the value {x:e}, outside ±{MAX_INPUT_ABS:e} (outputs would overflow)",
+                path.display()
+            );
         }
     }
     Ok(inp.inputs)
@@ -210,8 +247,12 @@ pub fn resolve_inputs(
             Some(s) => s
                 .parse::<f32>()
                 .ok()
-                .filter(|v| v.is_finite())
-                .ok_or_else(|| anyhow::anyhow!("--inputs {arg}: bad probe value"))?,
+                .filter(|v| v.is_finite() && v.abs() <= MAX_INPUT_ABS)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--inputs {arg}: the probe value must be a number within ±{MAX_INPUT_ABS:e}"
+                    )
+                })?,
             None => 0.75,
         };
         return Ok(probe_inputs(&tr.model.target.spec, v));

@@ -137,6 +137,21 @@ pub fn activations(
 /// log2 k index cost) and is merged into whatever group the sampler picks at zero firing cost,
 /// adding to that group's rank.
 pub fn cluster(tr: &Trainer, opts: &ClusterOptions) -> anyhow::Result<MergeHistory> {
+    crate::limits::check_positive("samples", opts.n_samples, crate::limits::MAX_SAMPLES)?;
+    // The batch runs through the whole decomposition: inputs, CI (with the CI function's
+    // hidden layers) and outputs of every module, for every sample.
+    let hidden: usize = tr.model.ci_fn_hidden_dims.iter().sum();
+    let per_row: u128 = tr
+        .model
+        .modules
+        .iter()
+        .map(|m| (m.c * (hidden + 4) + m.d_in + m.d_out) as u128)
+        .sum();
+    let c_total: u128 = tr.model.modules.iter().map(|m| m.c as u128).sum();
+    crate::limits::check_memory(
+        &format!("clustering on {} samples", opts.n_samples),
+        opts.n_samples as u128 * per_row * 3 + c_total * c_total * 4,
+    )?;
     let (acts, labels) = activations(tr, opts.n_samples, opts.ci, opts.seed)?;
     merge_activations(&acts, opts.n_samples, &labels, opts)
 }

@@ -1,6 +1,7 @@
 //! Files: the `.spdlab` format, target files, atomic writes.
 
 pub mod atomic;
+pub mod output;
 pub mod pth;
 pub mod reference;
 pub mod spdlab_file;

@@ -32,6 +32,7 @@ pub fn resolve_checkpoint(path: &Path) -> anyhow::Result<(PathBuf, Option<usize>
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(step) = checkpoint_step(&name)
+                && e.path().is_file()
                 && best.as_ref().is_none_or(|(s, _)| step > *s)
             {
                 best = Some((step, e.path()));
@@ -39,12 +40,17 @@ pub fn resolve_checkpoint(path: &Path) -> anyhow::Result<(PathBuf, Option<usize>
         }
         match best {
             Some((s, p)) => Ok((p, Some(s))),
+            None if !path.join("final_config.yaml").exists() => anyhow::bail!(
+                "{}: not a goodfire-ai/spd run folder (no final_config.yaml, no model_<step>.pth)",
+                path.display()
+            ),
             None => anyhow::bail!(
                 "{}: no model_<step>.pth checkpoint in this folder",
                 path.display()
             ),
         }
     } else if path.exists() {
+        check_checkpoint_file(path)?;
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -53,6 +59,34 @@ pub fn resolve_checkpoint(path: &Path) -> anyhow::Result<(PathBuf, Option<usize>
     } else {
         anyhow::bail!("{}: no such file or folder", path.display())
     }
+}
+
+/// Refuses, with a clear message, a file that is not a PyTorch checkpoint (zip archive).
+fn check_checkpoint_file(path: &Path) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut magic = [0u8; 8];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut magic))
+        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    if n >= 4 && magic[..4] == *b"PK\x03\x04" {
+        return Ok(());
+    }
+    let spdlab = n == 8 && {
+        // A safetensors header: a little-endian length, then '{'.
+        let mut f = std::fs::File::open(path)?;
+        let mut b = [0u8; 9];
+        f.read_exact(&mut b).is_ok() && b[8] == b'{'
+    };
+    if spdlab {
+        anyhow::bail!(
+            "{}: is a safetensors (.spdlab) file, not a goodfire-ai/spd run; open it directly (import converts reference runs)",
+            path.display()
+        );
+    }
+    anyhow::bail!(
+        "{}: not a goodfire-ai/spd run (not a PyTorch checkpoint: no zip archive header)",
+        path.display()
+    )
 }
 
 fn checkpoint_step(name: &str) -> Option<usize> {
@@ -223,6 +257,8 @@ pub fn spd_config_from_reference(
     }
     let spd: SpdConfig =
         serde_json::from_value(Value::Object(cfg)).map_err(|e| anyhow::anyhow!("config: {e}"))?;
+    spd.validate()
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
     Ok(spd)
 }
 
@@ -305,7 +341,8 @@ pub fn import(path: &Path, device: &Device) -> anyhow::Result<(Trainer, ImportIn
             "no target_model.* tensors (not a goodfire-ai/spd ComponentModel checkpoint)".into(),
         ));
     }
-    let spec = target_spec(&task, &dir, &target_named).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spec = target_spec(&task, &dir, &target_named, &mut info.warnings)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let target = TargetModel::new(spec, target_named, device)
         .map_err(|e| ck_err(format!("target model: {e}")))?;
     let mut rng = Rng::new(spd.seed);
@@ -344,7 +381,12 @@ pub fn import(path: &Path, device: &Device) -> anyhow::Result<(Trainer, ImportIn
     Ok((tr, info))
 }
 
-fn target_spec(task: &str, dir: &Path, named: &[(String, Tensor)]) -> anyhow::Result<TargetSpec> {
+fn target_spec(
+    task: &str,
+    dir: &Path,
+    named: &[(String, Tensor)],
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<TargetSpec> {
     let shape = |k: &str| {
         named
             .iter()
@@ -360,8 +402,28 @@ fn target_spec(task: &str, dir: &Path, named: &[(String, Tensor)]) -> anyhow::Re
                 .iter()
                 .filter(|(k, _)| k.starts_with("hidden_layers."))
                 .count();
-            let mut tied = true;
             let p = dir.join("tms_train_config.yaml");
+            // Without the train config, tying is read off the checkpoint: a tied target stores
+            // linear2.weight as exactly linear1.weightᵀ (one parameter), an untied one never does.
+            let mut tied = match (
+                named.iter().find(|(k, _)| k == "linear1.weight"),
+                named.iter().find(|(k, _)| k == "linear2.weight"),
+            ) {
+                (Some((_, w1)), Some((_, w2))) => {
+                    let t = w1.t()?.contiguous()?;
+                    t.dims() == w2.dims()
+                        && t.flatten_all()?.to_vec1::<f32>()?
+                            == w2.flatten_all()?.to_vec1::<f32>()?
+                }
+                _ => true,
+            };
+            if !p.exists() {
+                warnings.push(format!(
+                    "{}: missing companion file; tied_weights = {tied} read off the checkpoint (linear2.weight {} linear1.weightᵀ)",
+                    p.display(),
+                    if tied { "equals" } else { "differs from" }
+                ));
+            }
             if p.exists() {
                 let v = read_yaml(&p)?;
                 let m = v.get("tms_model_config").unwrap_or(&v);

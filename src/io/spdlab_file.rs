@@ -200,9 +200,97 @@ pub fn save(tr: &Trainer, extras: &FileExtras, path: &Path) -> anyhow::Result<()
 
 /// Loads a `.spdlab` file; errors name the file and the problem.
 pub fn load(path: &Path, device: &Device) -> anyhow::Result<(Trainer, FileExtras)> {
-    let bytes =
-        std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    let bytes = read_safetensors_file(path)?;
     from_bytes(&bytes, device).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// When set (the CLI's `--drop-optimizer-state`), a file whose optimizer state is unusable
+/// (non-finite, or half missing) loads without it: Adam restarts from zero.
+static DROP_OPTIMIZER_STATE: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Sets whether unusable optimizer state is dropped (with a warning) instead of refused.
+pub fn set_drop_optimizer_state(on: bool) {
+    DROP_OPTIMIZER_STATE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Reads a safetensors file after checking its header against the file's size, so that a
+/// huge file that is not one (a sparse 2 GB file, a folder, a device) is refused before it
+/// is read whole.
+pub fn read_safetensors_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let err = |m: String| anyhow::anyhow!("{}: {m}", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    if meta.is_dir() {
+        return Err(err("is a folder, not a .spdlab file".into()));
+    }
+    if !meta.is_file() {
+        return Err(err("is not a regular file".into()));
+    }
+    let len = meta.len();
+    let mut f = std::fs::File::open(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let mut n8 = [0u8; 8];
+    f.read_exact(&mut n8)
+        .map_err(|_| err("not a .spdlab file (shorter than a safetensors header)".into()))?;
+    let n = u64::from_le_bytes(n8);
+    if n > crate::limits::MAX_HEADER_BYTES || n > len - 8 {
+        return Err(err(format!(
+            "not a .spdlab file (its safetensors header claims {n} bytes, the file has {len})"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| err(format!("cannot read: {e}")))?;
+    let end = safetensors_data_end(&header).map_err(|m| {
+        err(format!(
+            "not a .spdlab file (invalid safetensors header: {m})"
+        ))
+    })?;
+    if 8 + n + end != len {
+        return Err(err(format!(
+            "truncated or padded file: its header describes {} bytes, the file has {len}",
+            8 + n + end
+        )));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    bytes.extend_from_slice(&n8);
+    bytes.extend_from_slice(&header);
+    f.read_to_end(&mut bytes)
+        .map_err(|e| err(format!("cannot read: {e}")))?;
+    Ok(bytes)
+}
+
+/// The end of the data section a safetensors header describes.
+fn safetensors_data_end(header: &[u8]) -> Result<u64, String> {
+    let v: serde_json::Value = serde_json::from_slice(header).map_err(|e| e.to_string())?;
+    let obj = v.as_object().ok_or("not a JSON object")?;
+    let mut end = 0u64;
+    for (k, t) in obj {
+        if k == "__metadata__" {
+            continue;
+        }
+        let offs = t
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .filter(|o| o.len() == 2)
+            .ok_or_else(|| format!("tensor '{k}' has no data_offsets"))?;
+        let e = offs[1]
+            .as_u64()
+            .ok_or_else(|| format!("tensor '{k}' has invalid data_offsets"))?;
+        end = end.max(e);
+    }
+    Ok(end)
+}
+
+/// Shapes of the tensors in a safetensors buffer, from its header alone.
+fn header_shapes(bytes: &[u8]) -> anyhow::Result<HashMap<String, Vec<usize>>> {
+    let (_, md) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| anyhow::anyhow!("not a valid safetensors file ({e})"))?;
+    Ok(md
+        .tensors()
+        .into_iter()
+        .map(|(k, info)| (k, info.shape.clone()))
+        .collect())
 }
 
 pub fn from_bytes(bytes: &[u8], device: &Device) -> anyhow::Result<(Trainer, FileExtras)> {
@@ -229,6 +317,36 @@ pub fn from_bytes(bytes: &[u8], device: &Device) -> anyhow::Result<(Trainer, Fil
     meta.config
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    meta.target
+        .check_limits()
+        .map_err(|e| anyhow::anyhow!("invalid target: {e}"))?;
+    crate::limits::check(
+        "modules (number of entries)",
+        meta.modules.len(),
+        crate::limits::MAX_MODULES,
+    )?;
+    if let Some(s) = &meta.train_state {
+        crate::limits::check("train_state.step", s.step, crate::limits::MAX_STEPS + 1)?;
+    }
+    // The listed modules must match the tensors actually stored, before anything is sized
+    // from the metadata.
+    let shapes = header_shapes(bytes)?;
+    for mm in &meta.modules {
+        for (k, want) in [("V", [mm.d_in, mm.c]), ("U", [mm.c, mm.d_out])] {
+            let key = format!("components.{}.{k}", mm.name);
+            match shapes.get(&key) {
+                None => anyhow::bail!("missing tensor '{key}'"),
+                Some(s) if s.as_slice() != want => anyhow::bail!(
+                    "tensor '{key}' has shape {s:?}, but the metadata of module '{}' says {want:?} (C = {}, d_in = {}, d_out = {})",
+                    mm.name,
+                    mm.c,
+                    mm.d_in,
+                    mm.d_out
+                ),
+                Some(_) => {}
+            }
+        }
+    }
     let named =
         read_tensors(bytes, device).map_err(|e| anyhow::anyhow!("invalid tensor data: {e}"))?;
     let mut map: HashMap<String, Tensor> = named.into_iter().collect();
@@ -284,6 +402,7 @@ pub fn from_bytes(bytes: &[u8], device: &Device) -> anyhow::Result<(Trainer, Fil
             );
         }
     }
+    model.check_tied("components")?;
     let state = meta.train_state.clone();
     let rng = match &state {
         Some(s) => {
@@ -306,16 +425,47 @@ pub fn from_bytes(bytes: &[u8], device: &Device) -> anyhow::Result<(Trainer, Fil
                 tr.opt.entries.len()
             );
         }
-        for (i, e) in tr.opt.entries.iter_mut().enumerate() {
+        let drop = DROP_OPTIMIZER_STATE.load(std::sync::atomic::Ordering::Relaxed);
+        let hint =
+            "pass --drop-optimizer-state to load the file without it (Adam restarts from zero)";
+        let mut states = vec![];
+        let mut unusable: Option<String> = None;
+        for (i, e) in tr.opt.entries.iter().enumerate() {
             let shape = e.grad_of.as_tensor().dims().to_vec();
-            let m = map.remove(&format!("optim.{i}.m"));
-            let v = map.remove(&format!("optim.{i}.v"));
-            if let (Some(m), Some(v)) = (&m, &v)
-                && (m.dims() != shape.as_slice() || v.dims() != shape.as_slice())
-            {
-                anyhow::bail!("optimizer state {i} has the wrong shape");
+            let (km, kv) = (format!("optim.{i}.m"), format!("optim.{i}.v"));
+            let m = map.remove(&km);
+            let v = map.remove(&kv);
+            let problem = match (&m, &v) {
+                (Some(m), Some(v)) => {
+                    if m.dims() != shape.as_slice() || v.dims() != shape.as_slice() {
+                        anyhow::bail!("optimizer state {i} has the wrong shape");
+                    }
+                    check_finite(&km, m)
+                        .and(check_finite(&kv, v))
+                        .err()
+                        .map(|e| e.to_string())
+                }
+                (Some(_), None) => Some(format!("tensor '{km}' is present but '{kv}' is missing")),
+                (None, Some(_)) => Some(format!("tensor '{kv}' is present but '{km}' is missing")),
+                (None, None) => None,
+            };
+            if let Some(p) = problem {
+                unusable.get_or_insert(p);
             }
-            e.set_state(m, v, s.optimizer_steps[i]);
+            states.push((m, v));
+        }
+        match unusable {
+            Some(p) if !drop => anyhow::bail!("unusable optimizer state: {p}; {hint}"),
+            Some(_) => {
+                for e in tr.opt.entries.iter_mut() {
+                    e.set_state(None, None, 0);
+                }
+            }
+            None => {
+                for (i, (e, (m, v))) in tr.opt.entries.iter_mut().zip(states).enumerate() {
+                    e.set_state(m, v, s.optimizer_steps[i]);
+                }
+            }
         }
     }
     tr.history = meta.history.clone();

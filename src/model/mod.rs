@@ -91,6 +91,39 @@ impl TargetSpec {
             TargetSpec::Days { .. } => "days",
         }
     }
+    /// Checks every size against spdlab's limits (a file or config sets them), before
+    /// anything is allocated or looped over.
+    pub fn check_limits(&self) -> std::result::Result<(), crate::limits::LimitError> {
+        use crate::limits::{LimitError, MAX_DIM, MAX_LAYERS, check, check_positive};
+        match self {
+            TargetSpec::Tms {
+                n_features,
+                n_hidden,
+                n_hidden_layers,
+                ..
+            } => {
+                check_positive("target.n_features", *n_features, MAX_DIM)?;
+                check_positive("target.n_hidden", *n_hidden, MAX_DIM)?;
+                check("target.n_hidden_layers", *n_hidden_layers, MAX_LAYERS)
+            }
+            TargetSpec::ResidMlp {
+                n_features,
+                d_embed,
+                d_mlp,
+                n_layers,
+                ..
+            } => {
+                check_positive("target.n_features", *n_features, MAX_DIM)?;
+                check_positive("target.d_embed", *d_embed, MAX_DIM)?;
+                check_positive("target.d_mlp", *d_mlp, MAX_DIM)?;
+                check_positive("target.n_layers", *n_layers, MAX_LAYERS)
+            }
+            TargetSpec::Days { n_days, n_ops } => {
+                days::check_spec(*n_days, *n_ops).map_err(|e| LimitError(e.to_string()))
+            }
+        }
+    }
+
     /// Default feature value range of the task.
     pub fn value_range(&self) -> (f32, f32) {
         match self {
@@ -343,9 +376,7 @@ impl TargetModel {
         named: Vec<(String, Tensor)>,
         device: &Device,
     ) -> anyhow::Result<Self> {
-        if let TargetSpec::Days { n_days, n_ops } = spec {
-            days::check_spec(n_days, n_ops)?;
-        }
+        spec.check_limits()?;
         let mut params = vec![];
         for (key, shape) in spec.param_shapes() {
             let t = named

@@ -77,37 +77,93 @@ impl Adam {
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
         let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
         for e in self.entries.iter_mut() {
-            let Some(g) = grads.get(e.grad_of.as_tensor()) else {
-                continue;
-            };
-            // Gradients may carry op history; the optimizer state must not.
-            let g = &g.detach();
-            e.steps += 1;
-            let m = match &e.m {
-                Some(m) => ((m * b1)? + (g * (1.0 - b1))?)?,
-                None => (g * (1.0 - b1))?,
-            };
-            let v = match &e.v {
-                Some(v) => ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?,
-                None => (g.sqr()? * (1.0 - b2))?,
-            };
-            let bc1 = 1.0 - b1.powi(e.steps as i32);
-            let bc2 = 1.0 - b2.powi(e.steps as i32);
-            let denom = ((v.sqrt()? / bc2.sqrt())? + eps)?;
-            let mut upd = ((&m / denom)? * (lr / bc1))?;
-            if e.transpose {
-                upd = upd.t()?;
+            if let Some(g) = grads.get(e.grad_of.as_tensor()) {
+                e.update(g, lr, b1, b2, eps)?;
             }
-            let p = e.param.as_tensor();
-            let p = if e.weight_decay != 0.0 {
-                (p * (1.0 - lr * e.weight_decay))?
-            } else {
-                p.clone()
-            };
-            e.param.set(&(p - upd)?.detach())?;
-            e.m = Some(m.detach());
-            e.v = Some(v.detach());
         }
+        Ok(())
+    }
+
+    /// [`Adam::step`] with the entries spread over `threads` threads (see
+    /// [`crate::parallel::run_shards`]). Entries that update one storage (tied parameters)
+    /// stay together and in order, so the result is the same as [`Adam::step`]'s.
+    pub fn step_parallel(&mut self, grads: &GradStore, lr: f64, threads: usize) -> Result<()> {
+        if threads <= 1 || self.entries.len() <= 1 {
+            return self.step(grads, lr);
+        }
+        let (b1, b2, eps) = (self.beta1, self.beta2, self.eps);
+        // Groups of entries sharing a storage, in entry order.
+        let mut groups: Vec<(candle_core::TensorId, Vec<&mut AdamEntry>, usize)> = vec![];
+        for e in self.entries.iter_mut() {
+            let id = e.param.as_tensor().id();
+            let n = e.param.as_tensor().elem_count();
+            match groups.iter_mut().find(|(gid, _, _)| *gid == id) {
+                Some((_, es, size)) => {
+                    es.push(e);
+                    *size += n;
+                }
+                None => groups.push((id, vec![e], n)),
+            }
+        }
+        // Largest first onto the least loaded thread.
+        groups.sort_by_key(|(_, _, size)| std::cmp::Reverse(*size));
+        let mut buckets: Vec<(usize, Vec<&mut AdamEntry>)> =
+            (0..threads).map(|_| (0, vec![])).collect();
+        for (_, es, size) in groups {
+            let b = buckets
+                .iter_mut()
+                .min_by_key(|(load, _)| *load)
+                .expect("threads > 1");
+            b.0 += size;
+            b.1.extend(es);
+        }
+        let buckets: Vec<std::sync::Mutex<Vec<&mut AdamEntry>>> = buckets
+            .into_iter()
+            .map(|(_, es)| std::sync::Mutex::new(es))
+            .collect();
+        let results = crate::parallel::run_shards(buckets.len(), |i| -> Result<()> {
+            let mut es = buckets[i].lock().unwrap_or_else(|p| p.into_inner());
+            for e in es.iter_mut() {
+                if let Some(g) = grads.get(e.grad_of.as_tensor()) {
+                    e.update(g, lr, b1, b2, eps)?;
+                }
+            }
+            Ok(())
+        });
+        results.into_iter().collect()
+    }
+}
+
+impl AdamEntry {
+    fn update(&mut self, g: &Tensor, lr: f64, b1: f64, b2: f64, eps: f64) -> Result<()> {
+        let e = self;
+        // Gradients may carry op history; the optimizer state must not.
+        let g = &g.detach();
+        e.steps += 1;
+        let m = match &e.m {
+            Some(m) => ((m * b1)? + (g * (1.0 - b1))?)?,
+            None => (g * (1.0 - b1))?,
+        };
+        let v = match &e.v {
+            Some(v) => ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?,
+            None => (g.sqr()? * (1.0 - b2))?,
+        };
+        let bc1 = 1.0 - b1.powi(e.steps as i32);
+        let bc2 = 1.0 - b2.powi(e.steps as i32);
+        let denom = ((v.sqrt()? / bc2.sqrt())? + eps)?;
+        let mut upd = ((&m / denom)? * (lr / bc1))?;
+        if e.transpose {
+            upd = upd.t()?;
+        }
+        let p = e.param.as_tensor();
+        let p = if e.weight_decay != 0.0 {
+            (p * (1.0 - lr * e.weight_decay))?
+        } else {
+            p.clone()
+        };
+        e.param.set(&(p - upd)?.detach())?;
+        e.m = Some(m.detach());
+        e.v = Some(v.detach());
         Ok(())
     }
 }

@@ -61,6 +61,47 @@ pub struct ComponentModel {
     pub sampling: Sampling,
 }
 
+/// Estimates the memory of the decomposition (parameters, gradients, Adam moments) and of one
+/// training or evaluation batch through it, and refuses plans the machine cannot hold, before
+/// anything is allocated: sizes come from files and configs.
+fn check_memory_plan(
+    target: &TargetModel,
+    picked: &[(usize, usize)],
+    cfg: &SpdConfig,
+) -> anyhow::Result<()> {
+    let hidden: u128 = cfg.ci_fn_hidden_dims.iter().map(|&h| h as u128).sum();
+    // Weights and biases of an MLP through `dims`.
+    let chain = |first: u128, last: u128| -> u128 {
+        let dims: Vec<u128> = std::iter::once(first)
+            .chain(cfg.ci_fn_hidden_dims.iter().map(|&h| h as u128))
+            .chain(std::iter::once(last))
+            .collect();
+        dims.windows(2).map(|w| w[0] * w[1] + w[1]).sum()
+    };
+    let (mut params, mut per_row) = (0u128, 0u128);
+    for &(ti, c) in picked {
+        let tm = &target.modules[ti];
+        let (c, d_in, d_out) = (c as u128, tm.d_in as u128, tm.d_out as u128);
+        // V, U and the CI function: one small MLP per component, or one over the input.
+        let ci = match cfg.ci_fn_type_of(&tm.name) {
+            CiFnType::Mlp => c * chain(1, 1),
+            CiFnType::VectorMlp | CiFnType::SharedMlp => chain(d_in, c),
+        };
+        params += c * (d_in + d_out) + ci;
+        // Inner acts, CI pre-activations and hidden layers, masks, module in/out.
+        per_row += c * (hidden + 8) + d_in + d_out;
+    }
+    let rows = cfg.batch_size.max(cfg.eval_batch_size) as u128;
+    let samples = cfg.n_mask_samples as u128 + 2;
+    // Parameters ×4 (values, gradients, two Adam moments); activations ×3 (forward, backward).
+    let total = params * 4 + rows * per_row * samples * 3;
+    crate::limits::check_memory(
+        "this decomposition (C, ci_fn_hidden_dims, batch sizes)",
+        total,
+    )?;
+    Ok(())
+}
+
 impl ComponentModel {
     /// New decomposition with the reference's initialisation (V ~ N(0, 1/d_in),
     /// U ~ N(0, 1/C), CI-function weights with gain √2 for hidden layers, biases 0).
@@ -90,6 +131,7 @@ impl ComponentModel {
                 );
             }
         }
+        check_memory_plan(&target, &picked, cfg)?;
         let mut modules = vec![];
         for &(ti, c) in &picked {
             let tm = &target.modules[ti];
@@ -149,6 +191,40 @@ impl ComponentModel {
         {
             self.modules[i2].tied_to = Some(i1);
             self.sync_tied()?;
+        }
+        Ok(())
+    }
+
+    /// Checks that every tied module holds its owner's transposed parameters (a file whose
+    /// tied tensors disagree is inconsistent: training would silently keep only one of them).
+    /// `prefix` names the tensors in the message (`components` in `.spdlab` files).
+    pub fn check_tied(&self, prefix: &str) -> anyhow::Result<()> {
+        for m in &self.modules {
+            if let Some(j) = m.tied_to {
+                let o = &self.modules[j];
+                for (mine, kind, theirs, okind) in [(&m.u, "U", &o.v, "V"), (&m.v, "V", &o.u, "U")]
+                {
+                    let d = (mine.as_tensor() - theirs.as_tensor().t()?)?
+                        .abs()?
+                        .flatten_all()?
+                        .max(0)?
+                        .to_scalar::<f32>()?;
+                    let scale = theirs
+                        .as_tensor()
+                        .abs()?
+                        .flatten_all()?
+                        .max(0)?
+                        .to_scalar::<f32>()?
+                        .max(1.0);
+                    if d.is_nan() || d > 1e-5 * scale {
+                        anyhow::bail!(
+                            "tensor '{prefix}.{}.{kind}' differs from the transpose of '{prefix}.{}.{okind}' by up to {d:e}, but the target ties them (one parameter)",
+                            m.name,
+                            o.name
+                        );
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -336,7 +412,7 @@ impl ComponentModel {
                 (Sampling::Binomial, Some(r)) => {
                     let n = pre.dim(0)?;
                     Some(Tensor::from_vec(
-                        r.uniform_vec(n * m.c),
+                        r.uniform_rows(n, m.c),
                         (n, m.c),
                         self.device(),
                     )?)
@@ -438,10 +514,8 @@ impl ComponentModel {
         for (j, m) in self.modules.iter().enumerate() {
             let n = ci[j].lower.dim(0)?;
             let r: Vec<f32> = match self.sampling {
-                Sampling::Continuous => rng.uniform_vec(n * m.c),
-                Sampling::Binomial => (0..n * m.c)
-                    .map(|_| (rng.next_u64() >> 63) as f32)
-                    .collect(),
+                Sampling::Continuous => rng.uniform_rows(n, m.c),
+                Sampling::Binomial => rng.bits_rows(n, m.c),
             };
             sources.push(Tensor::from_vec(r, (n, m.c), dev)?);
         }
@@ -458,7 +532,7 @@ impl ComponentModel {
         if use_delta {
             for (j, slot) in out.iter_mut().enumerate() {
                 let n = ci[j].lower.dim(0)?;
-                let d = Tensor::from_vec(rng.uniform_vec(n), n, dev)?;
+                let d = Tensor::from_vec(rng.uniform_rows(n, 1), n, dev)?;
                 if let Some(mm) = slot {
                     mm.delta = Some(d);
                 }

@@ -3,6 +3,7 @@
 //! `pnorm`, `coeff`, ...). Unknown enum values are rejected with a message naming the field.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::model::TargetSpec;
 
@@ -423,20 +424,129 @@ fn default_alive() -> f64 {
 impl SpdConfig {
     /// Checks the values serde cannot: returns a list of problems, empty if fine.
     pub fn validate(&self) -> Result<(), String> {
-        let mut errs = vec![];
+        use crate::limits::{self, check, check_positive};
+        let mut errs: Vec<String> = vec![];
         if self.module_info.is_empty() {
             errs.push("module_info is empty".to_string());
         }
+        let lim = |errs: &mut Vec<String>, r: Result<(), limits::LimitError>| {
+            if let Err(e) = r {
+                errs.push(e.0);
+            }
+        };
+        lim(
+            &mut errs,
+            check(
+                "module_info (number of entries)",
+                self.module_info.len(),
+                limits::MAX_MODULES,
+            ),
+        );
         for m in &self.module_info {
-            if m.c == 0 {
-                errs.push(format!("module_info '{}': C must be > 0", m.module_pattern));
+            lim(
+                &mut errs,
+                check_positive(
+                    &format!("module_info '{}': C", m.module_pattern),
+                    m.c,
+                    limits::MAX_C,
+                ),
+            );
+        }
+        lim(
+            &mut errs,
+            check(
+                "ci_fn_hidden_dims (number of layers)",
+                self.ci_fn_hidden_dims.len(),
+                limits::MAX_CI_HIDDEN_LAYERS,
+            ),
+        );
+        for &h in &self.ci_fn_hidden_dims {
+            lim(
+                &mut errs,
+                check("ci_fn_hidden_dims entry", h, limits::MAX_CI_HIDDEN),
+            );
+        }
+        lim(
+            &mut errs,
+            check_positive("batch_size", self.batch_size, limits::MAX_BATCH),
+        );
+        lim(
+            &mut errs,
+            check_positive("eval_batch_size", self.eval_batch_size, limits::MAX_BATCH),
+        );
+        lim(
+            &mut errs,
+            check_positive("steps", self.steps, limits::MAX_STEPS),
+        );
+        lim(
+            &mut errs,
+            check(
+                "faithfulness_warmup_steps",
+                self.faithfulness_warmup_steps,
+                limits::MAX_WARMUP_STEPS,
+            ),
+        );
+        lim(
+            &mut errs,
+            check_positive("n_eval_steps", self.n_eval_steps, limits::MAX_EVAL_STEPS),
+        );
+        lim(
+            &mut errs,
+            check_positive(
+                "n_mask_samples",
+                self.n_mask_samples,
+                limits::MAX_MASK_SAMPLES,
+            ),
+        );
+        for l in &self.loss_metric_configs {
+            if let LossConfig::PgdReconLoss { pgd, .. }
+            | LossConfig::PgdReconSubsetLoss { pgd, .. } = l
+            {
+                lim(
+                    &mut errs,
+                    check(
+                        &format!("{}: n_steps", l.name()),
+                        pgd.n_steps,
+                        limits::MAX_PGD_STEPS,
+                    ),
+                );
+                if !(pgd.step_size.is_finite() && pgd.step_size >= 0.0) {
+                    errs.push(format!(
+                        "{}: step_size must be a finite number >= 0, got {}",
+                        l.name(),
+                        pgd.step_size
+                    ));
+                }
             }
         }
-        if self.batch_size == 0 {
-            errs.push("batch_size must be > 0".into());
+        for (field, v) in [
+            ("faithfulness_warmup_lr", self.faithfulness_warmup_lr),
+            (
+                "faithfulness_warmup_weight_decay",
+                self.faithfulness_warmup_weight_decay,
+            ),
+            ("ci_alive_threshold", self.ci_alive_threshold),
+        ] {
+            if !v.is_finite() {
+                errs.push(format!("{field} must be finite, got {v}"));
+            }
         }
-        if self.n_mask_samples == 0 {
-            errs.push("n_mask_samples must be > 0".into());
+        for (field, v) in [
+            ("grad_clip_norm_components", self.grad_clip_norm_components),
+            ("grad_clip_norm_ci_fns", self.grad_clip_norm_ci_fns),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v > 0.0)
+            {
+                errs.push(format!("{field} must be a finite number > 0, got {v}"));
+            }
+        }
+        if let Some((lo, hi)) = self.task_config.value_range
+            && !(lo.is_finite() && hi.is_finite() && lo <= hi)
+        {
+            errs.push(format!(
+                "task_config.value_range must be finite with low <= high, got ({lo}, {hi})"
+            ));
         }
         if std::iter::once(self.ci_fn_type)
             .chain(self.ci_fn_type_overrides.iter().map(|o| o.ci_fn_type))
@@ -479,8 +589,8 @@ impl SpdConfig {
                 ..
             } = l
             {
-                if pnorm.is_nan() || *pnorm <= 0.0 {
-                    errs.push("ImportanceMinimalityLoss: pnorm must be > 0".into());
+                if !(pnorm.is_finite() && *pnorm > 0.0) {
+                    errs.push("ImportanceMinimalityLoss: pnorm must be finite and > 0".into());
                 }
                 for w in module_weights {
                     if !(w.weight.is_finite() && w.weight >= 0.0) {
@@ -521,6 +631,70 @@ pub struct RunConfig {
     /// The target model's architecture (weights come from the preset's asset or the file).
     #[serde(default)]
     pub target: Option<TargetSpec>,
+}
+
+/// Finds fields of `raw` (a config as written) that the typed config does not know: `typed`
+/// is the parsed config serialised again, which holds every known field the input gave. An
+/// unknown field is an error naming it (with its path) and the closest known name.
+pub fn check_unknown_fields(raw: &Value, typed: &Value) -> Result<(), String> {
+    fn walk(raw: &Value, typed: &Value, path: &str) -> Result<(), String> {
+        match (raw, typed) {
+            (Value::Object(r), Value::Object(t)) => {
+                for (k, v) in r {
+                    let here = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    match t.get(k) {
+                        Some(tv) => walk(v, tv, &here)?,
+                        // Empty lists and nulls serialise to nothing where they are the default.
+                        None if v.is_null() || v.as_array().is_some_and(|a| a.is_empty()) => {}
+                        None => {
+                            let mut msg = format!("unknown field '{here}'");
+                            if let Some(best) = closest(k, t.keys()) {
+                                msg.push_str(&format!(" (did you mean '{best}'?)"));
+                            }
+                            return Err(msg);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            (Value::Array(r), Value::Array(t)) if r.len() == t.len() => {
+                for (i, (a, b)) in r.iter().zip(t).enumerate() {
+                    walk(a, b, &format!("{path}[{i}]"))?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+    walk(raw, typed, "")
+}
+
+/// The candidate nearest to `name` by edit distance, if reasonably near.
+fn closest<'a>(name: &str, candidates: impl Iterator<Item = &'a String>) -> Option<&'a str> {
+    candidates
+        .map(|c| (edit_distance(name, c), c))
+        .filter(|(d, c)| *d <= (c.len().max(name.len()) / 2).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c.as_str())
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// fnmatch-style match of a module path (`*` any run, `?` any char), as the reference uses.
@@ -579,6 +753,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("wobbly"), "{e}");
+    }
+
+    #[test]
+    fn unknown_fields_are_named_with_the_closest_known_name() {
+        let mut v = serde_json::to_value(crate::presets::spd_config("tms-5-2").unwrap()).unwrap();
+        let typed = v.clone();
+        assert!(check_unknown_fields(&v, &typed).is_ok());
+        v["batch_sizee"] = 16.into();
+        let e = check_unknown_fields(&v, &typed).unwrap_err();
+        assert_eq!(
+            e,
+            "unknown field 'batch_sizee' (did you mean 'batch_size'?)"
+        );
+        let mut v = typed.clone();
+        v["loss_metric_configs"][0]["pnrom"] = 2.0.into();
+        let e = check_unknown_fields(&v, &typed).unwrap_err();
+        assert!(
+            e.contains("'loss_metric_configs[0].pnrom'") && e.contains("'pnorm'"),
+            "{e}"
+        );
+        let mut v = typed.clone();
+        v["zzzzzzzzzzzz"] = 1.into();
+        assert_eq!(
+            check_unknown_fields(&v, &typed).unwrap_err(),
+            "unknown field 'zzzzzzzzzzzz'"
+        );
+    }
+
+    #[test]
+    fn limits_are_checked_with_the_field_named() {
+        let mut cfg = crate::presets::spd_config("tms-5-2").unwrap();
+        cfg.module_info[0].c = 1_000_000_000_000;
+        cfg.ci_fn_hidden_dims = vec![1_000_000_000];
+        cfg.batch_size = 1_000_000_000;
+        cfg.eval_batch_size = 1_000_000_000_000;
+        cfg.n_eval_steps = 1_000_000_000_000;
+        cfg.faithfulness_warmup_steps = 1_000_000_000_000;
+        cfg.steps = 0;
+        let e = cfg.validate().unwrap_err();
+        for want in [
+            "module_info 'linear1': C = 1000000000000 is above spdlab's limit of 131072",
+            "ci_fn_hidden_dims entry = 1000000000",
+            "batch_size = 1000000000",
+            "eval_batch_size = 1000000000000",
+            "n_eval_steps = 1000000000000",
+            "faithfulness_warmup_steps = 1000000000000",
+            "steps must be at least 1",
+        ] {
+            assert!(e.contains(want), "{want} not in {e}");
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::adam::{Adam, AdamEntry, clip_grad_norm};
@@ -42,6 +43,8 @@ pub struct Trainer {
     /// Next step to run (0-based); training is done when `step > config.steps`.
     pub step: usize,
     pub history: Vec<StepRecord>,
+    /// Row shards (threads) the last training step ran as.
+    pub last_shards: usize,
     compact_zero_rows: bool,
 }
 
@@ -76,6 +79,7 @@ impl Trainer {
             opt,
             step: 0,
             history: vec![],
+            last_shards: 1,
             compact_zero_rows,
         })
     }
@@ -105,18 +109,7 @@ impl Trainer {
 
     /// Σ_l ‖ΔW_l‖² / Σ_l numel(ΔW_l).
     pub fn faithfulness_loss(&self) -> Result<Tensor> {
-        let mut sum: Option<Tensor> = None;
-        let mut numel = 0usize;
-        for j in 0..self.model.modules.len() {
-            let d = self.model.weight_delta(j)?;
-            numel += d.elem_count();
-            let s = d.sqr()?.sum_all()?;
-            sum = Some(match sum {
-                Some(a) => (a + s)?,
-                None => s,
-            });
-        }
-        sum.unwrap() / numel as f64
+        faithfulness_loss(&self.model)
     }
 
     /// Draws a training batch (all-zero rows folded when exact).
@@ -137,7 +130,20 @@ impl Trainer {
         let steps = self.config.steps;
         let lr = scheduled_value(self.step, steps, &self.config.lr_schedule);
         let batch = self.draw_batch(self.config.batch_size)?;
-        let (total, mut rec) = self.losses_on(&batch, true)?;
+        let update = self.step < steps;
+        let shards = self.shard_count(&batch);
+        self.last_shards = shards;
+        let (mut rec, grads) = if shards > 1 {
+            self.sharded_losses(&batch, shards, update)?
+        } else {
+            let (total, rec) = self.losses_on(&batch, true)?;
+            let grads = if update && rec.losses["total"].is_finite() {
+                Some(total.backward()?)
+            } else {
+                None
+            };
+            (rec, grads)
+        };
         rec.step = self.step;
         rec.lr = lr;
         if !rec.losses["total"].is_finite() {
@@ -151,15 +157,14 @@ impl Trainer {
                     .join(", ")
             );
         }
-        if self.step < steps {
-            let mut grads = total.backward()?;
+        if let Some(mut grads) = grads {
             if let Some(maxn) = self.config.grad_clip_norm_components {
                 clip_grad_norm(&mut grads, &self.model.component_vars(), maxn)?;
             }
             if let Some(maxn) = self.config.grad_clip_norm_ci_fns {
                 clip_grad_norm(&mut grads, &self.model.ci_vars(), maxn)?;
             }
-            self.opt.step(&grads, lr)?;
+            self.opt.step_parallel(&grads, lr, shards)?;
             self.model.sync_tied()?;
         }
         // History at the log frequency (as the reference logs), plus the last step.
@@ -183,16 +188,170 @@ impl Trainer {
         batch: &Batch,
         for_training: bool,
     ) -> Result<(Tensor, StepRecord, Vec<CiOutput>)> {
-        let model = &self.model;
-        let cfg = &self.config;
+        losses_and_ci(
+            &self.model,
+            &self.config,
+            self.step,
+            batch,
+            &mut self.rng,
+            for_training,
+            true,
+        )
+    }
+
+    /// Number of row shards a training step on `batch` runs as (threads that each compute
+    /// their rows' losses and gradients, summed once per step): the configured thread count
+    /// ([`crate::parallel::threads`]), at most one shard per [`MIN_SHARD_ROWS`] rows, and 1
+    /// where a loss couples the rows of a batch (PGD masks shared across the batch, the
+    /// minimality loss's β term).
+    pub fn shard_count(&self, batch: &Batch) -> usize {
+        let coupled = self.config.loss_metric_configs.iter().any(|l| match l {
+            LossConfig::PgdReconLoss { pgd, .. } | LossConfig::PgdReconSubsetLoss { pgd, .. } => {
+                pgd.mask_scope == MaskScope::SharedAcrossBatch
+            }
+            LossConfig::ImportanceMinimalityLoss { beta, .. } => *beta != 0.0,
+            _ => false,
+        });
+        if coupled || !self.model.device().is_cpu() {
+            return 1;
+        }
+        let rows = batch.x.dim(0).unwrap_or(0);
+        let mut n = crate::parallel::threads().min(rows / MIN_SHARD_ROWS);
+        if !crate::parallel::explicit() {
+            // By default, only steps with enough work per shard: a small step (tms-5-2:
+            // 2 ms) split in two is 1.6x faster on idle cores, but 0.8x when other processes
+            // keep the cores busy, as every step then waits for a preempted shard.
+            n = n.min(self.step_work(rows) / MIN_SHARD_WORK);
+        }
+        n.max(1)
+    }
+
+    /// Values a training step computes per batch of `rows` rows (module inputs and outputs,
+    /// inner activations, the CI functions' hidden layers), a measure of its work.
+    pub fn step_work(&self, rows: usize) -> usize {
+        let hidden: usize = self.config.ci_fn_hidden_dims.iter().sum();
+        let per_row: usize = self
+            .model
+            .modules
+            .iter()
+            .map(|m| m.c * (hidden + 2) + m.d_in + m.d_out)
+            .sum();
+        rows.saturating_mul(per_row)
+    }
+
+    /// The training losses of `batch` computed in `shards` row shards on their own threads
+    /// (each single-threaded), with their gradients summed when `backward`. The same
+    /// objective and the same random numbers as one pass over the batch: every loss is a sum
+    /// over rows normalised by the batch's row count, each shard's generator draws the whole
+    /// batch's numbers and keeps its rows ([`Rng::for_rows`]), and batch-independent terms
+    /// (faithfulness) are computed once.
+    fn sharded_losses(
+        &mut self,
+        batch: &Batch,
+        shards: usize,
+        backward: bool,
+    ) -> Result<(StepRecord, Option<GradStore>)> {
+        let n = batch.x.dim(0)?;
+        let (model, cfg, step, rng) = (&self.model, &self.config, self.step, &self.rng);
+        let results = crate::parallel::run_shards(shards, |i| -> Result<_> {
+            let (a, b) = (i * n / shards, (i + 1) * n / shards);
+            let part = Batch {
+                x: batch.x.narrow(0, a, b - a)?,
+                weights: batch.weights.narrow(0, a, b - a)?,
+                n_rows: batch.n_rows,
+            };
+            let mut rng = rng.for_rows(a, n);
+            let (total, rec, _) = losses_and_ci(model, cfg, step, &part, &mut rng, true, i == 0)?;
+            let grads = if backward && rec.losses["total"].is_finite() {
+                Some(total.backward()?)
+            } else {
+                None
+            };
+            Ok((rec, grads, rng))
+        });
+        let mut rec = StepRecord::default();
+        let mut grads: Option<GradStore> = None;
+        let mut next_rng = None;
+        let vars: Vec<Var> = self.opt.entries.iter().map(|e| e.grad_of.clone()).collect();
+        for r in results {
+            let (part, g, r_end) = r?;
+            for (k, v) in part.losses {
+                *rec.losses.entry(k).or_insert(0.0) += v;
+            }
+            for (k, v) in part.l0 {
+                *rec.l0.entry(k).or_insert(0.0) += v;
+            }
+            next_rng.get_or_insert(r_end);
+            grads = match (grads, g) {
+                (None, g) => g,
+                (Some(mut acc), Some(g)) => {
+                    for v in &vars {
+                        if let Some(add) = g.get(v.as_tensor()) {
+                            let sum = match acc.get(v.as_tensor()) {
+                                Some(have) => (have + add)?,
+                                None => add.clone(),
+                            };
+                            acc.insert(v.as_tensor(), sum);
+                        }
+                    }
+                    Some(acc)
+                }
+                (Some(acc), None) => Some(acc),
+            };
+        }
+        // Every shard's generator ends where one pass over the whole batch would.
+        if let Some(r) = next_rng {
+            self.rng = Rng::from_state(r.state());
+        }
+        Ok((rec, grads))
+    }
+}
+
+/// Σ_l ‖ΔW_l‖² / Σ_l numel(ΔW_l).
+pub fn faithfulness_loss(model: &ComponentModel) -> Result<Tensor> {
+    let mut sum: Option<Tensor> = None;
+    let mut numel = 0usize;
+    for j in 0..model.modules.len() {
+        let d = model.weight_delta(j)?;
+        numel += d.elem_count();
+        let s = d.sqr()?.sum_all()?;
+        sum = Some(match sum {
+            Some(a) => (a + s)?,
+            None => s,
+        });
+    }
+    sum.unwrap() / numel as f64
+}
+
+/// Work ([`Trainer::step_work`]) per shard below which the default thread count does not
+/// split a step (tms-5-2: 0.7M per step, not split; resid-mlp-1: 12M; tms-40-10: 26M).
+pub const MIN_SHARD_WORK: usize = 2_000_000;
+
+/// Rows per shard below which splitting a step's batch across threads costs more than it
+/// saves (thread hand-off and the per-shard fixed work of every op).
+pub const MIN_SHARD_ROWS: usize = 128;
+
+/// Every configured loss of `cfg` on `batch` at training step `step` (see
+/// [`Trainer::losses_on`]); `batchless` includes the terms that do not depend on the batch
+/// (faithfulness), which a row shard other than the first leaves out.
+pub fn losses_and_ci(
+    model: &ComponentModel,
+    cfg: &SpdConfig,
+    step: usize,
+    batch: &Batch,
+    rng: &mut Rng,
+    for_training: bool,
+    batchless: bool,
+) -> Result<(Tensor, StepRecord, Vec<CiOutput>)> {
+    {
         let fold = crate::model::Fold::new();
         let (target_out, inputs) = model.target.forward_with_inputs(&batch.x, &fold)?;
-        let (ci, _acts) = model.causal_importances(&inputs, Some(&mut self.rng), &fold)?;
+        let (ci, _acts) = model.causal_importances(&inputs, Some(&mut *rng), &fold)?;
         let n_rows = batch.n_rows as f64;
         let d_out = target_out.dim(1)? as f64;
         let mut rec = StepRecord::default();
         let mut total: Option<Tensor> = None;
-        let frac = self.step as f64 / cfg.steps.max(1) as f64;
+        let frac = step as f64 / cfg.steps.max(1) as f64;
         for lc in &cfg.loss_metric_configs {
             if for_training && lc.coeff().is_none() {
                 // Logged-only terms are computed at eval time.
@@ -234,8 +393,7 @@ impl Trainer {
                 LossConfig::StochasticReconLoss { .. } => {
                     let mut sum: Option<Tensor> = None;
                     for _ in 0..cfg.n_mask_samples {
-                        let masks =
-                            model.sample_masks(&ci, &mut self.rng, cfg.use_delta_component)?;
+                        let masks = model.sample_masks(&ci, rng, cfg.use_delta_component)?;
                         let out = model.forward_masked(&batch.x, &masks, &fold)?;
                         sum = Some(add_opt(sum, sq_err_sum(&out, &target_out)?)?);
                     }
@@ -245,8 +403,7 @@ impl Trainer {
                     let mut sum: Option<Tensor> = None;
                     let nl = model.modules.len();
                     for _ in 0..cfg.n_mask_samples {
-                        let masks =
-                            model.sample_masks(&ci, &mut self.rng, cfg.use_delta_component)?;
+                        let masks = model.sample_masks(&ci, rng, cfg.use_delta_component)?;
                         for (j, mm) in masks.into_iter().enumerate() {
                             let mut only = vec![None; nl];
                             only[j] = mm;
@@ -286,14 +443,16 @@ impl Trainer {
                     let out = model.forward_masked(&batch.x, &masks, &fold)?;
                     (sq_err_sum(&out, &target_out)? / (n_rows * d_out))?
                 }
-                LossConfig::FaithfulnessLoss { .. } => self.faithfulness_loss()?,
+                LossConfig::FaithfulnessLoss { .. } if batchless => faithfulness_loss(model)?,
+                LossConfig::FaithfulnessLoss { .. } => {
+                    Tensor::zeros((), DType::F32, model.device())?
+                }
                 LossConfig::StochasticReconSubsetLoss { routing, .. } => {
                     let mut sum: Option<Tensor> = None;
                     for _ in 0..cfg.n_mask_samples {
-                        let mut masks =
-                            model.sample_masks(&ci, &mut self.rng, cfg.use_delta_component)?;
+                        let mut masks = model.sample_masks(&ci, rng, cfg.use_delta_component)?;
                         let routes = sample_routes(
-                            &mut self.rng,
+                            rng,
                             batch.x.dim(0)?,
                             masks.len(),
                             routing,
@@ -321,7 +480,7 @@ impl Trainer {
                         &ci,
                         &target_out,
                         &fold,
-                        &mut self.rng,
+                        rng,
                         pgd,
                         routing,
                         cfg.use_delta_component,
@@ -339,12 +498,12 @@ impl Trainer {
         }
         let total = match total {
             Some(t) => t,
-            None => Tensor::zeros((), DType::F32, self.model.device())?,
+            None => Tensor::zeros((), DType::F32, model.device())?,
         };
         rec.losses
             .insert("total".into(), total.to_scalar::<f32>()? as f64);
         let thr = cfg.ci_alive_threshold;
-        for (j, m) in self.model.modules.iter().enumerate() {
+        for (j, m) in model.modules.iter().enumerate() {
             rec.l0.insert(
                 m.name.clone(),
                 weighted_l0(&ci[j].lower, &batch.weights, n_rows, thr)?,
@@ -458,7 +617,11 @@ pub fn sample_routes(
 ) -> Result<Vec<Tensor>> {
     let mut r = vec![vec![0f32; n]; n_modules];
     let mut idx: Vec<usize> = (0..n_modules).collect();
-    for row in 0..n {
+    // Draw for every row of the whole batch; keep this window's rows.
+    let (start, full) = rng.rows(n);
+    let mut on = vec![false; n_modules];
+    for batch_row in 0..full {
+        on.fill(false);
         match routing {
             Routing::UniformKSubset => {
                 let k = 1 + rng.below(n_modules);
@@ -467,14 +630,19 @@ pub fn sample_routes(
                     idx.swap(i, j);
                 }
                 for &m in &idx[..k] {
-                    r[m][row] = 1.0;
+                    on[m] = true;
                 }
             }
             Routing::StaticProbability { p } => {
-                for rm in r.iter_mut() {
-                    if (rng.uniform_f64()) < *p {
-                        rm[row] = 1.0;
-                    }
+                for o in on.iter_mut() {
+                    *o = rng.uniform_f64() < *p;
+                }
+            }
+        }
+        if let Some(row) = batch_row.checked_sub(start).filter(|&l| l < n) {
+            for (rm, &o) in r.iter_mut().zip(&on) {
+                if o {
+                    rm[row] = 1.0;
                 }
             }
         }
@@ -510,7 +678,10 @@ fn pgd_recon_sum(
     for m in &model.modules {
         let k = rows * (m.c + 1);
         let v = match pgd.init {
-            PgdInit::Random => rng.uniform_vec(k),
+            PgdInit::Random => match pgd.mask_scope {
+                MaskScope::UniquePerDatapoint => rng.uniform_rows(n, m.c + 1),
+                MaskScope::SharedAcrossBatch => rng.uniform_vec(k),
+            },
             PgdInit::Ones => vec![1.0; k],
             PgdInit::Zeroes => vec![0.0; k],
         };
