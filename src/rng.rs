@@ -67,17 +67,26 @@ impl Rng {
     /// the whole batch.
     pub fn uniform_rows(&mut self, n: usize, k: usize) -> Vec<f32> {
         let (start, full) = self.rows(n);
-        let all = self.uniform_vec(full * k);
-        window_of(all, start, n, k)
+        self.skip(start * k);
+        let v = self.uniform_vec(n * k);
+        self.skip(full.saturating_sub(start + n) * k);
+        v
     }
 
     /// As [`Rng::uniform_rows`] with fair bits (0 or 1).
     pub fn bits_rows(&mut self, n: usize, k: usize) -> Vec<f32> {
         let (start, full) = self.rows(n);
-        let all: Vec<f32> = (0..full * k)
-            .map(|_| (self.next_u64() >> 63) as f32)
-            .collect();
-        window_of(all, start, n, k)
+        self.skip(start * k);
+        let v = (0..n * k).map(|_| (self.next_u64() >> 63) as f32).collect();
+        self.skip(full.saturating_sub(start + n) * k);
+        v
+    }
+
+    /// Advances past `count` outputs (each uniform or bit sample uses one).
+    fn skip(&mut self, count: usize) {
+        for _ in 0..count {
+            self.next_u64();
+        }
     }
 
     /// An independent generator derived from this one's seed and a stream label.
@@ -142,15 +151,6 @@ impl Rng {
     pub fn normal_vec(&mut self, n: usize, std: f32) -> Vec<f32> {
         (0..n).map(|_| self.normal_f32() * std).collect()
     }
-}
-
-fn window_of(mut all: Vec<f32>, start: usize, n: usize, k: usize) -> Vec<f32> {
-    if start == 0 && all.len() == n * k {
-        return all;
-    }
-    all.truncate((start + n) * k);
-    all.drain(..start * k);
-    all
 }
 
 #[cfg(test)]
