@@ -2,6 +2,7 @@
 
 pub mod cluster_data;
 pub mod export;
+pub mod heatmap;
 mod views;
 
 use std::path::PathBuf;
@@ -176,6 +177,9 @@ impl SpdApp {
         worker: Option<WorkerHandle>,
         opts: StartOptions,
     ) -> Self {
+        if let Some(rs) = &cc.wgpu_render_state {
+            heatmap::register(rs);
+        }
         let settings: Settings = cc
             .storage
             .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
