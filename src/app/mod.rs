@@ -1,6 +1,7 @@
 //! The desktop app (eframe/egui). Reads immutable snapshots from the worker; adds no maths.
 
 pub mod cluster_data;
+pub mod config_editor;
 pub mod export;
 pub mod heatmap;
 mod views;
