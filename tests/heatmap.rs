@@ -16,12 +16,12 @@ struct App {
 
 impl eframe::App for App {
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
-        egui::CentralPanel::default().show_inside(ui, |ui| {
+        egui::CentralPanel::default().show(ui, |ui| {
             let (rect, _) = ui.allocate_exact_size(egui::vec2(400.0, 500.0), egui::Sense::hover());
             heatmap::paint(
                 ui,
                 rect,
-                egui::Id::new("test-heatmap"),
+                egui::Id::unique("test-heatmap"),
                 &self.data,
                 self.style,
             );
