@@ -3,19 +3,45 @@
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Legend, Plot, PlotPoints, Points};
 
-use super::module_picker;
-use crate::app::SpdApp;
+use crate::app::view::{View, ViewCtx};
+use crate::app::widgets::module_picker;
 use crate::metrics::toy_metrics;
 
-pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
-    let Some(s) = app.snapshot.clone() else {
-        return;
-    };
-    let thr = app
+/// L0 and alive counts per layer, mean CI per subcomponent.
+pub struct SummaryView;
+
+impl View for SummaryView {
+    fn name(&self) -> &'static str {
+        "summary"
+    }
+    fn label(&self) -> &'static str {
+        "Summary"
+    }
+    fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        show(cx, ui)
+    }
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
+        Ok(crate::app::export::summary_csv(
+            cx.require_snapshot()?,
+            threshold(cx),
+        ))
+    }
+}
+
+/// The CI above which a subcomponent counts as firing (the config's, else 0.1).
+fn threshold(cx: &ViewCtx) -> f64 {
+    cx.session
         .config
         .as_ref()
         .map(|c| c.ci_alive_threshold)
-        .unwrap_or(0.1);
+        .unwrap_or(0.1)
+}
+
+fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
+    let Some(s) = cx.snapshot().cloned() else {
+        return;
+    };
+    let thr = threshold(cx);
     // (alive count, L0) per module on the snapshot's batch, computed once per frame.
     let stats: Vec<(usize, f64)> = s
         .modules
@@ -53,7 +79,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         .legend(Legend::default())
         .y_axis_label("L0")
         .show(ui, |p| p.bar_chart(BarChart::new("L0 per layer", bars)));
-    module_picker(app, ui);
+    module_picker(cx, ui);
     let log = ui
         .ctx()
         .data_mut(|d| *d.get_persisted_mut_or_default::<bool>(egui::Id::unique("meanci-log")));
@@ -61,7 +87,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     ui.checkbox(&mut log_v, "log scale");
     ui.ctx()
         .data_mut(|d| d.insert_persisted(egui::Id::unique("meanci-log"), log_v));
-    let j = app.selection.module.min(s.modules.len() - 1);
+    let j = cx.selection.module.min(s.modules.len() - 1);
     let m = &s.modules[j];
     let mut v: Vec<f32> = m.mean_ci.clone();
     v.sort_by(|a, b| b.total_cmp(a));
