@@ -693,7 +693,14 @@ impl Worker {
         if self.job.as_ref().is_none_or(|j| j.id != id) {
             return Ok(());
         }
-        let outcome = match result {
+        let r = self.apply_job_result(result);
+        // The job ends after its result, or after its error (the UI stops waiting).
+        self.end_job(id, false);
+        r
+    }
+
+    fn apply_job_result(&mut self, result: Result<JobResult, String>) -> anyhow::Result<()> {
+        match result {
             Ok(JobResult::Clusters { data, stored }) => {
                 if !stored {
                     // Keep it in the file extras; interventions (`cluster:id`) and the days
@@ -711,9 +718,7 @@ impl Worker {
                 Ok(())
             }
             Err(e) => Err(anyhow::anyhow!("clustering failed: {e}")),
-        };
-        self.end_job(id, false);
-        outcome
+        }
     }
 
     fn publish_snapshot(&mut self) -> anyhow::Result<()> {

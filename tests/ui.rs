@@ -156,6 +156,21 @@ fn the_view_registry_names_every_view_once() {
     assert_eq!(labels.len(), names.len());
 }
 
+/// Settings persisted when the view setting was an enum variant name still open that view.
+#[test]
+fn old_persisted_view_names_still_resolve() {
+    let mut h = harness();
+    for (old, now) in [
+        ("CausalImportance", "ci"),
+        ("Days", "days"),
+        ("Training", "training"),
+        ("gone", "directions"),
+    ] {
+        h.state_mut().settings.view = old.into();
+        assert_eq!(h.state().current_view(), now);
+    }
+}
+
 #[test]
 fn training_view_with_history_and_controls() {
     let mut h = harness();
