@@ -157,6 +157,10 @@ pub struct ModuleSnapshot {
     pub norms: Vec<f32>,
     /// Mean CI per component over the batch.
     pub mean_ci: Vec<f32>,
+    /// Subcomponents whose CI exceeds the config's `ci_alive_threshold` on some batch row.
+    pub alive: usize,
+    /// Mean number of subcomponents above that threshold per batch row.
+    pub l0: f64,
 }
 
 pub enum Event {
@@ -777,6 +781,10 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
             .into_iter()
             .map(|x| x as f32)
             .collect();
+        let thr = tr.config.ci_alive_threshold;
+        let density = crate::metrics::toy_metrics::activation_density(&ci_batch, n_batch, m.c, thr);
+        let alive = density.iter().filter(|&&d| d > 0.0).count();
+        let l0 = crate::metrics::toy_metrics::l0(&ci_batch, n_batch, m.c, thr);
         modules.push(ModuleSnapshot {
             name: m.name.clone(),
             c: m.c,
@@ -792,6 +800,8 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
             ci_batch,
             norms: vn.iter().zip(&un).map(|(a, b)| a * b).collect(),
             mean_ci,
+            alive,
+            l0,
         });
     }
     Ok(Snapshot {

@@ -129,6 +129,38 @@ fn ci_hungarian_order_comes_from_the_worker() {
     assert_eq!(ci(&h).uploads, uploads + 1);
 }
 
+/// With the real worker, the CI view's Hungarian order arrives as an event and is shown.
+#[test]
+fn ci_hungarian_order_with_the_worker() {
+    use std::time::{Duration, Instant};
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1100.0, 700.0))
+        .wgpu()
+        .build_eframe(|cc| {
+            let w = spdlab::worker::WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
+            SpdApp::new(
+                cc,
+                Some(w),
+                StartOptions {
+                    view: Some("ci".into()),
+                    ..Default::default()
+                },
+            )
+        });
+    let t0 = Instant::now();
+    while ci(&h).hungarian.is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no Hungarian order");
+        std::thread::sleep(Duration::from_millis(20));
+        h.step();
+    }
+    h.step();
+    let snap = h.state().session.snapshot.clone().unwrap();
+    let m = &snap.modules[0];
+    let want = spdlab::metrics::toy_metrics::permute_to_identity(&m.ci_probe, snap.n_probe, m.c);
+    assert_eq!(ci(&h).columns, want);
+    assert!(h.state().session.error.is_none());
+}
+
 /// One registry: tab labels, `--view` names and export names all come from it.
 #[test]
 fn the_view_registry_names_every_view_once() {
@@ -154,6 +186,13 @@ fn the_view_registry_names_every_view_once() {
         .map(|v| v.label())
         .collect();
     assert_eq!(labels.len(), names.len());
+    // main.rs's `--view` help is still written out by hand: it must name every view.
+    let main = include_str!("../src/main.rs");
+    let help = &main[main.find("/// Open this view first").unwrap()..];
+    let help = &help[..help.find("view: Option<String>").unwrap()];
+    for n in &names {
+        assert!(help.contains(n), "--view help lacks {n}");
+    }
 }
 
 /// Settings persisted when the view setting was an enum variant name still open that view.

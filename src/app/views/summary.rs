@@ -5,7 +5,6 @@ use egui_plot::{Bar, BarChart, Legend, Plot, PlotPoints, Points};
 
 use crate::app::view::{View, ViewCtx};
 use crate::app::widgets::module_picker;
-use crate::metrics::toy_metrics;
 
 /// L0 and alive counts per layer, mean CI per subcomponent.
 pub struct SummaryView;
@@ -21,37 +20,16 @@ impl View for SummaryView {
         show(cx, ui)
     }
     fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
-        Ok(crate::app::export::summary_csv(
-            cx.require_snapshot()?,
-            threshold(cx),
-        ))
+        Ok(crate::app::export::summary_csv(cx.require_snapshot()?))
     }
-}
-
-/// The CI above which a subcomponent counts as firing (the config's, else 0.1).
-fn threshold(cx: &ViewCtx) -> f64 {
-    cx.session
-        .config
-        .as_ref()
-        .map(|c| c.ci_alive_threshold)
-        .unwrap_or(0.1)
 }
 
 fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
     let Some(s) = cx.snapshot().cloned() else {
         return;
     };
-    let thr = threshold(cx);
-    // (alive count, L0) per module on the snapshot's batch, computed once per frame.
-    let stats: Vec<(usize, f64)> = s
-        .modules
-        .iter()
-        .map(|m| {
-            let density = toy_metrics::activation_density(&m.ci_batch, s.n_batch, m.c, thr);
-            let alive = density.iter().filter(|&&d| d > 0.0).count();
-            (alive, toy_metrics::l0(&m.ci_batch, s.n_batch, m.c, thr))
-        })
-        .collect();
+    // (alive count, L0) per module on the snapshot's batch, computed by the worker.
+    let stats: Vec<(usize, f64)> = s.modules.iter().map(|m| (m.alive, m.l0)).collect();
     egui::Grid::new("summary").striped(true).show(ui, |ui| {
         ui.strong("module");
         ui.strong("C");
