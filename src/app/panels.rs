@@ -85,6 +85,24 @@ impl SpdApp {
                 "{} | step {step}/{total} | {:.0} steps/s{eta} | {}",
                 self.session.description, self.session.steps_per_sec, self.session.status
             ));
+            // A long job on the worker, seen from every view.
+            if let Some(j) = self.clusters.job.clone() {
+                ui.separator();
+                ui.spinner();
+                ui.label(format!(
+                    "clustering: {} ({:.0}%)",
+                    j.stage,
+                    100.0 * j.fraction
+                ));
+                if j.id.is_some()
+                    && ui
+                        .small_button("cancel")
+                        .on_hover_text("Cancel the clustering")
+                        .clicked()
+                {
+                    self.send(Command::Cancel(crate::worker::JobKind::Clustering));
+                }
+            }
         });
         if let Some(e) = self.session.error.clone() {
             ui.horizontal(|ui| {
