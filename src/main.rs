@@ -258,10 +258,11 @@ fn main() {
         None => match cli
             .view
             .as_deref()
-            .map(|v| (v, spdlab::app::View::from_name(v)))
+            .map(|v| (v, spdlab::app::view_from_name(v)))
         {
             Some((v, None)) => Err(anyhow::anyhow!(
-                "unknown view {v:?}: use training, directions, ci, summary, clusters, interventions or days"
+                "unknown view {v:?}: use one of {}",
+                spdlab::app::view_names().join(", ")
             )),
             view => spdlab::app::run(spdlab::app::StartOptions {
                 file: cli.file,

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -55,13 +56,23 @@ pub enum Command {
         input: Vec<f32>,
         threshold: f32,
     },
-    /// Upper-leaky CI of every subcomponent on a fresh batch (answered by
-    /// [`Event::ClusterInput`]), for running a clustering with these options.
-    ClusterActivations(crate::cluster::ClusterOptions),
+    /// Run a merge clustering with these options (a long job: [`Event::Progress`], then
+    /// [`Event::Clusters`] and [`Event::JobEnded`]; cancel with [`Command::Cancel`]). The result
+    /// is kept in the file extras (written by the next Save).
+    Cluster(crate::cluster::ClusterOptions),
     /// Keep this clustering in the file extras (written by the next Save).
     StoreClusters(Box<crate::cluster::ClusteringResult>),
+    /// Cancel the running job of this kind (its result, if it still comes, is dropped).
+    Cancel(JobKind),
     /// Lower-leaky CI of every module on one custom input row (answered by [`Event::CustomCi`]).
     CustomCi(Vec<f32>),
+    /// Hungarian column order of module `module` of `snapshot` (its probe CI permuted towards
+    /// the identity), answered by [`Event::ColumnOrder`] with the same `key`.
+    ColumnOrder {
+        key: u64,
+        module: usize,
+        snapshot: Arc<Snapshot>,
+    },
     Shutdown,
 }
 
@@ -146,6 +157,10 @@ pub struct ModuleSnapshot {
     pub norms: Vec<f32>,
     /// Mean CI per component over the batch.
     pub mean_ci: Vec<f32>,
+    /// Subcomponents whose CI exceeds the config's `ci_alive_threshold` on some batch row.
+    pub alive: usize,
+    /// Mean number of subcomponents above that threshold per batch row.
+    pub l0: f64,
 }
 
 pub enum Event {
@@ -162,14 +177,42 @@ pub enum Event {
     Intervened(Arc<InterventionOutcome>),
     Traced(Arc<crate::interventions::Trace>),
     Error(String),
-    /// Binary-activation input of a clustering: the stored clustering of a loaded file (then
-    /// `stored` is set) or a clustering the UI asked to run (`stored` is `None`).
-    ClusterInput(Box<ClusterInput>),
+    /// A clustering with its co-activation data: the stored clustering of a loaded file
+    /// (`stored`) or one run by [`Command::Cluster`] (already kept in the file extras).
+    Clusters {
+        data: Arc<crate::app::cluster_data::ClusterData>,
+        stored: bool,
+    },
+    /// A long job moved on: `stage` of it is running, `fraction` of the job is done.
+    Progress {
+        job: u64,
+        kind: JobKind,
+        stage: &'static str,
+        fraction: f32,
+    },
+    /// A job ended (done, failed with an [`Event::Error`], or cancelled).
+    JobEnded {
+        job: u64,
+        kind: JobKind,
+        cancelled: bool,
+    },
+    /// Answer to [`Command::ColumnOrder`].
+    ColumnOrder {
+        key: u64,
+        module: usize,
+        order: Vec<usize>,
+    },
     /// CI of one custom input row, one `Vec` of C values per module.
     CustomCi {
         input: Vec<f32>,
         ci: Vec<Vec<f32>>,
     },
+}
+
+/// Kinds of long jobs (one of each kind runs at a time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobKind {
+    Clustering,
 }
 
 /// Upper-leaky CI `[n_samples, Σ C]` of a fresh data batch, with column labels `module:index`.
@@ -184,17 +227,46 @@ pub struct ClusterInput {
 
 pub struct WorkerHandle {
     pub rx: Receiver<Event>,
-    tx: Sender<Command>,
+    tx: Sender<Msg>,
     join: Option<JoinHandle<()>>,
+}
+
+/// What the worker thread receives: the UI's commands and its own jobs' reports.
+enum Msg {
+    Cmd(Command),
+    Progress {
+        job: u64,
+        stage: &'static str,
+        fraction: f32,
+    },
+    Done {
+        job: u64,
+        result: Box<Result<JobResult, String>>,
+    },
+}
+
+enum JobResult {
+    Clusters {
+        data: crate::app::cluster_data::ClusterData,
+        stored: bool,
+    },
+}
+
+/// The running long job.
+struct Job {
+    id: u64,
+    kind: JobKind,
+    cancel: Arc<AtomicBool>,
 }
 
 impl WorkerHandle {
     pub fn spawn(device: Device, notify: Box<dyn Fn() + Send>) -> Self {
         let (tx, crx) = crossbeam_channel::unbounded();
         let (etx, rx) = crossbeam_channel::unbounded();
+        let self_tx = tx.clone();
         let join = std::thread::Builder::new()
             .name("spdlab-worker".into())
-            .spawn(move || Worker::new(device, crx, etx, notify).run())
+            .spawn(move || Worker::new(device, crx, self_tx, etx, notify).run())
             .expect("spawn worker thread");
         WorkerHandle {
             rx,
@@ -204,13 +276,13 @@ impl WorkerHandle {
     }
 
     pub fn send(&self, cmd: Command) {
-        let _ = self.tx.send(cmd);
+        let _ = self.tx.send(Msg::Cmd(cmd));
     }
 }
 
 impl Drop for WorkerHandle {
     fn drop(&mut self) {
-        let _ = self.tx.send(Command::Shutdown);
+        let _ = self.tx.send(Msg::Cmd(Command::Shutdown));
         if let Some(j) = self.join.take() {
             let _ = j.join();
         }
@@ -219,7 +291,9 @@ impl Drop for WorkerHandle {
 
 struct Worker {
     device: Device,
-    rx: Receiver<Command>,
+    rx: Receiver<Msg>,
+    /// For the job threads' reports.
+    self_tx: Sender<Msg>,
     tx: Sender<Event>,
     notify: Box<dyn Fn() + Send>,
     trainer: Option<Trainer>,
@@ -230,18 +304,22 @@ struct Worker {
     batch_rows: usize,
     last_snapshot: Instant,
     snapshot_every: Duration,
+    job: Option<Job>,
+    next_job: u64,
 }
 
 impl Worker {
     fn new(
         device: Device,
-        rx: Receiver<Command>,
+        rx: Receiver<Msg>,
+        self_tx: Sender<Msg>,
         tx: Sender<Event>,
         notify: Box<dyn Fn() + Send>,
     ) -> Self {
         Worker {
             device,
             rx,
+            self_tx,
             tx,
             notify,
             trainer: None,
@@ -252,6 +330,8 @@ impl Worker {
             batch_rows: 256,
             last_snapshot: Instant::now(),
             snapshot_every: Duration::from_millis(250),
+            job: None,
+            next_job: 0,
         }
     }
 
@@ -279,8 +359,35 @@ impl Worker {
                     Err(_) => return,
                 }
             };
-            if let Some(cmd) = cmd {
+            if let Some(msg) = cmd {
+                let cmd = match msg {
+                    Msg::Cmd(c) => c,
+                    Msg::Progress {
+                        job,
+                        stage,
+                        fraction,
+                    } => {
+                        if let Some(j) = self.job.as_ref().filter(|j| j.id == job) {
+                            let kind = j.kind;
+                            self.emit(Event::Progress {
+                                job,
+                                kind,
+                                stage,
+                                fraction,
+                            });
+                        }
+                        continue;
+                    }
+                    Msg::Done { job, result } => {
+                        // A failed job reports its error without pausing the training.
+                        if let Err(e) = self.job_done(job, *result) {
+                            self.emit(Event::Error(first_line(&e)));
+                        }
+                        continue;
+                    }
+                };
                 if matches!(cmd, Command::Shutdown) {
+                    self.cancel_job(false);
                     return;
                 }
                 if let Err(e) = self.handle(cmd) {
@@ -295,11 +402,7 @@ impl Worker {
     }
 
     fn fail(&mut self, e: anyhow::Error) {
-        let msg = format!("{e:#}")
-            .lines()
-            .next()
-            .unwrap_or("error")
-            .to_string();
+        let msg = first_line(&e);
         if self.state == RunState::Running {
             self.set_state(RunState::Paused);
         }
@@ -309,6 +412,7 @@ impl Worker {
     fn handle(&mut self, cmd: Command) -> anyhow::Result<()> {
         match cmd {
             Command::Load(src) => {
+                self.cancel_job(true);
                 let (tr, extras, description) = match src {
                     Source::Preset { name, config } => {
                         let target = crate::presets::target_model(&name, &self.device)?;
@@ -362,10 +466,31 @@ impl Worker {
                         serde_json::from_value(v.clone()).map_err(|e| {
                             anyhow::anyhow!("the stored clustering is unreadable: {e}")
                         })?;
-                    self.send_cluster_input(Some(stored.options.clone()), Some(stored))?;
+                    self.start_clustering(stored.options.clone(), Some(stored))?;
                 }
             }
-            Command::ClusterActivations(opts) => self.send_cluster_input(Some(opts), None)?,
+            Command::Cluster(opts) => self.start_clustering(opts, None)?,
+            Command::Cancel(kind) => {
+                if self.job.as_ref().is_some_and(|j| j.kind == kind) {
+                    self.cancel_job(true);
+                }
+            }
+            Command::ColumnOrder {
+                key,
+                module,
+                snapshot,
+            } => {
+                let m = snapshot
+                    .modules
+                    .get(module)
+                    .ok_or_else(|| anyhow::anyhow!("no module {module} in the snapshot"))?;
+                let order = crate::metrics::toy_metrics::permute_to_identity(
+                    &m.ci_probe,
+                    snapshot.n_probe,
+                    m.c,
+                );
+                self.emit(Event::ColumnOrder { key, module, order });
+            }
             Command::StoreClusters(res) => {
                 self.extras
                     .extra
@@ -473,25 +598,131 @@ impl Worker {
         Ok(())
     }
 
-    fn send_cluster_input(
+    /// Starts a clustering job: the activations batch here (it needs the model), the merge and
+    /// the co-activation counts on a job thread that reports progress and checks for cancel.
+    fn start_clustering(
         &mut self,
-        opts: Option<crate::cluster::ClusterOptions>,
+        options: crate::cluster::ClusterOptions,
         stored: Option<crate::cluster::ClusteringResult>,
     ) -> anyhow::Result<()> {
+        self.cancel_job(true);
         let Some(tr) = self.trainer.as_ref() else {
             anyhow::bail!("nothing loaded");
         };
-        let options = opts.unwrap_or_default();
+        let id = self.next_job;
+        self.next_job += 1;
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.job = Some(Job {
+            id,
+            kind: JobKind::Clustering,
+            cancel: cancel.clone(),
+        });
+        self.emit(Event::Progress {
+            job: id,
+            kind: JobKind::Clustering,
+            stage: "activations",
+            fraction: 0.0,
+        });
         let n = options.n_samples.clamp(1, 1 << 16);
-        let (acts, labels) = crate::cluster::activations(tr, n, options.ci, options.seed)?;
-        self.emit(Event::ClusterInput(Box::new(ClusterInput {
+        let (acts, labels) = match crate::cluster::activations(tr, n, options.ci, options.seed) {
+            Ok(x) => x,
+            Err(e) => {
+                self.end_job(id, false);
+                return Err(e.context("clustering failed"));
+            }
+        };
+        let input = ClusterInput {
             stored,
             options,
             acts,
             labels,
             n_samples: n,
-        })));
+        };
+        let tx = self.self_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("spdlab-cluster".into())
+            .spawn(move || {
+                let stored = input.stored.is_some();
+                let report = |stage: &'static str, fraction: f32| {
+                    let _ = tx.send(Msg::Progress {
+                        job: id,
+                        stage,
+                        fraction,
+                    });
+                    !cancel.load(Ordering::Relaxed)
+                };
+                let result = crate::app::cluster_data::ClusterData::build_with(&input, &report)
+                    .map(|data| JobResult::Clusters { data, stored })
+                    .map_err(|e| format!("{e:#}"));
+                if !cancel.load(Ordering::Relaxed) {
+                    let _ = tx.send(Msg::Done {
+                        job: id,
+                        result: Box::new(result),
+                    });
+                }
+            });
+        if let Err(e) = spawned {
+            self.end_job(id, false);
+            anyhow::bail!("cannot start the clustering thread: {e}");
+        }
         Ok(())
+    }
+
+    /// Ends the running job (if any) as cancelled; `report`: tell the UI.
+    fn cancel_job(&mut self, report: bool) {
+        if let Some(j) = self.job.take() {
+            j.cancel.store(true, Ordering::Relaxed);
+            if report {
+                self.emit(Event::JobEnded {
+                    job: j.id,
+                    kind: j.kind,
+                    cancelled: true,
+                });
+            }
+        }
+    }
+
+    fn end_job(&mut self, id: u64, cancelled: bool) {
+        if let Some(j) = self.job.take_if(|j| j.id == id) {
+            self.emit(Event::JobEnded {
+                job: id,
+                kind: j.kind,
+                cancelled,
+            });
+        }
+    }
+
+    /// A job thread's result: dropped unless it is the running job's.
+    fn job_done(&mut self, id: u64, result: Result<JobResult, String>) -> anyhow::Result<()> {
+        if self.job.as_ref().is_none_or(|j| j.id != id) {
+            return Ok(());
+        }
+        let r = self.apply_job_result(result);
+        // The job ends after its result, or after its error (the UI stops waiting).
+        self.end_job(id, false);
+        r
+    }
+
+    fn apply_job_result(&mut self, result: Result<JobResult, String>) -> anyhow::Result<()> {
+        match result {
+            Ok(JobResult::Clusters { data, stored }) => {
+                if !stored {
+                    // Keep it in the file extras; interventions (`cluster:id`) and the days
+                    // view use it from now on.
+                    self.extras
+                        .extra
+                        .insert("clusters".into(), serde_json::to_value(&data.result)?);
+                    self.clusters = Some(Arc::new(data.result.clone()));
+                    self.publish_snapshot()?;
+                }
+                self.emit(Event::Clusters {
+                    data: Arc::new(data),
+                    stored,
+                });
+                Ok(())
+            }
+            Err(e) => Err(anyhow::anyhow!("clustering failed: {e}")),
+        }
     }
 
     fn publish_snapshot(&mut self) -> anyhow::Result<()> {
@@ -504,6 +735,14 @@ impl Worker {
         self.emit(Event::Snapshot(Arc::new(snap)));
         Ok(())
     }
+}
+
+fn first_line(e: &anyhow::Error) -> String {
+    format!("{e:#}")
+        .lines()
+        .next()
+        .unwrap_or("error")
+        .to_string()
 }
 
 /// Computes a snapshot (probe CI, a data batch's CI, weights) from a trainer.
@@ -542,6 +781,10 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
             .into_iter()
             .map(|x| x as f32)
             .collect();
+        let thr = tr.config.ci_alive_threshold;
+        let density = crate::metrics::toy_metrics::activation_density(&ci_batch, n_batch, m.c, thr);
+        let alive = density.iter().filter(|&&d| d > 0.0).count();
+        let l0 = crate::metrics::toy_metrics::l0(&ci_batch, n_batch, m.c, thr);
         modules.push(ModuleSnapshot {
             name: m.name.clone(),
             c: m.c,
@@ -557,6 +800,8 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
             ci_batch,
             norms: vn.iter().zip(&un).map(|(a, b)| a * b).collect(),
             mean_ci,
+            alive,
+            l0,
         });
     }
     Ok(Snapshot {

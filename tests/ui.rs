@@ -6,7 +6,10 @@ use eframe::egui;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use spdlab::app::cluster_data::ClusterData;
-use spdlab::app::{SpdApp, StartOptions, View};
+use spdlab::app::views::{
+    ci::CiView, clusters::ClustersView, days::DaysView, interventions::InterventionsView,
+};
+use spdlab::app::{SpdApp, StartOptions};
 use spdlab::io::spdlab_file;
 use spdlab::worker::{Event, RunState, build_snapshot};
 
@@ -29,6 +32,14 @@ fn loaded_app(cc: &eframe::CreationContext<'_>) -> SpdApp {
     app
 }
 
+fn ci<'a>(h: &'a Harness<'static, SpdApp>) -> &'a CiView {
+    h.state().view::<CiView>().unwrap()
+}
+
+fn iv<'a>(h: &'a Harness<'static, SpdApp>) -> &'a InterventionsView {
+    h.state().view::<InterventionsView>().unwrap()
+}
+
 fn harness() -> Harness<'static, SpdApp> {
     Harness::builder()
         .with_size(egui::vec2(1100.0, 700.0))
@@ -40,10 +51,11 @@ fn harness() -> Harness<'static, SpdApp> {
 fn every_view_renders_and_tabs_switch() {
     let mut h = harness();
     h.run();
-    for v in View::ALL {
+    for v in spdlab::app::views::registry() {
         h.get_by_label(v.label()).click();
         h.run();
-        assert_eq!(h.state().settings.view, v);
+        assert_eq!(h.state().settings.view, v.name());
+        assert_eq!(h.state().current_view(), v.name());
     }
     let _ = h.render().expect("render");
 }
@@ -51,7 +63,7 @@ fn every_view_renders_and_tabs_switch() {
 #[test]
 fn directions_view_shows_the_tms_plane_and_selects() {
     let mut h = harness();
-    h.state_mut().settings.view = View::Directions;
+    h.state_mut().set_view("directions");
     h.run();
     // The 2-D write directions of linear1 (five features recovered, the rest negligible).
     h.get_by_label_contains("negligible subcomponents");
@@ -63,38 +75,156 @@ fn directions_view_shows_the_tms_plane_and_selects() {
 #[test]
 fn ci_heatmap_uploads_once_per_snapshot() {
     let mut h = harness();
-    h.state_mut().settings.view = View::CausalImportance;
+    h.state_mut().set_view("ci");
     h.run();
-    let uploads = h.state().views.ci.uploads;
+    let uploads = ci(&h).uploads;
     assert!(uploads >= 1);
     for _ in 0..5 {
         h.run();
     }
-    assert_eq!(
-        h.state().views.ci.uploads,
-        uploads,
-        "no re-upload without new data"
-    );
+    assert_eq!(ci(&h).uploads, uploads, "no re-upload without new data");
     // Hungarian ordering puts the five live subcomponents on the diagonal first.
-    assert_eq!(h.state().views.ci.rows, 5);
+    assert_eq!(ci(&h).rows, 5);
     h.get_by_label("by density").click();
     h.run();
-    assert_eq!(h.state().views.ci.uploads, uploads + 1);
+    assert_eq!(ci(&h).uploads, uploads + 1);
+}
+
+/// The Hungarian column order is the worker's job: the view asks once per (snapshot, module),
+/// shows the columns as is until the answer arrives, then re-uploads once with it.
+#[test]
+fn ci_hungarian_order_comes_from_the_worker() {
+    let mut h = harness();
+    h.state_mut().set_view("ci");
+    h.run();
+    let c = h.state().session.snapshot.as_ref().unwrap().modules[0].c;
+    assert_eq!(
+        ci(&h).columns,
+        (0..c).collect::<Vec<_>>(),
+        "as is until answered"
+    );
+    h.get_by_label_contains("waiting for the worker");
+    let uploads = ci(&h).uploads;
+    // No worker in this test: answer as the worker would.
+    let snap = h.state().session.snapshot.clone().unwrap();
+    let m = &snap.modules[0];
+    let order = spdlab::metrics::toy_metrics::permute_to_identity(&m.ci_probe, snap.n_probe, m.c);
+    assert_ne!(order, (0..c).collect::<Vec<_>>());
+    let key = h.state().session.snapshot_version;
+    // A stale answer (another snapshot) is ignored.
+    h.state_mut().apply(Event::ColumnOrder {
+        key: key + 7,
+        module: 0,
+        order: (0..c).rev().collect(),
+    });
+    h.run();
+    assert_eq!(ci(&h).uploads, uploads);
+    h.state_mut().apply(Event::ColumnOrder {
+        key,
+        module: 0,
+        order: order.clone(),
+    });
+    h.run();
+    assert_eq!(ci(&h).columns, order);
+    assert_eq!(ci(&h).uploads, uploads + 1);
+}
+
+/// With the real worker, the CI view's Hungarian order arrives as an event and is shown.
+#[test]
+fn ci_hungarian_order_with_the_worker() {
+    use std::time::{Duration, Instant};
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1100.0, 700.0))
+        .wgpu()
+        .build_eframe(|cc| {
+            let w = spdlab::worker::WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
+            SpdApp::new(
+                cc,
+                Some(w),
+                StartOptions {
+                    view: Some("ci".into()),
+                    ..Default::default()
+                },
+            )
+        });
+    let t0 = Instant::now();
+    while ci(&h).hungarian.is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no Hungarian order");
+        std::thread::sleep(Duration::from_millis(20));
+        h.step();
+    }
+    h.step();
+    let snap = h.state().session.snapshot.clone().unwrap();
+    let m = &snap.modules[0];
+    let want = spdlab::metrics::toy_metrics::permute_to_identity(&m.ci_probe, snap.n_probe, m.c);
+    assert_eq!(ci(&h).columns, want);
+    assert!(h.state().session.error.is_none());
+}
+
+/// One registry: tab labels, `--view` names and export names all come from it.
+#[test]
+fn the_view_registry_names_every_view_once() {
+    let names = spdlab::app::view_names();
+    // The `--view` names of earlier versions still open their views.
+    for old in [
+        "training",
+        "directions",
+        "ci",
+        "summary",
+        "clusters",
+        "interventions",
+        "days",
+    ] {
+        assert!(names.contains(&old), "{old}");
+    }
+    let unique: std::collections::BTreeSet<_> = names.iter().collect();
+    assert_eq!(unique.len(), names.len(), "names are unique");
+    for n in &names {
+        assert_eq!(spdlab::app::view_from_name(n).as_deref(), Some(*n));
+    }
+    assert_eq!(spdlab::app::view_from_name("nope"), None);
+    let labels: std::collections::BTreeSet<_> = spdlab::app::views::registry()
+        .iter()
+        .map(|v| v.label())
+        .collect();
+    assert_eq!(labels.len(), names.len());
+    // main.rs's `--view` help is still written out by hand: it must name every view.
+    let main = include_str!("../src/main.rs");
+    let help = &main[main.find("/// Open this view first").unwrap()..];
+    let help = &help[..help.find("view: Option<String>").unwrap()];
+    for n in &names {
+        assert!(help.contains(n), "--view help lacks {n}");
+    }
+}
+
+/// Settings persisted when the view setting was an enum variant name still open that view.
+#[test]
+fn old_persisted_view_names_still_resolve() {
+    let mut h = harness();
+    for (old, now) in [
+        ("CausalImportance", "ci"),
+        ("Days", "days"),
+        ("Training", "training"),
+        ("gone", "directions"),
+    ] {
+        h.state_mut().settings.view = old.into();
+        assert_eq!(h.state().current_view(), now);
+    }
 }
 
 #[test]
 fn training_view_with_history_and_controls() {
     let mut h = harness();
-    h.state_mut().settings.view = View::Training;
+    h.state_mut().set_view("training");
     h.run();
     assert!(
-        !h.state().history.is_empty(),
+        !h.state().session.history.is_empty(),
         "the shipped decomposition carries its loss history"
     );
     h.get_by_label("New run").click();
     h.run();
     assert!(
-        h.state().history.is_empty(),
+        h.state().session.history.is_empty(),
         "a new run starts a fresh history"
     );
 }
@@ -146,30 +276,27 @@ fn interventions_view_ranks_what_breaks_and_traces() {
         .with_size(egui::vec2(1200.0, 800.0))
         .wgpu()
         .build_eframe(|cc| app_with(cc, "tms-5-2", true));
-    h.state_mut().settings.view = View::Interventions;
+    h.state_mut().set_view("interventions");
     h.run();
     h.get_by_label_contains("What breaks");
     h.get_by_label_contains("delta component off");
     // The ablated cluster's feature is the top row; choose another input.
-    let first = h
-        .state()
-        .intervention
-        .as_ref()
-        .unwrap()
-        .result
-        .what_breaks()[0];
+    let first = iv(&h).outcome.as_ref().unwrap().result.what_breaks()[0];
     let other = (first + 1) % 5;
     h.get_by_label(&format!(
         "{other}: {}",
-        h.state().intervention.as_ref().unwrap().input_labels[other]
+        iv(&h).outcome.as_ref().unwrap().input_labels[other]
     ))
     .click();
     h.run();
-    assert_eq!(h.state().views.interventions.row, other);
+    assert_eq!(iv(&h).row, other);
     // The trace lists the subcomponents that fire (CI above the threshold).
     h.get_by_label_contains("Mechanism trace");
     // Switching the selection mode re-describes the request.
-    h.state_mut().views.interventions.select = "linear1:*".into();
+    h.state_mut()
+        .view_mut::<InterventionsView>()
+        .unwrap()
+        .select = "linear1:*".into();
     h.run();
     let _ = h.render().expect("render");
 }
@@ -180,7 +307,7 @@ fn days_view_shows_the_rotation_and_unlearning() {
         .with_size(egui::vec2(1300.0, 900.0))
         .wgpu()
         .build_eframe(|cc| app_with(cc, "days", false));
-    h.state_mut().settings.view = View::Days;
+    h.state_mut().set_view("days");
     h.run();
     h.get_by_label("Answers of the decomposition");
     assert_eq!(
@@ -191,14 +318,14 @@ fn days_view_shows_the_rotation_and_unlearning() {
     h.get_by_label("ablate the rotation mechanism (unlearn)")
         .click();
     h.run();
-    assert!(h.state().views.days.ablate);
+    assert!(h.state().view::<DaysView>().unwrap().ablate);
     h.get_by_label("Answers with the rotation mechanism ablated");
     // Unlearning: every "next" answer collapses to the same day; "same" stays right.
     h.get_by_label("0/7");
     h.get_by_label("7/7");
     h.get_all_by_label("Tue").next().unwrap().click();
     h.run();
-    assert_eq!(h.state().views.days.day, 1);
+    assert_eq!(h.state().view::<DaysView>().unwrap().day, 1);
     let _ = h.render().expect("render");
 }
 
@@ -231,18 +358,18 @@ fn clustered_harness() -> Harness<'static, SpdApp> {
 #[test]
 fn clusters_view_selects_a_cluster_and_slides_k() {
     let mut h = clustered_harness();
-    h.state_mut().settings.view = View::Clusters;
+    h.state_mut().set_view("clusters");
     h.run();
-    let k0 = h.state().cluster_k;
+    let k0 = h.state().clusters.k;
     // tms-5-2: five features, each implemented by one subcomponent per layer.
     assert_eq!(k0, 5, "minimum description length at five groups");
-    assert_eq!(h.state().cluster_rows.len(), 5);
-    assert!(h.state().cluster_rows.iter().all(|r| r.rank == 2));
-    let uploads = h.state().views.clusters.uploads;
+    assert_eq!(h.state().clusters.rows.len(), 5);
+    assert!(h.state().clusters.rows.iter().all(|r| r.rank == 2));
+    let uploads = h.state().view::<ClustersView>().unwrap().uploads;
     assert_eq!(uploads, 1);
     h.run();
     assert_eq!(
-        h.state().views.clusters.uploads,
+        h.state().view::<ClustersView>().unwrap().uploads,
         uploads,
         "no re-upload per frame"
     );
@@ -250,39 +377,42 @@ fn clusters_view_selects_a_cluster_and_slides_k() {
     h.get_by_label("cluster 2").click();
     h.run();
     assert_eq!(h.state().selection.cluster, Some(2));
-    let members = h.state().cluster_rows[2].members.clone();
+    let members = h.state().clusters.rows[2].members.clone();
     let l1 = h.state().selected_cluster_members(0);
     assert_eq!(l1.len(), 1, "one linear1 member: {members:?}");
 
     // One merge further: four groups, matrix re-uploaded once, the selection follows its members.
     h.get_by_label("fewer").click();
     h.run();
-    assert_eq!(h.state().cluster_k, 4);
-    assert_eq!(h.state().cluster_rows.len(), 4);
-    assert_eq!(h.state().views.clusters.uploads, uploads + 1);
+    assert_eq!(h.state().clusters.k, 4);
+    assert_eq!(h.state().clusters.rows.len(), 4);
+    assert_eq!(
+        h.state().view::<ClustersView>().unwrap().uploads,
+        uploads + 1
+    );
     let sel = h.state().selection.cluster.expect("selection kept");
     assert!(
         members
             .iter()
-            .all(|m| h.state().cluster_rows[sel].members.contains(m))
+            .all(|m| h.state().clusters.rows[sel].members.contains(m))
     );
     h.get_by_label("more").click();
     h.run();
-    assert_eq!(h.state().cluster_k, 5);
+    assert_eq!(h.state().clusters.k, 5);
 
     // The other views highlight the selected cluster; the CI view orders by cluster.
-    h.state_mut().settings.view = View::CausalImportance;
+    h.state_mut().set_view("ci");
     h.run();
     h.get_by_label("by cluster").click();
     h.run();
-    let cols = h.state().views.ci.columns.clone();
-    let first: Vec<usize> = h.state().cluster_rows[0]
+    let cols = ci(&h).columns.clone();
+    let first: Vec<usize> = h.state().clusters.rows[0]
         .members
         .iter()
         .filter_map(|m| m.strip_prefix("linear1:").and_then(|i| i.parse().ok()))
         .collect();
     assert_eq!(cols[0], first[0], "cluster 0 first");
-    h.state_mut().settings.view = View::Directions;
+    h.state_mut().set_view("directions");
     h.run();
     h.get_by_label_contains("cluster 2 (k = 5)");
 }
@@ -290,7 +420,7 @@ fn clusters_view_selects_a_cluster_and_slides_k() {
 #[test]
 fn clusters_view_without_clustering_offers_to_run_one() {
     let mut h = harness();
-    h.state_mut().settings.view = View::Clusters;
+    h.state_mut().set_view("clusters");
     h.run();
     h.get_by_label_contains("no stored clustering");
     h.get_by_label("Run clustering");
@@ -316,14 +446,14 @@ fn exports_write_parsable_files() {
     };
     let out = spdlab::worker::intervene(&tr, None, req).unwrap();
     h.state_mut().apply(Event::Intervened(Arc::new(out)));
-    for v in View::ALL {
-        if v == View::Days {
+    for v in spdlab::app::view_names() {
+        if v == "days" {
             continue; // needs a days model: covered by days_view_exports_csv
         }
-        h.state_mut().settings.view = v;
+        h.state_mut().set_view(v);
         h.run();
-        let csv = dir.path().join(format!("{}.csv", v.name()));
-        h.state().export_csv(&csv).unwrap();
+        let csv = dir.path().join(format!("{v}.csv"));
+        h.state_mut().export_csv(&csv).unwrap();
         let text = std::fs::read_to_string(&csv).unwrap();
         let mut lines = text.lines();
         let n_cols = lines.next().unwrap().split(',').count();
@@ -335,7 +465,7 @@ fn exports_write_parsable_files() {
         }
         assert!(rows > 0, "{v:?}: has rows");
 
-        let png = dir.path().join(format!("{}.png", v.name()));
+        let png = dir.path().join(format!("{v}.png"));
         let ctx = h.ctx.clone();
         h.state_mut().export_png(&ctx, png.clone());
         // The screenshot is taken after the next frame and encoded on a thread.
@@ -347,7 +477,7 @@ fn exports_write_parsable_files() {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let img = image::open(&png).unwrap_or_else(|e| panic!("{v:?}: {e}"));
-        let rect = h.state().views.rect.unwrap();
+        let rect = h.state().view_rect.unwrap();
         assert!(
             (img.width() as f32 - rect.width()).abs() <= 2.0,
             "{v:?}: {} vs {}",
@@ -355,24 +485,24 @@ fn exports_write_parsable_files() {
             rect.width()
         );
         assert!(img.height() > 50);
-        assert!(h.state().error.is_none());
+        assert!(h.state().session.error.is_none());
     }
     // The clusters CSV has every subcomponent: 10 alive in 5 clusters and 30 dead.
     let text = std::fs::read_to_string(dir.path().join("clusters.csv")).unwrap();
     assert_eq!(text.lines().count(), 1 + 40);
     // An unwritable path is an error in the GUI, not a panic.
     let bad = dir.path().join("missing").join("x.csv");
-    assert!(h.state().export_csv(&bad).is_err());
+    assert!(h.state_mut().export_csv(&bad).is_err());
 }
 
 #[test]
 fn custom_input_row_shows_the_workers_answer() {
     let mut h = harness();
-    h.state_mut().settings.view = View::CausalImportance;
+    h.state_mut().set_view("ci");
     h.run();
     h.get_by_label("custom").click();
     h.run();
-    assert_eq!(h.state().views.ci.custom_input.len(), 5);
+    assert_eq!(ci(&h).custom_input.len(), 5);
     // No worker in this test: answer as the worker would.
     let (tr, _) = spdlab_file::from_bytes(
         spdlab::assets::default_decomposition(),
@@ -380,16 +510,16 @@ fn custom_input_row_shows_the_workers_answer() {
     )
     .unwrap();
     let input = vec![0.0, 0.0, 0.9, 0.0, 0.0];
-    let ci = spdlab::worker::custom_ci(&tr, &input).unwrap();
-    h.state_mut().apply(Event::CustomCi { input, ci });
+    let answer = spdlab::worker::custom_ci(&tr, &input).unwrap();
+    h.state_mut().apply(Event::CustomCi { input, ci: answer });
     h.run();
-    assert_eq!(h.state().views.ci.rows, 1);
-    let csv = h.state().views.ci.columns.len();
+    assert_eq!(ci(&h).rows, 1);
+    let csv = ci(&h).columns.len();
     assert_eq!(csv, 20);
 }
 
-/// The real worker: "Run clustering" gets an activations batch, the clustering runs on its own
-/// thread, the result is stored in the file extras; reopening the saved file shows it again.
+/// The real worker: "Run clustering" is a worker job (progress, then the result), the result is
+/// stored in the file extras by the worker; reopening the saved file shows it again.
 #[test]
 fn run_clustering_with_the_worker_and_reopen_it() {
     use std::time::{Duration, Instant};
@@ -403,7 +533,7 @@ fn run_clustering_with_the_worker_and_reopen_it() {
                 cc,
                 Some(w),
                 StartOptions {
-                    view: Some(View::Clusters),
+                    view: Some("clusters".into()),
                     ..Default::default()
                 },
             )
@@ -416,12 +546,14 @@ fn run_clustering_with_the_worker_and_reopen_it() {
             h.step();
         }
     };
-    wait(&mut h, "load", &|a| a.snapshot.is_some());
+    wait(&mut h, "load", &|a| a.session.snapshot.is_some());
     h.run();
     h.get_by_label("Run clustering").click();
     h.step();
-    wait(&mut h, "clustering", &|a| a.clusters.is_some());
-    assert_eq!(h.state().cluster_k, 5);
+    assert!(h.state().clustering_running());
+    wait(&mut h, "clustering", &|a| a.clusters.data.is_some());
+    wait(&mut h, "job end", &|a| !a.clustering_running());
+    assert_eq!(h.state().clusters.k, 5);
     let saved = dir.path().join("c.spdlab");
     h.state()
         .send_command(spdlab::worker::Command::Save(saved.clone()));
@@ -429,10 +561,20 @@ fn run_clustering_with_the_worker_and_reopen_it() {
     std::thread::sleep(Duration::from_millis(200));
     h.state_mut().open(saved);
     h.step();
-    wait(&mut h, "reload", &|a| a.clusters.is_none());
-    wait(&mut h, "stored clustering", &|a| a.clusters.is_some());
-    assert_eq!(h.state().cluster_rows.len(), 5);
-    assert!(h.state().error.is_none(), "{:?}", h.state().error);
+    // The reload resets the clusters and the worker's stored-clustering job may answer in
+    // the same frame: wait for the new description, then the clustering after it.
+    wait(&mut h, "reload", &|a| {
+        a.session.description.ends_with("c.spdlab")
+    });
+    wait(&mut h, "stored clustering", &|a| {
+        a.clusters.data.is_some() && !a.clustering_running()
+    });
+    assert_eq!(h.state().clusters.rows.len(), 5);
+    assert!(
+        h.state().session.error.is_none(),
+        "{:?}",
+        h.state().session.error
+    );
 }
 
 #[test]
@@ -442,10 +584,10 @@ fn days_view_exports_csv() {
         .with_size(egui::vec2(1300.0, 900.0))
         .wgpu()
         .build_eframe(|cc| app_with(cc, "days", false));
-    h.state_mut().settings.view = View::Days;
+    h.state_mut().set_view("days");
     h.run();
     let csv = dir.path().join("days.csv");
-    h.state().export_csv(&csv).unwrap();
+    h.state_mut().export_csv(&csv).unwrap();
     let text = std::fs::read_to_string(&csv).unwrap();
     // Header + 7 days x 2 operations, rectangular, answers named.
     assert_eq!(text.lines().count(), 15);

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use spdlab::worker::{Command, Event, RunState, Source, WorkerHandle};
+use spdlab::worker::{Command, Event, JobKind, RunState, Source, WorkerHandle};
 
 fn wait_for(w: &WorkerHandle, pred: impl Fn(&Event) -> bool, limit: Duration) -> bool {
     let t0 = Instant::now();
@@ -85,6 +85,99 @@ fn load_errors_are_reported_not_panicked() {
     assert!(wait_for(
         &w,
         |e| matches!(e, Event::Error(m) if m.contains("nothing loaded")),
+        Duration::from_secs(10)
+    ));
+}
+
+/// Loads the shipped tms-5-2 decomposition and waits for it.
+fn loaded_worker() -> WorkerHandle {
+    let w = WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
+    w.send(Command::Load(Source::Default));
+    assert!(wait_for(
+        &w,
+        |e| matches!(e, Event::Snapshot(_)),
+        Duration::from_secs(30)
+    ));
+    w
+}
+
+/// Clustering is a worker job: progress reports, the result, then the end of the job.
+#[test]
+fn clustering_job_reports_progress_and_its_result() {
+    let w = loaded_worker();
+    w.send(Command::Cluster(spdlab::cluster::ClusterOptions::default()));
+    let t0 = Instant::now();
+    let (mut stages, mut result, mut ended) = (vec![], None, false);
+    while !ended && t0.elapsed() < Duration::from_secs(120) {
+        match w.rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(Event::Progress {
+                kind: JobKind::Clustering,
+                stage,
+                ..
+            }) => stages.push(stage),
+            Ok(Event::Clusters { data, stored }) => {
+                assert!(!stored);
+                result = Some(data);
+            }
+            Ok(Event::JobEnded { cancelled, .. }) => {
+                assert!(!cancelled);
+                ended = true;
+            }
+            Ok(Event::Error(m)) => panic!("{m}"),
+            _ => {}
+        }
+    }
+    assert!(ended, "the job ended");
+    assert_eq!(stages, ["activations", "merging", "co-activation counts"]);
+    assert_eq!(result.expect("a clustering").result.best_k, 5);
+}
+
+/// A cancelled clustering ends at once and its result never arrives.
+#[test]
+fn clustering_job_can_be_cancelled() {
+    let w = loaded_worker();
+    w.send(Command::Cluster(spdlab::cluster::ClusterOptions::default()));
+    w.send(Command::Cancel(JobKind::Clustering));
+    assert!(wait_for(
+        &w,
+        |e| matches!(
+            e,
+            Event::JobEnded {
+                cancelled: true,
+                ..
+            }
+        ),
+        Duration::from_secs(30)
+    ));
+    assert!(!wait_for(
+        &w,
+        |e| matches!(e, Event::Clusters { .. }),
+        Duration::from_secs(3)
+    ));
+}
+
+/// The Hungarian column order of a snapshot's module is computed on the worker.
+#[test]
+fn column_order_is_answered_by_the_worker() {
+    let w = WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
+    w.send(Command::Load(Source::Default));
+    let t0 = Instant::now();
+    let snap = loop {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no snapshot");
+        if let Ok(Event::Snapshot(s)) = w.rx.recv_timeout(Duration::from_millis(50)) {
+            break s;
+        }
+    };
+    w.send(Command::ColumnOrder {
+        key: 42,
+        module: 0,
+        snapshot: snap.clone(),
+    });
+    let m = &snap.modules[0];
+    let want = spdlab::metrics::toy_metrics::permute_to_identity(&m.ci_probe, snap.n_probe, m.c);
+    assert!(wait_for(
+        &w,
+        |e| matches!(e, Event::ColumnOrder { key: 42, module: 0, order } if *order == want),
         Duration::from_secs(10)
     ));
 }

@@ -1,6 +1,7 @@
 //! The clustering the app shows: a stored or freshly run [`ClusteringResult`] plus the binary
 //! firing masks and co-activation counts of its alive subcomponents on one activations batch.
-//! Built off the UI thread ([`ClusterData::build`]); cluster membership at any k is then cheap.
+//! Built by a worker job ([`ClusterData::build_with`], `Command::Cluster`), never on the UI thread;
+//! cluster membership at any k is then cheap.
 
 use crate::cluster::{ClusterOptions, ClusteringResult};
 use crate::worker::ClusterInput;
@@ -35,6 +36,15 @@ pub struct ClusterData {
 impl ClusterData {
     /// Runs the clustering (when `input.stored` is `None`) and the co-activation counts.
     pub fn build(input: &ClusterInput) -> anyhow::Result<ClusterData> {
+        Self::build_with(input, &|_, _| true)
+    }
+
+    /// [`ClusterData::build`], reporting `(stage, fraction done)` between stages; stops with an
+    /// error when `report` returns false (cancelled).
+    pub fn build_with(
+        input: &ClusterInput,
+        report: &dyn Fn(&'static str, f32) -> bool,
+    ) -> anyhow::Result<ClusterData> {
         let n = input.n_samples;
         let ncol = input.labels.len();
         if input.acts.len() != n * ncol {
@@ -42,8 +52,16 @@ impl ClusterData {
         }
         let result = match &input.stored {
             Some(r) => r.clone(),
-            None => run_merge(&input.acts, n, &input.labels, &input.options)?,
+            None => {
+                if !report("merging", 0.1) {
+                    anyhow::bail!("cancelled");
+                }
+                run_merge(&input.acts, n, &input.labels, &input.options)?
+            }
         };
+        if !report("co-activation counts", 0.8) {
+            anyhow::bail!("cancelled");
+        }
         let thr = input.options.activation_threshold;
         let words = n.div_ceil(64);
         let mut masks = vec![0u64; result.labels_alive.len() * words];

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use eframe::egui;
 
-use crate::metrics::toy_metrics;
 use crate::worker::{ModuleSnapshot, Snapshot};
 
 /// Crops a screenshot to `rect` (points; clamped to the image) and writes it as PNG.
@@ -96,13 +95,12 @@ pub fn ci_csv(
 }
 
 /// Summary CSV (long format): `kind,module,component,value` with kind `l0`, `alive`, `dead`
-/// (per layer, on the snapshot's batch at `threshold`) and `mean_ci` (per subcomponent).
-pub fn summary_csv(s: &Snapshot, threshold: f64) -> String {
+/// (per layer, on the snapshot's batch at the config's threshold, computed by the worker) and
+/// `mean_ci` (per subcomponent).
+pub fn summary_csv(s: &Snapshot) -> String {
     let mut out = String::from("kind,module,component,value\n");
     for m in &s.modules {
-        let density = toy_metrics::activation_density(&m.ci_batch, s.n_batch, m.c, threshold);
-        let alive = density.iter().filter(|&&d| d > 0.0).count();
-        let l0 = toy_metrics::l0(&m.ci_batch, s.n_batch, m.c, threshold);
+        let (alive, l0) = (m.alive, m.l0);
         out.push_str(&format!("l0,{},,{l0}\n", m.name));
         out.push_str(&format!("alive,{},,{alive}\n", m.name));
         out.push_str(&format!("dead,{},,{}\n", m.name, m.c - alive));

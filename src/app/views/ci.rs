@@ -3,9 +3,10 @@
 
 use eframe::egui;
 
-use super::{CLUSTER_COLOR, module_picker, sequential};
-use crate::app::SpdApp;
-use crate::metrics::toy_metrics;
+use crate::app::cluster_state::ClusterState;
+use crate::app::view::{View, ViewCtx};
+use crate::app::widgets::{CLUSTER_COLOR, module_picker, sequential};
+use crate::worker::{Command, Event, Snapshot};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum InputSet {
@@ -34,13 +35,23 @@ fn pool_of(rows: usize) -> usize {
     rows.div_ceil(MAX_TEXTURE_ROWS).max(1)
 }
 
+/// What the heatmap texture shows: (snapshot version, module, inputs, order, colour max bits,
+/// clusters version, custom answers, Hungarian order arrived).
+type TextureKey = (u64, usize, InputSet, Order, u32, u64, u64, bool);
+
+/// The CI heatmap and its state. The Hungarian column order comes from the worker
+/// (`Command::ColumnOrder`); until it arrives the columns are shown as is.
 #[derive(Default)]
-pub struct CiViewState {
+pub struct CiView {
     pub input_set: InputSet,
     pub order: Order,
     pub vmax: f32,
     texture: Option<egui::TextureHandle>,
-    key: Option<(u64, usize, InputSet, Order, u32, u64, u64)>,
+    key: Option<TextureKey>,
+    /// The Hungarian order asked for: (snapshot version, module).
+    hungarian_asked: Option<(u64, usize)>,
+    /// The worker's answer: (snapshot version, module, order).
+    pub hungarian: Option<(u64, usize, Vec<usize>)>,
     /// Column order used for the current texture.
     pub columns: Vec<usize>,
     pub rows: usize,
@@ -57,7 +68,41 @@ pub struct CiViewState {
     custom_asked_at: u64,
 }
 
-impl CiViewState {
+impl View for CiView {
+    fn name(&self) -> &'static str {
+        "ci"
+    }
+    fn label(&self) -> &'static str {
+        "Causal importance"
+    }
+    fn file_stem(&self) -> &'static str {
+        "causal-importance"
+    }
+    fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        self.show(cx, ui)
+    }
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
+        self.csv_text(cx)
+    }
+    fn on_event(&mut self, e: &Event) {
+        match e {
+            Event::Loaded { .. } => {
+                self.reset_custom();
+                self.hungarian = None;
+                self.hungarian_asked = None;
+            }
+            Event::CustomCi { input, ci } => self.set_custom_result(input.clone(), ci.clone()),
+            Event::ColumnOrder { key, module, order }
+                if self.hungarian_asked == Some((*key, *module)) =>
+            {
+                self.hungarian = Some((*key, *module, order.clone()));
+            }
+            _ => {}
+        }
+    }
+}
+
+impl CiView {
     pub fn reset_custom(&mut self) {
         self.custom_input.clear();
         self.custom_ci = None;
@@ -75,14 +120,16 @@ impl CiViewState {
 
 /// Column order of module `j` by cluster: members of each cluster (at the shown k) in cluster
 /// order, then every other subcomponent (dead or not clustered) by index.
-pub fn cluster_columns(app: &SpdApp, j: usize, c: usize) -> Vec<usize> {
-    let Some(s) = &app.snapshot else {
-        return (0..c).collect();
-    };
-    let name = &s.modules[j].name;
+pub fn cluster_columns(
+    snapshot: &Snapshot,
+    clusters: &ClusterState,
+    j: usize,
+    c: usize,
+) -> Vec<usize> {
+    let name = &snapshot.modules[j].name;
     let mut cols = vec![];
     let mut seen = vec![false; c];
-    for r in &app.cluster_rows {
+    for r in &clusters.rows {
         for l in &r.members {
             if let (m, Some(i)) = crate::app::cluster_data::split_label(l)
                 && m == name
@@ -98,160 +145,193 @@ pub fn cluster_columns(app: &SpdApp, j: usize, c: usize) -> Vec<usize> {
     cols
 }
 
-pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
-    module_picker(app, ui);
-    let Some(s) = app.snapshot.clone() else {
-        return;
-    };
-    let has_clusters = app.clusters.is_some();
-    let st = &mut app.views.ci;
-    if !has_clusters && st.order == Order::ByCluster {
-        st.order = Order::AsIs;
-    }
-    if st.vmax <= 0.0 {
-        st.vmax = 1.0;
-    }
-    ui.horizontal_wrapped(|ui| {
-        ui.label("inputs:");
-        ui.selectable_value(
-            &mut st.input_set,
-            InputSet::Probes,
-            format!("one-hot probes (value {})", s.probe_value),
-        );
-        ui.selectable_value(
-            &mut st.input_set,
-            InputSet::Batch,
-            format!("data batch ({})", s.n_batch),
-        );
-        ui.selectable_value(&mut st.input_set, InputSet::Custom, "custom");
-        ui.separator();
-        ui.label("columns:");
-        ui.selectable_value(&mut st.order, Order::AsIs, "as is");
-        ui.selectable_value(&mut st.order, Order::Hungarian, "Hungarian to diagonal");
-        ui.selectable_value(&mut st.order, Order::Density, "by density");
-        if ui
-            .add_enabled(
-                has_clusters,
-                egui::Button::selectable(st.order == Order::ByCluster, "by cluster"),
-            )
-            .on_disabled_hover_text("no clustering: run one in the Clusters view")
-            .clicked()
-        {
-            st.order = Order::ByCluster;
-        }
-    });
-    if st.input_set == InputSet::Custom {
-        custom_sliders(app, ui, &s);
-    }
-    let mut probe = app.settings.probe_value;
-    ui.horizontal(|ui| {
-        ui.add(egui::Slider::new(&mut app.views.ci.vmax, 0.05..=1.0).text("colour max"));
-        ui.separator();
-        if ui
-            .add(egui::Slider::new(&mut probe, 0.05..=1.0).text("probe value"))
-            .drag_stopped()
-        {
-            app.send(crate::worker::Command::SetProbeValue(probe));
-        }
-    });
-    app.settings.probe_value = probe;
-    let j = app.selection.module.min(s.modules.len() - 1);
-    let by_cluster = if app.views.ci.order == Order::ByCluster {
-        cluster_columns(app, j, s.modules[j].c)
-    } else {
-        vec![]
-    };
-    let members = app.selected_cluster_members(j);
-    let st = &mut app.views.ci;
-    let m = &s.modules[j];
-    let custom: &[f32] = st
-        .custom_ci
-        .as_ref()
-        .and_then(|(_, ci)| ci.get(j))
-        .filter(|ci| ci.len() == m.c)
-        .map(|v| v.as_slice())
-        .unwrap_or(&[]);
-    let (data, rows) = match st.input_set {
-        InputSet::Probes => (m.ci_probe.as_slice(), s.n_probe),
-        InputSet::Batch => (m.ci_batch.as_slice(), s.n_batch),
-        InputSet::Custom => (custom, custom.len() / m.c.max(1)),
-    };
-    if rows == 0 {
-        ui.label("computing the CI of the custom input...");
-        return;
-    }
-    let key = (
-        app.snapshot_version,
-        j,
-        st.input_set,
-        st.order,
-        st.vmax.to_bits(),
-        app.cluster_version,
-        st.custom_results,
-    );
-    if st.key != Some(key) {
-        st.columns = match st.order {
-            Order::ByCluster => by_cluster,
-            Order::AsIs => (0..m.c).collect(),
-            Order::Hungarian => toy_metrics::permute_to_identity(&m.ci_probe, s.n_probe, m.c),
-            Order::Density => {
-                let mut idx: Vec<usize> = (0..m.c).collect();
-                idx.sort_by(|&a, &b| m.mean_ci[b].total_cmp(&m.mean_ci[a]));
-                idx
-            }
+impl CiView {
+    fn show(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        module_picker(cx, ui);
+        let Some(s) = cx.snapshot().cloned() else {
+            return;
         };
-        // More rows than a screen shows are max-pooled into at most MAX_TEXTURE_ROWS texture
-        // rows (a cell lights if any of its rows fires); hover still reads exact rows.
-        let pool = pool_of(rows);
-        let tex_rows = rows.div_ceil(pool);
-        let inv = 1.0 / st.vmax;
-        let mut pixels = Vec::with_capacity(tex_rows * m.c);
-        let mut acc = vec![0f32; m.c];
-        for t in 0..tex_rows {
-            acc.iter_mut().for_each(|a| *a = 0.0);
-            for r in t * pool..((t + 1) * pool).min(rows) {
-                let row = &data[r * m.c..(r + 1) * m.c];
-                for (a, &c) in acc.iter_mut().zip(&st.columns) {
-                    *a = a.max(row[c]);
+        let has_clusters = cx.clusters.data.is_some();
+        let st = &mut *self;
+        if !has_clusters && st.order == Order::ByCluster {
+            st.order = Order::AsIs;
+        }
+        if st.vmax <= 0.0 {
+            st.vmax = 1.0;
+        }
+        ui.horizontal_wrapped(|ui| {
+            ui.label("inputs:");
+            ui.selectable_value(
+                &mut st.input_set,
+                InputSet::Probes,
+                format!("one-hot probes (value {})", s.probe_value),
+            );
+            ui.selectable_value(
+                &mut st.input_set,
+                InputSet::Batch,
+                format!("data batch ({})", s.n_batch),
+            );
+            ui.selectable_value(&mut st.input_set, InputSet::Custom, "custom");
+            ui.separator();
+            ui.label("columns:");
+            ui.selectable_value(&mut st.order, Order::AsIs, "as is");
+            ui.selectable_value(&mut st.order, Order::Hungarian, "Hungarian to diagonal");
+            ui.selectable_value(&mut st.order, Order::Density, "by density");
+            if ui
+                .add_enabled(
+                    has_clusters,
+                    egui::Button::selectable(st.order == Order::ByCluster, "by cluster"),
+                )
+                .on_disabled_hover_text("no clustering: run one in the Clusters view")
+                .clicked()
+            {
+                st.order = Order::ByCluster;
+            }
+        });
+        if st.input_set == InputSet::Custom {
+            self.custom_sliders(cx, ui, &s);
+        }
+        let mut probe = cx.settings.probe_value;
+        ui.horizontal(|ui| {
+            ui.add(egui::Slider::new(&mut self.vmax, 0.05..=1.0).text("colour max"));
+            ui.separator();
+            if ui
+                .add(egui::Slider::new(&mut probe, 0.05..=1.0).text("probe value"))
+                .drag_stopped()
+            {
+                cx.send(Command::SetProbeValue(probe));
+            }
+        });
+        cx.settings.probe_value = probe;
+        let j = cx.selection.module.min(s.modules.len() - 1);
+        let by_cluster = if self.order == Order::ByCluster {
+            cluster_columns(&s, cx.clusters, j, s.modules[j].c)
+        } else {
+            vec![]
+        };
+        let members = cx.selected_cluster_members(j);
+        let version = cx.snapshot_version();
+        // The Hungarian order is the worker's job: ask once per (snapshot, module).
+        if self.order == Order::Hungarian && self.hungarian_asked != Some((version, j)) {
+            self.hungarian_asked = Some((version, j));
+            cx.send(Command::ColumnOrder {
+                key: version,
+                module: j,
+                snapshot: s.clone(),
+            });
+        }
+        let hungarian = self
+            .hungarian
+            .as_ref()
+            .filter(|(v, mj, o)| *v == version && *mj == j && o.len() == s.modules[j].c)
+            .map(|(_, _, o)| o.clone());
+        let st = &mut *self;
+        let m = &s.modules[j];
+        let custom: &[f32] = st
+            .custom_ci
+            .as_ref()
+            .and_then(|(_, ci)| ci.get(j))
+            .filter(|ci| ci.len() == m.c)
+            .map(|v| v.as_slice())
+            .unwrap_or(&[]);
+        let (data, rows) = match st.input_set {
+            InputSet::Probes => (m.ci_probe.as_slice(), s.n_probe),
+            InputSet::Batch => (m.ci_batch.as_slice(), s.n_batch),
+            InputSet::Custom => (custom, custom.len() / m.c.max(1)),
+        };
+        if rows == 0 {
+            ui.label("computing the CI of the custom input...");
+            return;
+        }
+        let key = (
+            version,
+            j,
+            st.input_set,
+            st.order,
+            st.vmax.to_bits(),
+            cx.clusters.version,
+            st.custom_results,
+            hungarian.is_some(),
+        );
+        if st.key != Some(key) {
+            st.columns = match st.order {
+                Order::ByCluster => by_cluster,
+                Order::AsIs => (0..m.c).collect(),
+                Order::Hungarian => hungarian.unwrap_or_else(|| (0..m.c).collect()),
+                Order::Density => {
+                    let mut idx: Vec<usize> = (0..m.c).collect();
+                    idx.sort_by(|&a, &b| m.mean_ci[b].total_cmp(&m.mean_ci[a]));
+                    idx
+                }
+            };
+            // More rows than a screen shows are max-pooled into at most MAX_TEXTURE_ROWS texture
+            // rows (a cell lights if any of its rows fires); hover still reads exact rows.
+            let pool = pool_of(rows);
+            let tex_rows = rows.div_ceil(pool);
+            let inv = 1.0 / st.vmax;
+            let mut pixels = Vec::with_capacity(tex_rows * m.c);
+            let mut acc = vec![0f32; m.c];
+            for t in 0..tex_rows {
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                for r in t * pool..((t + 1) * pool).min(rows) {
+                    let row = &data[r * m.c..(r + 1) * m.c];
+                    for (a, &c) in acc.iter_mut().zip(&st.columns) {
+                        *a = a.max(row[c]);
+                    }
+                }
+                pixels.extend(acc.iter().map(|&v| sequential(v * inv)));
+            }
+            let img = egui::ColorImage::new([m.c, tex_rows], pixels);
+            match &mut st.texture {
+                Some(t) => t.set(img, egui::TextureOptions::NEAREST),
+                None => {
+                    st.texture = Some(ui.ctx().load_texture(
+                        "ci-heatmap",
+                        img,
+                        egui::TextureOptions::NEAREST,
+                    ))
                 }
             }
-            pixels.extend(acc.iter().map(|&v| sequential(v * inv)));
+            st.key = Some(key);
+            st.rows = rows;
+            st.uploads += 1;
         }
-        let img = egui::ColorImage::new([m.c, tex_rows], pixels);
-        match &mut st.texture {
-            Some(t) => t.set(img, egui::TextureOptions::NEAREST),
-            None => {
-                st.texture = Some(ui.ctx().load_texture(
-                    "ci-heatmap",
-                    img,
-                    egui::TextureOptions::NEAREST,
-                ))
+        let Some(tex) = &st.texture else { return };
+        let mut avail = ui.available_size() - egui::vec2(0.0, 24.0);
+        if st.input_set == InputSet::Custom {
+            avail.y = avail.y.min(80.0);
+        }
+        let (rect, resp) =
+            ui.allocate_exact_size(avail.max(egui::vec2(50.0, 50.0)), egui::Sense::click());
+        ui.painter().image(
+            tex.id(),
+            rect,
+            egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
+            egui::Color32::WHITE,
+        );
+        let cell = |pos: egui::Pos2| -> Option<(usize, usize)> {
+            let uv = (pos - rect.min) / rect.size();
+            let (x, y) = ((uv.x * m.c as f32) as usize, (uv.y * rows as f32) as usize);
+            (x < m.c && y < rows).then_some((y, x))
+        };
+        for &mc in &members {
+            if let Some(col) = st.columns.iter().position(|&c| c == mc) {
+                let w = rect.width() / m.c as f32;
+                let r = egui::Rect::from_min_size(
+                    egui::pos2(rect.left() + col as f32 * w, rect.top()),
+                    egui::vec2(w, rect.height()),
+                );
+                ui.painter().rect_stroke(
+                    r,
+                    0.0,
+                    egui::Stroke::new(2.0, CLUSTER_COLOR),
+                    egui::StrokeKind::Inside,
+                );
             }
         }
-        st.key = Some(key);
-        st.rows = rows;
-        st.uploads += 1;
-    }
-    let Some(tex) = &st.texture else { return };
-    let mut avail = ui.available_size() - egui::vec2(0.0, 24.0);
-    if st.input_set == InputSet::Custom {
-        avail.y = avail.y.min(80.0);
-    }
-    let (rect, resp) =
-        ui.allocate_exact_size(avail.max(egui::vec2(50.0, 50.0)), egui::Sense::click());
-    ui.painter().image(
-        tex.id(),
-        rect,
-        egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
-        egui::Color32::WHITE,
-    );
-    let cell = |pos: egui::Pos2| -> Option<(usize, usize)> {
-        let uv = (pos - rect.min) / rect.size();
-        let (x, y) = ((uv.x * m.c as f32) as usize, (uv.y * rows as f32) as usize);
-        (x < m.c && y < rows).then_some((y, x))
-    };
-    for &mc in &members {
-        if let Some(col) = st.columns.iter().position(|&c| c == mc) {
+        if let Some(sel) = cx.selection.component
+            && let Some(col) = st.columns.iter().position(|&c| c == sel)
+        {
             let w = rect.width() / m.c as f32;
             let r = egui::Rect::from_min_size(
                 egui::pos2(rect.left() + col as f32 * w, rect.top()),
@@ -260,57 +340,50 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
             ui.painter().rect_stroke(
                 r,
                 0.0,
-                egui::Stroke::new(2.0, CLUSTER_COLOR),
+                egui::Stroke::new(1.5, egui::Color32::from_rgb(230, 80, 20)),
                 egui::StrokeKind::Inside,
             );
         }
-    }
-    if let Some(sel) = app.selection.component
-        && let Some(col) = st.columns.iter().position(|&c| c == sel)
-    {
-        let w = rect.width() / m.c as f32;
-        let r = egui::Rect::from_min_size(
-            egui::pos2(rect.left() + col as f32 * w, rect.top()),
-            egui::vec2(w, rect.height()),
-        );
-        ui.painter().rect_stroke(
-            r,
-            0.0,
-            egui::Stroke::new(1.5, egui::Color32::from_rgb(230, 80, 20)),
-            egui::StrokeKind::Inside,
-        );
-    }
-    if let Some(pos) = resp.hover_pos()
-        && let Some((r, x)) = cell(pos)
-    {
-        let c = st.columns[x];
-        let input = match st.input_set {
-            InputSet::Probes => s.probe_labels.get(r).cloned().unwrap_or_default(),
-            InputSet::Custom => format!("custom input {}", custom_label(&st.custom_input)),
-            InputSet::Batch => format!(
-                "batch row {r}: {}",
-                custom_label(&s.batch_inputs[r * s.n_features..(r + 1) * s.n_features])
-            ),
-        };
-        let v = data[r * m.c + c];
-        resp.clone()
-            .on_hover_text(format!("{input}\n{}:{c}\nCI = {v:.4}", m.name));
-        if resp.clicked() {
-            app.selection.component = Some(c);
+        if let Some(pos) = resp.hover_pos()
+            && let Some((r, x)) = cell(pos)
+        {
+            let c = st.columns[x];
+            let input = match st.input_set {
+                InputSet::Probes => s.probe_labels.get(r).cloned().unwrap_or_default(),
+                InputSet::Custom => format!("custom input {}", custom_label(&st.custom_input)),
+                InputSet::Batch => format!(
+                    "batch row {r}: {}",
+                    custom_label(&s.batch_inputs[r * s.n_features..(r + 1) * s.n_features])
+                ),
+            };
+            let v = data[r * m.c + c];
+            resp.clone()
+                .on_hover_text(format!("{input}\n{}:{c}\nCI = {v:.4}", m.name));
+            if resp.clicked() {
+                cx.selection.component = Some(c);
+            }
+        }
+        ui.label(format!(
+            "{} rows x {} subcomponents of {} (lower-leaky CI; colour scale 0 to {:.2}){}",
+            rows,
+            m.c,
+            m.name,
+            st.vmax,
+            if pool_of(rows) > 1 {
+                format!("; drawn {} rows per pixel row (max)", pool_of(rows))
+            } else {
+                String::new()
+            }
+        ));
+        if st.order == Order::Hungarian
+            && st
+                .hungarian
+                .as_ref()
+                .is_none_or(|h| (h.0, h.1) != (version, j))
+        {
+            ui.weak("(Hungarian order: waiting for the worker; shown as is)");
         }
     }
-    ui.label(format!(
-        "{} rows x {} subcomponents of {} (lower-leaky CI; colour scale 0 to {:.2}){}",
-        rows,
-        m.c,
-        m.name,
-        st.vmax,
-        if pool_of(rows) > 1 {
-            format!("; drawn {} rows per pixel row (max)", pool_of(rows))
-        } else {
-            String::new()
-        }
-    ));
 }
 
 /// `f0=0.50 f3=0.20` (non-zero features) or `all zero`, for custom and batch rows.
@@ -328,109 +401,109 @@ pub fn custom_label(input: &[f32]) -> String {
     }
 }
 
-/// One slider per input feature; the CI of the edited row is asked from the worker (one request
-/// in flight at a time, the latest input wins).
-fn custom_sliders(app: &mut SpdApp, ui: &mut egui::Ui, s: &crate::worker::Snapshot) {
-    let nf = s.n_features;
-    let (lo, hi) = s.value_range;
-    let version = app.snapshot_version;
-    let st = &mut app.views.ci;
-    if st.custom_input.len() != nf {
-        st.custom_input = vec![0.0; nf];
-        if let Some(x) = st.custom_input.first_mut() {
-            *x = hi * 0.75;
+impl CiView {
+    /// One slider per input feature; the CI of the edited row is asked from the worker (one request
+    /// in flight at a time, the latest input wins).
+    fn custom_sliders(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui, s: &Snapshot) {
+        let nf = s.n_features;
+        let (lo, hi) = s.value_range;
+        let version = cx.snapshot_version();
+        let st = &mut *self;
+        if st.custom_input.len() != nf {
+            st.custom_input = vec![0.0; nf];
+            if let Some(x) = st.custom_input.first_mut() {
+                *x = hi * 0.75;
+            }
+            st.custom_dirty = true;
         }
-        st.custom_dirty = true;
-    }
-    let mut changed = false;
-    ui.horizontal(|ui| {
-        ui.label(format!("custom input ({nf} features, range {lo} to {hi}):"));
-        if ui.small_button("zero all").clicked() {
-            st.custom_input.iter_mut().for_each(|x| *x = 0.0);
-            changed = true;
-        }
-        if st.custom_pending {
-            ui.spinner();
-        }
-    });
-    egui::ScrollArea::vertical()
-        .id_salt("custom-sliders")
-        .max_height(70.0)
-        .show(ui, |ui| {
-            let cols = ((ui.available_width() / 190.0) as usize).max(1);
-            ui.spacing_mut().slider_width = 100.0;
-            egui::Grid::new("custom-grid").show(ui, |ui| {
-                for (i, v) in st.custom_input.iter_mut().enumerate() {
-                    ui.horizontal(|ui| {
-                        let l = ui.label(format!("f{i}"));
-                        changed |= ui
-                            .add(egui::Slider::new(v, lo..=hi))
-                            .labelled_by(l.id)
-                            .changed();
-                    });
-                    if (i + 1) % cols == 0 {
-                        ui.end_row();
-                    }
-                }
-            });
+        let mut changed = false;
+        ui.horizontal(|ui| {
+            ui.label(format!("custom input ({nf} features, range {lo} to {hi}):"));
+            if ui.small_button("zero all").clicked() {
+                st.custom_input.iter_mut().for_each(|x| *x = 0.0);
+                changed = true;
+            }
+            if st.custom_pending {
+                ui.spinner();
+            }
         });
-    if changed || st.custom_asked_at != version {
-        st.custom_dirty = true;
-    }
-    if st.custom_dirty && !st.custom_pending {
-        let input = st.custom_input.clone();
-        if app.send(crate::worker::Command::CustomCi(input)) {
-            let st = &mut app.views.ci;
-            st.custom_dirty = false;
-            st.custom_pending = true;
-            st.custom_asked_at = version;
+        egui::ScrollArea::vertical()
+            .id_salt("custom-sliders")
+            .max_height(70.0)
+            .show(ui, |ui| {
+                let cols = ((ui.available_width() / 190.0) as usize).max(1);
+                ui.spacing_mut().slider_width = 100.0;
+                egui::Grid::new("custom-grid").show(ui, |ui| {
+                    for (i, v) in st.custom_input.iter_mut().enumerate() {
+                        ui.horizontal(|ui| {
+                            let l = ui.label(format!("f{i}"));
+                            changed |= ui
+                                .add(egui::Slider::new(v, lo..=hi))
+                                .labelled_by(l.id)
+                                .changed();
+                        });
+                        if (i + 1) % cols == 0 {
+                            ui.end_row();
+                        }
+                    }
+                });
+            });
+        if changed || st.custom_asked_at != version {
+            st.custom_dirty = true;
+        }
+        if st.custom_dirty && !st.custom_pending {
+            let input = st.custom_input.clone();
+            if cx.send(Command::CustomCi(input)) {
+                st.custom_dirty = false;
+                st.custom_pending = true;
+                st.custom_asked_at = version;
+            }
         }
     }
 }
 
-/// CSV of the heatmap as shown: rows = inputs (labelled), columns = subcomponents in the
-/// shown order.
-pub fn csv(app: &SpdApp) -> anyhow::Result<String> {
-    let s = app
-        .snapshot
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("no decomposition loaded"))?;
-    let st = &app.views.ci;
-    let j = app.selection.module.min(s.modules.len().saturating_sub(1));
-    let m = s
-        .modules
-        .get(j)
-        .ok_or_else(|| anyhow::anyhow!("the decomposition has no modules"))?;
-    let columns: Vec<usize> = if st.columns.len() == m.c {
-        st.columns.clone()
-    } else {
-        (0..m.c).collect()
-    };
-    let nf = s.n_features;
-    let (data, labels): (&[f32], Vec<String>) = match st.input_set {
-        InputSet::Probes => (
-            &m.ci_probe,
-            (0..nf)
-                .map(|i| format!("feature {i} = {}", s.probe_value))
-                .collect(),
-        ),
-        InputSet::Batch => (
-            &m.ci_batch,
-            (0..s.n_batch)
-                .map(|r| {
-                    format!(
-                        "batch row {r}: {}",
-                        custom_label(&s.batch_inputs[r * nf..(r + 1) * nf])
-                    )
-                })
-                .collect(),
-        ),
-        InputSet::Custom => match &st.custom_ci {
-            Some((input, ci)) if ci.get(j).is_some_and(|v| v.len() == m.c) => {
-                (&ci[j], vec![format!("custom: {}", custom_label(input))])
-            }
-            _ => anyhow::bail!("the custom input's CI has not arrived yet"),
-        },
-    };
-    Ok(crate::app::export::ci_csv(m, data, &labels, &columns))
+impl CiView {
+    /// CSV of the heatmap as shown: rows = inputs (labelled), columns = subcomponents in the
+    /// shown order.
+    fn csv_text(&self, cx: &ViewCtx) -> anyhow::Result<String> {
+        let s = cx.require_snapshot()?;
+        let st = self;
+        let j = cx.selection.module.min(s.modules.len().saturating_sub(1));
+        let m = s
+            .modules
+            .get(j)
+            .ok_or_else(|| anyhow::anyhow!("the decomposition has no modules"))?;
+        let columns: Vec<usize> = if st.columns.len() == m.c {
+            st.columns.clone()
+        } else {
+            (0..m.c).collect()
+        };
+        let nf = s.n_features;
+        let (data, labels): (&[f32], Vec<String>) = match st.input_set {
+            InputSet::Probes => (
+                &m.ci_probe,
+                (0..nf)
+                    .map(|i| format!("feature {i} = {}", s.probe_value))
+                    .collect(),
+            ),
+            InputSet::Batch => (
+                &m.ci_batch,
+                (0..s.n_batch)
+                    .map(|r| {
+                        format!(
+                            "batch row {r}: {}",
+                            custom_label(&s.batch_inputs[r * nf..(r + 1) * nf])
+                        )
+                    })
+                    .collect(),
+            ),
+            InputSet::Custom => match &st.custom_ci {
+                Some((input, ci)) if ci.get(j).is_some_and(|v| v.len() == m.c) => {
+                    (&ci[j], vec![format!("custom: {}", custom_label(input))])
+                }
+                _ => anyhow::bail!("the custom input's CI has not arrived yet"),
+            },
+        };
+        Ok(crate::app::export::ci_csv(m, data, &labels, &columns))
+    }
 }

@@ -1,18 +1,19 @@
 //! Clusters: the MDL merge clustering of the open decomposition. Co-activation matrix of the
 //! alive subcomponents in cluster order (one texture, re-uploaded only when k or the data
 //! changes), a slider over the merge history, a clickable cluster table, and the description
-//! length curve. Without a stored clustering, "Run clustering" runs one off the UI thread.
+//! length curve. Without a stored clustering, "Run clustering" runs one on the worker (a job
+//! with progress and cancel).
 
 use eframe::egui;
 use egui_plot::{Legend, Line, Plot, PlotPoints, Points, VLine};
 
-use super::{CLUSTER_COLOR, sequential, short_members};
-use crate::app::SpdApp;
 use crate::app::cluster_data::ClusterData;
+use crate::app::view::{Action, View, ViewCtx};
+use crate::app::widgets::{CLUSTER_COLOR, sequential, short_members};
 use crate::cluster::ClusterOptions;
 
 #[derive(Default)]
-pub struct ClustersViewState {
+pub struct ClustersView {
     /// Options of the next "Run clustering".
     pub options: ClusterOptions,
     texture: Option<egui::TextureHandle>,
@@ -22,167 +23,205 @@ pub struct ClustersViewState {
     pub uploads: u64,
 }
 
-pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
-    let Some(d) = app.clusters.clone() else {
-        ui.label("This decomposition has no stored clustering.");
-        run_controls(app, ui);
-        return;
-    };
-    let (lo, hi) = d.k_range();
-    let mut k = app.cluster_k;
-    ui.horizontal_wrapped(|ui| {
-        if ui
-            .add_enabled(k > lo, egui::Button::new("fewer").small())
-            .on_hover_text("one merge further (k - 1)")
-            .clicked()
-        {
-            k -= 1;
-        }
-        ui.add(egui::Slider::new(&mut k, lo..=hi.max(lo)).text("groups (k)"));
-        if ui
-            .add_enabled(k < hi, egui::Button::new("more").small())
-            .on_hover_text("one merge back (k + 1)")
-            .clicked()
-        {
-            k += 1;
-        }
-        if ui
-            .button(format!("best k = {}", d.result.best_k))
-            .on_hover_text("minimum description length")
-            .clicked()
-        {
-            k = d.result.best_k;
-        }
-        ui.separator();
-        ui.label(format!(
-            "{} alive, {} dead subcomponents; co-activation on {} samples (CI > {})",
-            d.n_alive(),
-            d.result.dead.len(),
-            d.n_samples,
-            d.result.options.activation_threshold
-        ));
-    });
-    app.set_cluster_k(k);
-    ui.collapsing("Run clustering again", |ui| run_controls(app, ui));
-
-    let avail = ui.available_size();
-    let plot_h = (avail.y * 0.3).clamp(90.0, 220.0);
-    let side = (avail.y - plot_h - 16.0).min(avail.x * 0.45).max(60.0);
-    ui.horizontal_top(|ui| {
-        matrix(app, ui, &d, side);
-        ui.vertical(|ui| {
-            ui.set_max_height(side);
-            table(app, ui);
-        });
-    });
-    dl_plot(app, ui, &d, plot_h);
-}
-
-fn run_controls(app: &mut SpdApp, ui: &mut egui::Ui) {
-    let running = app.clustering_running();
-    let mut run = None;
-    let o = &mut app.views.clusters.options;
-    ui.horizontal_wrapped(|ui| {
-        ui.add(
-            egui::DragValue::new(&mut o.alpha)
-                .range(0.0..=100.0)
-                .speed(0.01)
-                .prefix("alpha "),
-        )
-        .on_hover_text("rank weight of the description length");
-        ui.add(
-            egui::DragValue::new(&mut o.activation_threshold)
-                .range(0.0..=1.0)
-                .speed(0.001)
-                .prefix("threshold "),
-        )
-        .on_hover_text("CI above which a subcomponent counts as firing");
-        ui.add(egui::DragValue::new(&mut o.seed).prefix("seed "));
-        ui.add(
-            egui::DragValue::new(&mut o.n_samples)
-                .range(64..=65536)
-                .prefix("samples "),
-        );
-        if ui
-            .add_enabled(!running, egui::Button::new("Run clustering"))
-            .clicked()
-        {
-            run = Some(o.clone());
-        }
-        if running {
-            ui.spinner();
-            ui.label("clustering...");
-        }
-    });
-    if let Some(opts) = run {
-        app.run_clustering(opts);
+impl View for ClustersView {
+    fn name(&self) -> &'static str {
+        "clusters"
+    }
+    fn label(&self) -> &'static str {
+        "Clusters"
+    }
+    fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        self.show(cx, ui)
+    }
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
+        let d = cx
+            .clusters
+            .data
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no clustering yet: run one first"))?;
+        Ok(crate::app::cluster_data::clusters_csv(
+            d,
+            &cx.clusters.rows,
+            cx.clusters.k,
+        ))
     }
 }
 
-fn matrix(app: &mut SpdApp, ui: &mut egui::Ui, d: &ClusterData, side: f32) {
-    let na = d.n_alive();
-    let st = &mut app.views.clusters;
-    if na == 0 {
-        ui.label("no alive subcomponents");
-        return;
-    }
-    if st.key != Some(app.cluster_version) {
-        st.order = ClusterData::cluster_order(&app.cluster_rows);
-        let mut px = Vec::with_capacity(na * na);
-        for &i in &st.order {
-            for &j in &st.order {
-                px.push(sequential(d.coact_norm(i, j)));
-            }
-        }
-        let img = egui::ColorImage::new([na, na], px);
-        match &mut st.texture {
-            Some(t) => t.set(img, egui::TextureOptions::NEAREST),
-            None => {
-                st.texture = Some(ui.ctx().load_texture(
-                    "coactivation",
-                    img,
-                    egui::TextureOptions::NEAREST,
-                ))
-            }
-        }
-        st.key = Some(app.cluster_version);
-        st.uploads += 1;
-    }
-    let Some(tex) = &st.texture else { return };
-    let (rect, resp) = ui.allocate_exact_size(egui::vec2(side, side), egui::Sense::click());
-    let painter = ui.painter_at(rect.expand(2.0));
-    painter.image(
-        tex.id(),
-        rect,
-        egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
-        egui::Color32::WHITE,
-    );
-    let cell = side / na as f32;
-    // Cluster blocks on the diagonal.
-    let mut start = 0usize;
-    for (ci, r) in app.cluster_rows.iter().enumerate() {
-        let block = egui::Rect::from_min_size(
-            rect.min + egui::vec2(start as f32 * cell, start as f32 * cell),
-            egui::vec2(r.rank as f32 * cell, r.rank as f32 * cell),
-        );
-        let selected = app.selection.cluster == Some(ci);
-        let stroke = if selected {
-            egui::Stroke::new(2.5, CLUSTER_COLOR)
-        } else {
-            egui::Stroke::new(1.0, egui::Color32::from_rgb(230, 80, 20))
+impl ClustersView {
+    fn show(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        let Some(d) = cx.clusters.data.clone() else {
+            ui.label("This decomposition has no stored clustering.");
+            self.run_controls(cx, ui);
+            return;
         };
-        painter.rect_stroke(block, 0.0, stroke, egui::StrokeKind::Middle);
-        start += r.rank;
+        let (lo, hi) = d.k_range();
+        let mut k = cx.clusters.k;
+        ui.horizontal_wrapped(|ui| {
+            if ui
+                .add_enabled(k > lo, egui::Button::new("fewer").small())
+                .on_hover_text("one merge further (k - 1)")
+                .clicked()
+            {
+                k -= 1;
+            }
+            ui.add(egui::Slider::new(&mut k, lo..=hi.max(lo)).text("groups (k)"));
+            if ui
+                .add_enabled(k < hi, egui::Button::new("more").small())
+                .on_hover_text("one merge back (k + 1)")
+                .clicked()
+            {
+                k += 1;
+            }
+            if ui
+                .button(format!("best k = {}", d.result.best_k))
+                .on_hover_text("minimum description length")
+                .clicked()
+            {
+                k = d.result.best_k;
+            }
+            ui.separator();
+            ui.label(format!(
+                "{} alive, {} dead subcomponents; co-activation on {} samples (CI > {})",
+                d.n_alive(),
+                d.result.dead.len(),
+                d.n_samples,
+                d.result.options.activation_threshold
+            ));
+        });
+        cx.clusters.set_k(k, cx.selection);
+        ui.collapsing("Run clustering again", |ui| self.run_controls(cx, ui));
+
+        let avail = ui.available_size();
+        let plot_h = (avail.y * 0.3).clamp(90.0, 220.0);
+        let side = (avail.y - plot_h - 16.0).min(avail.x * 0.45).max(60.0);
+        ui.horizontal_top(|ui| {
+            self.matrix(cx, ui, &d, side);
+            ui.vertical(|ui| {
+                ui.set_max_height(side);
+                table(cx, ui);
+            });
+        });
+        dl_plot(cx, ui, &d, plot_h);
     }
-    if let Some(pos) = resp.hover_pos() {
-        let x = ((pos.x - rect.left()) / cell) as usize;
-        let y = ((pos.y - rect.top()) / cell) as usize;
-        if x < na && y < na {
-            let (i, j) = (st.order[y], st.order[x]);
-            let labels = &d.result.labels_alive;
-            let both = d.coact[i * na + j];
-            let cluster_of = |a: usize| app.cluster_rows.iter().position(|r| r.alive.contains(&a));
-            resp.clone().on_hover_text(format!(
+
+    fn run_controls(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        let job = cx.clusters.job.clone();
+        let running = job.is_some();
+        let mut run = None;
+        let mut cancel = false;
+        let o = &mut self.options;
+        ui.horizontal_wrapped(|ui| {
+            ui.add(
+                egui::DragValue::new(&mut o.alpha)
+                    .range(0.0..=100.0)
+                    .speed(0.01)
+                    .prefix("alpha "),
+            )
+            .on_hover_text("rank weight of the description length");
+            ui.add(
+                egui::DragValue::new(&mut o.activation_threshold)
+                    .range(0.0..=1.0)
+                    .speed(0.001)
+                    .prefix("threshold "),
+            )
+            .on_hover_text("CI above which a subcomponent counts as firing");
+            ui.add(egui::DragValue::new(&mut o.seed).prefix("seed "));
+            ui.add(
+                egui::DragValue::new(&mut o.n_samples)
+                    .range(64..=65536)
+                    .prefix("samples "),
+            );
+            if ui
+                .add_enabled(!running, egui::Button::new("Run clustering"))
+                .clicked()
+            {
+                run = Some(o.clone());
+            }
+            if let Some(j) = &job {
+                ui.spinner();
+                ui.add(
+                    egui::ProgressBar::new(j.fraction)
+                        .desired_width(160.0)
+                        .text(format!("clustering: {}", j.stage)),
+                );
+                cancel = ui
+                    .add_enabled(j.id.is_some(), egui::Button::new("Cancel"))
+                    .clicked();
+            }
+        });
+        if let Some(opts) = run {
+            cx.request(Action::RunClustering(opts));
+        }
+        if cancel {
+            cx.request(Action::CancelClustering);
+        }
+    }
+
+    fn matrix(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui, d: &ClusterData, side: f32) {
+        let na = d.n_alive();
+        let st = self;
+        if na == 0 {
+            ui.label("no alive subcomponents");
+            return;
+        }
+        if st.key != Some(cx.clusters.version) {
+            st.order = ClusterData::cluster_order(&cx.clusters.rows);
+            let mut px = Vec::with_capacity(na * na);
+            for &i in &st.order {
+                for &j in &st.order {
+                    px.push(sequential(d.coact_norm(i, j)));
+                }
+            }
+            let img = egui::ColorImage::new([na, na], px);
+            match &mut st.texture {
+                Some(t) => t.set(img, egui::TextureOptions::NEAREST),
+                None => {
+                    st.texture = Some(ui.ctx().load_texture(
+                        "coactivation",
+                        img,
+                        egui::TextureOptions::NEAREST,
+                    ))
+                }
+            }
+            st.key = Some(cx.clusters.version);
+            st.uploads += 1;
+        }
+        let Some(tex) = &st.texture else { return };
+        let (rect, resp) = ui.allocate_exact_size(egui::vec2(side, side), egui::Sense::click());
+        let painter = ui.painter_at(rect.expand(2.0));
+        painter.image(
+            tex.id(),
+            rect,
+            egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
+            egui::Color32::WHITE,
+        );
+        let cell = side / na as f32;
+        // Cluster blocks on the diagonal.
+        let mut start = 0usize;
+        for (ci, r) in cx.clusters.rows.iter().enumerate() {
+            let block = egui::Rect::from_min_size(
+                rect.min + egui::vec2(start as f32 * cell, start as f32 * cell),
+                egui::vec2(r.rank as f32 * cell, r.rank as f32 * cell),
+            );
+            let selected = cx.selection.cluster == Some(ci);
+            let stroke = if selected {
+                egui::Stroke::new(2.5, CLUSTER_COLOR)
+            } else {
+                egui::Stroke::new(1.0, egui::Color32::from_rgb(230, 80, 20))
+            };
+            painter.rect_stroke(block, 0.0, stroke, egui::StrokeKind::Middle);
+            start += r.rank;
+        }
+        if let Some(pos) = resp.hover_pos() {
+            let x = ((pos.x - rect.left()) / cell) as usize;
+            let y = ((pos.y - rect.top()) / cell) as usize;
+            if x < na && y < na {
+                let (i, j) = (st.order[y], st.order[x]);
+                let labels = &d.result.labels_alive;
+                let both = d.coact[i * na + j];
+                let rows = &cx.clusters.rows;
+                let cluster_of = |a: usize| rows.iter().position(|r| r.alive.contains(&a));
+                resp.clone().on_hover_text(format!(
                 "{} (cluster {}) and {} (cluster {})\nfire together on {both} of {} samples\nnormalised co-activation {:.3}",
                 labels[i],
                 cluster_of(i).map(|c| c.to_string()).unwrap_or_default(),
@@ -191,14 +230,15 @@ fn matrix(app: &mut SpdApp, ui: &mut egui::Ui, d: &ClusterData, side: f32) {
                 d.n_samples,
                 d.coact_norm(i, j)
             ));
-            if resp.clicked() {
-                app.selection.cluster = cluster_of(i);
+                if resp.clicked() {
+                    cx.selection.cluster = cluster_of(i);
+                }
             }
         }
     }
 }
 
-fn table(app: &mut SpdApp, ui: &mut egui::Ui) {
+fn table(cx: &mut ViewCtx, ui: &mut egui::Ui) {
     egui::ScrollArea::vertical()
         .id_salt("cluster-table")
         .auto_shrink([false, true])
@@ -214,8 +254,8 @@ fn table(app: &mut SpdApp, ui: &mut egui::Ui) {
                     ui.strong("members");
                     ui.end_row();
                     let mut clicked = None;
-                    for (i, r) in app.cluster_rows.iter().enumerate() {
-                        let selected = app.selection.cluster == Some(i);
+                    for (i, r) in cx.clusters.rows.iter().enumerate() {
+                        let selected = cx.selection.cluster == Some(i);
                         if ui
                             .selectable_label(selected, format!("cluster {}", r.id))
                             .clicked()
@@ -237,13 +277,13 @@ fn table(app: &mut SpdApp, ui: &mut egui::Ui) {
                         ui.end_row();
                     }
                     if let Some(c) = clicked {
-                        app.selection.cluster = c;
+                        cx.selection.cluster = c;
                     }
                 });
         });
 }
 
-fn dl_plot(app: &SpdApp, ui: &mut egui::Ui, d: &ClusterData, h: f32) {
+fn dl_plot(cx: &ViewCtx, ui: &mut egui::Ui, d: &ClusterData, h: f32) {
     let pts: Vec<[f64; 2]> = d
         .result
         .description_length
@@ -271,7 +311,7 @@ fn dl_plot(app: &SpdApp, ui: &mut egui::Ui, d: &ClusterData, h: f32) {
                 );
             }
             p.vline(
-                VLine::new(format!("shown k = {}", app.cluster_k), app.cluster_k as f64)
+                VLine::new(format!("shown k = {}", cx.clusters.k), cx.clusters.k as f64)
                     .color(CLUSTER_COLOR),
             );
         });

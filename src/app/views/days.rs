@@ -5,11 +5,12 @@
 use eframe::egui;
 use egui_plot::{Arrows, Corner, Legend, Line, Plot, PlotPoints, Points, Text};
 
-use crate::app::SpdApp;
+use crate::app::view::{Action, View, ViewCtx};
+use crate::app::widgets::sequential;
 use crate::metrics::days::DaysViewData;
 use crate::model::days::{OP_NAMES, answer, day_angle, day_name};
 
-pub struct DaysViewState {
+pub struct DaysView {
     pub day: usize,
     pub op: usize,
     /// Position along the mechanism path (0 = mechanism off, 1 = fully on).
@@ -18,9 +19,9 @@ pub struct DaysViewState {
     pub ablate: bool,
 }
 
-impl Default for DaysViewState {
+impl Default for DaysView {
     fn default() -> Self {
-        DaysViewState {
+        DaysView {
             day: 0,
             op: 1,
             t: 1.0,
@@ -33,71 +34,88 @@ impl Default for DaysViewState {
 const READ: egui::Color32 = egui::Color32::from_rgb(44, 160, 44);
 const WRITE: egui::Color32 = egui::Color32::from_rgb(230, 80, 20);
 
-pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
-    let Some(d) = app.snapshot.as_ref().and_then(|s| s.days.clone()) else {
-        ui.label("This view shows a decomposition of the 'days' preset: 7 days on a circle, and 'next day' as a rotation mechanism.");
-        ui.horizontal(|ui| {
-            if ui.button("Open the shipped days decomposition").clicked() {
-                app.history.clear();
-                app.send(crate::worker::Command::Load(crate::worker::Source::Asset(
-                    "days".into(),
-                )));
-            }
-            if ui.button("New run of the days preset").clicked() {
-                app.settings.preset = "days".into();
-                if let Ok(c) = crate::presets::spd_config("days") {
-                    app.settings.steps = c.steps;
-                    app.settings.lr = c.lr_schedule.start_val;
-                }
-                app.new_run();
-            }
-        });
-        return;
-    };
-    let st = &mut app.views.days;
-    st.day = st.day.min(d.n_days - 1);
-    st.op = st.op.min(d.n_ops - 1);
-    if st.playing {
-        st.t += ui.ctx().input(|i| i.stable_dt).min(0.1) / 1.5;
-        if st.t >= 1.0 {
-            st.t = 1.0;
-            st.playing = false;
-        }
-        ui.ctx().request_repaint();
+impl View for DaysView {
+    fn name(&self) -> &'static str {
+        "days"
     }
-    ui.horizontal_wrapped(|ui| {
-        ui.label("day:");
-        for day in 0..d.n_days {
-            ui.selectable_value(&mut st.day, day, day_name(d.n_days, day));
-        }
-        ui.separator();
-        ui.label("operation:");
-        for (op, name) in OP_NAMES.iter().enumerate().take(d.n_ops) {
-            ui.selectable_value(&mut st.op, op, *name);
-        }
-        ui.separator();
-        if ui
-            .button("Play")
-            .on_hover_text("dial the mechanism from 0 to 1")
-            .clicked()
-        {
-            st.t = 0.0;
-            st.playing = true;
-        }
-        ui.add(egui::Slider::new(&mut st.t, 0.0..=1.0).text("mechanism mask"));
-        ui.separator();
-        ui.checkbox(&mut st.ablate, "ablate the rotation mechanism (unlearn)");
-    });
-    let st = &app.views.days;
-    ui.columns(2, |cols| {
-        circle_plot(&mut cols[0], &d, st);
-        answers_table(&mut cols[1], &d, st);
-    });
-    ui.separator();
-    ci_grid(app, ui, &d);
+    fn label(&self) -> &'static str {
+        "Days demo"
+    }
+    fn needs_snapshot(&self) -> bool {
+        false
+    }
+    fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        self.show(cx, ui)
+    }
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
+        csv(cx)
+    }
 }
 
-fn circle_plot(ui: &mut egui::Ui, d: &DaysViewData, st: &DaysViewState) {
+impl DaysView {
+    fn show(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        let Some(d) = cx.snapshot().and_then(|s| s.days.clone()) else {
+            ui.label("This view shows a decomposition of the 'days' preset: 7 days on a circle, and 'next day' as a rotation mechanism.");
+            ui.horizontal(|ui| {
+                if ui.button("Open the shipped days decomposition").clicked() {
+                    cx.request(Action::Load(crate::worker::Source::Asset("days".into())));
+                }
+                if ui.button("New run of the days preset").clicked() {
+                    cx.settings.preset = "days".into();
+                    if let Ok(c) = crate::presets::spd_config("days") {
+                        cx.settings.steps = c.steps;
+                        cx.settings.lr = c.lr_schedule.start_val;
+                    }
+                    cx.request(Action::NewRun);
+                }
+            });
+            return;
+        };
+        let st = &mut *self;
+        st.day = st.day.min(d.n_days - 1);
+        st.op = st.op.min(d.n_ops - 1);
+        if st.playing {
+            st.t += ui.ctx().input(|i| i.stable_dt).min(0.1) / 1.5;
+            if st.t >= 1.0 {
+                st.t = 1.0;
+                st.playing = false;
+            }
+            ui.ctx().request_repaint();
+        }
+        ui.horizontal_wrapped(|ui| {
+            ui.label("day:");
+            for day in 0..d.n_days {
+                ui.selectable_value(&mut st.day, day, day_name(d.n_days, day));
+            }
+            ui.separator();
+            ui.label("operation:");
+            for (op, name) in OP_NAMES.iter().enumerate().take(d.n_ops) {
+                ui.selectable_value(&mut st.op, op, *name);
+            }
+            ui.separator();
+            if ui
+                .button("Play")
+                .on_hover_text("dial the mechanism from 0 to 1")
+                .clicked()
+            {
+                st.t = 0.0;
+                st.playing = true;
+            }
+            ui.add(egui::Slider::new(&mut st.t, 0.0..=1.0).text("mechanism mask"));
+            ui.separator();
+            ui.checkbox(&mut st.ablate, "ablate the rotation mechanism (unlearn)");
+        });
+        let st = &*self;
+        ui.columns(2, |cols| {
+            circle_plot(&mut cols[0], &d, st);
+            answers_table(&mut cols[1], &d, st);
+        });
+        ui.separator();
+        ci_grid(cx, ui, &d);
+    }
+}
+
+fn circle_plot(ui: &mut egui::Ui, d: &DaysViewData, st: &DaysView) {
     let row = st.day * d.n_ops + st.op;
     Plot::new("days_circle")
         .legend(Legend::default().position(Corner::LeftBottom))
@@ -211,7 +229,7 @@ fn circle_plot(ui: &mut egui::Ui, d: &DaysViewData, st: &DaysViewState) {
         });
 }
 
-fn answers_table(ui: &mut egui::Ui, d: &DaysViewData, st: &DaysViewState) {
+fn answers_table(ui: &mut egui::Ui, d: &DaysViewData, st: &DaysView) {
     let ablated = if st.ablate && st.op > 0 {
         d.answers_ablated.get(st.op - 1)
     } else if st.ablate {
@@ -276,7 +294,7 @@ fn answers_table(ui: &mut egui::Ui, d: &DaysViewData, st: &DaysViewState) {
 }
 
 /// CI of every (day, op) row: the mechanism's subcomponents first, then the other live ones.
-fn ci_grid(app: &mut SpdApp, ui: &mut egui::Ui, d: &DaysViewData) {
+fn ci_grid(cx: &mut ViewCtx, ui: &mut egui::Ui, d: &DaysViewData) {
     let mut members: Vec<String> = d
         .mechanisms
         .iter()
@@ -371,7 +389,7 @@ fn ci_grid(app: &mut SpdApp, ui: &mut egui::Ui, d: &DaysViewData) {
                 egui::pos2(rect.min.x + label_w + ci as f32 * cell.x, y),
                 cell - egui::vec2(1.0, 1.0),
             );
-            p.rect_filled(r, 0.0, super::sequential(g));
+            p.rect_filled(r, 0.0, sequential(g));
         }
     }
     if let Some(pos) = resp.hover_pos() {
@@ -389,11 +407,12 @@ fn ci_grid(app: &mut SpdApp, ui: &mut egui::Ui, d: &DaysViewData) {
             );
             resp.clone().on_hover_text(text);
             if resp.clicked()
-                && let Some(s) = &app.snapshot
-                && let Some(mj) = s.modules.iter().position(|m| m.name == d.ci[j].0)
+                && let Some(mj) = cx
+                    .snapshot()
+                    .and_then(|s| s.modules.iter().position(|m| m.name == d.ci[j].0))
             {
-                app.selection.module = mj;
-                app.selection.component = Some(k);
+                cx.selection.module = mj;
+                cx.selection.component = Some(k);
             }
         }
     }
@@ -401,10 +420,9 @@ fn ci_grid(app: &mut SpdApp, ui: &mut egui::Ui, d: &DaysViewData) {
 
 /// CSV of the days view: one row per (day, operation) with the answers (full and with each
 /// mechanism ablated), plane positions, and the CI of every subcomponent.
-pub fn csv(app: &SpdApp) -> anyhow::Result<String> {
-    let d = app
-        .snapshot
-        .as_ref()
+fn csv(cx: &ViewCtx) -> anyhow::Result<String> {
+    let d = cx
+        .snapshot()
         .and_then(|s| s.days.clone())
         .ok_or_else(|| anyhow::anyhow!("no days decomposition loaded"))?;
     let mut s = String::from("day,op,correct,answer_full");

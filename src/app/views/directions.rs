@@ -4,8 +4,8 @@
 use eframe::egui;
 use egui_plot::{Arrows, Legend, Plot, PlotPoints};
 
-use super::{CLUSTER_COLOR, diverging, module_picker};
-use crate::app::SpdApp;
+use crate::app::view::{View, ViewCtx};
+use crate::app::widgets::{CLUSTER_COLOR, diverging, module_picker};
 use crate::worker::ModuleSnapshot;
 
 /// Subcomponents ordered by weight norm (descending), and the number of negligible ones
@@ -18,32 +18,57 @@ pub fn order_by_norm(m: &ModuleSnapshot) -> (Vec<usize>, usize) {
     (idx, negligible)
 }
 
-pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
-    module_picker(app, ui);
-    let Some(s) = app.snapshot.clone() else {
-        return;
-    };
-    let j = app.selection.module.min(s.modules.len() - 1);
-    let m = &s.modules[j];
-    let (order, negligible) = order_by_norm(m);
-    ui.label(format!(
-        "{}: C = {}, d_in = {}, d_out = {}; {} negligible subcomponents (norm < 1% of the largest) hidden",
-        m.name, m.c, m.d_in, m.d_out, negligible
-    ));
-    let max = m.norms.iter().copied().fold(0f32, f32::max);
-    let shown: Vec<usize> = order
-        .iter()
-        .copied()
-        .filter(|&c| m.norms[c] >= 0.01 * max)
-        .collect();
-    if m.d_out == 2 || m.d_in == 2 {
-        arrows_2d(app, ui, m, &shown);
-    } else {
-        strips(app, ui, m, &shown);
+/// Directions view; the strips' texture is rebuilt only when the snapshot or module changes.
+#[derive(Default)]
+pub struct DirectionsView {
+    texture: Option<egui::TextureHandle>,
+    key: Option<(u64, usize)>,
+    pub uploads: u64,
+}
+
+impl View for DirectionsView {
+    fn name(&self) -> &'static str {
+        "directions"
+    }
+    fn label(&self) -> &'static str {
+        "Read/write directions"
+    }
+    fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        self.show(cx, ui)
+    }
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
+        Ok(crate::app::export::directions_csv(cx.require_snapshot()?))
     }
 }
 
-fn arrows_2d(app: &mut SpdApp, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[usize]) {
+impl DirectionsView {
+    fn show(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        module_picker(cx, ui);
+        let Some(s) = cx.snapshot().cloned() else {
+            return;
+        };
+        let j = cx.selection.module.min(s.modules.len() - 1);
+        let m = &s.modules[j];
+        let (order, negligible) = order_by_norm(m);
+        ui.label(format!(
+        "{}: C = {}, d_in = {}, d_out = {}; {} negligible subcomponents (norm < 1% of the largest) hidden",
+        m.name, m.c, m.d_in, m.d_out, negligible
+    ));
+        let max = m.norms.iter().copied().fold(0f32, f32::max);
+        let shown: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|&c| m.norms[c] >= 0.01 * max)
+            .collect();
+        if m.d_out == 2 || m.d_in == 2 {
+            arrows_2d(cx, ui, m, &shown);
+        } else {
+            self.strips(cx, ui, m, &shown);
+        }
+    }
+}
+
+fn arrows_2d(cx: &mut ViewCtx, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[usize]) {
     // Write side 2-D (TMS linear1): subcomponent c writes U_c·‖V_c‖ into the plane; the target's
     // feature f writes W[:, f]. Read side 2-D (TMS linear2): c reads V_c·‖U_c‖, feature f is
     // read along W[f, :].
@@ -84,11 +109,10 @@ fn arrows_2d(app: &mut SpdApp, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[u
     } else {
         "read directions V_c (scaled by |U_c|) in the 2-D hidden space; grey: the target's feature rows"
     });
-    let sel = app.selection.component;
-    let members = app.selected_cluster_members(
-        app.selection.module.min(
-            app.snapshot
-                .as_ref()
+    let sel = cx.selection.component;
+    let members = cx.selected_cluster_members(
+        cx.selection.module.min(
+            cx.snapshot()
                 .map(|s| s.modules.len())
                 .unwrap_or(1)
                 .saturating_sub(1),
@@ -147,7 +171,7 @@ fn arrows_2d(app: &mut SpdApp, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[u
             let db = dist(vec_of(b), [pt.x, pt.y]);
             da.total_cmp(&db)
         });
-        app.selection.component = best;
+        cx.selection.component = best;
     }
 }
 
@@ -155,96 +179,104 @@ fn dist(a: [f64; 2], b: [f64; 2]) -> f64 {
     (a[0] - b[0]).hypot(a[1] - b[1])
 }
 
-/// Texture of the strips, rebuilt only when the snapshot or module changes.
-#[derive(Default)]
-pub struct DirectionsViewState {
-    texture: Option<egui::TextureHandle>,
-    key: Option<(u64, usize)>,
-    pub uploads: u64,
-}
-
-fn strips(app: &mut SpdApp, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[usize]) {
-    ui.label("each row: one subcomponent (by weight norm); left: read direction V_c over inputs, right: write direction U_c over outputs; one colour scale per side");
-    let key = (app.snapshot_version, app.selection.module);
-    let st = &mut app.views.directions;
-    let gap = (m.d_in + m.d_out).div_ceil(100).max(1);
-    let width = m.d_in + gap + m.d_out;
-    if st.key != Some(key) {
-        let vmax = m.v.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
-        let umax = m.u.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
-        let mut px = Vec::with_capacity(shown.len().max(1) * width);
-        for &c in shown {
-            for i in 0..m.d_in {
-                px.push(diverging(m.v[i * m.c + c] / vmax));
-            }
-            px.extend(std::iter::repeat_n(egui::Color32::from_gray(40), gap));
-            for o in 0..m.d_out {
-                px.push(diverging(m.u[c * m.d_out + o] / umax));
-            }
-        }
-        if shown.is_empty() {
-            px.extend(std::iter::repeat_n(egui::Color32::from_gray(40), width));
-        }
-        let img = egui::ColorImage::new([width, shown.len().max(1)], px);
-        match &mut st.texture {
-            Some(t) => t.set(img, egui::TextureOptions::NEAREST),
-            None => {
-                st.texture = Some(ui.ctx().load_texture(
-                    "directions",
-                    img,
-                    egui::TextureOptions::NEAREST,
-                ))
-            }
-        }
-        st.key = Some(key);
-        st.uploads += 1;
-    }
-    let Some(tex) = st.texture.clone() else {
-        return;
-    };
-    let row_h = 14f32
-        .min((ui.available_height() - 20.0) / shown.len().max(1) as f32)
-        .max(2.0);
-    let w = ui.available_width() - 60.0;
-    ui.horizontal(|ui| {
-        // Row labels.
-        ui.vertical(|ui| {
-            ui.spacing_mut().item_spacing.y = 0.0;
-            if row_h >= 12.0 {
-                for &c in shown {
-                    let selected = app.selection.component == Some(c);
-                    let (r, resp) =
-                        ui.allocate_exact_size(egui::vec2(40.0, row_h), egui::Sense::click());
-                    let color = if selected {
-                        egui::Color32::from_rgb(230, 80, 20)
-                    } else {
-                        ui.visuals().text_color()
-                    };
-                    ui.painter().text(
-                        r.right_center(),
-                        egui::Align2::RIGHT_CENTER,
-                        c.to_string(),
-                        egui::FontId::monospace(10.0),
-                        color,
-                    );
-                    if resp.clicked() {
-                        app.selection.component = Some(c);
-                    }
+impl DirectionsView {
+    fn strips(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[usize]) {
+        ui.label("each row: one subcomponent (by weight norm); left: read direction V_c over inputs, right: write direction U_c over outputs; one colour scale per side");
+        let key = (cx.snapshot_version(), cx.selection.module);
+        let st = self;
+        let gap = (m.d_in + m.d_out).div_ceil(100).max(1);
+        let width = m.d_in + gap + m.d_out;
+        if st.key != Some(key) {
+            let vmax = m.v.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
+            let umax = m.u.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
+            let mut px = Vec::with_capacity(shown.len().max(1) * width);
+            for &c in shown {
+                for i in 0..m.d_in {
+                    px.push(diverging(m.v[i * m.c + c] / vmax));
+                }
+                px.extend(std::iter::repeat_n(egui::Color32::from_gray(40), gap));
+                for o in 0..m.d_out {
+                    px.push(diverging(m.u[c * m.d_out + o] / umax));
                 }
             }
-        });
-        let (rect, resp) = ui.allocate_exact_size(
-            egui::vec2(w.max(50.0), row_h * shown.len().max(1) as f32),
-            egui::Sense::click(),
-        );
-        ui.painter().image(
-            tex.id(),
-            rect,
-            egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
-            egui::Color32::WHITE,
-        );
-        for mc in app.selected_cluster_members(app.selection.module) {
-            if let Some(row) = shown.iter().position(|&c| c == mc) {
+            if shown.is_empty() {
+                px.extend(std::iter::repeat_n(egui::Color32::from_gray(40), width));
+            }
+            let img = egui::ColorImage::new([width, shown.len().max(1)], px);
+            match &mut st.texture {
+                Some(t) => t.set(img, egui::TextureOptions::NEAREST),
+                None => {
+                    st.texture = Some(ui.ctx().load_texture(
+                        "directions",
+                        img,
+                        egui::TextureOptions::NEAREST,
+                    ))
+                }
+            }
+            st.key = Some(key);
+            st.uploads += 1;
+        }
+        let Some(tex) = st.texture.clone() else {
+            return;
+        };
+        let row_h = 14f32
+            .min((ui.available_height() - 20.0) / shown.len().max(1) as f32)
+            .max(2.0);
+        let w = ui.available_width() - 60.0;
+        ui.horizontal(|ui| {
+            // Row labels.
+            ui.vertical(|ui| {
+                ui.spacing_mut().item_spacing.y = 0.0;
+                if row_h >= 12.0 {
+                    for &c in shown {
+                        let selected = cx.selection.component == Some(c);
+                        let (r, resp) =
+                            ui.allocate_exact_size(egui::vec2(40.0, row_h), egui::Sense::click());
+                        let color = if selected {
+                            egui::Color32::from_rgb(230, 80, 20)
+                        } else {
+                            ui.visuals().text_color()
+                        };
+                        ui.painter().text(
+                            r.right_center(),
+                            egui::Align2::RIGHT_CENTER,
+                            c.to_string(),
+                            egui::FontId::monospace(10.0),
+                            color,
+                        );
+                        if resp.clicked() {
+                            cx.selection.component = Some(c);
+                        }
+                    }
+                }
+            });
+            let (rect, resp) = ui.allocate_exact_size(
+                egui::vec2(w.max(50.0), row_h * shown.len().max(1) as f32),
+                egui::Sense::click(),
+            );
+            ui.painter().image(
+                tex.id(),
+                rect,
+                egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
+                egui::Color32::WHITE,
+            );
+            for mc in cx.selected_cluster_members(cx.selection.module) {
+                if let Some(row) = shown.iter().position(|&c| c == mc) {
+                    let r = egui::Rect::from_min_size(
+                        egui::pos2(rect.left(), rect.top() + row as f32 * row_h),
+                        egui::vec2(rect.width(), row_h),
+                    );
+                    ui.painter().rect_stroke(
+                        r,
+                        0.0,
+                        egui::Stroke::new(2.0, CLUSTER_COLOR),
+                        egui::StrokeKind::Inside,
+                    );
+                }
+            }
+            if let Some(sel) = cx.selection.component
+                && let Some(row) = shown.iter().position(|&c| c == sel)
+            {
                 let r = egui::Rect::from_min_size(
                     egui::pos2(rect.left(), rect.top() + row as f32 * row_h),
                     egui::vec2(rect.width(), row_h),
@@ -252,43 +284,29 @@ fn strips(app: &mut SpdApp, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[usiz
                 ui.painter().rect_stroke(
                     r,
                     0.0,
-                    egui::Stroke::new(2.0, CLUSTER_COLOR),
+                    egui::Stroke::new(1.5, egui::Color32::from_rgb(230, 80, 20)),
                     egui::StrokeKind::Inside,
                 );
             }
-        }
-        if let Some(sel) = app.selection.component
-            && let Some(row) = shown.iter().position(|&c| c == sel)
-        {
-            let r = egui::Rect::from_min_size(
-                egui::pos2(rect.left(), rect.top() + row as f32 * row_h),
-                egui::vec2(rect.width(), row_h),
-            );
-            ui.painter().rect_stroke(
-                r,
-                0.0,
-                egui::Stroke::new(1.5, egui::Color32::from_rgb(230, 80, 20)),
-                egui::StrokeKind::Inside,
-            );
-        }
-        if let Some(pos) = resp.hover_pos() {
-            let row = ((pos.y - rect.top()) / row_h) as usize;
-            let col = ((pos.x - rect.left()) / rect.width() * width as f32) as usize;
-            if row < shown.len() && col < width {
-                let c = shown[row];
-                let text = if col < m.d_in {
-                    format!("{}:{c}  V[{col}] = {:.4}", m.name, m.v[col * m.c + c])
-                } else if col >= m.d_in + gap {
-                    let o = col - m.d_in - gap;
-                    format!("{}:{c}  U[{o}] = {:.4}", m.name, m.u[c * m.d_out + o])
-                } else {
-                    format!("{}:{c}", m.name)
-                };
-                resp.clone().on_hover_text(text);
-                if resp.clicked() {
-                    app.selection.component = Some(c);
+            if let Some(pos) = resp.hover_pos() {
+                let row = ((pos.y - rect.top()) / row_h) as usize;
+                let col = ((pos.x - rect.left()) / rect.width() * width as f32) as usize;
+                if row < shown.len() && col < width {
+                    let c = shown[row];
+                    let text = if col < m.d_in {
+                        format!("{}:{c}  V[{col}] = {:.4}", m.name, m.v[col * m.c + c])
+                    } else if col >= m.d_in + gap {
+                        let o = col - m.d_in - gap;
+                        format!("{}:{c}  U[{o}] = {:.4}", m.name, m.u[c * m.d_out + o])
+                    } else {
+                        format!("{}:{c}", m.name)
+                    };
+                    resp.clone().on_hover_text(text);
+                    if resp.clicked() {
+                        cx.selection.component = Some(c);
+                    }
                 }
             }
-        }
-    });
+        });
+    }
 }

@@ -5,9 +5,11 @@
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Legend, Plot};
 
-use crate::app::SpdApp;
-use crate::interventions::MaskMode;
-use crate::worker::{Command, InputSet, InterventionRequest};
+use std::sync::Arc;
+
+use crate::app::view::{View, ViewCtx};
+use crate::interventions::{MaskMode, Trace};
+use crate::worker::{Command, Event, InputSet, InterventionOutcome, InterventionRequest, Snapshot};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InputKind {
@@ -16,7 +18,7 @@ pub enum InputKind {
     Custom,
 }
 
-pub struct InterventionsViewState {
+pub struct InterventionsView {
     pub select: String,
     pub selected_mode: MaskMode,
     pub other_mode: MaskMode,
@@ -32,11 +34,14 @@ pub struct InterventionsViewState {
     last_sent: Option<InterventionRequest>,
     last_traced: Option<(Vec<f32>, f32)>,
     prefilled: bool,
+    /// The worker's latest intervention result and mechanism trace.
+    pub outcome: Option<Arc<InterventionOutcome>>,
+    pub trace: Option<Arc<Trace>>,
 }
 
-impl Default for InterventionsViewState {
+impl Default for InterventionsView {
     fn default() -> Self {
-        InterventionsViewState {
+        InterventionsView {
             select: String::new(),
             selected_mode: MaskMode::Ablate,
             other_mode: MaskMode::Keep,
@@ -51,11 +56,39 @@ impl Default for InterventionsViewState {
             last_sent: None,
             last_traced: None,
             prefilled: false,
+            outcome: None,
+            trace: None,
         }
     }
 }
 
-impl InterventionsViewState {
+impl View for InterventionsView {
+    fn name(&self) -> &'static str {
+        "interventions"
+    }
+    fn label(&self) -> &'static str {
+        "Interventions"
+    }
+    fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        self.show(cx, ui)
+    }
+    fn csv(&self, _cx: &ViewCtx) -> anyhow::Result<String> {
+        self.csv_text()
+    }
+    fn on_event(&mut self, e: &Event) {
+        match e {
+            Event::Loaded { .. } => {
+                self.outcome = None;
+                self.trace = None;
+            }
+            Event::Intervened(o) => self.outcome = Some(o.clone()),
+            Event::Traced(t) => self.trace = Some(t.clone()),
+            _ => {}
+        }
+    }
+}
+
+impl InterventionsView {
     /// The request the current controls describe.
     pub fn request(&self) -> InterventionRequest {
         InterventionRequest {
@@ -86,334 +119,338 @@ fn mode_combo(ui: &mut egui::Ui, label: &str, mode: &mut MaskMode) {
         });
 }
 
-/// Sends the current request to the worker (also used by tests).
-pub fn run(app: &mut SpdApp) {
-    let req = app.views.interventions.request();
-    app.views.interventions.last_sent = Some(req.clone());
-    app.send(Command::Intervene(req));
-}
+impl InterventionsView {
+    /// Sends the current request to the worker.
+    fn run(&mut self, cx: &ViewCtx) {
+        let req = self.request();
+        self.last_sent = Some(req.clone());
+        cx.send(Command::Intervene(req));
+    }
 
-pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
-    let Some(snap) = app.snapshot.clone() else {
-        return;
-    };
-    let nf = snap.n_features;
-    {
-        let st = &mut app.views.interventions;
-        if st.custom.len() != nf {
-            st.custom = vec![0.0; nf];
-        }
-        if !st.prefilled {
-            // Start on something meaningful: the first cluster, else the first layer's most
-            // used subcomponent (highest mean CI).
-            st.prefilled = true;
-            st.select = match (&snap.clusters, snap.modules.first()) {
-                (Some(c), _) if !c.clusters.is_empty() => format!("cluster:{}", c.clusters[0].id),
-                (_, Some(m)) => {
-                    let best = (0..m.c)
-                        .max_by(|&a, &b| m.mean_ci[a].total_cmp(&m.mean_ci[b]))
-                        .unwrap_or(0);
-                    format!("{}:{best}", m.name)
-                }
-                _ => String::new(),
-            };
-        }
-    }
-    controls(app, ui, &snap);
-    let st = &app.views.interventions;
-    let ready = !st.select.trim().is_empty();
-    if st.auto && ready && st.last_sent.as_ref() != Some(&st.request()) {
-        run(app);
-    }
-    ui.separator();
-    let Some(out) = app.intervention.clone() else {
-        ui.label("Choose what to intervene on (e.g. linear1:3, cluster:0, layers.0.mlp_in:*) and press Run.");
-        return;
-    };
-    let r = &out.result;
-    ui.label(format!(
-        "{} subcomponents {}, others {}, delta component {} | {} inputs",
-        out.labels.len(),
-        out.request.selected_mode.label(),
-        out.request.other_mode.label(),
-        if out.request.delta { "on" } else { "off" },
-        r.inputs.len()
-    ));
-    let row = app
-        .views
-        .interventions
-        .row
-        .min(r.inputs.len().saturating_sub(1));
-    ui.columns(2, |cols| {
-        // Left: what breaks, then the per-feature summary.
-        let ui = &mut cols[0];
-        ui.strong("What breaks (inputs by max |change| of the output)");
-        egui::ScrollArea::both()
-            .id_salt("breaks")
-            .max_height(ui.available_height() * 0.55)
-            .show(ui, |ui| {
-                egui::Grid::new("breaks_grid").striped(true).show(ui, |ui| {
-                    ui.strong("input");
-                    ui.strong("max|change|");
-                    ui.strong("loss base");
-                    ui.strong("loss interv.");
-                    ui.end_row();
-                    for i in r.what_breaks().into_iter().take(200) {
-                        let label = out.input_labels.get(i).cloned().unwrap_or_default();
-                        if ui
-                            .selectable_label(i == row, format!("{i}: {label}"))
-                            .clicked()
-                        {
-                            app.views.interventions.row = i;
-                        }
-                        ui.label(format!("{:.4}", r.max_change[i]));
-                        ui.label(format!("{:.3e}", r.loss_baseline[i]));
-                        ui.label(format!("{:.3e}", r.loss_intervened[i]));
-                        ui.end_row();
-                    }
-                });
-            });
-        ui.separator();
-        ui.strong("Per feature / class (baseline -> intervened)");
-        egui::ScrollArea::both().id_salt("perfeat").show(ui, |ui| {
-            egui::Grid::new("perfeat_grid")
-                .striped(true)
-                .show(ui, |ui| {
-                    for f in &r.per_feature {
-                        let broken = f.is_broken();
-                        ui.label(&f.name);
-                        ui.label(format!("{} inputs", f.n_inputs));
-                        ui.label(format!(
-                            "{} {:.3e} -> {:.3e}",
-                            f.metric, f.baseline, f.intervened
-                        ));
-                        if broken {
-                            ui.colored_label(egui::Color32::from_rgb(220, 60, 60), "broken");
-                        } else {
-                            ui.label("");
-                        }
-                        ui.end_row();
-                    }
-                });
-        });
-        // Right: outputs side by side and the mechanism trace of the chosen input.
-        let ui = &mut cols[1];
-        if r.inputs.is_empty() {
+    fn show(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        let Some(snap) = cx.snapshot().cloned() else {
             return;
-        }
-        ui.strong(format!(
-            "Input {row}: {}",
-            out.input_labels.get(row).cloned().unwrap_or_default()
-        ));
-        let n_out = r.target[row].len();
-        let series = [
-            ("target", &r.target[row], egui::Color32::from_gray(120)),
-            (
-                "full decomposition",
-                &r.full[row],
-                egui::Color32::from_rgb(31, 119, 180),
-            ),
-            (
-                "intervened",
-                &r.intervened[row],
-                egui::Color32::from_rgb(230, 80, 20),
-            ),
-        ];
-        Plot::new("iv_outputs")
-            .legend(Legend::default())
-            .height(180.0)
-            .allow_scroll(false)
-            .show(ui, |p| {
-                for (s, (name, vals, color)) in series.iter().enumerate() {
-                    let w = 0.8 / 3.0;
-                    let bars: Vec<Bar> = (0..n_out)
-                        .map(|k| Bar::new(k as f64 + (s as f64 - 1.0) * w, vals[k] as f64).width(w))
-                        .collect();
-                    p.bar_chart(BarChart::new(*name, bars).color(*color));
-                }
-            });
-        trace_panel(app, ui, &r.inputs[row]);
-    });
-}
-
-fn controls(app: &mut SpdApp, ui: &mut egui::Ui, snap: &crate::worker::Snapshot) {
-    let clusters = snap.clusters.clone();
-    let mut run_now = false;
-    let st = &mut app.views.interventions;
-    ui.horizontal_wrapped(|ui| {
-        ui.label("select:");
-        ui.add(
-            egui::TextEdit::singleline(&mut st.select)
-                .desired_width(260.0)
-                .hint_text("linear1:3, cluster:0, layers.0.mlp_in:*"),
-        );
-        if let Some(c) = app.selection.component
-            && let Some(m) = snap.modules.get(app.selection.module)
-            && ui
-                .button(format!("+ {}:{c}", m.name))
-                .on_hover_text("add the selected subcomponent")
-                .clicked()
+        };
+        let nf = snap.n_features;
         {
-            if !st.select.trim().is_empty() {
-                st.select.push_str(", ");
+            let st = &mut *self;
+            if st.custom.len() != nf {
+                st.custom = vec![0.0; nf];
             }
-            st.select.push_str(&format!("{}:{c}", m.name));
+            if !st.prefilled {
+                // Start on something meaningful: the first cluster, else the first layer's most
+                // used subcomponent (highest mean CI).
+                st.prefilled = true;
+                st.select = match (&snap.clusters, snap.modules.first()) {
+                    (Some(c), _) if !c.clusters.is_empty() => {
+                        format!("cluster:{}", c.clusters[0].id)
+                    }
+                    (_, Some(m)) => {
+                        let best = (0..m.c)
+                            .max_by(|&a, &b| m.mean_ci[a].total_cmp(&m.mean_ci[b]))
+                            .unwrap_or(0);
+                        format!("{}:{best}", m.name)
+                    }
+                    _ => String::new(),
+                };
+            }
         }
-        if let Some(cl) = &clusters {
-            egui::ComboBox::from_label("add a cluster")
-                .selected_text("+ cluster")
-                .show_ui(ui, |ui| {
-                    for c in &cl.clusters {
-                        let text =
-                            format!("cluster {} (rank {}, {})", c.id, c.rank, c.layers.join(","));
-                        if ui.selectable_label(false, text).clicked() {
-                            if !st.select.trim().is_empty() {
-                                st.select.push_str(", ");
+        self.controls(cx, ui, &snap);
+        let st = &*self;
+        let ready = !st.select.trim().is_empty();
+        if st.auto && ready && st.last_sent.as_ref() != Some(&st.request()) {
+            self.run(cx);
+        }
+        ui.separator();
+        let Some(out) = self.outcome.clone() else {
+            ui.label("Choose what to intervene on (e.g. linear1:3, cluster:0, layers.0.mlp_in:*) and press Run.");
+            return;
+        };
+        let r = &out.result;
+        ui.label(format!(
+            "{} subcomponents {}, others {}, delta component {} | {} inputs",
+            out.labels.len(),
+            out.request.selected_mode.label(),
+            out.request.other_mode.label(),
+            if out.request.delta { "on" } else { "off" },
+            r.inputs.len()
+        ));
+        let row = self.row.min(r.inputs.len().saturating_sub(1));
+        ui.columns(2, |cols| {
+            // Left: what breaks, then the per-feature summary.
+            let ui = &mut cols[0];
+            ui.strong("What breaks (inputs by max |change| of the output)");
+            egui::ScrollArea::both()
+                .id_salt("breaks")
+                .max_height(ui.available_height() * 0.55)
+                .show(ui, |ui| {
+                    egui::Grid::new("breaks_grid").striped(true).show(ui, |ui| {
+                        ui.strong("input");
+                        ui.strong("max|change|");
+                        ui.strong("loss base");
+                        ui.strong("loss interv.");
+                        ui.end_row();
+                        for i in r.what_breaks().into_iter().take(200) {
+                            let label = out.input_labels.get(i).cloned().unwrap_or_default();
+                            if ui
+                                .selectable_label(i == row, format!("{i}: {label}"))
+                                .clicked()
+                            {
+                                self.row = i;
                             }
-                            st.select.push_str(&format!("cluster:{}", c.id));
+                            ui.label(format!("{:.4}", r.max_change[i]));
+                            ui.label(format!("{:.3e}", r.loss_baseline[i]));
+                            ui.label(format!("{:.3e}", r.loss_intervened[i]));
+                            ui.end_row();
                         }
+                    });
+                });
+            ui.separator();
+            ui.strong("Per feature / class (baseline -> intervened)");
+            egui::ScrollArea::both().id_salt("perfeat").show(ui, |ui| {
+                egui::Grid::new("perfeat_grid")
+                    .striped(true)
+                    .show(ui, |ui| {
+                        for f in &r.per_feature {
+                            let broken = f.is_broken();
+                            ui.label(&f.name);
+                            ui.label(format!("{} inputs", f.n_inputs));
+                            ui.label(format!(
+                                "{} {:.3e} -> {:.3e}",
+                                f.metric, f.baseline, f.intervened
+                            ));
+                            if broken {
+                                ui.colored_label(egui::Color32::from_rgb(220, 60, 60), "broken");
+                            } else {
+                                ui.label("");
+                            }
+                            ui.end_row();
+                        }
+                    });
+            });
+            // Right: outputs side by side and the mechanism trace of the chosen input.
+            let ui = &mut cols[1];
+            if r.inputs.is_empty() {
+                return;
+            }
+            ui.strong(format!(
+                "Input {row}: {}",
+                out.input_labels.get(row).cloned().unwrap_or_default()
+            ));
+            let n_out = r.target[row].len();
+            let series = [
+                ("target", &r.target[row], egui::Color32::from_gray(120)),
+                (
+                    "full decomposition",
+                    &r.full[row],
+                    egui::Color32::from_rgb(31, 119, 180),
+                ),
+                (
+                    "intervened",
+                    &r.intervened[row],
+                    egui::Color32::from_rgb(230, 80, 20),
+                ),
+            ];
+            Plot::new("iv_outputs")
+                .legend(Legend::default())
+                .height(180.0)
+                .allow_scroll(false)
+                .show(ui, |p| {
+                    for (s, (name, vals, color)) in series.iter().enumerate() {
+                        let w = 0.8 / 3.0;
+                        let bars: Vec<Bar> = (0..n_out)
+                            .map(|k| {
+                                Bar::new(k as f64 + (s as f64 - 1.0) * w, vals[k] as f64).width(w)
+                            })
+                            .collect();
+                        p.bar_chart(BarChart::new(*name, bars).color(*color));
                     }
                 });
-        }
-        for m in &snap.modules {
-            if ui
-                .small_button(format!("{}:*", m.name))
-                .on_hover_text("the whole layer")
-                .clicked()
-            {
-                st.select = format!("{}:*", m.name);
-            }
-        }
-        if ui.small_button("clear").clicked() {
-            st.select.clear();
-        }
-    });
-    ui.horizontal_wrapped(|ui| {
-        mode_combo(ui, "for the selection,", &mut st.selected_mode);
-        mode_combo(ui, "for the others", &mut st.other_mode);
-        ui.checkbox(&mut st.delta, "delta component");
-        ui.label(if st.delta {
-            "(delta ON: the residual W - sum U V stays in)"
-        } else {
-            "(delta OFF: ablated subcomponents are removed entirely)"
+            self.trace_panel(cx, ui, &r.inputs[row]);
         });
-    });
-    ui.horizontal_wrapped(|ui| {
-        ui.label("inputs:");
-        ui.selectable_value(&mut st.input_kind, InputKind::Probes, "probes");
-        ui.selectable_value(&mut st.input_kind, InputKind::Batch, "data batch");
-        ui.selectable_value(&mut st.input_kind, InputKind::Custom, "custom");
-        match st.input_kind {
-            InputKind::Probes => {
-                ui.add(egui::Slider::new(&mut st.probe_value, -1.0..=1.0).text("value"));
-            }
-            InputKind::Batch => {
-                ui.add(
-                    egui::DragValue::new(&mut st.batch_n)
-                        .range(1..=8192)
-                        .prefix("n "),
-                );
-            }
-            InputKind::Custom => {}
-        }
-        ui.checkbox(&mut st.auto, "auto");
-        run_now = ui.button("Run").clicked();
-    });
-    if run_now {
-        run(app);
     }
-    if app.views.interventions.input_kind == InputKind::Custom {
-        custom_sliders(app, ui, snap);
-    }
-}
 
-/// One slider per input feature (a scroll area for wide inputs).
-fn custom_sliders(app: &mut SpdApp, ui: &mut egui::Ui, snap: &crate::worker::Snapshot) {
-    let range = app
-        .config
-        .as_ref()
-        .and_then(|c| c.task_config.value_range)
-        .unwrap_or((-1.0, 1.0));
-    let lo = range.0.min(0.0);
-    let hi = range.1.max(1.0);
-    let st = &mut app.views.interventions;
-    egui::ScrollArea::horizontal()
-        .id_salt("iv_custom")
-        .show(ui, |ui| {
-            ui.horizontal(|ui| {
-                for (i, v) in st.custom.iter_mut().enumerate().take(snap.n_features) {
-                    ui.vertical(|ui| {
-                        ui.add(egui::Slider::new(v, lo..=hi).vertical().show_value(false));
-                        ui.small(format!("f{i}"));
-                    });
+    fn controls(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui, snap: &Snapshot) {
+        let clusters = snap.clusters.clone();
+        let mut run_now = false;
+        let st = &mut *self;
+        ui.horizontal_wrapped(|ui| {
+            ui.label("select:");
+            ui.add(
+                egui::TextEdit::singleline(&mut st.select)
+                    .desired_width(260.0)
+                    .hint_text("linear1:3, cluster:0, layers.0.mlp_in:*"),
+            );
+            if let Some(c) = cx.selection.component
+                && let Some(m) = snap.modules.get(cx.selection.module)
+                && ui
+                    .button(format!("+ {}:{c}", m.name))
+                    .on_hover_text("add the selected subcomponent")
+                    .clicked()
+            {
+                if !st.select.trim().is_empty() {
+                    st.select.push_str(", ");
                 }
-                if ui.small_button("zero").clicked() {
-                    st.custom.iter_mut().for_each(|v| *v = 0.0);
+                st.select.push_str(&format!("{}:{c}", m.name));
+            }
+            if let Some(cl) = &clusters {
+                egui::ComboBox::from_label("add a cluster")
+                    .selected_text("+ cluster")
+                    .show_ui(ui, |ui| {
+                        for c in &cl.clusters {
+                            let text = format!(
+                                "cluster {} (rank {}, {})",
+                                c.id,
+                                c.rank,
+                                c.layers.join(",")
+                            );
+                            if ui.selectable_label(false, text).clicked() {
+                                if !st.select.trim().is_empty() {
+                                    st.select.push_str(", ");
+                                }
+                                st.select.push_str(&format!("cluster:{}", c.id));
+                            }
+                        }
+                    });
+            }
+            for m in &snap.modules {
+                if ui
+                    .small_button(format!("{}:*", m.name))
+                    .on_hover_text("the whole layer")
+                    .clicked()
+                {
+                    st.select = format!("{}:*", m.name);
+                }
+            }
+            if ui.small_button("clear").clicked() {
+                st.select.clear();
+            }
+        });
+        ui.horizontal_wrapped(|ui| {
+            mode_combo(ui, "for the selection,", &mut st.selected_mode);
+            mode_combo(ui, "for the others", &mut st.other_mode);
+            ui.checkbox(&mut st.delta, "delta component");
+            ui.label(if st.delta {
+                "(delta ON: the residual W - sum U V stays in)"
+            } else {
+                "(delta OFF: ablated subcomponents are removed entirely)"
+            });
+        });
+        ui.horizontal_wrapped(|ui| {
+            ui.label("inputs:");
+            ui.selectable_value(&mut st.input_kind, InputKind::Probes, "probes");
+            ui.selectable_value(&mut st.input_kind, InputKind::Batch, "data batch");
+            ui.selectable_value(&mut st.input_kind, InputKind::Custom, "custom");
+            match st.input_kind {
+                InputKind::Probes => {
+                    ui.add(egui::Slider::new(&mut st.probe_value, -1.0..=1.0).text("value"));
+                }
+                InputKind::Batch => {
+                    ui.add(
+                        egui::DragValue::new(&mut st.batch_n)
+                            .range(1..=8192)
+                            .prefix("n "),
+                    );
+                }
+                InputKind::Custom => {}
+            }
+            ui.checkbox(&mut st.auto, "auto");
+            run_now = ui.button("Run").clicked();
+        });
+        if run_now {
+            self.run(cx);
+        }
+        if self.input_kind == InputKind::Custom {
+            self.custom_sliders(cx, ui, snap);
+        }
+    }
+
+    /// One slider per input feature (a scroll area for wide inputs).
+    fn custom_sliders(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui, snap: &Snapshot) {
+        let range = cx
+            .session
+            .config
+            .as_ref()
+            .and_then(|c| c.task_config.value_range)
+            .unwrap_or((-1.0, 1.0));
+        let lo = range.0.min(0.0);
+        let hi = range.1.max(1.0);
+        let st = &mut *self;
+        egui::ScrollArea::horizontal()
+            .id_salt("iv_custom")
+            .show(ui, |ui| {
+                ui.horizontal(|ui| {
+                    for (i, v) in st.custom.iter_mut().enumerate().take(snap.n_features) {
+                        ui.vertical(|ui| {
+                            ui.add(egui::Slider::new(v, lo..=hi).vertical().show_value(false));
+                            ui.small(format!("f{i}"));
+                        });
+                    }
+                    if ui.small_button("zero").clicked() {
+                        st.custom.iter_mut().for_each(|v| *v = 0.0);
+                    }
+                });
+            });
+    }
+
+    fn trace_panel(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui, input: &[f32]) {
+        let thr = self.trace_threshold;
+        let key = (input.to_vec(), thr);
+        if self.last_traced.as_ref() != Some(&key) {
+            self.last_traced = Some(key);
+            self.trace = None;
+            cx.send(Command::Trace {
+                input: input.to_vec(),
+                threshold: thr,
+            });
+        }
+        ui.strong("Mechanism trace: what fires on this input");
+        ui.add(egui::Slider::new(&mut self.trace_threshold, 0.01..=0.99).text("CI threshold"));
+        let Some(t) = self.trace.clone() else {
+            ui.label("tracing...");
+            return;
+        };
+        if !t.clusters.is_empty() {
+            let cl: Vec<String> = t
+                .clusters
+                .iter()
+                .map(|(id, g, k)| format!("cluster {id} (max CI {g:.2}, {k} firing)"))
+                .collect();
+            ui.label(format!("clusters: {}", cl.join(", ")));
+        }
+        let snap = cx.snapshot().cloned();
+        egui::ScrollArea::both().id_salt("trace").show(ui, |ui| {
+            egui::Grid::new("trace_grid").striped(true).show(ui, |ui| {
+                ui.strong("subcomponent");
+                ui.strong("CI");
+                ui.strong("cluster");
+                ui.strong("write size");
+                ui.strong("read V / write U");
+                ui.end_row();
+                for e in &t.entries {
+                    let selected =
+                        cx.selection.module == e.module && cx.selection.component == Some(e.index);
+                    if ui.selectable_label(selected, &e.label).clicked() {
+                        cx.selection.module = e.module;
+                        cx.selection.component = Some(e.index);
+                    }
+                    ui.label(format!("{:.3}", e.ci));
+                    ui.label(e.cluster.map(|c| c.to_string()).unwrap_or("-".into()));
+                    ui.label(format!("{:.3}", e.contribution));
+                    if let Some(m) = snap.as_ref().and_then(|s| s.modules.get(e.module)) {
+                        let v: Vec<f32> = (0..m.d_in).map(|i| m.v[i * m.c + e.index]).collect();
+                        let u: Vec<f32> = m.u[e.index * m.d_out..(e.index + 1) * m.d_out].to_vec();
+                        ui.horizontal(|ui| {
+                            strip(ui, &v);
+                            ui.label("/");
+                            strip(ui, &u);
+                        });
+                    }
+                    ui.end_row();
                 }
             });
         });
-}
-
-fn trace_panel(app: &mut SpdApp, ui: &mut egui::Ui, input: &[f32]) {
-    let thr = app.views.interventions.trace_threshold;
-    let key = (input.to_vec(), thr);
-    if app.views.interventions.last_traced.as_ref() != Some(&key) {
-        app.views.interventions.last_traced = Some(key);
-        app.trace = None;
-        app.send(Command::Trace {
-            input: input.to_vec(),
-            threshold: thr,
-        });
     }
-    ui.strong("Mechanism trace: what fires on this input");
-    ui.add(
-        egui::Slider::new(&mut app.views.interventions.trace_threshold, 0.01..=0.99)
-            .text("CI threshold"),
-    );
-    let Some(t) = app.trace.clone() else {
-        ui.label("tracing...");
-        return;
-    };
-    if !t.clusters.is_empty() {
-        let cl: Vec<String> = t
-            .clusters
-            .iter()
-            .map(|(id, g, k)| format!("cluster {id} (max CI {g:.2}, {k} firing)"))
-            .collect();
-        ui.label(format!("clusters: {}", cl.join(", ")));
-    }
-    let snap = app.snapshot.clone();
-    egui::ScrollArea::both().id_salt("trace").show(ui, |ui| {
-        egui::Grid::new("trace_grid").striped(true).show(ui, |ui| {
-            ui.strong("subcomponent");
-            ui.strong("CI");
-            ui.strong("cluster");
-            ui.strong("write size");
-            ui.strong("read V / write U");
-            ui.end_row();
-            for e in &t.entries {
-                let selected =
-                    app.selection.module == e.module && app.selection.component == Some(e.index);
-                if ui.selectable_label(selected, &e.label).clicked() {
-                    app.selection.module = e.module;
-                    app.selection.component = Some(e.index);
-                }
-                ui.label(format!("{:.3}", e.ci));
-                ui.label(e.cluster.map(|c| c.to_string()).unwrap_or("-".into()));
-                ui.label(format!("{:.3}", e.contribution));
-                if let Some(m) = snap.as_ref().and_then(|s| s.modules.get(e.module)) {
-                    let v: Vec<f32> = (0..m.d_in).map(|i| m.v[i * m.c + e.index]).collect();
-                    let u: Vec<f32> = m.u[e.index * m.d_out..(e.index + 1) * m.d_out].to_vec();
-                    ui.horizontal(|ui| {
-                        strip(ui, &v);
-                        ui.label("/");
-                        strip(ui, &u);
-                    });
-                }
-                ui.end_row();
-            }
-        });
-    });
 }
 
 /// A small diverging-colour strip of a vector (at most 32 cells; longer vectors are pooled by
@@ -444,7 +481,7 @@ fn strip(ui: &mut egui::Ui, v: &[f32]) {
             rect.min + egui::vec2(i as f32 * w, 0.0),
             egui::vec2(w, 12.0),
         );
-        p.rect_filled(r, 0.0, super::diverging(c / scale));
+        p.rect_filled(r, 0.0, crate::app::widgets::diverging(c / scale));
     }
     p.rect_stroke(
         rect,
@@ -456,35 +493,38 @@ fn strip(ui: &mut egui::Ui, v: &[f32]) {
 
 /// CSV of the latest intervention: one row per input with its losses and every output of the
 /// target, the full decomposition and the intervened model.
-pub fn csv(app: &SpdApp) -> anyhow::Result<String> {
-    let out = app
-        .intervention
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("no intervention has run yet"))?;
-    let r = &out.result;
-    let n_out = r.target.first().map_or(0, |t| t.len());
-    let mut s = String::from("input,label,max_change,loss_baseline,loss_intervened,loss_change");
-    for kind in ["target", "full", "intervened"] {
-        for k in 0..n_out {
-            s.push_str(&format!(",{kind}_{k}"));
-        }
-    }
-    s.push('\n');
-    for i in 0..r.inputs.len() {
-        s.push_str(&format!(
-            "{i},\"{}\",{},{},{},{}",
-            out.input_labels.get(i).cloned().unwrap_or_default(),
-            r.max_change[i],
-            r.loss_baseline[i],
-            r.loss_intervened[i],
-            r.loss_change[i]
-        ));
-        for o in [&r.target[i], &r.full[i], &r.intervened[i]] {
-            for v in o {
-                s.push_str(&format!(",{v}"));
+impl InterventionsView {
+    fn csv_text(&self) -> anyhow::Result<String> {
+        let out = self
+            .outcome
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no intervention has run yet"))?;
+        let r = &out.result;
+        let n_out = r.target.first().map_or(0, |t| t.len());
+        let mut s =
+            String::from("input,label,max_change,loss_baseline,loss_intervened,loss_change");
+        for kind in ["target", "full", "intervened"] {
+            for k in 0..n_out {
+                s.push_str(&format!(",{kind}_{k}"));
             }
         }
         s.push('\n');
+        for i in 0..r.inputs.len() {
+            s.push_str(&format!(
+                "{i},\"{}\",{},{},{},{}",
+                out.input_labels.get(i).cloned().unwrap_or_default(),
+                r.max_change[i],
+                r.loss_baseline[i],
+                r.loss_intervened[i],
+                r.loss_change[i]
+            ));
+            for o in [&r.target[i], &r.full[i], &r.intervened[i]] {
+                for v in o {
+                    s.push_str(&format!(",{v}"));
+                }
+            }
+            s.push('\n');
+        }
+        Ok(s)
     }
-    Ok(s)
 }

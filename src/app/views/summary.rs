@@ -3,29 +3,33 @@
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Legend, Plot, PlotPoints, Points};
 
-use super::module_picker;
-use crate::app::SpdApp;
-use crate::metrics::toy_metrics;
+use crate::app::view::{View, ViewCtx};
+use crate::app::widgets::module_picker;
 
-pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
-    let Some(s) = app.snapshot.clone() else {
+/// L0 and alive counts per layer, mean CI per subcomponent.
+pub struct SummaryView;
+
+impl View for SummaryView {
+    fn name(&self) -> &'static str {
+        "summary"
+    }
+    fn label(&self) -> &'static str {
+        "Summary"
+    }
+    fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        show(cx, ui)
+    }
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
+        Ok(crate::app::export::summary_csv(cx.require_snapshot()?))
+    }
+}
+
+fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
+    let Some(s) = cx.snapshot().cloned() else {
         return;
     };
-    let thr = app
-        .config
-        .as_ref()
-        .map(|c| c.ci_alive_threshold)
-        .unwrap_or(0.1);
-    // (alive count, L0) per module on the snapshot's batch, computed once per frame.
-    let stats: Vec<(usize, f64)> = s
-        .modules
-        .iter()
-        .map(|m| {
-            let density = toy_metrics::activation_density(&m.ci_batch, s.n_batch, m.c, thr);
-            let alive = density.iter().filter(|&&d| d > 0.0).count();
-            (alive, toy_metrics::l0(&m.ci_batch, s.n_batch, m.c, thr))
-        })
-        .collect();
+    // (alive count, L0) per module on the snapshot's batch, computed by the worker.
+    let stats: Vec<(usize, f64)> = s.modules.iter().map(|m| (m.alive, m.l0)).collect();
     egui::Grid::new("summary").striped(true).show(ui, |ui| {
         ui.strong("module");
         ui.strong("C");
@@ -53,7 +57,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         .legend(Legend::default())
         .y_axis_label("L0")
         .show(ui, |p| p.bar_chart(BarChart::new("L0 per layer", bars)));
-    module_picker(app, ui);
+    module_picker(cx, ui);
     let log = ui
         .ctx()
         .data_mut(|d| *d.get_persisted_mut_or_default::<bool>(egui::Id::unique("meanci-log")));
@@ -61,7 +65,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
     ui.checkbox(&mut log_v, "log scale");
     ui.ctx()
         .data_mut(|d| d.insert_persisted(egui::Id::unique("meanci-log"), log_v));
-    let j = app.selection.module.min(s.modules.len() - 1);
+    let j = cx.selection.module.min(s.modules.len() - 1);
     let m = &s.modules[j];
     let mut v: Vec<f32> = m.mean_ci.clone();
     v.sort_by(|a, b| b.total_cmp(a));

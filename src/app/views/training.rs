@@ -3,7 +3,8 @@
 use eframe::egui;
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 
-use crate::app::SpdApp;
+use crate::app::view::{View, ViewCtx};
+use crate::spd::trainer::StepRecord;
 
 /// At most ~`max` points: keeps the min and max of each bucket so spikes survive.
 pub fn thin(points: &[[f64; 2]], max: usize) -> Vec<[f64; 2]> {
@@ -54,15 +55,38 @@ fn log_formatter(mark: egui_plot::GridMark, _r: &std::ops::RangeInclusive<f64>) 
     }
 }
 
-pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
+/// Training curves (their smoothing is a persisted setting).
+pub struct TrainingView;
+
+impl View for TrainingView {
+    fn name(&self) -> &'static str {
+        "training"
+    }
+    fn label(&self) -> &'static str {
+        "Training curves"
+    }
+    fn needs_snapshot(&self) -> bool {
+        false
+    }
+    fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        show(cx, ui)
+    }
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
+        Ok(csv(&cx.session.history))
+    }
+}
+
+fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
     ui.horizontal(|ui| {
-        ui.add(egui::Slider::new(&mut app.settings.smoothing, 0.0..=0.99).text("smoothing"));
+        ui.add(egui::Slider::new(&mut cx.settings.smoothing, 0.0..=0.99).text("smoothing"));
     });
-    if app.history.is_empty() {
+    let history = &cx.session.history;
+    let smoothing = cx.settings.smoothing;
+    if history.is_empty() {
         ui.label("no training steps yet: press Start");
         return;
     }
-    let (names, layers) = series_names(app);
+    let (names, layers) = series_names(history);
     let link = egui::Id::unique("train-x");
     let h = (ui.available_height() - 40.0) / 3.0;
     Plot::new("losses")
@@ -73,8 +97,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         .y_axis_label("loss (log10)")
         .show(ui, |p| {
             for (i, n) in names.iter().enumerate() {
-                let mut pts: Vec<[f64; 2]> = app
-                    .history
+                let mut pts: Vec<[f64; 2]> = history
                     .iter()
                     .filter_map(|r| {
                         r.losses
@@ -82,7 +105,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
                             .map(|v| [r.step as f64, v.max(1e-30).log10()])
                     })
                     .collect();
-                smooth(&mut pts, app.settings.smoothing);
+                smooth(&mut pts, smoothing);
                 let line = Line::new(n.clone(), PlotPoints::from(thin(&pts, 2000))).color(color(i));
                 p.line(line);
             }
@@ -94,12 +117,11 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         .y_axis_label("L0 (CI > threshold)")
         .show(ui, |p| {
             for (i, n) in layers.iter().enumerate() {
-                let mut pts: Vec<[f64; 2]> = app
-                    .history
+                let mut pts: Vec<[f64; 2]> = history
                     .iter()
                     .filter_map(|r| r.l0.get(n).map(|v| [r.step as f64, *v]))
                     .collect();
-                smooth(&mut pts, app.settings.smoothing);
+                smooth(&mut pts, smoothing);
                 p.line(
                     Line::new(format!("L0 {n}"), PlotPoints::from(thin(&pts, 2000)))
                         .color(color(i + 3)),
@@ -112,7 +134,7 @@ pub fn show(app: &mut SpdApp, ui: &mut egui::Ui) {
         .link_axis(link, [true, false])
         .x_axis_label("step")
         .show(ui, |p| {
-            let pts: Vec<[f64; 2]> = app.history.iter().map(|r| [r.step as f64, r.lr]).collect();
+            let pts: Vec<[f64; 2]> = history.iter().map(|r| [r.step as f64, r.lr]).collect();
             p.line(Line::new(
                 "learning rate",
                 PlotPoints::from(thin(&pts, 2000)),
@@ -135,8 +157,8 @@ fn color(i: usize) -> egui::Color32 {
 }
 
 /// Loss-term and layer names of the latest step record (BTreeMap keys: already sorted).
-fn series_names(app: &SpdApp) -> (Vec<String>, Vec<String>) {
-    let last = app.history.last();
+fn series_names(history: &[StepRecord]) -> (Vec<String>, Vec<String>) {
+    let last = history.last();
     let names = last
         .map(|r| r.losses.keys().cloned().collect())
         .unwrap_or_default();
@@ -146,8 +168,9 @@ fn series_names(app: &SpdApp) -> (Vec<String>, Vec<String>) {
     (names, layers)
 }
 
-pub fn export_csv(app: &SpdApp, path: &std::path::Path) -> anyhow::Result<()> {
-    let (names, layers) = series_names(app);
+/// One row per step: learning rate, every loss term, L0 per layer.
+fn csv(history: &[StepRecord]) -> String {
+    let (names, layers) = series_names(history);
     let mut s = String::from("step,lr");
     for n in &names {
         s += &format!(",loss/{n}");
@@ -156,7 +179,7 @@ pub fn export_csv(app: &SpdApp, path: &std::path::Path) -> anyhow::Result<()> {
         s += &format!(",l0/{l}");
     }
     s.push('\n');
-    for r in &app.history {
+    for r in history {
         s += &format!("{},{}", r.step, r.lr);
         for n in &names {
             s += &format!(",{}", r.losses.get(n).copied().unwrap_or(f64::NAN));
@@ -166,8 +189,7 @@ pub fn export_csv(app: &SpdApp, path: &std::path::Path) -> anyhow::Result<()> {
         }
         s.push('\n');
     }
-    crate::io::atomic::write_atomic(path, s.as_bytes())?;
-    Ok(())
+    s
 }
 
 #[cfg(test)]

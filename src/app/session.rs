@@ -1,0 +1,148 @@
+//! The session: the link to the worker and what it has told the app (run state, config, loss
+//! history, the latest snapshot, status and error line).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::spd::config::SpdConfig;
+use crate::spd::trainer::StepRecord;
+use crate::worker::{Command, Event, RunState, Snapshot, WorkerHandle};
+
+pub struct Session {
+    pub(crate) worker: Option<WorkerHandle>,
+    pub state: RunState,
+    pub description: String,
+    pub config: Option<SpdConfig>,
+    pub history: Vec<StepRecord>,
+    pub snapshot: Option<Arc<Snapshot>>,
+    /// Bumped with every snapshot (texture keys).
+    pub snapshot_version: u64,
+    pub status: String,
+    /// The one error line of the UI (worker errors, job failures, exports).
+    pub error: Option<String>,
+    pub steps_per_sec: f32,
+    rate_probe: Option<(Instant, usize)>,
+    /// (time, step) of the first and the latest step event, for the throughput report.
+    pub(crate) throughput: Option<((Instant, usize), (Instant, usize))>,
+    /// Start training as soon as the run is loaded (`--train-preset`).
+    pub(crate) start_training: bool,
+}
+
+impl Session {
+    pub fn new(worker: Option<WorkerHandle>) -> Self {
+        Session {
+            worker,
+            state: RunState::Idle,
+            description: String::new(),
+            config: None,
+            history: vec![],
+            snapshot: None,
+            snapshot_version: 0,
+            status: "loading...".into(),
+            error: None,
+            steps_per_sec: 0.0,
+            rate_probe: None,
+            throughput: None,
+            start_training: false,
+        }
+    }
+
+    /// Sends a command to the worker; false when there is none (tests).
+    pub fn send(&self, c: Command) -> bool {
+        match &self.worker {
+            Some(w) => {
+                w.send(c);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Events waiting from the worker (never blocks).
+    pub fn take_events(&self) -> Vec<Event> {
+        match &self.worker {
+            Some(w) => w.rx.try_iter().collect(),
+            None => vec![],
+        }
+    }
+
+    pub fn step(&self) -> usize {
+        self.history.last().map(|r| r.step + 1).unwrap_or(0)
+    }
+
+    /// Applies a worker event to the session's state.
+    pub fn apply(&mut self, e: Event) {
+        match e {
+            Event::Loaded {
+                description,
+                config,
+                step,
+                history,
+            } => {
+                self.description = description;
+                self.status = format!("loaded at step {step}");
+                self.config = Some(*config);
+                self.history = history;
+                self.error = None;
+                if self.start_training {
+                    self.start_training = false;
+                    self.send(Command::Start);
+                }
+            }
+            Event::Step(rec) => {
+                let s = rec.step;
+                let now = Instant::now();
+                match self.rate_probe {
+                    Some((t, s0)) if now - t >= Duration::from_millis(500) => {
+                        self.steps_per_sec = (s - s0) as f32 / (now - t).as_secs_f32();
+                        self.rate_probe = Some((now, s));
+                    }
+                    None => self.rate_probe = Some((now, s)),
+                    _ => {}
+                }
+                self.throughput = Some(match self.throughput {
+                    Some((first, _)) => (first, (now, s)),
+                    None => ((now, s), (now, s)),
+                });
+                self.history.push(rec);
+            }
+            Event::Snapshot(s) => {
+                self.snapshot = Some(s);
+                self.snapshot_version += 1;
+            }
+            Event::State(s) => {
+                self.state = s;
+                if s != RunState::Running {
+                    self.rate_probe = None;
+                }
+                self.status = match s {
+                    RunState::Idle => "ready".into(),
+                    RunState::Running => "training".into(),
+                    RunState::Paused => "paused".into(),
+                    RunState::Finished => "finished".into(),
+                };
+            }
+            Event::Saved(p) => self.status = format!("saved {}", p.display()),
+            Event::Intervened(_) => self.error = None,
+            Event::Error(m) => self.error = Some(m),
+            Event::Clusters {
+                data,
+                stored: false,
+            } => {
+                self.status = format!(
+                    "clustered: minimum description length at k = {} (Save to keep it)",
+                    data.result.best_k
+                );
+            }
+            Event::JobEnded {
+                cancelled: true, ..
+            } => self.status = "job cancelled".into(),
+            Event::Clusters { .. }
+            | Event::Traced(_)
+            | Event::CustomCi { .. }
+            | Event::Progress { .. }
+            | Event::JobEnded { .. }
+            | Event::ColumnOrder { .. } => {}
+        }
+    }
+}

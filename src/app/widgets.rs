@@ -1,0 +1,82 @@
+//! Widgets and colours shared by the views.
+
+use eframe::egui;
+
+use super::view::ViewCtx;
+
+/// Module picker shared by the per-module views.
+pub fn module_picker(cx: &mut ViewCtx, ui: &mut egui::Ui) {
+    let Some(s) = cx.snapshot().cloned() else {
+        return;
+    };
+    let sel = &mut *cx.selection;
+    ui.horizontal(|ui| {
+        ui.label("decomposed module:");
+        for (i, m) in s.modules.iter().enumerate() {
+            if ui.selectable_label(sel.module == i, &m.name).clicked() {
+                sel.module = i;
+                sel.component = None;
+            }
+        }
+        if let Some(c) = sel.component {
+            ui.separator();
+            ui.label(format!(
+                "selected: {}:{c}",
+                s.modules[sel.module.min(s.modules.len() - 1)].name
+            ));
+            if ui.small_button("clear").clicked() {
+                sel.component = None;
+            }
+        }
+        if let Some(c) = sel.cluster
+            && let Some(row) = cx.clusters.rows.get(c)
+        {
+            ui.separator();
+            ui.colored_label(
+                CLUSTER_COLOR,
+                format!(
+                    "cluster {c} (k = {}): {}",
+                    cx.clusters.k,
+                    short_members(&row.members, 6)
+                ),
+            );
+            if ui.small_button("clear cluster").clicked() {
+                sel.cluster = None;
+            }
+        }
+    });
+}
+
+/// Highlight colour of the selected cluster's members in every view.
+pub const CLUSTER_COLOR: egui::Color32 = egui::Color32::from_rgb(40, 160, 60);
+
+/// Up to `n` member labels, then a count of the rest.
+pub fn short_members(members: &[String], n: usize) -> String {
+    if members.len() <= n {
+        members.join(" ")
+    } else {
+        format!("{} ... (+{})", members[..n].join(" "), members.len() - n)
+    }
+}
+
+/// Diverging colour for a value in [-1, 1] (blue – white – red).
+pub fn diverging(x: f32) -> egui::Color32 {
+    let x = x.clamp(-1.0, 1.0);
+    let (r, g, b) = if x >= 0.0 {
+        (1.0, 1.0 - x, 1.0 - x)
+    } else {
+        (1.0 + x, 1.0 + x, 1.0)
+    };
+    egui::Color32::from_rgb((r * 255.0) as u8, (g * 255.0) as u8, (b * 255.0) as u8)
+}
+
+/// Sequential colour for a value in [0, 1] (white → dark blue).
+pub fn sequential(x: f32) -> egui::Color32 {
+    let x = if x.is_finite() {
+        x.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let lerp = |a: f32, b: f32| (a + (b - a) * x) as u8;
+    egui::Color32::from_rgb(lerp(255.0, 8.0), lerp(255.0, 48.0), lerp(255.0, 107.0))
+}
