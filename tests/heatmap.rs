@@ -1,6 +1,7 @@
 //! The WGSL heatmap: values upload once per version (dragging the colour range or switching
 //! the scale uploads nothing), and a 4096 × 1000 heatmap is drawn exactly (a single hot cell
-//! among 4 million shows up, without CPU pooling). One test: the upload counter is global.
+//! among 4 million shows up, without CPU pooling); in the app, dragging the CI view's colour
+//! range uploads nothing. One test: the upload counter is global.
 
 use std::sync::Arc;
 
@@ -106,4 +107,52 @@ fn uploads_once_per_version_and_draws_every_cell() {
     // Hover maps the pointer to the exact cell.
     let cell = heatmap::cell_at(rect, ROWS, COLS, egui::pos2(x, y));
     assert_eq!(cell, Some(HOT));
+    drop(h);
+    colour_range_drag_in_the_app_uploads_nothing();
+}
+
+fn colour_range_drag_in_the_app_uploads_nothing() {
+    use egui_kittest::kittest::Queryable;
+    use spdlab::app::views::ci::CiView;
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1100.0, 700.0))
+        .wgpu()
+        .build_eframe(|cc| {
+            let mut app = spdlab::app::SpdApp::new(cc, None, Default::default());
+            let (tr, _) = spdlab::io::spdlab_file::from_bytes(
+                spdlab::assets::default_decomposition(),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let snap = spdlab::worker::build_snapshot(&tr, 0.75, 256).unwrap();
+            app.apply(spdlab::worker::Event::Loaded {
+                description: "tms-5-2".into(),
+                config: Box::new(tr.config.clone()),
+                step: tr.step,
+                history: tr.history.clone(),
+            });
+            app.apply(spdlab::worker::Event::Snapshot(Arc::new(snap)));
+            app
+        });
+    h.state_mut().set_view("ci");
+    h.run();
+    h.get_by_label_contains("data batch").click();
+    h.run();
+    let _ = h.render().expect("render");
+    let before = heatmap::uploads();
+    // Drag the colour max over its range, change gamma and switch to a log scale.
+    for i in 0..20 {
+        let v = h.state_mut().view_mut::<CiView>().unwrap();
+        v.vmax = 0.05 + 0.047 * i as f32;
+        v.gamma = 0.5 + 0.1 * i as f32;
+        v.log = i % 2 == 1;
+        h.run();
+        let _ = h.render().expect("render");
+    }
+    assert_eq!(
+        heatmap::uploads(),
+        before,
+        "dragging the colour range uploaded values"
+    );
+    assert_eq!(h.state().view::<CiView>().unwrap().rows, 256);
 }

@@ -137,8 +137,15 @@ fn spdlab() -> Command {
 #[test]
 fn ablate_cli_reports_json_and_rejects_bad_selections() {
     let dir = tempfile::tempdir().unwrap();
+    // The shipped decomposition without its stored clustering.
     let plain = dir.path().join("tms.spdlab");
-    std::fs::write(&plain, spdlab::assets::default_decomposition()).unwrap();
+    let (tr, mut extras) = spdlab::io::spdlab_file::from_bytes(
+        spdlab::assets::default_decomposition(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    extras.extra.remove("clusters");
+    spdlab::io::spdlab_file::save(&tr, &extras, &plain).unwrap();
     let clustered = dir.path().join("tms-clustered.spdlab");
     let out = spdlab()
         .args(["cluster", plain.to_str().unwrap(), "--save"])

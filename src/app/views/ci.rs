@@ -5,7 +5,8 @@ use eframe::egui;
 
 use crate::app::cluster_state::ClusterState;
 use crate::app::view::{View, ViewCtx};
-use crate::app::widgets::{CLUSTER_COLOR, module_picker, sequential};
+use crate::app::heatmap;
+use crate::app::widgets::{CLUSTER_COLOR, module_picker};
 use crate::worker::{Command, Event, Snapshot};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -27,17 +28,10 @@ pub enum Order {
     ByCluster,
 }
 
-/// Texture rows of the heatmap at most (more input rows are max-pooled).
-const MAX_TEXTURE_ROWS: usize = 1024;
-
-/// Input rows per texture row (1 unless the input set is taller than the texture).
-fn pool_of(rows: usize) -> usize {
-    rows.div_ceil(MAX_TEXTURE_ROWS).max(1)
-}
-
-/// What the heatmap texture shows: (snapshot version, module, inputs, order, colour max bits,
-/// clusters version, custom answers, Hungarian order arrived).
-type TextureKey = (u64, usize, InputSet, Order, u32, u64, u64, bool);
+/// What the heatmap's values are: (snapshot version, module, inputs, order, clusters version,
+/// custom answers, Hungarian order arrived). The colour range, gamma and scale are not part
+/// of it: the shader applies them, so changing them uploads nothing.
+type TextureKey = (u64, usize, InputSet, Order, u64, u64, bool);
 
 /// The CI heatmap and its state. The Hungarian column order comes from the worker
 /// (`Command::ColumnOrder`); until it arrives the columns are shown as is.
@@ -46,7 +40,11 @@ pub struct CiView {
     pub input_set: InputSet,
     pub order: Order,
     pub vmax: f32,
-    texture: Option<egui::TextureHandle>,
+    /// Gamma and log scale of the colour map (applied in the shader).
+    pub gamma: f32,
+    pub log: bool,
+    /// The values drawn, in column order (rows × C), rebuilt when the key changes.
+    values: Option<heatmap::Data>,
     key: Option<TextureKey>,
     /// The Hungarian order asked for: (snapshot version, module).
     hungarian_asked: Option<(u64, usize)>,
@@ -159,6 +157,9 @@ impl CiView {
         if st.vmax <= 0.0 {
             st.vmax = 1.0;
         }
+        if st.gamma <= 0.0 {
+            st.gamma = 1.0;
+        }
         ui.horizontal_wrapped(|ui| {
             ui.label("inputs:");
             ui.selectable_value(
@@ -193,7 +194,12 @@ impl CiView {
         }
         let mut probe = cx.settings.probe_value;
         ui.horizontal(|ui| {
-            ui.add(egui::Slider::new(&mut self.vmax, 0.05..=1.0).text("colour max"));
+            ui.add(egui::Slider::new(&mut self.vmax, 0.05..=1.0).text("colour max"))
+                .on_hover_text("CI at or above this gets the brightest colour (no re-upload)");
+            ui.add(egui::Slider::new(&mut self.gamma, 0.2..=3.0).text("gamma"))
+                .on_hover_text("below 1 brightens small CI values");
+            ui.checkbox(&mut self.log, "log")
+                .on_hover_text("logarithmic colour scale from 1e-3 to the colour max");
             ui.separator();
             if ui
                 .add(egui::Slider::new(&mut probe, 0.05..=1.0).text("probe value"))
@@ -248,7 +254,6 @@ impl CiView {
             j,
             st.input_set,
             st.order,
-            st.vmax.to_bits(),
             cx.clusters.version,
             st.custom_results,
             hungarian.is_some(),
@@ -264,56 +269,39 @@ impl CiView {
                     idx
                 }
             };
-            // More rows than a screen shows are max-pooled into at most MAX_TEXTURE_ROWS texture
-            // rows (a cell lights if any of its rows fires); hover still reads exact rows.
-            let pool = pool_of(rows);
-            let tex_rows = rows.div_ceil(pool);
-            let inv = 1.0 / st.vmax;
-            let mut pixels = Vec::with_capacity(tex_rows * m.c);
-            let mut acc = vec![0f32; m.c];
-            for t in 0..tex_rows {
-                acc.iter_mut().for_each(|a| *a = 0.0);
-                for r in t * pool..((t + 1) * pool).min(rows) {
-                    let row = &data[r * m.c..(r + 1) * m.c];
-                    for (a, &c) in acc.iter_mut().zip(&st.columns) {
-                        *a = a.max(row[c]);
-                    }
-                }
-                pixels.extend(acc.iter().map(|&v| sequential(v * inv)));
+            // Every row is drawn: the shader shows the strongest cell under each pixel, and
+            // hover reads exact rows.
+            let mut values = Vec::with_capacity(rows * m.c);
+            for r in 0..rows {
+                let row = &data[r * m.c..(r + 1) * m.c];
+                values.extend(st.columns.iter().map(|&c| row[c]));
             }
-            let img = egui::ColorImage::new([m.c, tex_rows], pixels);
-            match &mut st.texture {
-                Some(t) => t.set(img, egui::TextureOptions::NEAREST),
-                None => {
-                    st.texture = Some(ui.ctx().load_texture(
-                        "ci-heatmap",
-                        img,
-                        egui::TextureOptions::NEAREST,
-                    ))
-                }
-            }
+            st.uploads += 1;
+            st.values = Some(heatmap::Data::new(
+                std::sync::Arc::new(values),
+                rows,
+                m.c,
+                st.uploads,
+            ));
             st.key = Some(key);
             st.rows = rows;
-            st.uploads += 1;
         }
-        let Some(tex) = &st.texture else { return };
+        let Some(values) = &st.values else { return };
         let mut avail = ui.available_size() - egui::vec2(0.0, 24.0);
         if st.input_set == InputSet::Custom {
             avail.y = avail.y.min(80.0);
         }
         let (rect, resp) =
             ui.allocate_exact_size(avail.max(egui::vec2(50.0, 50.0)), egui::Sense::click());
-        ui.painter().image(
-            tex.id(),
-            rect,
-            egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
-            egui::Color32::WHITE,
-        );
-        let cell = |pos: egui::Pos2| -> Option<(usize, usize)> {
-            let uv = (pos - rect.min) / rect.size();
-            let (x, y) = ((uv.x * m.c as f32) as usize, (uv.y * rows as f32) as usize);
-            (x < m.c && y < rows).then_some((y, x))
+        let style = heatmap::Style {
+            lo: if st.log { 1e-3 } else { 0.0 },
+            hi: st.vmax,
+            gamma: st.gamma,
+            log: st.log,
+            map: heatmap::ColorMap::Sequential,
         };
+        heatmap::paint(ui, rect, egui::Id::unique("ci-heatmap"), values, style);
+        let cell = |pos: egui::Pos2| heatmap::cell_at(rect, rows, m.c, pos);
         for &mc in &members {
             if let Some(col) = st.columns.iter().position(|&c| c == mc) {
                 let w = rect.width() / m.c as f32;
@@ -363,14 +351,16 @@ impl CiView {
                 cx.selection.component = Some(c);
             }
         }
+        let per_px = rows as f32 / (rect.height() * ui.ctx().pixels_per_point()).max(1.0);
         ui.label(format!(
-            "{} rows x {} subcomponents of {} (lower-leaky CI; colour scale 0 to {:.2}){}",
+            "{} rows x {} subcomponents of {} (lower-leaky CI; colour scale {} to {:.2}){}",
             rows,
             m.c,
             m.name,
+            if st.log { "1e-3 (log)" } else { "0" },
             st.vmax,
-            if pool_of(rows) > 1 {
-                format!("; drawn {} rows per pixel row (max)", pool_of(rows))
+            if per_px > 1.0 {
+                format!("; {per_px:.1} rows per pixel, each pixel shows its strongest cell")
             } else {
                 String::new()
             }
