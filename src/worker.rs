@@ -42,6 +42,11 @@ pub enum Command {
     Stop,
     /// Change the peak learning rate of the running schedule.
     SetLr(f64),
+    /// Change a loss term's coefficient in the running config (by its class name).
+    SetLossCoeff {
+        name: String,
+        coeff: f64,
+    },
     /// Device for the next load ("cpu", or "cuda" in builds with the cuda feature).
     SetDevice(String),
     /// Rows of the data-batch CI heatmap in snapshots (default 256).
@@ -171,6 +176,8 @@ pub enum Event {
         history: Vec<StepRecord>,
     },
     Step(StepRecord),
+    /// The running config changed (live learning rate or coefficient).
+    ConfigChanged(Box<SpdConfig>),
     Snapshot(Arc<Snapshot>),
     State(RunState),
     Saved(PathBuf),
@@ -544,6 +551,26 @@ impl Worker {
                         anyhow::bail!("learning rate must be a finite non-negative number");
                     }
                     tr.config.lr_schedule.start_val = lr;
+                    let c = Box::new(tr.config.clone());
+                    self.emit(Event::ConfigChanged(c));
+                }
+            }
+            Command::SetLossCoeff { name, coeff } => {
+                if let Some(tr) = self.trainer.as_mut() {
+                    if !(coeff.is_finite() && coeff >= 0.0) {
+                        anyhow::bail!("{name}: the coefficient must be a finite number >= 0");
+                    }
+                    let Some(l) = tr
+                        .config
+                        .loss_metric_configs
+                        .iter_mut()
+                        .find(|l| l.name() == name)
+                    else {
+                        anyhow::bail!("the running config has no loss term {name}");
+                    };
+                    l.set_coeff(Some(coeff));
+                    let c = Box::new(tr.config.clone());
+                    self.emit(Event::ConfigChanged(c));
                 }
             }
             Command::SetProbeValue(v) => {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use eframe::egui;
 use egui_kittest::Harness;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use spdlab::app::cluster_data::ClusterData;
 use spdlab::app::views::{
     ci::CiView, clusters::ClustersView, days::DaysView, interventions::InterventionsView,
@@ -594,4 +594,105 @@ fn days_view_exports_csv() {
     let n = text.lines().next().unwrap().split(',').count();
     assert!(text.lines().all(|l| l.split(',').count() == n));
     assert!(text.contains("Mon,next,Tue,Tue"), "{text}");
+}
+
+/// The config editor in the real app: edit the minimality coefficient and C of a module, start
+/// a run (the real worker), save it: the saved config has them. An invalid value shows its
+/// message and disables "New run". A coefficient changed while training applies live and is
+/// marked on the curves.
+#[test]
+fn config_editor_edits_start_a_run_with_that_config() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1300.0, 1000.0))
+        .wgpu()
+        .build_eframe(|cc| {
+            let w = spdlab::worker::WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
+            let mut app = SpdApp::new(cc, Some(w), StartOptions::default());
+            app.settings.preset = "tms-5-2".into();
+            app.settings.steps = 400;
+            app.reset_editor();
+            app
+        });
+    let wait = |h: &mut Harness<'static, SpdApp>, what: &str, f: &dyn Fn(&SpdApp) -> bool| {
+        let t0 = Instant::now();
+        while !f(h.state()) {
+            assert!(t0.elapsed() < Duration::from_secs(120), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(20));
+            h.step();
+        }
+    };
+    wait(&mut h, "first load", &|a| a.session.snapshot.is_some());
+    h.run();
+    // An invalid value: its message, and no run can start.
+    h.get_by_label("C.linear1").set_text_value_accesskit("zero");
+    h.run();
+    h.get_by_label_contains("'zero' is not a number");
+    assert!(h.get_by_label("New run").accesskit_node().is_disabled());
+    for (field, v) in [
+        ("C.linear1", "24"),
+        ("C.linear2", "24"),
+        ("ImportanceMinimalityLoss.coeff", "0.005"),
+    ] {
+        h.get_by_label(field).set_text_value_accesskit(v);
+        h.run();
+    }
+    assert!(!h.get_by_label("New run").accesskit_node().is_disabled());
+    h.get_by_label("New run").click();
+    h.run();
+    wait(&mut h, "new run loaded", &|a| {
+        a.session
+            .config
+            .as_ref()
+            .is_some_and(|c| c.module_info[0].c == 24)
+    });
+    h.get_by_label("Start").click();
+    h.run();
+    wait(&mut h, "training", &|a| a.session.step() > 20);
+    // A live change of a coefficient: applied by the worker, marked on the curves.
+    h.get_by_label("StochasticReconLoss.coeff")
+        .set_text_value_accesskit("2");
+    h.run();
+    h.get_by_label("Apply now").click();
+    h.run();
+    wait(&mut h, "live change", &|a| {
+        a.session
+            .config
+            .as_ref()
+            .and_then(|c| c.loss("StochasticReconLoss"))
+            .and_then(|l| l.coeff())
+            == Some(2.0)
+    });
+    assert_eq!(h.state().session.markers.len(), 1);
+    assert!(
+        h.state().session.markers[0]
+            .1
+            .contains("StochasticReconLoss 2e0")
+    );
+    h.get_by_label("Pause").click();
+    h.run();
+    let saved = dir.path().join("edited.spdlab");
+    h.state()
+        .send_command(spdlab::worker::Command::Save(saved.clone()));
+    wait(&mut h, "save", &|_| saved.exists());
+    std::thread::sleep(Duration::from_millis(200));
+    let (tr, _) = spdlab_file::load(&saved, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(tr.config.module_info[0].c, 24);
+    assert_eq!(tr.config.module_info[1].c, 24);
+    assert_eq!(
+        tr.config
+            .loss("ImportanceMinimalityLoss")
+            .and_then(|l| l.coeff()),
+        Some(0.005)
+    );
+    assert_eq!(
+        tr.config
+            .loss("StochasticReconLoss")
+            .and_then(|l| l.coeff()),
+        Some(2.0)
+    );
+    assert_eq!(tr.model.modules[0].c, 24);
+    h.get_by_label("Stop").click();
+    h.run();
 }

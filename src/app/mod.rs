@@ -126,6 +126,8 @@ pub struct SpdApp {
     pub selection: Selection,
     pub clusters: ClusterState,
     views: Vec<Box<dyn View>>,
+    /// The configuration of the next run (side panel).
+    pub editor: config_editor::ConfigEditor,
     /// Where the current view was drawn last frame (PNG export crops to it).
     pub view_rect: Option<egui::Rect>,
     pub frame_stats: FrameStats,
@@ -183,6 +185,7 @@ impl SpdApp {
             selection: Selection::default(),
             clusters: ClusterState::default(),
             views: views::registry(),
+            editor: config_editor::ConfigEditor::default(),
             view_rect: None,
             frame_stats: FrameStats {
                 enabled: opts.frame_stats,
@@ -196,6 +199,7 @@ impl SpdApp {
         if let Some(v) = opts.view {
             app.settings.view = v;
         }
+        app.reset_editor();
         if let Some(n) = opts.heatmap_rows {
             app.send(Command::SetBatchRows(n));
             // Show the big heatmap: the data-batch rows.
@@ -279,18 +283,73 @@ impl SpdApp {
 
     /// Loads a fresh run of the chosen preset with the edited hyperparameters.
     pub fn new_run(&mut self) {
-        match crate::presets::spd_config(&self.settings.preset) {
-            Ok(mut cfg) => {
-                cfg.steps = self.settings.steps;
-                cfg.seed = self.settings.seed;
-                cfg.lr_schedule.start_val = self.settings.lr;
+        // The editor's draft, with the settings' steps, seed and lr (which the days view and
+        // the persisted settings also set).
+        if let Some(d) = self.editor.draft.as_mut() {
+            d.steps = self.settings.steps;
+            d.seed = self.settings.seed;
+            d.lr_schedule.start_val = self.settings.lr;
+        }
+        match self.editor.valid() {
+            Some(cfg) => {
+                let cfg = cfg.clone();
                 self.session.history.clear();
+                self.session.markers.clear();
                 self.send(Command::Load(Source::Preset {
                     name: self.settings.preset.clone(),
                     config: Box::new(cfg),
                 }));
             }
+            None => {
+                self.session.error = Some(format!(
+                    "the configuration is not valid: {}",
+                    self.editor.problems().join("; ")
+                ))
+            }
+        }
+    }
+
+    /// Starts the editor over from the chosen preset's config with the settings' steps, seed
+    /// and lr.
+    pub fn reset_editor(&mut self) {
+        match crate::presets::spd_config(&self.settings.preset) {
+            Ok(mut cfg) => {
+                cfg.steps = self.settings.steps;
+                cfg.seed = self.settings.seed;
+                cfg.lr_schedule.start_val = self.settings.lr;
+                self.editor.set(cfg);
+            }
             Err(e) => self.session.error = Some(e.to_string()),
+        }
+    }
+
+    /// Sends the live-changeable fields of the editor that differ from the running config
+    /// (learning rate, loss coefficients) and marks the change on the training curves.
+    pub fn apply_live_changes(&mut self) {
+        let (Some(run), Some(d)) = (self.session.config.clone(), self.editor.draft.clone()) else {
+            return;
+        };
+        let step = self.session.step();
+        let mut what = vec![];
+        if d.lr_schedule.start_val != run.lr_schedule.start_val {
+            self.send(Command::SetLr(d.lr_schedule.start_val));
+            what.push(format!("lr {:e}", d.lr_schedule.start_val));
+        }
+        for l in &d.loss_metric_configs {
+            let now = run.loss(l.name()).and_then(|r| r.coeff());
+            if let Some(c) = l.coeff()
+                && now.is_some()
+                && now != Some(c)
+            {
+                self.send(Command::SetLossCoeff {
+                    name: l.name().to_string(),
+                    coeff: c,
+                });
+                what.push(format!("{} {c:e}", l.name()));
+            }
+        }
+        if !what.is_empty() {
+            self.session.markers.push((step, what.join(", ")));
         }
     }
 

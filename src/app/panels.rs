@@ -158,22 +158,12 @@ impl SpdApp {
                         if let Ok(c) = crate::presets::spd_config(p.name) {
                             self.settings.steps = c.steps;
                             self.settings.lr = c.lr_schedule.start_val;
+                            self.settings.seed = c.seed;
                         }
+                        self.reset_editor();
                     }
                 }
             });
-        ui.add(
-            egui::DragValue::new(&mut self.settings.steps)
-                .range(1..=1_000_000)
-                .prefix("steps "),
-        );
-        ui.add(egui::DragValue::new(&mut self.settings.seed).prefix("seed "));
-        ui.add(
-            egui::DragValue::new(&mut self.settings.lr)
-                .range(0.0..=1.0)
-                .speed(1e-5)
-                .prefix("lr "),
-        );
         let devices: &[&str] = if cfg!(feature = "cuda") {
             &["cpu", "cuda"]
         } else {
@@ -188,25 +178,75 @@ impl SpdApp {
             })
             .response
             .on_hover_text("cuda needs a build with --features cuda and an NVIDIA GPU");
-        if ui
-            .button("New run")
-            .on_hover_text("Load the preset with these settings")
-            .clicked()
-        {
-            self.send(Command::SetDevice(self.settings.device.clone()));
-            self.new_run();
-        }
-        if matches!(self.session.state, RunState::Running | RunState::Paused)
-            && ui
-                .button("Apply lr now")
-                .on_hover_text("Change the running schedule's peak learning rate")
+        let valid = self.editor.valid().is_some();
+        ui.horizontal(|ui| {
+            if ui
+                .add_enabled(valid, egui::Button::new("New run"))
+                .on_hover_text("Load the preset's target with the configuration below")
+                .on_disabled_hover_text("fix the configuration first (messages below)")
                 .clicked()
-        {
-            self.send(Command::SetLr(self.settings.lr));
-        }
+            {
+                self.send(Command::SetDevice(self.settings.device.clone()));
+                self.new_run();
+            }
+            if ui
+                .button("Reset")
+                .on_hover_text("Start the configuration over from the preset")
+                .clicked()
+            {
+                self.reset_editor();
+            }
+            if matches!(self.session.state, RunState::Running | RunState::Paused)
+                && ui
+                    .add_enabled(valid, egui::Button::new("Apply now"))
+                    .on_hover_text(
+                        "Apply the learning rate and loss coefficients to the running training \
+                         (marked on the training curves)",
+                    )
+                    .clicked()
+            {
+                self.apply_live_changes();
+            }
+        });
+        ui.horizontal(|ui| {
+            if ui
+                .button("Load config...")
+                .on_hover_text("a --config JSON file")
+                .clicked()
+                && let Some(p) = rfd::FileDialog::new()
+                    .add_filter("json", &["json"])
+                    .pick_file()
+                && let Err(e) = self.editor.load_json(&p)
+            {
+                self.session.error = Some(e);
+            }
+            if ui
+                .button("Save config...")
+                .on_hover_text("as --config JSON")
+                .clicked()
+                && let Some(p) = rfd::FileDialog::new()
+                    .add_filter("json", &["json"])
+                    .save_file()
+                && let Err(e) = self.editor.save_json(&p, &self.settings.preset)
+            {
+                self.session.error = Some(e);
+            }
+        });
+        egui::ScrollArea::vertical()
+            .id_salt("cfg-editor")
+            .max_height(ui.available_height() * 0.6)
+            .show(ui, |ui| {
+                if self.editor.ui(ui)
+                    && let Some(d) = &self.editor.draft
+                {
+                    self.settings.steps = d.steps;
+                    self.settings.seed = d.seed;
+                    self.settings.lr = d.lr_schedule.start_val;
+                }
+            });
         ui.separator();
         if let Some(c) = &self.session.config {
-            ui.heading("Config");
+            ui.heading("Running config");
             egui::Grid::new("cfg").num_columns(2).show(ui, |ui| {
                 ui.label("steps");
                 ui.label(c.steps.to_string());

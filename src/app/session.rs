@@ -14,6 +14,8 @@ pub struct Session {
     pub description: String,
     pub config: Option<SpdConfig>,
     pub history: Vec<StepRecord>,
+    /// Live changes of the running config: (step, what changed), marked on the curves.
+    pub markers: Vec<(usize, String)>,
     pub snapshot: Option<Arc<Snapshot>>,
     /// Bumped with every snapshot (texture keys).
     pub snapshot_version: u64,
@@ -36,6 +38,7 @@ impl Session {
             description: String::new(),
             config: None,
             history: vec![],
+            markers: vec![],
             snapshot: None,
             snapshot_version: 0,
             status: "loading...".into(),
@@ -89,6 +92,7 @@ impl Session {
                     self.send(Command::Start);
                 }
             }
+            Event::ConfigChanged(c) => self.config = Some(*c),
             Event::Step(rec) => {
                 let s = rec.step;
                 let now = Instant::now();

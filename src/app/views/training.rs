@@ -1,7 +1,7 @@
 //! Training curves: every loss term, total, L0 per layer, learning rate (log y).
 
 use eframe::egui;
-use egui_plot::{Legend, Line, Plot, PlotPoints};
+use egui_plot::{Legend, Line, Plot, PlotPoints, VLine};
 
 use crate::app::view::{View, ViewCtx};
 use crate::spd::trainer::StepRecord;
@@ -81,6 +81,7 @@ fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
         ui.add(egui::Slider::new(&mut cx.settings.smoothing, 0.0..=0.99).text("smoothing"));
     });
     let history = &cx.session.history;
+    let markers = &cx.session.markers;
     let smoothing = cx.settings.smoothing;
     if history.is_empty() {
         ui.label("no training steps yet: press Start");
@@ -108,6 +109,13 @@ fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
                 smooth(&mut pts, smoothing);
                 let line = Line::new(n.clone(), PlotPoints::from(thin(&pts, 2000))).color(color(i));
                 p.line(line);
+            }
+            // Live changes of the running config, where they took effect.
+            for (step, what) in markers {
+                p.vline(
+                    VLine::new(format!("changed: {what}"), *step as f64)
+                        .color(egui::Color32::from_rgb(150, 150, 150)),
+                );
             }
         });
     Plot::new("l0")
