@@ -547,6 +547,12 @@ fn run_clustering_with_the_worker_and_reopen_it() {
         }
     };
     wait(&mut h, "load", &|a| a.session.snapshot.is_some());
+    // The shipped decomposition carries a clustering: run it again from the collapsed controls.
+    wait(&mut h, "stored clustering", &|a| {
+        a.clusters.data.is_some() && !a.clustering_running()
+    });
+    h.run();
+    h.get_by_label("Run clustering again").click();
     h.run();
     h.get_by_label("Run clustering").click();
     h.step();

@@ -1,5 +1,5 @@
 //! Clusters: the MDL merge clustering of the open decomposition. Co-activation matrix of the
-//! alive subcomponents in cluster order (one texture, re-uploaded only when k or the data
+//! alive subcomponents in cluster order (drawn by the heatmap shader, uploaded only when k or the data
 //! changes), a slider over the merge history, a clickable cluster table, and the description
 //! length curve. Without a stored clustering, "Run clustering" runs one on the worker (a job
 //! with progress and cancel).
@@ -9,14 +9,15 @@ use egui_plot::{Legend, Line, Plot, PlotPoints, Points, VLine};
 
 use crate::app::cluster_data::ClusterData;
 use crate::app::view::{Action, View, ViewCtx};
-use crate::app::widgets::{CLUSTER_COLOR, sequential, short_members};
+use crate::app::heatmap;
+use crate::app::widgets::{CLUSTER_COLOR, short_members};
 use crate::cluster::ClusterOptions;
 
 #[derive(Default)]
 pub struct ClustersView {
     /// Options of the next "Run clustering".
     pub options: ClusterOptions,
-    texture: Option<egui::TextureHandle>,
+    values: Option<heatmap::Data>,
     key: Option<u64>,
     /// Alive indices in the texture's row/column order.
     pub order: Vec<usize>,
@@ -166,35 +167,31 @@ impl ClustersView {
         }
         if st.key != Some(cx.clusters.version) {
             st.order = ClusterData::cluster_order(&cx.clusters.rows);
-            let mut px = Vec::with_capacity(na * na);
+            let mut values = Vec::with_capacity(na * na);
             for &i in &st.order {
                 for &j in &st.order {
-                    px.push(sequential(d.coact_norm(i, j)));
+                    values.push(d.coact_norm(i, j));
                 }
             }
-            let img = egui::ColorImage::new([na, na], px);
-            match &mut st.texture {
-                Some(t) => t.set(img, egui::TextureOptions::NEAREST),
-                None => {
-                    st.texture = Some(ui.ctx().load_texture(
-                        "coactivation",
-                        img,
-                        egui::TextureOptions::NEAREST,
-                    ))
-                }
-            }
-            st.key = Some(cx.clusters.version);
             st.uploads += 1;
+            st.values = Some(heatmap::Data::new(
+                std::sync::Arc::new(values),
+                na,
+                na,
+                st.uploads,
+            ));
+            st.key = Some(cx.clusters.version);
         }
-        let Some(tex) = &st.texture else { return };
+        let Some(values) = &st.values else { return };
         let (rect, resp) = ui.allocate_exact_size(egui::vec2(side, side), egui::Sense::click());
-        let painter = ui.painter_at(rect.expand(2.0));
-        painter.image(
-            tex.id(),
+        heatmap::paint(
+            ui,
             rect,
-            egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
-            egui::Color32::WHITE,
+            egui::Id::unique("coactivation"),
+            values,
+            heatmap::Style::sequential(0.0, 1.0),
         );
+        let painter = ui.painter_at(rect.expand(2.0));
         let cell = side / na as f32;
         // Cluster blocks on the diagonal.
         let mut start = 0usize;

@@ -6,7 +6,7 @@ use eframe::egui;
 use egui_plot::{Arrows, Corner, Legend, Line, Plot, PlotPoints, Points, Text};
 
 use crate::app::view::{Action, View, ViewCtx};
-use crate::app::widgets::sequential;
+use crate::app::heatmap;
 use crate::metrics::days::DaysViewData;
 use crate::model::days::{OP_NAMES, answer, day_angle, day_name};
 
@@ -374,6 +374,7 @@ fn ci_grid(cx: &mut ViewCtx, ui: &mut egui::Ui, d: &DaysViewData) {
             },
         );
     }
+    let mut values = Vec::with_capacity(d.rows.len() * cols.len());
     for (ri, &(day, op)) in d.rows.iter().enumerate() {
         let y = rect.min.y + head + cell.y * (ri + 1) as f32;
         p.text(
@@ -383,15 +384,28 @@ fn ci_grid(cx: &mut ViewCtx, ui: &mut egui::Ui, d: &DaysViewData) {
             font.clone(),
             ui.visuals().text_color(),
         );
-        for (ci, &(j, k, _)) in cols.iter().enumerate() {
-            let g = d.ci[j].1[ri][k];
-            let r = egui::Rect::from_min_size(
-                egui::pos2(rect.min.x + label_w + ci as f32 * cell.x, y),
-                cell - egui::vec2(1.0, 1.0),
-            );
-            p.rect_filled(r, 0.0, sequential(g));
-        }
+        values.extend(cols.iter().map(|&(j, k, _)| d.ci[j].1[ri][k]));
     }
+    // The grid through the heatmap shader; its version is the values' hash (a few hundred
+    // cells), so it uploads only when they change.
+    let version = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (d.rows.len(), cols.len()).hash(&mut h);
+        values.iter().for_each(|v| v.to_bits().hash(&mut h));
+        h.finish()
+    };
+    let grid = egui::Rect::from_min_size(
+        egui::pos2(rect.min.x + label_w, rect.min.y + head + cell.y),
+        egui::vec2(cell.x * cols.len() as f32, cell.y * d.rows.len() as f32),
+    );
+    heatmap::paint(
+        ui,
+        grid,
+        egui::Id::unique("days-ci-grid"),
+        &heatmap::Data::new(std::sync::Arc::new(values), d.rows.len(), cols.len(), version),
+        heatmap::Style::sequential(0.0, 1.0),
+    );
     if let Some(pos) = resp.hover_pos() {
         let ci = ((pos.x - rect.min.x - label_w) / cell.x).floor();
         let ri = ((pos.y - rect.min.y - head) / cell.y).floor() as isize - 1;

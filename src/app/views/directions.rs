@@ -5,7 +5,8 @@ use eframe::egui;
 use egui_plot::{Arrows, Legend, Plot, PlotPoints};
 
 use crate::app::view::{View, ViewCtx};
-use crate::app::widgets::{CLUSTER_COLOR, diverging, module_picker};
+use crate::app::heatmap;
+use crate::app::widgets::{CLUSTER_COLOR, module_picker};
 use crate::worker::ModuleSnapshot;
 
 /// Subcomponents ordered by weight norm (descending), and the number of negligible ones
@@ -18,10 +19,11 @@ pub fn order_by_norm(m: &ModuleSnapshot) -> (Vec<usize>, usize) {
     (idx, negligible)
 }
 
-/// Directions view; the strips' texture is rebuilt only when the snapshot or module changes.
+/// Directions view; the strips' values (drawn by the heatmap shader) are rebuilt only when the
+/// snapshot or module changes.
 #[derive(Default)]
 pub struct DirectionsView {
-    texture: Option<egui::TextureHandle>,
+    values: Option<heatmap::Data>,
     key: Option<(u64, usize)>,
     pub uploads: u64,
 }
@@ -189,34 +191,26 @@ impl DirectionsView {
         if st.key != Some(key) {
             let vmax = m.v.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
             let umax = m.u.iter().fold(1e-12f32, |a, x| a.max(x.abs()));
-            let mut px = Vec::with_capacity(shown.len().max(1) * width);
+            // Each side scaled to ±1 by its own largest |value|; the gap between them is 0.
+            let mut values = Vec::with_capacity(shown.len().max(1) * width);
             for &c in shown {
-                for i in 0..m.d_in {
-                    px.push(diverging(m.v[i * m.c + c] / vmax));
-                }
-                px.extend(std::iter::repeat_n(egui::Color32::from_gray(40), gap));
-                for o in 0..m.d_out {
-                    px.push(diverging(m.u[c * m.d_out + o] / umax));
-                }
+                values.extend((0..m.d_in).map(|i| m.v[i * m.c + c] / vmax));
+                values.extend(std::iter::repeat_n(0.0, gap));
+                values.extend((0..m.d_out).map(|o| m.u[c * m.d_out + o] / umax));
             }
             if shown.is_empty() {
-                px.extend(std::iter::repeat_n(egui::Color32::from_gray(40), width));
+                values.extend(std::iter::repeat_n(0.0, width));
             }
-            let img = egui::ColorImage::new([width, shown.len().max(1)], px);
-            match &mut st.texture {
-                Some(t) => t.set(img, egui::TextureOptions::NEAREST),
-                None => {
-                    st.texture = Some(ui.ctx().load_texture(
-                        "directions",
-                        img,
-                        egui::TextureOptions::NEAREST,
-                    ))
-                }
-            }
-            st.key = Some(key);
             st.uploads += 1;
+            st.values = Some(heatmap::Data::new(
+                std::sync::Arc::new(values),
+                shown.len().max(1),
+                width,
+                st.uploads,
+            ));
+            st.key = Some(key);
         }
-        let Some(tex) = st.texture.clone() else {
+        let Some(values) = st.values.clone() else {
             return;
         };
         let row_h = 14f32
@@ -254,11 +248,12 @@ impl DirectionsView {
                 egui::vec2(w.max(50.0), row_h * shown.len().max(1) as f32),
                 egui::Sense::click(),
             );
-            ui.painter().image(
-                tex.id(),
+            heatmap::paint(
+                ui,
                 rect,
-                egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
-                egui::Color32::WHITE,
+                egui::Id::unique("directions"),
+                &values,
+                heatmap::Style::diverging(1.0),
             );
             for mc in cx.selected_cluster_members(cx.selection.module) {
                 if let Some(row) = shown.iter().position(|&c| c == mc) {
