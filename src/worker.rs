@@ -166,7 +166,13 @@ pub struct ModuleSnapshot {
     pub alive: usize,
     /// Mean number of subcomponents above that threshold per batch row.
     pub l0: f64,
+    /// Histogram of the batch's lower-leaky CI values: [`CI_HIST_BINS`] equal bins over [0, 1]
+    /// (values outside clamp into the end bins).
+    pub ci_hist: Vec<u32>,
 }
+
+/// Bins of [`ModuleSnapshot::ci_hist`].
+pub const CI_HIST_BINS: usize = 20;
 
 pub enum Event {
     Loaded {
@@ -812,6 +818,11 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
         let density = crate::metrics::toy_metrics::activation_density(&ci_batch, n_batch, m.c, thr);
         let alive = density.iter().filter(|&&d| d > 0.0).count();
         let l0 = crate::metrics::toy_metrics::l0(&ci_batch, n_batch, m.c, thr);
+        let mut ci_hist = vec![0u32; CI_HIST_BINS];
+        for &g in &ci_batch {
+            let b = ((g.clamp(0.0, 1.0) * CI_HIST_BINS as f32) as usize).min(CI_HIST_BINS - 1);
+            ci_hist[b] += 1;
+        }
         modules.push(ModuleSnapshot {
             name: m.name.clone(),
             c: m.c,
@@ -829,6 +840,7 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
             mean_ci,
             alive,
             l0,
+            ci_hist,
         });
     }
     Ok(Snapshot {

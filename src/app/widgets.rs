@@ -80,3 +80,21 @@ pub fn sequential(x: f32) -> egui::Color32 {
     let lerp = |a: f32, b: f32| (a + (b - a) * x) as u8;
     egui::Color32::from_rgb(lerp(255.0, 8.0), lerp(255.0, 48.0), lerp(255.0, 107.0))
 }
+
+/// The colour of subcomponent `c` (the same in every view): a categorical palette (Tableau
+/// 10 with a light blue for its grey, used by target columns, and without its orange,
+/// which marks the selection), cycling.
+pub fn component_color(c: usize) -> egui::Color32 {
+    const P: [egui::Color32; 9] = [
+        egui::Color32::from_rgb(31, 119, 180),
+        egui::Color32::from_rgb(44, 160, 44),
+        egui::Color32::from_rgb(214, 39, 40),
+        egui::Color32::from_rgb(148, 103, 189),
+        egui::Color32::from_rgb(140, 86, 75),
+        egui::Color32::from_rgb(227, 119, 194),
+        egui::Color32::from_rgb(174, 199, 232),
+        egui::Color32::from_rgb(188, 189, 34),
+        egui::Color32::from_rgb(23, 190, 207),
+    ];
+    P[c % P.len()]
+}

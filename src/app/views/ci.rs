@@ -6,7 +6,7 @@ use eframe::egui;
 use crate::app::cluster_state::ClusterState;
 use crate::app::view::{View, ViewCtx};
 use crate::app::heatmap;
-use crate::app::widgets::{CLUSTER_COLOR, module_picker};
+use crate::app::widgets::{CLUSTER_COLOR, component_color, module_picker};
 use crate::worker::{Command, Event, Snapshot};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -291,8 +291,25 @@ impl CiView {
         if st.input_set == InputSet::Custom {
             avail.y = avail.y.min(80.0);
         }
-        let (rect, resp) =
-            ui.allocate_exact_size(avail.max(egui::vec2(50.0, 50.0)), egui::Sense::click());
+        // Each column's subcomponent colour (the same in every view) above the heatmap.
+        let (bar, _) = ui.allocate_exact_size(egui::vec2(avail.x, 5.0), egui::Sense::hover());
+        let w = bar.width() / m.c as f32;
+        if w >= 2.0 {
+            for (x, &c) in st.columns.iter().enumerate() {
+                ui.painter().rect_filled(
+                    egui::Rect::from_min_size(
+                        egui::pos2(bar.left() + x as f32 * w, bar.top()),
+                        egui::vec2(w, 4.0),
+                    ),
+                    0.0,
+                    component_color(c),
+                );
+            }
+        }
+        let (rect, resp) = ui.allocate_exact_size(
+            (avail - egui::vec2(0.0, 6.0)).max(egui::vec2(50.0, 50.0)),
+            egui::Sense::click(),
+        );
         let style = heatmap::Style {
             lo: if st.log { 1e-3 } else { 0.0 },
             hi: st.vmax,

@@ -6,7 +6,7 @@ use egui_plot::{Arrows, Legend, Plot, PlotPoints};
 
 use crate::app::view::{View, ViewCtx};
 use crate::app::heatmap;
-use crate::app::widgets::{CLUSTER_COLOR, module_picker};
+use crate::app::widgets::{CLUSTER_COLOR, component_color, module_picker};
 use crate::worker::ModuleSnapshot;
 
 /// Subcomponents ordered by weight norm (descending), and the number of negligible ones
@@ -151,7 +151,7 @@ fn arrows_2d(cx: &mut ViewCtx, ui: &mut egui::Ui, m: &ModuleSnapshot, shown: &[u
                 } else if members.contains(&c) {
                     CLUSTER_COLOR
                 } else {
-                    egui::Color32::from_rgb(31, 119, 180)
+                    component_color(c)
                 };
                 p.arrows(
                     Arrows::new(
@@ -229,7 +229,7 @@ impl DirectionsView {
                         let color = if selected {
                             egui::Color32::from_rgb(230, 80, 20)
                         } else {
-                            ui.visuals().text_color()
+                            component_color(c)
                         };
                         ui.painter().text(
                             r.right_center(),

@@ -44,7 +44,7 @@ fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
             ui.end_row();
         }
     });
-    let h = (ui.available_height() - 60.0) / 2.0;
+    let h = (ui.available_height() - 60.0) / 3.0;
     let bars: Vec<Bar> = s
         .modules
         .iter()
@@ -52,10 +52,19 @@ fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
         .enumerate()
         .map(|(i, (m, &(_, l0)))| Bar::new(i as f64, l0).name(&m.name).width(0.6))
         .collect();
+    let names: Vec<String> = s.modules.iter().map(|m| m.name.clone()).collect();
     Plot::new("l0bars")
         .height(h.max(80.0))
         .legend(Legend::default())
         .y_axis_label("L0")
+        .x_axis_formatter(move |mark, _| {
+            let i = mark.value.round();
+            if (mark.value - i).abs() < 1e-6 && i >= 0.0 {
+                names.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
         .show(ui, |p| p.bar_chart(BarChart::new("L0 per layer", bars)));
     module_picker(cx, ui);
     let log = ui
@@ -83,6 +92,38 @@ fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
             ]
         })
         .collect();
+    // CI histogram of the chosen module on the snapshot's batch (counted by the worker).
+    let bins = m.ci_hist.len().max(1);
+    let total: u32 = m.ci_hist.iter().sum();
+    let hist: Vec<Bar> = m
+        .ci_hist
+        .iter()
+        .enumerate()
+        .map(|(b, &n)| {
+            let frac = n as f64 / total.max(1) as f64;
+            let y = if log_v {
+                (frac.max(1e-6)).log10() + 6.0
+            } else {
+                frac
+            };
+            Bar::new((b as f64 + 0.5) / bins as f64, y)
+                .width(0.9 / bins as f64)
+                .name(format!(
+                    "CI in [{:.2}, {:.2}): {n} of {total}",
+                    b as f64 / bins as f64,
+                    (b + 1) as f64 / bins as f64
+                ))
+        })
+        .collect();
+    Plot::new("cihist")
+        .height(h.max(80.0))
+        .x_axis_label(format!("lower-leaky CI of {} on the batch", m.name))
+        .y_axis_label(if log_v {
+            "fraction of values (log10, +6)"
+        } else {
+            "fraction of values"
+        })
+        .show(ui, |p| p.bar_chart(BarChart::new(format!("CI histogram {}", m.name), hist)));
     Plot::new("meanci")
         .height(h.max(80.0))
         .x_axis_label("subcomponent (sorted)")
