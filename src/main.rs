@@ -45,7 +45,7 @@ struct Cli {
     #[arg(long)]
     heatmap_rows: Option<usize>,
     /// Threads for training (each step's batch is split into row shards, one per thread;
-    /// default: all cores, fewer when the batch is small).
+    /// default: all cores; at least 128 rows per shard).
     #[arg(long, global = true)]
     threads: Option<usize>,
     /// Load files whose optimizer state is unusable (non-finite, half missing) without it:

@@ -24,15 +24,13 @@ pub fn threads() -> usize {
     THREADS.load(Ordering::Relaxed).max(1)
 }
 
-/// Sets the threads a training step may use, as asked for by the user (`--threads`): every
-/// step then uses that many, where the batch has the rows for it.
+/// Sets the threads a training step may use, as asked for by the user (`--threads`).
 pub fn set_threads(n: usize) {
     THREADS.store(n.max(1), Ordering::Relaxed);
     EXPLICIT.store(true, Ordering::Relaxed);
 }
 
-/// Whether the thread count was asked for (else it is the default, which steps use only
-/// where their work is large enough; see `Trainer::shard_count`).
+/// Whether the thread count was asked for with `--threads` (else it is the default).
 pub fn explicit() -> bool {
     EXPLICIT.load(Ordering::Relaxed)
 }

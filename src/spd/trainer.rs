@@ -216,27 +216,7 @@ impl Trainer {
             return 1;
         }
         let rows = batch.x.dim(0).unwrap_or(0);
-        let mut n = crate::parallel::threads().min(rows / MIN_SHARD_ROWS);
-        if !crate::parallel::explicit() {
-            // By default, only steps with enough work per shard: a small step (tms-5-2:
-            // 2 ms) split in two is 1.6x faster on idle cores, but 0.8x when other processes
-            // keep the cores busy, as every step then waits for a preempted shard.
-            n = n.min(self.step_work(rows) / MIN_SHARD_WORK);
-        }
-        n.max(1)
-    }
-
-    /// Values a training step computes per batch of `rows` rows (module inputs and outputs,
-    /// inner activations, the CI functions' hidden layers), a measure of its work.
-    pub fn step_work(&self, rows: usize) -> usize {
-        let hidden: usize = self.config.ci_fn_hidden_dims.iter().sum();
-        let per_row: usize = self
-            .model
-            .modules
-            .iter()
-            .map(|m| m.c * (hidden + 2) + m.d_in + m.d_out)
-            .sum();
-        rows.saturating_mul(per_row)
+        crate::parallel::threads().min(rows / MIN_SHARD_ROWS).max(1)
     }
 
     /// The training losses of `batch` computed in `shards` row shards on their own threads
@@ -322,10 +302,6 @@ pub fn faithfulness_loss(model: &ComponentModel) -> Result<Tensor> {
     }
     sum.unwrap() / numel as f64
 }
-
-/// Work ([`Trainer::step_work`]) per shard below which the default thread count does not
-/// split a step (tms-5-2: 0.7M per step, not split; resid-mlp-1: 12M; tms-40-10: 26M).
-pub const MIN_SHARD_WORK: usize = 2_000_000;
 
 /// Rows per shard below which splitting a step's batch across threads costs more than it
 /// saves (thread hand-off and the per-shard fixed work of every op).
