@@ -5,6 +5,7 @@
 pub mod assets;
 pub mod cluster;
 pub mod data;
+pub mod inputs;
 pub mod interventions;
 pub mod io;
 pub mod limits;

@@ -458,7 +458,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             for w in warnings {
                 eprintln!("warning: {w}");
             }
-            let x = runner::resolve_inputs(&inputs, &tr)?;
+            let x = spdlab::inputs::resolve_inputs(&inputs, &tr)?;
             let rep = runner::ci_report(&tr.model, &x, upper)?;
             if json {
                 println!("{}", serde_json::to_string(&rep)?);
@@ -496,7 +496,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("--others: {e}"))?,
                 delta,
             };
-            let x = runner::resolve_inputs(&inputs, &tr)?;
+            let x = spdlab::inputs::resolve_inputs(&inputs, &tr)?;
             let res = run_intervention(&tr.model, &x, &iv, &mut spdlab::rng::Rng::new(seed))?;
             if json {
                 let v = serde_json::json!({

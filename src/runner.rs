@@ -151,133 +151,6 @@ pub fn final_eval(tr: &mut Trainer) -> anyhow::Result<EvalReport> {
     evaluate(tr, n, b)
 }
 
-/// Largest input value accepted (toy features live in [-1, 1]).
-pub const MAX_INPUT_ABS: f32 = 1e6;
-
-/// Reads `{"inputs": [[...], ...]}` with rows of length `n_features`.
-pub fn read_inputs(path: &Path, n_features: usize) -> anyhow::Result<Vec<Vec<f32>>> {
-    #[derive(Deserialize)]
-    struct Inputs {
-        inputs: Vec<Vec<f32>>,
-    }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
-    let inp: Inputs = serde_json::from_str(&text).map_err(|e| {
-        anyhow::anyhow!(
-            "{}: expected {{\"inputs\": [[...], ...]}}: {e}",
-            path.display()
-        )
-    })?;
-    if inp.inputs.is_empty() {
-        anyhow::bail!("{}: no inputs", path.display());
-    }
-    crate::limits::check(
-        "inputs (rows)",
-        inp.inputs.len(),
-        crate::limits::MAX_SAMPLES,
-    )
-    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    for (i, r) in inp.inputs.iter().enumerate() {
-        if r.len() != n_features {
-            anyhow::bail!(
-                "{}: input {i} has {} values, the model has {n_features} features",
-                path.display(),
-                r.len()
-            );
-        }
-        if r.iter().any(|x| !x.is_finite()) {
-            anyhow::bail!("{}: input {i} contains a non-finite value", path.display());
-        }
-        // Far beyond any feature scale; larger values overflow f32 inside the model.
-        if let Some(x) = r.iter().find(|x| x.abs() > MAX_INPUT_ABS) {
-            anyhow::bail!(
-                "{}: input {i} has the value {x:e}, outside ±{MAX_INPUT_ABS:e} (outputs would overflow)",
-                path.display()
-            );
-        }
-    }
-    Ok(inp.inputs)
-}
-
-/// Probe inputs of a model: one row per feature with that feature at `value` (for targets with
-/// grouped one-hot inputs, such as days, every combination of one feature per group).
-pub fn probe_inputs(spec: &crate::model::TargetSpec, value: f32) -> Vec<Vec<f32>> {
-    let nf = spec.n_features();
-    match spec.input_groups() {
-        Some(groups) => {
-            let mut rows: Vec<Vec<f32>> = vec![vec![0.0; nf]];
-            let mut start = 0;
-            for (g, optional) in groups {
-                let mut next = vec![];
-                for r in &rows {
-                    if optional {
-                        next.push(r.clone());
-                    }
-                    for i in 0..g {
-                        let mut r = r.clone();
-                        r[start + i] = 1.0;
-                        next.push(r);
-                    }
-                }
-                rows = next;
-                start += g;
-            }
-            rows
-        }
-        None => (0..nf)
-            .map(|i| {
-                let mut r = vec![0.0; nf];
-                r[i] = value;
-                r
-            })
-            .collect(),
-    }
-}
-
-/// Resolves an input-set argument: `probes` or `probes:VALUE` (one-hot probes, default 0.75),
-/// `batch:N` or `batch:N:SEED` (N rows from the training distribution), or a JSON file
-/// `{"inputs": [[...], ...]}`.
-pub fn resolve_inputs(
-    arg: &str,
-    tr: &crate::spd::trainer::Trainer,
-) -> anyhow::Result<Vec<Vec<f32>>> {
-    let nf = tr.model.target.spec.n_features();
-    if arg == "probes" || arg.starts_with("probes:") {
-        let v = match arg.strip_prefix("probes:") {
-            Some(s) => s
-                .parse::<f32>()
-                .ok()
-                .filter(|v| v.is_finite() && v.abs() <= MAX_INPUT_ABS)
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--inputs {arg}: the probe value must be a number within ±{MAX_INPUT_ABS:e}"
-                    )
-                })?,
-            None => 0.75,
-        };
-        return Ok(probe_inputs(&tr.model.target.spec, v));
-    }
-    if let Some(rest) = arg.strip_prefix("batch:") {
-        let mut it = rest.split(':');
-        let n: usize = it
-            .next()
-            .and_then(|s| s.parse().ok())
-            .filter(|&n| n > 0 && n <= 1 << 20)
-            .ok_or_else(|| {
-                anyhow::anyhow!("--inputs {arg}: expected batch:N with 0 < N <= 1048576")
-            })?;
-        let seed: u64 = match it.next() {
-            Some(s) => s
-                .parse()
-                .map_err(|_| anyhow::anyhow!("--inputs {arg}: bad seed"))?,
-            None => 0,
-        };
-        let raw = tr.data.batch(&mut crate::rng::Rng::new(seed), n);
-        return Ok(raw.chunks(nf).map(|r| r.to_vec()).collect());
-    }
-    read_inputs(Path::new(arg), nf)
-}
-
 /// CI values and outputs on chosen inputs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CiReport {
@@ -380,28 +253,6 @@ pub fn print_ci_report(r: &CiReport) {
     }
 }
 
-/// Short description of an input row: its active features (`f3=0.75`), or the (day, op) label.
-pub fn describe_input(spec: &crate::model::TargetSpec, x: &[f32]) -> String {
-    if let crate::model::TargetSpec::Days { n_days, n_ops } = spec
-        && let Some((d, o)) = crate::model::days::decode_input(*n_days, *n_ops, x)
-    {
-        return crate::model::days::input_label(*n_days, d, o);
-    }
-    let active: Vec<String> = x
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| **v != 0.0)
-        .map(|(i, v)| format!("f{i}={v:.2}"))
-        .collect();
-    if active.is_empty() {
-        "(all zero)".into()
-    } else if active.len() > 6 {
-        format!("{} ... ({} active)", active[..6].join(" "), active.len())
-    } else {
-        active.join(" ")
-    }
-}
-
 pub fn print_intervention(
     spec: &crate::model::TargetSpec,
     labels: &[String],
@@ -430,7 +281,7 @@ pub fn print_intervention(
     for i in r.what_breaks() {
         println!(
             "{i:>5}  {:<28} {:>11.4} {:>11.3e} {:>11.3e} {:>+11.3e}",
-            describe_input(spec, &r.inputs[i]),
+            crate::inputs::describe_input(spec, &r.inputs[i]),
             r.max_change[i],
             r.loss_baseline[i],
             r.loss_intervened[i],

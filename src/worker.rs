@@ -788,11 +788,11 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
     let raw = tr.data.batch(&mut crate::rng::Rng::new(0x5eed), n_batch);
     let batch = Tensor::from_vec(raw.clone(), (n_batch, nf), &dev)?;
     let fold = Fold::new();
-    let probes = crate::runner::probe_inputs(&model.target.spec, probe_value);
+    let probes = crate::inputs::probe_inputs(&model.target.spec, probe_value);
     let n_probe = probes.len();
     let probe_labels = probes
         .iter()
-        .map(|r| crate::runner::describe_input(&model.target.spec, r))
+        .map(|r| crate::inputs::describe_input(&model.target.spec, r))
         .collect();
     let mut ci_probe: Vec<Vec<f32>> = crate::interventions::lower_ci(
         model,
@@ -886,7 +886,7 @@ pub fn intervene(
     let model = &tr.model;
     let selection = Selection::parse(&req.select, model, clusters)?;
     let x: Vec<Vec<f32>> = match &req.inputs {
-        InputSet::Probes(v) => crate::runner::probe_inputs(&model.target.spec, *v),
+        InputSet::Probes(v) => crate::inputs::probe_inputs(&model.target.spec, *v),
         InputSet::Batch { n, seed } => {
             let nf = model.target.spec.n_features();
             tr.data
@@ -908,7 +908,7 @@ pub fn intervene(
         labels: iv.selection.labels(model),
         input_labels: x
             .iter()
-            .map(|r| crate::runner::describe_input(&model.target.spec, r))
+            .map(|r| crate::inputs::describe_input(&model.target.spec, r))
             .collect(),
         request: req,
         result,

@@ -196,7 +196,7 @@ fn per_module_ci_function_types_round_trip() {
     let (back, _) = spdlab::io::spdlab_file::from_bytes(&bytes, &dev).unwrap();
     let again = spdlab::io::spdlab_file::to_bytes(&back, &extras).unwrap();
     assert_eq!(bytes, again, "save -> load -> save is bit-exact");
-    let x = spdlab::runner::probe_inputs(&back.model.target.spec, 1.0);
+    let x = spdlab::inputs::probe_inputs(&back.model.target.spec, 1.0);
     let xt = candle_core::Tensor::new(x, &dev).unwrap();
     let a = spdlab::interventions::lower_ci(&tr.model, &xt).unwrap();
     let b = spdlab::interventions::lower_ci(&back.model, &xt).unwrap();

@@ -27,7 +27,7 @@ fn tms_ablating_a_feature_cluster_only_breaks_that_feature() {
     let (tr, clusters) = clustered_default();
     let m = &tr.model;
     assert_eq!(clusters.clusters.len(), 5);
-    let batch = spdlab::runner::resolve_inputs("batch:3000:7", &tr).unwrap();
+    let batch = spdlab::inputs::resolve_inputs("batch:3000:7", &tr).unwrap();
     let mut features_seen = vec![];
     for cl in &clusters.clusters {
         let mut sel = Selection::empty(m);
@@ -37,12 +37,12 @@ fn tms_ablating_a_feature_cluster_only_breaks_that_feature() {
             ..Intervention::ablate(sel)
         };
         // Which feature: the probe on which the ablation matters.
-        let probes = spdlab::runner::resolve_inputs("probes:1", &tr).unwrap();
+        let probes = spdlab::inputs::resolve_inputs("probes:1", &tr).unwrap();
         let r = run_intervention(m, &probes, &iv, &mut Rng::new(0)).unwrap();
         let f = r.what_breaks()[0];
         features_seen.push(f);
         for v in [0.5f32, 0.75] {
-            let probes = spdlab::runner::resolve_inputs(&format!("probes:{v}"), &tr).unwrap();
+            let probes = spdlab::inputs::resolve_inputs(&format!("probes:{v}"), &tr).unwrap();
             let r = run_intervention(m, &probes, &iv, &mut Rng::new(0)).unwrap();
             assert!(
                 r.max_change[f] >= 0.5 * v,
@@ -113,7 +113,7 @@ fn stochastic_interventions_are_reproducible() {
     let (tr, _) =
         spdlab_file::from_bytes(spdlab::assets::default_decomposition(), &Device::Cpu).unwrap();
     let m = &tr.model;
-    let x = spdlab::runner::resolve_inputs("batch:64:1", &tr).unwrap();
+    let x = spdlab::inputs::resolve_inputs("batch:64:1", &tr).unwrap();
     let iv = Intervention {
         selection: Selection::parse("linear1:0-4", m, None).unwrap(),
         selected_mode: MaskMode::Ablate,
@@ -220,7 +220,7 @@ fn resid_mlp_ablating_one_mlp_in_subcomponent_breaks_only_its_feature() {
     );
     let (tr, _) = spdlab_file::load(std::path::Path::new(path), &Device::Cpu).unwrap();
     let m = &tr.model;
-    let probes = spdlab::runner::resolve_inputs("probes", &tr).unwrap();
+    let probes = spdlab::inputs::resolve_inputs("probes", &tr).unwrap();
     let probe_ci = spdlab::interventions::lower_ci(
         m,
         &candle_core::Tensor::new(probes.clone(), &Device::Cpu).unwrap(),
@@ -228,7 +228,7 @@ fn resid_mlp_ablating_one_mlp_in_subcomponent_breaks_only_its_feature() {
     .unwrap()[0]
         .to_vec2::<f32>()
         .unwrap();
-    let batch = spdlab::runner::resolve_inputs("batch:8000:3", &tr).unwrap();
+    let batch = spdlab::inputs::resolve_inputs("batch:8000:3", &tr).unwrap();
     for f in [0usize, 17, 42, 99] {
         let comp = (0..probe_ci[f].len())
             .max_by(|&a, &b| probe_ci[f][a].total_cmp(&probe_ci[f][b]))

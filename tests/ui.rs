@@ -702,3 +702,21 @@ fn config_editor_edits_start_a_run_with_that_config() {
     h.get_by_label("Stop").click();
     h.run();
 }
+
+/// Keyboard shortcuts move the selection (Left/Right: subcomponent, Up/Down: module).
+#[test]
+fn arrow_keys_move_the_selection() {
+    let mut h = harness();
+    h.run();
+    assert_eq!(h.state().selection.component, None);
+    h.key_press(egui::Key::ArrowRight);
+    h.run();
+    assert_eq!(h.state().selection.component, Some(0));
+    h.key_press(egui::Key::ArrowLeft);
+    h.run();
+    assert_eq!(h.state().selection.component, Some(19));
+    h.key_press(egui::Key::ArrowDown);
+    h.run();
+    assert_eq!(h.state().selection.module, 1);
+    assert_eq!(h.state().selection.component, None);
+}

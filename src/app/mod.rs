@@ -501,6 +501,7 @@ impl eframe::App for SpdApp {
         self.frame_stats
             .tick(cpu_ms, self.session.state == RunState::Running);
         self.drain();
+        self.shortcuts(ui.ctx());
         // Drag and drop.
         let dropped: Vec<PathBuf> = ui.ctx().input(|i| {
             i.raw

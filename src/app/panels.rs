@@ -7,19 +7,97 @@ use super::SpdApp;
 use crate::worker::{Command, RunState};
 
 impl SpdApp {
+    pub(super) fn open_dialog(&mut self) {
+        if let Some(p) = rfd::FileDialog::new()
+            .add_filter("spdlab / torch", &["spdlab", "pth"])
+            .pick_file()
+        {
+            self.open(p);
+        }
+    }
+
+    pub(super) fn save_dialog(&mut self) {
+        if let Some(p) = rfd::FileDialog::new()
+            .add_filter("spdlab", &["spdlab"])
+            .save_file()
+        {
+            self.send(Command::Save(p));
+        }
+    }
+
+    /// Keyboard shortcuts (not while a text field has the keyboard): space pauses or resumes
+    /// training, Ctrl+O opens, Ctrl+S saves, Left/Right move the selection between
+    /// subcomponents and Up/Down between decomposed modules.
+    pub(super) fn shortcuts(&mut self, ctx: &egui::Context) {
+        if ctx.egui_wants_keyboard_input() {
+            return;
+        }
+        use egui::{Key, Modifiers};
+        let (space, open, save, left, right, up, down) = ctx.input_mut(|i| {
+            (
+                i.consume_key(Modifiers::NONE, Key::Space),
+                i.consume_key(Modifiers::COMMAND, Key::O),
+                i.consume_key(Modifiers::COMMAND, Key::S),
+                i.consume_key(Modifiers::NONE, Key::ArrowLeft),
+                i.consume_key(Modifiers::NONE, Key::ArrowRight),
+                i.consume_key(Modifiers::NONE, Key::ArrowUp),
+                i.consume_key(Modifiers::NONE, Key::ArrowDown),
+            )
+        });
+        if space {
+            match self.session.state {
+                RunState::Running => {
+                    self.send(Command::Pause);
+                }
+                RunState::Paused | RunState::Idle => {
+                    self.send(Command::Resume);
+                }
+                RunState::Finished => {}
+            }
+        }
+        if open {
+            self.open_dialog();
+        }
+        if save {
+            self.save_dialog();
+        }
+        let Some(s) = self.session.snapshot.clone() else {
+            return;
+        };
+        let n_mod = s.modules.len();
+        if n_mod == 0 {
+            return;
+        }
+        let sel = &mut self.selection;
+        if up || down {
+            sel.module = if up {
+                (sel.module + n_mod - 1) % n_mod
+            } else {
+                (sel.module + 1) % n_mod
+            };
+            sel.component = None;
+        }
+        let c = s.modules[sel.module.min(n_mod - 1)].c;
+        if (left || right) && c > 0 {
+            sel.component = Some(match (sel.component, left) {
+                (None, true) => c - 1,
+                (None, false) => 0,
+                (Some(k), true) => (k + c - 1) % c,
+                (Some(k), false) => (k + 1) % c,
+            });
+        }
+    }
+
     pub(super) fn top_bar(&mut self, ui: &mut egui::Ui) {
         ui.horizontal_wrapped(|ui| {
             ui.strong("spdlab");
             ui.separator();
             if ui
                 .button("Open...")
-                .on_hover_text("Open a .spdlab file or a goodfire-ai/spd run")
+                .on_hover_text("Open a .spdlab file or a goodfire-ai/spd run (Ctrl+O)")
                 .clicked()
-                && let Some(p) = rfd::FileDialog::new()
-                    .add_filter("spdlab / torch", &["spdlab", "pth"])
-                    .pick_file()
             {
-                self.open(p);
+                self.open_dialog();
             }
             ui.menu_button("Recent", |ui| {
                 if self.settings.recent.is_empty() {
@@ -32,12 +110,12 @@ impl SpdApp {
                     }
                 }
             });
-            if ui.button("Save...").clicked()
-                && let Some(p) = rfd::FileDialog::new()
-                    .add_filter("spdlab", &["spdlab"])
-                    .save_file()
+            if ui
+                .button("Save...")
+                .on_hover_text("Save the decomposition as a .spdlab file (Ctrl+S)")
+                .clicked()
             {
-                self.send(Command::Save(p));
+                self.save_dialog();
             }
             ui.separator();
             match self.session.state {

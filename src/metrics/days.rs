@@ -4,11 +4,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::ClusteringResult;
+use crate::inputs::probe_inputs;
 use crate::interventions::{Intervention, Selection, argmax, run_intervention};
 use crate::model::TargetSpec;
 use crate::model::days::{answer, op_delta};
 use crate::rng::Rng;
-use crate::runner::probe_inputs;
 use crate::spd::component_model::ComponentModel;
 
 /// CI at or above this on an operation's inputs makes a rotating-layer subcomponent part of

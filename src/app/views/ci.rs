@@ -393,19 +393,9 @@ impl CiView {
     }
 }
 
-/// `f0=0.50 f3=0.20` (non-zero features) or `all zero`, for custom and batch rows.
+/// The description of a custom or batch row (the engine's wording, shared with the CLI).
 pub fn custom_label(input: &[f32]) -> String {
-    let active: Vec<String> = input
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| **v != 0.0)
-        .map(|(i, v)| format!("f{i}={v:.2}"))
-        .collect();
-    if active.is_empty() {
-        "all zero".into()
-    } else {
-        active.join(" ")
-    }
+    crate::inputs::describe_features(input)
 }
 
 impl CiView {
