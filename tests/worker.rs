@@ -89,7 +89,8 @@ fn load_errors_are_reported_not_panicked() {
     ));
 }
 
-/// Loads the shipped tms-5-2 decomposition and waits for it.
+/// Loads the shipped tms-5-2 decomposition and waits for it, and for the job that rebuilds
+/// its stored clustering to end.
 fn loaded_worker() -> WorkerHandle {
     let w = WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
     w.send(Command::Load(Source::Default));
@@ -97,6 +98,11 @@ fn loaded_worker() -> WorkerHandle {
         &w,
         |e| matches!(e, Event::Snapshot(_)),
         Duration::from_secs(30)
+    ));
+    assert!(wait_for(
+        &w,
+        |e| matches!(e, Event::JobEnded { .. }),
+        Duration::from_secs(60)
     ));
     w
 }
