@@ -126,8 +126,9 @@ pub struct SpdApp {
     pub selection: Selection,
     pub clusters: ClusterState,
     views: Vec<Box<dyn View>>,
-    /// The configuration of the next run (side panel).
+    /// The configuration of the next run (side panel), and the preset it was made from.
     pub editor: config_editor::ConfigEditor,
+    editor_preset: String,
     /// Where the current view was drawn last frame (PNG export crops to it).
     pub view_rect: Option<egui::Rect>,
     pub frame_stats: FrameStats,
@@ -186,6 +187,7 @@ impl SpdApp {
             clusters: ClusterState::default(),
             views: views::registry(),
             editor: config_editor::ConfigEditor::default(),
+            editor_preset: String::new(),
             view_rect: None,
             frame_stats: FrameStats {
                 enabled: opts.frame_stats,
@@ -283,6 +285,10 @@ impl SpdApp {
 
     /// Loads a fresh run of the chosen preset with the edited hyperparameters.
     pub fn new_run(&mut self) {
+        // A preset chosen elsewhere (days view, --train-preset) starts from its own config.
+        if self.editor_preset != self.settings.preset {
+            self.reset_editor();
+        }
         // The editor's draft, with the settings' steps, seed and lr (which the days view and
         // the persisted settings also set).
         if let Some(d) = self.editor.draft.as_mut() {
@@ -318,6 +324,7 @@ impl SpdApp {
                 cfg.seed = self.settings.seed;
                 cfg.lr_schedule.start_val = self.settings.lr;
                 self.editor.set(cfg);
+                self.editor_preset = self.settings.preset.clone();
             }
             Err(e) => self.session.error = Some(e.to_string()),
         }
