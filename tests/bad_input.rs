@@ -3,7 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const RUN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ref-tms_5-2");
+mod common;
+use common::{RUN, copy_run};
 
 fn spdlab(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_spdlab"))
@@ -41,20 +42,6 @@ fn expect_clean_error_naming(path: &Path, culprit: &str, must_contain: &str) -> 
         "expected '{must_contain}' in: {err}"
     );
     err
-}
-
-fn copy_run(dir: &Path) -> PathBuf {
-    let run = dir.join("run");
-    std::fs::create_dir(&run).unwrap();
-    for f in [
-        "final_config.yaml",
-        "model_10000.pth",
-        "tms.pth",
-        "tms_train_config.yaml",
-    ] {
-        std::fs::copy(Path::new(RUN).join(f), run.join(f)).unwrap();
-    }
-    run
 }
 
 fn good_spdlab(dir: &Path) -> PathBuf {

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-const RUN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ref-tms_5-2");
+mod common;
+use common::{RUN, copy_run};
 const LIMIT: Duration = Duration::from_secs(60);
 
 struct Out {
@@ -94,20 +95,6 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
         }
     }
     m
-}
-
-fn copy_run(dir: &Path) -> PathBuf {
-    let run = dir.join("run");
-    std::fs::create_dir(&run).unwrap();
-    for f in [
-        "final_config.yaml",
-        "model_10000.pth",
-        "tms.pth",
-        "tms_train_config.yaml",
-    ] {
-        std::fs::copy(Path::new(RUN).join(f), run.join(f)).unwrap();
-    }
-    run
 }
 
 fn good_spdlab(dir: &Path) -> PathBuf {
