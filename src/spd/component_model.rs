@@ -69,6 +69,15 @@ fn check_memory_plan(
     picked: &[(usize, usize)],
     cfg: &SpdConfig,
 ) -> anyhow::Result<()> {
+    crate::limits::check_memory(
+        "this decomposition (C, ci_fn_hidden_dims, batch sizes)",
+        memory_plan_values(target, picked, cfg),
+    )?;
+    Ok(())
+}
+
+/// f32 values the plan of [`check_memory_plan`] needs (an upper estimate).
+fn memory_plan_values(target: &TargetModel, picked: &[(usize, usize)], cfg: &SpdConfig) -> u128 {
     let hidden: u128 = cfg.ci_fn_hidden_dims.iter().map(|&h| h as u128).sum();
     // Weights and biases of an MLP through `dims`.
     let chain = |first: u128, last: u128| -> u128 {
@@ -83,23 +92,21 @@ fn check_memory_plan(
         let tm = &target.modules[ti];
         let (c, d_in, d_out) = (c as u128, tm.d_in as u128, tm.d_out as u128);
         // V, U and the CI function: one small MLP per component, or one over the input.
-        let ci = match cfg.ci_fn_type_of(&tm.name) {
-            CiFnType::Mlp => c * chain(1, 1),
-            CiFnType::VectorMlp | CiFnType::SharedMlp => chain(d_in, c),
+        // The CI function's parameters and its hidden activations per row: one small MLP
+        // per component (a fused op that keeps no hidden activations: a few values per
+        // component), or one MLP over the module input (hidden).
+        let (ci, ci_act) = match cfg.ci_fn_type_of(&tm.name) {
+            CiFnType::Mlp => (c * chain(1, 1), c * 4),
+            CiFnType::VectorMlp | CiFnType::SharedMlp => (chain(d_in, c), hidden),
         };
         params += c * (d_in + d_out) + ci;
-        // Inner acts, CI pre-activations and hidden layers, masks, module in/out.
-        per_row += c * (hidden + 8) + d_in + d_out;
+        // Inner acts, CI pre-activations, masks (a few per C), module in/out.
+        per_row += ci_act + c * 8 + d_in + d_out;
     }
     let rows = cfg.batch_size.max(cfg.eval_batch_size) as u128;
     let samples = cfg.n_mask_samples as u128 + 2;
     // Parameters ×4 (values, gradients, two Adam moments); activations ×3 (forward, backward).
-    let total = params * 4 + rows * per_row * samples * 3;
-    crate::limits::check_memory(
-        "this decomposition (C, ci_fn_hidden_dims, batch sizes)",
-        total,
-    )?;
-    Ok(())
+    params * 4 + rows * per_row * samples * 3
 }
 
 impl ComponentModel {
@@ -750,5 +757,28 @@ mod tests {
             "{y:?}"
         );
         Ok(())
+    }
+
+    #[test]
+    fn every_preset_fits_its_memory_estimate_in_a_laptop() {
+        // The estimate refuses only plans beyond the machine; every preset must stay far
+        // below a small machine's memory (4 GB).
+        for p in crate::presets::PRESETS {
+            let cfg = crate::presets::spd_config(p.name).unwrap();
+            let target = crate::presets::target_model(p.name, &candle_core::Device::Cpu).unwrap();
+            let picked: Vec<(usize, usize)> = target
+                .modules
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| {
+                    cfg.module_info
+                        .iter()
+                        .find(|info| fnmatch(&info.module_pattern, &m.name))
+                        .map(|info| (i, info.c))
+                })
+                .collect();
+            let bytes = memory_plan_values(&target, &picked, &cfg) * 4;
+            assert!(bytes < 4 << 30, "{}: {bytes} bytes", p.name);
+        }
     }
 }
