@@ -319,174 +319,224 @@ pub fn losses_and_ci(
     for_training: bool,
     batchless: bool,
 ) -> Result<(Tensor, StepRecord, Vec<CiOutput>)> {
-    {
-        let fold = crate::model::Fold::new();
-        let (target_out, inputs) = model.target.forward_with_inputs(&batch.x, &fold)?;
-        let (ci, _acts) = model.causal_importances(&inputs, Some(&mut *rng), &fold)?;
-        let n_rows = batch.n_rows as f64;
-        let d_out = target_out.dim(1)? as f64;
-        let mut rec = StepRecord::default();
-        let mut total: Option<Tensor> = None;
-        let frac = step as f64 / cfg.steps.max(1) as f64;
-        for lc in &cfg.loss_metric_configs {
-            if for_training && lc.coeff().is_none() {
-                // Logged-only terms are computed at eval time.
-                continue;
-            }
-            let value = match lc {
-                LossConfig::ImportanceMinimalityLoss {
-                    pnorm,
-                    beta,
-                    p_anneal_start_frac,
-                    p_anneal_final_p,
-                    p_anneal_end_frac,
-                    eps,
-                    module_weights,
-                    ..
-                } => {
-                    let p = annealed_p(
-                        *pnorm,
-                        frac,
-                        *p_anneal_start_frac,
-                        *p_anneal_final_p,
-                        *p_anneal_end_frac,
-                    );
-                    let layer_weights: Vec<f64> = model
-                        .modules
-                        .iter()
-                        .map(|m| crate::spd::config::module_weight(module_weights, &m.name))
-                        .collect();
-                    importance_minimality(
-                        &ci,
-                        &layer_weights,
-                        &batch.weights,
-                        n_rows,
-                        p,
-                        *eps,
-                        *beta,
-                    )?
-                }
-                LossConfig::StochasticReconLoss { .. } => {
-                    let mut sum: Option<Tensor> = None;
-                    for _ in 0..cfg.n_mask_samples {
-                        let masks = model.sample_masks(&ci, rng, cfg.use_delta_component)?;
-                        let out = model.forward_masked(&batch.x, &masks, &fold)?;
-                        sum = Some(add_opt(sum, sq_err_sum(&out, &target_out)?)?);
-                    }
-                    (sum.unwrap() / (cfg.n_mask_samples as f64 * n_rows * d_out))?
-                }
-                LossConfig::StochasticReconLayerwiseLoss { .. } => {
-                    let mut sum: Option<Tensor> = None;
-                    let nl = model.modules.len();
-                    for _ in 0..cfg.n_mask_samples {
-                        let masks = model.sample_masks(&ci, rng, cfg.use_delta_component)?;
-                        for (j, mm) in masks.into_iter().enumerate() {
-                            let mut only = vec![None; nl];
-                            only[j] = mm;
-                            let out = model.forward_masked(&batch.x, &only, &fold)?;
-                            sum = Some(add_opt(sum, sq_err_sum(&out, &target_out)?)?);
-                        }
-                    }
-                    (sum.unwrap() / (cfg.n_mask_samples as f64 * nl as f64 * n_rows * d_out))?
-                }
-                LossConfig::CiMaskedReconLoss { .. } => {
-                    let masks = ci_masks(&ci);
-                    let out = model.forward_masked(&batch.x, &masks, &fold)?;
-                    (sq_err_sum(&out, &target_out)? / (n_rows * d_out))?
-                }
-                LossConfig::CiMaskedReconLayerwiseLoss { .. } => {
-                    let nl = model.modules.len();
-                    let mut sum: Option<Tensor> = None;
-                    for (j, mm) in ci_masks(&ci).into_iter().enumerate() {
-                        let mut only = vec![None; nl];
-                        only[j] = mm;
-                        let out = model.forward_masked(&batch.x, &only, &fold)?;
-                        sum = Some(add_opt(sum, sq_err_sum(&out, &target_out)?)?);
-                    }
-                    (sum.unwrap() / (nl as f64 * n_rows * d_out))?
-                }
-                LossConfig::UnmaskedReconLoss { .. } => {
-                    let masks: Vec<_> = ci
-                        .iter()
-                        .map(|c| {
-                            Some(ModuleMask {
-                                mask: c.lower.ones_like().unwrap(),
-                                delta: None,
-                                route: None,
-                            })
-                        })
-                        .collect();
-                    let out = model.forward_masked(&batch.x, &masks, &fold)?;
-                    (sq_err_sum(&out, &target_out)? / (n_rows * d_out))?
-                }
-                LossConfig::FaithfulnessLoss { .. } if batchless => faithfulness_loss(model)?,
-                LossConfig::FaithfulnessLoss { .. } => {
-                    Tensor::zeros((), DType::F32, model.device())?
-                }
-                LossConfig::StochasticReconSubsetLoss { routing, .. } => {
-                    let mut sum: Option<Tensor> = None;
-                    for _ in 0..cfg.n_mask_samples {
-                        let mut masks = model.sample_masks(&ci, rng, cfg.use_delta_component)?;
-                        let routes = sample_routes(
-                            rng,
-                            batch.x.dim(0)?,
-                            masks.len(),
-                            routing,
-                            model.device(),
-                        )?;
-                        for (mm, r) in masks.iter_mut().zip(routes) {
-                            if let Some(mm) = mm {
-                                mm.route = Some(r);
-                            }
-                        }
-                        let out = model.forward_masked(&batch.x, &masks, &fold)?;
-                        sum = Some(add_opt(sum, sq_err_sum(&out, &target_out)?)?);
-                    }
-                    (sum.unwrap() / (cfg.n_mask_samples as f64 * n_rows * d_out))?
-                }
-                LossConfig::PgdReconLoss { pgd, .. }
-                | LossConfig::PgdReconSubsetLoss { pgd, .. } => {
-                    let routing = match lc {
-                        LossConfig::PgdReconSubsetLoss { routing, .. } => Some(routing),
-                        _ => None,
-                    };
-                    let s = pgd_recon_sum(
-                        model,
-                        &batch.x,
-                        &ci,
-                        &target_out,
-                        &fold,
-                        rng,
-                        pgd,
-                        routing,
-                        cfg.use_delta_component,
-                        n_rows * d_out,
-                    )?;
-                    (s / (n_rows * d_out))?
-                }
-            };
-            let v = value.to_scalar::<f32>()? as f64;
-            rec.losses.insert(lc.name().to_string(), v);
-            if let Some(c) = lc.coeff() {
-                let weighted = (&value * c)?;
-                total = Some(add_opt(total, weighted)?);
-            }
+    let fold = crate::model::Fold::new();
+    let (target_out, inputs) = model.target.forward_with_inputs(&batch.x, &fold)?;
+    let (ci, _acts) = model.causal_importances(&inputs, Some(&mut *rng), &fold)?;
+    let n_rows = batch.n_rows as f64;
+    let d_out = target_out.dim(1)? as f64;
+    let mut rec = StepRecord::default();
+    let mut total: Option<Tensor> = None;
+    let ctx = LossCtx {
+        model,
+        cfg,
+        x: &batch.x,
+        weights: &batch.weights,
+        target_out: &target_out,
+        ci: &ci,
+        fold: &fold,
+        n_rows,
+        d_out,
+        frac: step as f64 / cfg.steps.max(1) as f64,
+    };
+    for lc in &cfg.loss_metric_configs {
+        if for_training && lc.coeff().is_none() {
+            // Logged-only terms are computed at eval time.
+            continue;
         }
-        let total = match total {
-            Some(t) => t,
-            None => Tensor::zeros((), DType::F32, model.device())?,
-        };
-        rec.losses
-            .insert("total".into(), total.to_scalar::<f32>()? as f64);
-        let thr = cfg.ci_alive_threshold;
-        for (j, m) in model.modules.iter().enumerate() {
-            rec.l0.insert(
-                m.name.clone(),
-                weighted_l0(&ci[j].lower, &batch.weights, n_rows, thr)?,
-            );
+        let value = loss_term(lc, &ctx, rng, batchless)?;
+        let v = value.to_scalar::<f32>()? as f64;
+        rec.losses.insert(lc.name().to_string(), v);
+        if let Some(c) = lc.coeff() {
+            let weighted = (&value * c)?;
+            total = Some(add_opt(total, weighted)?);
         }
-        Ok((total, rec, ci))
     }
+    let total = match total {
+        Some(t) => t,
+        None => Tensor::zeros((), DType::F32, model.device())?,
+    };
+    rec.losses
+        .insert("total".into(), total.to_scalar::<f32>()? as f64);
+    let thr = cfg.ci_alive_threshold;
+    for (j, m) in model.modules.iter().enumerate() {
+        rec.l0.insert(
+            m.name.clone(),
+            weighted_l0(&ci[j].lower, &batch.weights, n_rows, thr)?,
+        );
+    }
+    Ok((total, rec, ci))
+}
+
+/// What every loss term reads: the batch, the target's outputs on it, the causal
+/// importances, and the normalisations (rows of the whole batch, output width).
+struct LossCtx<'a> {
+    model: &'a ComponentModel,
+    cfg: &'a SpdConfig,
+    x: &'a Tensor,
+    weights: &'a Tensor,
+    target_out: &'a Tensor,
+    ci: &'a [CiOutput],
+    fold: &'a crate::model::Fold,
+    n_rows: f64,
+    d_out: f64,
+    /// Fraction of training done (for p annealing).
+    frac: f64,
+}
+
+/// The value of one loss term (raw, before its coefficient). `batchless` includes the terms
+/// that do not depend on the batch (a row shard other than the first leaves them out).
+fn loss_term(lc: &LossConfig, ctx: &LossCtx, rng: &mut Rng, batchless: bool) -> Result<Tensor> {
+    match lc {
+        LossConfig::ImportanceMinimalityLoss {
+            pnorm,
+            beta,
+            p_anneal_start_frac,
+            p_anneal_final_p,
+            p_anneal_end_frac,
+            eps,
+            module_weights,
+            ..
+        } => {
+            let p = annealed_p(
+                *pnorm,
+                ctx.frac,
+                *p_anneal_start_frac,
+                *p_anneal_final_p,
+                *p_anneal_end_frac,
+            );
+            let layer_weights: Vec<f64> = ctx
+                .model
+                .modules
+                .iter()
+                .map(|m| crate::spd::config::module_weight(module_weights, &m.name))
+                .collect();
+            importance_minimality(
+                ctx.ci,
+                &layer_weights,
+                ctx.weights,
+                ctx.n_rows,
+                p,
+                *eps,
+                *beta,
+            )
+        }
+        LossConfig::StochasticReconLoss { .. } => stochastic_recon(ctx, rng, false, None),
+        LossConfig::StochasticReconLayerwiseLoss { .. } => stochastic_recon(ctx, rng, true, None),
+        LossConfig::StochasticReconSubsetLoss { routing, .. } => {
+            stochastic_recon(ctx, rng, false, Some(routing))
+        }
+        LossConfig::CiMaskedReconLoss { .. } => ci_masked_recon(ctx, false),
+        LossConfig::CiMaskedReconLayerwiseLoss { .. } => ci_masked_recon(ctx, true),
+        LossConfig::UnmaskedReconLoss { .. } => unmasked_recon(ctx),
+        LossConfig::FaithfulnessLoss { .. } if batchless => faithfulness_loss(ctx.model),
+        LossConfig::FaithfulnessLoss { .. } => Tensor::zeros((), DType::F32, ctx.model.device()),
+        LossConfig::PgdReconLoss { pgd, .. } => pgd_recon(ctx, rng, pgd, None),
+        LossConfig::PgdReconSubsetLoss { pgd, routing, .. } => {
+            pgd_recon(ctx, rng, pgd, Some(routing))
+        }
+    }
+}
+
+/// Sum of squared output errors against the target with these masks.
+fn recon_sum(ctx: &LossCtx, masks: &[Option<ModuleMask>]) -> Result<Tensor> {
+    let out = ctx.model.forward_masked(ctx.x, masks, ctx.fold)?;
+    sq_err_sum(&out, ctx.target_out)
+}
+
+/// The same masks with only module `j`'s kept (the others run the target weights).
+fn only_module(masks: &[Option<ModuleMask>], j: usize) -> Vec<Option<ModuleMask>> {
+    let mut only = vec![None; masks.len()];
+    only[j] = masks[j].clone();
+    only
+}
+
+/// Stochastic reconstruction (the reference's StochasticRecon, …Layerwise and …Subset losses):
+/// per mask sample, masks g + (1 − g)·U (and routes when `routing`), through all modules at
+/// once or one module at a time (`layerwise`); mean squared error per output.
+fn stochastic_recon(
+    ctx: &LossCtx,
+    rng: &mut Rng,
+    layerwise: bool,
+    routing: Option<&Routing>,
+) -> Result<Tensor> {
+    let cfg = ctx.cfg;
+    let nl = ctx.model.modules.len();
+    let mut sum: Option<Tensor> = None;
+    for _ in 0..cfg.n_mask_samples {
+        let mut masks = ctx
+            .model
+            .sample_masks(ctx.ci, rng, cfg.use_delta_component)?;
+        if let Some(routing) = routing {
+            let routes = sample_routes(rng, ctx.x.dim(0)?, nl, routing, ctx.model.device())?;
+            for (mm, r) in masks.iter_mut().zip(routes) {
+                if let Some(mm) = mm {
+                    mm.route = Some(r);
+                }
+            }
+        }
+        if layerwise {
+            for j in 0..nl {
+                sum = Some(add_opt(sum, recon_sum(ctx, &only_module(&masks, j))?)?);
+            }
+        } else {
+            sum = Some(add_opt(sum, recon_sum(ctx, &masks)?)?);
+        }
+    }
+    let passes = cfg.n_mask_samples as f64 * if layerwise { nl as f64 } else { 1.0 };
+    sum.expect("n_mask_samples >= 1") / (passes * ctx.n_rows * ctx.d_out)
+}
+
+/// Reconstruction with the CI itself as the masks, all modules or one at a time.
+fn ci_masked_recon(ctx: &LossCtx, layerwise: bool) -> Result<Tensor> {
+    let masks = ci_masks(ctx.ci);
+    if !layerwise {
+        return recon_sum(ctx, &masks)? / (ctx.n_rows * ctx.d_out);
+    }
+    let nl = masks.len();
+    let mut sum: Option<Tensor> = None;
+    for j in 0..nl {
+        sum = Some(add_opt(sum, recon_sum(ctx, &only_module(&masks, j))?)?);
+    }
+    sum.expect("at least one module") / (nl as f64 * ctx.n_rows * ctx.d_out)
+}
+
+/// Reconstruction with every mask at 1 (the components' sum, no delta).
+fn unmasked_recon(ctx: &LossCtx) -> Result<Tensor> {
+    let masks = ctx
+        .ci
+        .iter()
+        .map(|c| {
+            Ok(Some(ModuleMask {
+                mask: c.lower.ones_like()?,
+                delta: None,
+                route: None,
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    recon_sum(ctx, &masks)? / (ctx.n_rows * ctx.d_out)
+}
+
+/// Reconstruction at adversarial (PGD) masks, optionally subset-routed.
+fn pgd_recon(
+    ctx: &LossCtx,
+    rng: &mut Rng,
+    pgd: &PgdConfig,
+    routing: Option<&Routing>,
+) -> Result<Tensor> {
+    let numel = ctx.n_rows * ctx.d_out;
+    let s = pgd_recon_sum(
+        ctx.model,
+        ctx.x,
+        ctx.ci,
+        ctx.target_out,
+        ctx.fold,
+        rng,
+        pgd,
+        routing,
+        ctx.cfg.use_delta_component,
+        numel,
+    )?;
+    s / numel
 }
 
 /// Optimizer entries of the main (Adam, wd 0) optimizer: all component and CI-function
