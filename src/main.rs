@@ -6,15 +6,17 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+mod print;
+
 // Tensor work allocates and frees many large buffers per step; glibc's malloc returns them to
 // the kernel each time (mmap/munmap, page faults). mimalloc keeps them.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use spdlab::io::output::Replace;
 use spdlab::io::spdlab_file::{self, FileExtras};
+use spdlab::presets;
 use spdlab::runner::{self, RunOptions, TrainSummary};
 use spdlab::spd::trainer::Trainer;
-use spdlab::{metrics, presets};
 
 #[derive(Parser)]
 #[command(
@@ -443,7 +445,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {
-                print_report(&report);
+                print::eval_report(&report);
                 eprintln!(
                     "trained {} steps in {:.1} s ({:.1} steps/s); saved to {}",
                     trained,
@@ -471,7 +473,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&rep)?);
             } else {
-                runner::print_ci_report(&rep);
+                print::ci_report(&rep);
             }
             Ok(())
         }
@@ -516,7 +518,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 });
                 println!("{v}");
             } else {
-                runner::print_intervention(
+                print::intervention(
                     &tr.model.target.spec,
                     &iv.selection.labels(&tr.model),
                     &iv,
@@ -537,7 +539,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&rep)?);
             } else {
-                spdlab::metrics::days::print_days_report(&rep);
+                print::days_report(&rep);
             }
             Ok(())
         }
@@ -678,7 +680,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else {
-                print_report(&report);
+                print::eval_report(&report);
             }
             Ok(())
         }
@@ -822,34 +824,4 @@ fn progress_bar(len: u64) -> indicatif::ProgressBar {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar
-}
-
-fn print_report(r: &metrics::EvalReport) {
-    println!("losses:");
-    for (k, v) in &r.losses {
-        println!("  {k:<32} {v:.6e}");
-    }
-    println!("L0 (CI > threshold) per layer:");
-    for (k, v) in &r.l0 {
-        println!(
-            "  {k:<32} {v:.3}   alive {}",
-            r.alive.get(k).copied().unwrap_or(0)
-        );
-    }
-    println!("MMCS / ML2R per decomposed matrix:");
-    for (k, v) in &r.mmcs {
-        println!(
-            "  {k:<32} {v:.4} / {:.4}",
-            r.ml2r.get(k).copied().unwrap_or(f64::NAN)
-        );
-    }
-    if let Some(t) = &r.target_solution_error {
-        println!(
-            "target-solution error: total {} (tol 0.2: {})",
-            t.total, t.total_0p2
-        );
-        for (k, v) in &t.per_module {
-            println!("  {k:<32} {v}");
-        }
-    }
 }

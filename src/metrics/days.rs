@@ -233,59 +233,6 @@ pub fn days_report(
     })
 }
 
-/// Prints a report for people.
-pub fn print_days_report(r: &DaysReport) {
-    let full: Vec<String> = r
-        .full_correct
-        .iter()
-        .map(|(o, k)| format!("{o} {k}/7"))
-        .collect();
-    println!("full decomposition answers: {}", full.join(", "));
-    println!(
-        "embedding: MMCS {:.4} ML2R {:.4} against the day columns; one subcomponent per day: {}",
-        r.embed_mmcs,
-        r.embed_ml2r,
-        if r.embed_distinct { "yes" } else { "no" }
-    );
-    for m in &r.mechanisms {
-        println!("operation '{}': {} members", m.op, m.members.len());
-        for (i, l) in m.members.iter().enumerate() {
-            println!(
-                "  {l:<12} min CI on '{}' {:.3}, max CI on 'same' {:.3}",
-                m.op, m.member_min_ci_on_op[i], m.member_max_ci_on_same[i]
-            );
-        }
-        println!(
-            "  mechanism CI: min over days on '{}' {:.3}, max on 'same' {:.3}",
-            m.op, m.mechanism_min_ci_on_op, m.mechanism_max_ci_on_same
-        );
-        println!(
-            "  clusters of the members: {}",
-            if m.clusters.is_empty() {
-                "(no clustering)".to_string()
-            } else {
-                format!("{:?}", m.clusters)
-            }
-        );
-        println!(
-            "  plane map {:?} vs R - I {:?}: relative error {:.2}%",
-            m.plane_map,
-            m.expected,
-            100.0 * m.plane_map_rel_error
-        );
-        let ab: Vec<String> = m
-            .ablated_answers
-            .iter()
-            .map(|(o, k, s)| format!("{o} {k}/7 correct ({s} answered as same day)"))
-            .collect();
-        println!(
-            "  ablating {} subcomponents: {}",
-            m.ablated.len(),
-            ab.join(", ")
-        );
-    }
-}
-
 /// Everything the app's days view draws, computed by the worker once per snapshot.
 #[derive(Clone, Debug, Default)]
 pub struct DaysViewData {

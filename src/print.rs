@@ -1,0 +1,181 @@
+//! The command line's human-readable reports (the engine returns data; `--json` prints it as
+//! is).
+
+use spdlab::metrics;
+use spdlab::metrics::days::DaysReport;
+use spdlab::runner::CiReport;
+
+/// The metrics of `eval` and `train`.
+pub fn eval_report(r: &metrics::EvalReport) {
+    println!("losses:");
+    for (k, v) in &r.losses {
+        println!("  {k:<32} {v:.6e}");
+    }
+    println!("L0 (CI > threshold) per layer:");
+    for (k, v) in &r.l0 {
+        println!(
+            "  {k:<32} {v:.3}   alive {}",
+            r.alive.get(k).copied().unwrap_or(0)
+        );
+    }
+    println!("MMCS / ML2R per decomposed matrix:");
+    for (k, v) in &r.mmcs {
+        println!(
+            "  {k:<32} {v:.4} / {:.4}",
+            r.ml2r.get(k).copied().unwrap_or(f64::NAN)
+        );
+    }
+    if let Some(t) = &r.target_solution_error {
+        println!(
+            "target-solution error: total {} (tol 0.2: {})",
+            t.total, t.total_0p2
+        );
+        for (k, v) in &t.per_module {
+            println!("  {k:<32} {v}");
+        }
+    }
+}
+
+pub fn ci_report(r: &CiReport) {
+    for (i, x) in r.inputs.iter().enumerate() {
+        println!("input {i}: {x:?}");
+        for (m, rows) in &r.ci {
+            let active: Vec<String> = rows[i]
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| **v > 0.0)
+                .map(|(c, v)| format!("{c}:{v:.3}"))
+                .collect();
+            println!(
+                "  {m:<20} {} ({})",
+                if active.is_empty() {
+                    "none".to_string()
+                } else {
+                    active.join(" ")
+                },
+                r.ci_type
+            );
+        }
+        println!("  target output       {:?}", r.target_output[i]);
+        println!("  unmasked output     {:?}", r.unmasked_output[i]);
+    }
+}
+
+pub fn intervention(
+    spec: &spdlab::model::TargetSpec,
+    labels: &[String],
+    iv: &spdlab::interventions::Intervention,
+    r: &spdlab::interventions::InterventionResult,
+) {
+    println!(
+        "selection ({} subcomponents, {}): {}",
+        labels.len(),
+        iv.selected_mode.label(),
+        if labels.len() > 12 {
+            format!("{} ...", labels[..12].join(" "))
+        } else {
+            labels.join(" ")
+        }
+    );
+    println!(
+        "others: {}; delta component {}; change measured against everything in the others' mode",
+        iv.other_mode.label(),
+        if iv.delta { "on" } else { "off" }
+    );
+    println!(
+        "{:>5}  {:<28} {:>11} {:>11} {:>11} {:>11}",
+        "input", "active", "max|change|", "loss base", "loss interv", "change"
+    );
+    for i in r.what_breaks() {
+        println!(
+            "{i:>5}  {:<28} {:>11.4} {:>11.3e} {:>11.3e} {:>+11.3e}",
+            spdlab::inputs::describe_input(spec, &r.inputs[i]),
+            r.max_change[i],
+            r.loss_baseline[i],
+            r.loss_intervened[i],
+            r.loss_change[i]
+        );
+    }
+    if !r.per_feature.is_empty() {
+        println!("per feature / class (baseline -> intervened):");
+        for f in &r.per_feature {
+            let broken = f.is_broken();
+            println!(
+                "  {:<16} {:>6} inputs  {} {:.4e} -> {:.4e}{}",
+                f.name,
+                f.n_inputs,
+                f.metric,
+                f.baseline,
+                f.intervened,
+                if broken { "  <- broken" } else { "" }
+            );
+        }
+    }
+    println!("per-output MSE against the target (baseline -> intervened):");
+    for (k, (a, b)) in r
+        .per_output_mse_baseline
+        .iter()
+        .zip(&r.per_output_mse_intervened)
+        .enumerate()
+    {
+        let flag = if *b > 10.0 * a.max(1e-6) {
+            "  <- broken"
+        } else {
+            ""
+        };
+        println!("  out {k:>3}: {a:.3e} -> {b:.3e}{flag}");
+    }
+}
+
+/// Prints a report for people.
+pub fn days_report(r: &DaysReport) {
+    let full: Vec<String> = r
+        .full_correct
+        .iter()
+        .map(|(o, k)| format!("{o} {k}/7"))
+        .collect();
+    println!("full decomposition answers: {}", full.join(", "));
+    println!(
+        "embedding: MMCS {:.4} ML2R {:.4} against the day columns; one subcomponent per day: {}",
+        r.embed_mmcs,
+        r.embed_ml2r,
+        if r.embed_distinct { "yes" } else { "no" }
+    );
+    for m in &r.mechanisms {
+        println!("operation '{}': {} members", m.op, m.members.len());
+        for (i, l) in m.members.iter().enumerate() {
+            println!(
+                "  {l:<12} min CI on '{}' {:.3}, max CI on 'same' {:.3}",
+                m.op, m.member_min_ci_on_op[i], m.member_max_ci_on_same[i]
+            );
+        }
+        println!(
+            "  mechanism CI: min over days on '{}' {:.3}, max on 'same' {:.3}",
+            m.op, m.mechanism_min_ci_on_op, m.mechanism_max_ci_on_same
+        );
+        println!(
+            "  clusters of the members: {}",
+            if m.clusters.is_empty() {
+                "(no clustering)".to_string()
+            } else {
+                format!("{:?}", m.clusters)
+            }
+        );
+        println!(
+            "  plane map {:?} vs R - I {:?}: relative error {:.2}%",
+            m.plane_map,
+            m.expected,
+            100.0 * m.plane_map_rel_error
+        );
+        let ab: Vec<String> = m
+            .ablated_answers
+            .iter()
+            .map(|(o, k, s)| format!("{o} {k}/7 correct ({s} answered as same day)"))
+            .collect();
+        println!(
+            "  ablating {} subcomponents: {}",
+            m.ablated.len(),
+            ab.join(", ")
+        );
+    }
+}
