@@ -36,9 +36,7 @@ struct Cli {
     /// Start training this preset as soon as the window opens.
     #[arg(long)]
     train_preset: Option<String>,
-    /// Open this view first: training, directions, ci, summary, clusters, interventions or
-    /// days.
-    #[arg(long)]
+    #[arg(long, help = view_help())]
     view: Option<String>,
     /// Open a decomposition shipped in the binary ("tms-5-2", "days").
     #[arg(long)]
@@ -806,6 +804,14 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `--view` help, from the app's view registry.
+fn view_help() -> String {
+    format!(
+        "Open this view first: {}",
+        spdlab::app::view_names().join(", ")
+    )
 }
 
 fn recovery_path(out: &std::path::Path) -> PathBuf {
