@@ -173,7 +173,6 @@ pub fn ci_report(
     x: &[Vec<f32>],
     upper: bool,
 ) -> anyhow::Result<CiReport> {
-    use crate::spd::component_model::ModuleMask;
     let n = x.len();
     let nf = model.target.spec.n_features();
     let flat: Vec<f32> = x.iter().flatten().copied().collect();
@@ -203,27 +202,9 @@ pub fn ci_report(
         rep.component_acts
             .insert(m.name.clone(), acts[j].to_vec2()?);
     }
-    let ones: Vec<_> = ci
-        .iter()
-        .map(|c| {
-            Ok(Some(ModuleMask {
-                mask: c.lower.ones_like()?,
-                delta: None,
-                route: None,
-            }))
-        })
-        .collect::<candle_core::Result<_>>()?;
+    let ones = crate::spd::trainer::unit_masks(&ci)?;
     rep.unmasked_output = model.forward_masked(&xt, &ones, &fold)?.to_vec2()?;
-    let cim: Vec<_> = ci
-        .iter()
-        .map(|c| {
-            Some(ModuleMask {
-                mask: c.lower.clone(),
-                delta: None,
-                route: None,
-            })
-        })
-        .collect();
+    let cim = crate::spd::trainer::ci_masks(&ci);
     rep.ci_masked_output = model.forward_masked(&xt, &cim, &fold)?.to_vec2()?;
     Ok(rep)
 }

@@ -502,9 +502,12 @@ fn ci_masked_recon(ctx: &LossCtx, layerwise: bool) -> Result<Tensor> {
 
 /// Reconstruction with every mask at 1 (the components' sum, no delta).
 fn unmasked_recon(ctx: &LossCtx) -> Result<Tensor> {
-    let masks = ctx
-        .ci
-        .iter()
+    recon_sum(ctx, &unit_masks(ctx.ci)?)? / (ctx.n_rows * ctx.d_out)
+}
+
+/// Masks of 1 for every module (the unmasked sum of the components, no delta).
+pub fn unit_masks(ci: &[CiOutput]) -> Result<Vec<Option<ModuleMask>>> {
+    ci.iter()
         .map(|c| {
             Ok(Some(ModuleMask {
                 mask: c.lower.ones_like()?,
@@ -512,8 +515,7 @@ fn unmasked_recon(ctx: &LossCtx) -> Result<Tensor> {
                 route: None,
             }))
         })
-        .collect::<Result<Vec<_>>>()?;
-    recon_sum(ctx, &masks)? / (ctx.n_rows * ctx.d_out)
+        .collect()
 }
 
 /// Reconstruction at adversarial (PGD) masks, optionally subset-routed.
@@ -621,7 +623,8 @@ fn sq_err_sum(out: &Tensor, target: &Tensor) -> Result<Tensor> {
     (out - target)?.sqr()?.sum_all()
 }
 
-fn ci_masks(ci: &[CiOutput]) -> Vec<Option<ModuleMask>> {
+/// The causal importances themselves as the masks of every module.
+pub fn ci_masks(ci: &[CiOutput]) -> Vec<Option<ModuleMask>> {
     ci.iter()
         .map(|c| {
             Some(ModuleMask {
