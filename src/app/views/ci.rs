@@ -319,35 +319,23 @@ impl CiView {
         };
         heatmap::paint(ui, rect, egui::Id::unique("ci-heatmap"), values, style);
         let cell = |pos: egui::Pos2| heatmap::cell_at(rect, rows, m.c, pos);
-        for &mc in &members {
-            if let Some(col) = st.columns.iter().position(|&c| c == mc) {
+        // Outline the column of subcomponent `c`, wherever the order put it.
+        let outline = |c: usize, stroke: egui::Stroke| {
+            if let Some(col) = st.columns.iter().position(|&k| k == c) {
                 let w = rect.width() / m.c as f32;
                 let r = egui::Rect::from_min_size(
                     egui::pos2(rect.left() + col as f32 * w, rect.top()),
                     egui::vec2(w, rect.height()),
                 );
-                ui.painter().rect_stroke(
-                    r,
-                    0.0,
-                    egui::Stroke::new(2.0, CLUSTER_COLOR),
-                    egui::StrokeKind::Inside,
-                );
+                ui.painter()
+                    .rect_stroke(r, 0.0, stroke, egui::StrokeKind::Inside);
             }
+        };
+        for &mc in &members {
+            outline(mc, egui::Stroke::new(2.0, CLUSTER_COLOR));
         }
-        if let Some(sel) = cx.selection.component
-            && let Some(col) = st.columns.iter().position(|&c| c == sel)
-        {
-            let w = rect.width() / m.c as f32;
-            let r = egui::Rect::from_min_size(
-                egui::pos2(rect.left() + col as f32 * w, rect.top()),
-                egui::vec2(w, rect.height()),
-            );
-            ui.painter().rect_stroke(
-                r,
-                0.0,
-                egui::Stroke::new(1.5, egui::Color32::from_rgb(230, 80, 20)),
-                egui::StrokeKind::Inside,
-            );
+        if let Some(sel) = cx.selection.component {
+            outline(sel, egui::Stroke::new(1.5, egui::Color32::from_rgb(230, 80, 20)));
         }
         if let Some(pos) = resp.hover_pos()
             && let Some((r, x)) = cell(pos)
