@@ -118,23 +118,27 @@ fn mi(p: &str, c: usize) -> ModuleInfo {
 }
 
 fn imp_min(coeff: f64, pnorm: f64) -> LossConfig {
-    LossConfig::ImportanceMinimalityLoss {
-        coeff: Some(coeff),
+    imp_min_weighted(coeff, pnorm, vec![])
+}
+
+fn imp_min_weighted(coeff: f64, pnorm: f64, module_weights: Vec<ModuleWeight>) -> LossConfig {
+    let kind = LossKind::ImportanceMinimalityLoss {
         pnorm,
         beta: 0.0,
         p_anneal_start_frac: 1.0,
         p_anneal_final_p: None,
         p_anneal_end_frac: 1.0,
         eps: 1e-12,
-        module_weights: vec![],
-    }
+        module_weights,
+    };
+    LossConfig::new(kind, Some(coeff))
 }
 
 /// The SPD config of a preset (reference hyperparameters, table §4.6 of the spec).
 pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
     find(name)?;
-    let sr = |c: f64| LossConfig::StochasticReconLoss { coeff: Some(c) };
-    let srl = |c: f64| LossConfig::StochasticReconLayerwiseLoss { coeff: Some(c) };
+    let sr = |c: f64| LossConfig::new(LossKind::StochasticReconLoss, Some(c));
+    let srl = |c: f64| LossConfig::new(LossKind::StochasticReconLayerwiseLoss, Some(c));
     let base = |module_info: Vec<ModuleInfo>,
                 losses: Vec<LossConfig>,
                 steps: usize,
@@ -256,20 +260,21 @@ pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
                 vec![mi("layers.*.mlp_in", 400), mi("layers.*.mlp_out", 400)],
                 vec![
                     imp_min(1e-4, 2.0),
-                    LossConfig::StochasticReconSubsetLoss {
-                        coeff: Some(2.0),
-                        routing: Routing::UniformKSubset,
-                    },
-                    LossConfig::PgdReconSubsetLoss {
-                        coeff: Some(2.0),
-                        pgd: pgd(1.0, 1),
-                        routing: Routing::UniformKSubset,
-                    },
-                    LossConfig::FaithfulnessLoss { coeff: Some(0.0) },
-                    LossConfig::PgdReconLoss {
-                        coeff: None,
-                        pgd: pgd(0.1, 20),
-                    },
+                    LossConfig::new(
+                        LossKind::StochasticReconSubsetLoss {
+                            routing: Routing::UniformKSubset,
+                        },
+                        Some(2.0),
+                    ),
+                    LossConfig::new(
+                        LossKind::PgdReconSubsetLoss {
+                            pgd: pgd(1.0, 1),
+                            routing: Routing::UniformKSubset,
+                        },
+                        Some(2.0),
+                    ),
+                    LossConfig::new(LossKind::FaithfulnessLoss, Some(0.0)),
+                    LossConfig::new(LossKind::PgdReconLoss { pgd: pgd(0.1, 20) }, None),
                 ],
                 25_000,
                 2048,
@@ -327,19 +332,14 @@ pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
                 // 2.1-4.5% over seeds 0-5).
                 vec![mi("embed", 48), mi("mlp_in", 6), mi("mlp_out", 6)],
                 vec![
-                    LossConfig::ImportanceMinimalityLoss {
-                        coeff: Some(3e-3),
-                        pnorm: 1.0,
-                        beta: 0.0,
-                        p_anneal_start_frac: 1.0,
-                        p_anneal_final_p: None,
-                        p_anneal_end_frac: 1.0,
-                        eps: 1e-12,
-                        module_weights: vec![ModuleWeight {
+                    imp_min_weighted(
+                        3e-3,
+                        1.0,
+                        vec![ModuleWeight {
                             module_pattern: "embed".into(),
                             weight: 10.0,
                         }],
-                    },
+                    ),
                     sr(1.0),
                     srl(1.0),
                 ],

@@ -574,7 +574,7 @@ impl Worker {
                     else {
                         anyhow::bail!("the running config has no loss term {name}");
                     };
-                    l.set_coeff(Some(coeff));
+                    l.coeff = Some(coeff);
                     let c = Box::new(tr.config.clone());
                     self.emit(Event::ConfigChanged(c));
                 }

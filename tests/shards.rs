@@ -3,7 +3,7 @@
 //! rounding), for every loss kind. Its own test binary: it sets the process-wide thread count.
 
 use spdlab::presets;
-use spdlab::spd::config::{LossConfig, MaskScope, PgdConfig, PgdInit, Routing, Sampling};
+use spdlab::spd::config::{LossConfig, LossKind, MaskScope, PgdConfig, PgdInit, Routing, Sampling};
 use spdlab::spd::trainer::Trainer;
 
 fn all_losses(sampling: Sampling) -> spdlab::spd::config::SpdConfig {
@@ -16,23 +16,24 @@ fn all_losses(sampling: Sampling) -> spdlab::spd::config::SpdConfig {
         mask_scope: MaskScope::UniquePerDatapoint,
     };
     cfg.loss_metric_configs.extend([
-        LossConfig::FaithfulnessLoss { coeff: Some(0.5) },
-        LossConfig::CiMaskedReconLoss { coeff: Some(0.3) },
-        LossConfig::CiMaskedReconLayerwiseLoss { coeff: Some(0.2) },
-        LossConfig::UnmaskedReconLoss { coeff: Some(0.1) },
-        LossConfig::StochasticReconSubsetLoss {
-            coeff: Some(0.7),
-            routing: Routing::UniformKSubset,
-        },
-        LossConfig::PgdReconLoss {
-            coeff: Some(0.4),
-            pgd: pgd.clone(),
-        },
-        LossConfig::PgdReconSubsetLoss {
-            coeff: Some(0.4),
-            pgd,
-            routing: Routing::StaticProbability { p: 0.5 },
-        },
+        LossConfig::new(LossKind::FaithfulnessLoss, Some(0.5)),
+        LossConfig::new(LossKind::CiMaskedReconLoss, Some(0.3)),
+        LossConfig::new(LossKind::CiMaskedReconLayerwiseLoss, Some(0.2)),
+        LossConfig::new(LossKind::UnmaskedReconLoss, Some(0.1)),
+        LossConfig::new(
+            LossKind::StochasticReconSubsetLoss {
+                routing: Routing::UniformKSubset,
+            },
+            Some(0.7),
+        ),
+        LossConfig::new(LossKind::PgdReconLoss { pgd: pgd.clone() }, Some(0.4)),
+        LossConfig::new(
+            LossKind::PgdReconSubsetLoss {
+                pgd,
+                routing: Routing::StaticProbability { p: 0.5 },
+            },
+            Some(0.4),
+        ),
     ]);
     cfg
 }

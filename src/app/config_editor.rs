@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use eframe::egui;
 
 use crate::spd::config::{
-    CiFnType, LossConfig, MaskScope, PgdConfig, PgdInit, Routing, Sampling, ScheduleFn,
+    CiFnType, LossConfig, LossKind, MaskScope, PgdConfig, PgdInit, Routing, Sampling, ScheduleFn,
     SigmoidType, SpdConfig,
 };
 
@@ -32,40 +32,42 @@ fn new_loss(name: &str) -> Option<LossConfig> {
         n_steps: 1,
         mask_scope: MaskScope::SharedAcrossBatch,
     };
-    Some(match name {
-        "ImportanceMinimalityLoss" => LossConfig::ImportanceMinimalityLoss {
-            coeff: Some(1e-3),
-            pnorm: 1.0,
-            beta: 0.0,
-            p_anneal_start_frac: 1.0,
-            p_anneal_final_p: None,
-            p_anneal_end_frac: 1.0,
-            eps: 1e-12,
-            module_weights: vec![],
-        },
-        "StochasticReconLoss" => LossConfig::StochasticReconLoss { coeff: Some(1.0) },
-        "StochasticReconLayerwiseLoss" => {
-            LossConfig::StochasticReconLayerwiseLoss { coeff: Some(1.0) }
-        }
-        "FaithfulnessLoss" => LossConfig::FaithfulnessLoss { coeff: Some(1.0) },
-        "CIMaskedReconLoss" => LossConfig::CiMaskedReconLoss { coeff: Some(1.0) },
-        "CIMaskedReconLayerwiseLoss" => LossConfig::CiMaskedReconLayerwiseLoss { coeff: Some(1.0) },
-        "UnmaskedReconLoss" => LossConfig::UnmaskedReconLoss { coeff: Some(1.0) },
-        "StochasticReconSubsetLoss" => LossConfig::StochasticReconSubsetLoss {
-            coeff: Some(1.0),
-            routing: Routing::UniformKSubset,
-        },
-        "PGDReconLoss" => LossConfig::PgdReconLoss {
-            coeff: Some(1.0),
-            pgd,
-        },
-        "PGDReconSubsetLoss" => LossConfig::PgdReconSubsetLoss {
-            coeff: Some(1.0),
-            pgd,
-            routing: Routing::UniformKSubset,
-        },
+    let (kind, coeff) = match name {
+        "ImportanceMinimalityLoss" => (
+            LossKind::ImportanceMinimalityLoss {
+                pnorm: 1.0,
+                beta: 0.0,
+                p_anneal_start_frac: 1.0,
+                p_anneal_final_p: None,
+                p_anneal_end_frac: 1.0,
+                eps: 1e-12,
+                module_weights: vec![],
+            },
+            1e-3,
+        ),
+        "StochasticReconLoss" => (LossKind::StochasticReconLoss, 1.0),
+        "StochasticReconLayerwiseLoss" => (LossKind::StochasticReconLayerwiseLoss, 1.0),
+        "FaithfulnessLoss" => (LossKind::FaithfulnessLoss, 1.0),
+        "CIMaskedReconLoss" => (LossKind::CiMaskedReconLoss, 1.0),
+        "CIMaskedReconLayerwiseLoss" => (LossKind::CiMaskedReconLayerwiseLoss, 1.0),
+        "UnmaskedReconLoss" => (LossKind::UnmaskedReconLoss, 1.0),
+        "StochasticReconSubsetLoss" => (
+            LossKind::StochasticReconSubsetLoss {
+                routing: Routing::UniformKSubset,
+            },
+            1.0,
+        ),
+        "PGDReconLoss" => (LossKind::PgdReconLoss { pgd }, 1.0),
+        "PGDReconSubsetLoss" => (
+            LossKind::PgdReconSubsetLoss {
+                pgd,
+                routing: Routing::UniformKSubset,
+            },
+            1.0,
+        ),
         _ => return None,
-    })
+    };
+    Some(LossConfig::new(kind, Some(coeff)))
 }
 
 /// Gives `r` an accessible name (screen readers, UI tests).
@@ -412,17 +414,17 @@ impl ConfigEditor {
                             let mut c = old;
                             self.number(ui, &format!("{name}.coeff"), &mut c, nonneg);
                             if c != old {
-                                l.set_coeff(Some(c));
+                                l.coeff = Some(c);
                             }
                             ui.end_row();
-                            match l {
-                                LossConfig::ImportanceMinimalityLoss { pnorm, .. } => {
+                            match &mut l.kind {
+                                LossKind::ImportanceMinimalityLoss { pnorm, .. } => {
                                     ui.label("  p");
                                     self.number(ui, &format!("{name}.pnorm"), pnorm, pos);
                                     ui.end_row();
                                 }
-                                LossConfig::PgdReconLoss { pgd, .. }
-                                | LossConfig::PgdReconSubsetLoss { pgd, .. } => {
+                                LossKind::PgdReconLoss { pgd, .. }
+                                | LossKind::PgdReconSubsetLoss { pgd, .. } => {
                                     ui.label("  step size");
                                     self.number(
                                         ui,

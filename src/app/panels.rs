@@ -359,11 +359,11 @@ impl SpdApp {
                             .unwrap_or("eval only".into()),
                     );
                     ui.end_row();
-                    if let crate::spd::config::LossConfig::ImportanceMinimalityLoss {
+                    if let crate::spd::config::LossKind::ImportanceMinimalityLoss {
                         pnorm,
                         module_weights,
                         ..
-                    } = l
+                    } = &l.kind
                     {
                         ui.label("  p");
                         ui.label(pnorm.to_string());

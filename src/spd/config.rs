@@ -99,12 +99,21 @@ fn default_fn_type() -> ScheduleFn {
     ScheduleFn::Constant
 }
 
-/// A loss term. `coeff: None` means evaluated and logged but not trained on.
+/// A loss entry: a coefficient and the term it weighs. `coeff: None` means evaluated and
+/// logged but not trained on. Serialised flat, as the reference writes it:
+/// `{"classname": "...", "coeff": ..., <the term's parameters>}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LossConfig {
+    #[serde(flatten)]
+    pub kind: LossKind,
+    pub coeff: Option<f64>,
+}
+
+/// The loss terms (the reference's `classname`s) and their parameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "classname")]
-pub enum LossConfig {
+pub enum LossKind {
     ImportanceMinimalityLoss {
-        coeff: Option<f64>,
         pnorm: f64,
         #[serde(default)]
         beta: f64,
@@ -121,44 +130,29 @@ pub enum LossConfig {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         module_weights: Vec<ModuleWeight>,
     },
-    StochasticReconLoss {
-        coeff: Option<f64>,
-    },
-    StochasticReconLayerwiseLoss {
-        coeff: Option<f64>,
-    },
-    FaithfulnessLoss {
-        coeff: Option<f64>,
-    },
+    StochasticReconLoss,
+    StochasticReconLayerwiseLoss,
+    FaithfulnessLoss,
     #[serde(rename = "CIMaskedReconLoss")]
-    CiMaskedReconLoss {
-        coeff: Option<f64>,
-    },
+    CiMaskedReconLoss,
     #[serde(rename = "CIMaskedReconLayerwiseLoss")]
-    CiMaskedReconLayerwiseLoss {
-        coeff: Option<f64>,
-    },
-    UnmaskedReconLoss {
-        coeff: Option<f64>,
-    },
+    CiMaskedReconLayerwiseLoss,
+    UnmaskedReconLoss,
     /// Stochastic recon where each row replaces a random subset of modules (the others run
     /// the target weights).
     StochasticReconSubsetLoss {
-        coeff: Option<f64>,
         #[serde(default)]
         routing: Routing,
     },
     /// Adversarial (PGD) masks on all modules.
     #[serde(rename = "PGDReconLoss")]
     PgdReconLoss {
-        coeff: Option<f64>,
         #[serde(flatten)]
         pgd: PgdConfig,
     },
     /// Adversarial masks with subset routing.
     #[serde(rename = "PGDReconSubsetLoss")]
     PgdReconSubsetLoss {
-        coeff: Option<f64>,
         #[serde(flatten)]
         pgd: PgdConfig,
         #[serde(default)]
@@ -211,46 +205,30 @@ fn default_eps() -> f64 {
 }
 
 impl LossConfig {
+    pub fn new(kind: LossKind, coeff: Option<f64>) -> Self {
+        LossConfig { kind, coeff }
+    }
     pub fn name(&self) -> &'static str {
-        match self {
-            LossConfig::ImportanceMinimalityLoss { .. } => "ImportanceMinimalityLoss",
-            LossConfig::StochasticReconLoss { .. } => "StochasticReconLoss",
-            LossConfig::StochasticReconLayerwiseLoss { .. } => "StochasticReconLayerwiseLoss",
-            LossConfig::FaithfulnessLoss { .. } => "FaithfulnessLoss",
-            LossConfig::CiMaskedReconLoss { .. } => "CIMaskedReconLoss",
-            LossConfig::CiMaskedReconLayerwiseLoss { .. } => "CIMaskedReconLayerwiseLoss",
-            LossConfig::UnmaskedReconLoss { .. } => "UnmaskedReconLoss",
-            LossConfig::StochasticReconSubsetLoss { .. } => "StochasticReconSubsetLoss",
-            LossConfig::PgdReconLoss { .. } => "PGDReconLoss",
-            LossConfig::PgdReconSubsetLoss { .. } => "PGDReconSubsetLoss",
-        }
+        self.kind.name()
     }
     pub fn coeff(&self) -> Option<f64> {
-        match self {
-            LossConfig::ImportanceMinimalityLoss { coeff, .. }
-            | LossConfig::StochasticReconLoss { coeff }
-            | LossConfig::StochasticReconLayerwiseLoss { coeff }
-            | LossConfig::FaithfulnessLoss { coeff }
-            | LossConfig::CiMaskedReconLoss { coeff }
-            | LossConfig::CiMaskedReconLayerwiseLoss { coeff }
-            | LossConfig::UnmaskedReconLoss { coeff }
-            | LossConfig::StochasticReconSubsetLoss { coeff, .. }
-            | LossConfig::PgdReconLoss { coeff, .. }
-            | LossConfig::PgdReconSubsetLoss { coeff, .. } => *coeff,
-        }
+        self.coeff
     }
-    pub fn set_coeff(&mut self, v: Option<f64>) {
+}
+
+impl LossKind {
+    pub fn name(&self) -> &'static str {
         match self {
-            LossConfig::ImportanceMinimalityLoss { coeff, .. }
-            | LossConfig::StochasticReconLoss { coeff }
-            | LossConfig::StochasticReconLayerwiseLoss { coeff }
-            | LossConfig::FaithfulnessLoss { coeff }
-            | LossConfig::CiMaskedReconLoss { coeff }
-            | LossConfig::CiMaskedReconLayerwiseLoss { coeff }
-            | LossConfig::UnmaskedReconLoss { coeff }
-            | LossConfig::StochasticReconSubsetLoss { coeff, .. }
-            | LossConfig::PgdReconLoss { coeff, .. }
-            | LossConfig::PgdReconSubsetLoss { coeff, .. } => *coeff = v,
+            LossKind::ImportanceMinimalityLoss { .. } => "ImportanceMinimalityLoss",
+            LossKind::StochasticReconLoss => "StochasticReconLoss",
+            LossKind::StochasticReconLayerwiseLoss => "StochasticReconLayerwiseLoss",
+            LossKind::FaithfulnessLoss => "FaithfulnessLoss",
+            LossKind::CiMaskedReconLoss => "CIMaskedReconLoss",
+            LossKind::CiMaskedReconLayerwiseLoss => "CIMaskedReconLayerwiseLoss",
+            LossKind::UnmaskedReconLoss => "UnmaskedReconLoss",
+            LossKind::StochasticReconSubsetLoss { .. } => "StochasticReconSubsetLoss",
+            LossKind::PgdReconLoss { .. } => "PGDReconLoss",
+            LossKind::PgdReconSubsetLoss { .. } => "PGDReconSubsetLoss",
         }
     }
 }
@@ -499,8 +477,8 @@ impl SpdConfig {
             ),
         );
         for l in &self.loss_metric_configs {
-            if let LossConfig::PgdReconLoss { pgd, .. }
-            | LossConfig::PgdReconSubsetLoss { pgd, .. } = l
+            if let LossKind::PgdReconLoss { pgd, .. } | LossKind::PgdReconSubsetLoss { pgd, .. } =
+                &l.kind
             {
                 lim(
                     &mut errs,
@@ -583,11 +561,11 @@ impl SpdConfig {
             {
                 errs.push(format!("{}: coeff must be finite", l.name()));
             }
-            if let LossConfig::ImportanceMinimalityLoss {
+            if let LossKind::ImportanceMinimalityLoss {
                 pnorm,
                 module_weights,
                 ..
-            } = l
+            } = &l.kind
             {
                 if !(pnorm.is_finite() && *pnorm > 0.0) {
                     errs.push("ImportanceMinimalityLoss: pnorm must be finite and > 0".into());
@@ -741,6 +719,29 @@ mod tests {
     }
 
     #[test]
+    fn loss_entries_are_coeff_plus_kind_serialised_flat() {
+        for raw in [
+            r#"{"classname":"PGDReconLoss","coeff":null,"init":"ones","step_size":0.1,"n_steps":2,"mask_scope":"unique_per_datapoint"}"#,
+            r#"{"classname":"StochasticReconLoss","coeff":2.0}"#,
+            r#"{"classname":"ImportanceMinimalityLoss","coeff":0.003,"pnorm":2.0,"beta":0.5,"p_anneal_start_frac":0.0,"p_anneal_final_p":0.5,"p_anneal_end_frac":1.0,"eps":1e-12}"#,
+        ] {
+            let v: Value = serde_json::from_str(raw).unwrap();
+            let l: LossConfig = serde_json::from_value(v.clone()).unwrap();
+            assert_eq!(serde_json::to_value(&l).unwrap(), v, "{raw}");
+        }
+        let l: LossConfig = serde_json::from_str(
+            r#"{"classname":"PGDReconLoss","coeff":null,"step_size":0.1,"n_steps":2}"#,
+        )
+        .unwrap();
+        assert_eq!(l.coeff, None);
+        assert!(matches!(l.kind, LossKind::PgdReconLoss { ref pgd } if pgd.n_steps == 2));
+        let l: LossConfig =
+            serde_json::from_str(r#"{"classname":"UnmaskedReconLoss","coeff":1}"#).unwrap();
+        assert_eq!(l, LossConfig::new(LossKind::UnmaskedReconLoss, Some(1.0)));
+        assert_eq!(l.name(), "UnmaskedReconLoss");
+    }
+
+    #[test]
     fn unknown_values_are_rejected() {
         let bad = r#"{"classname":"StochasticReconLoss","coeff":1.0}"#;
         assert!(serde_json::from_str::<LossConfig>(bad).is_ok());
@@ -830,8 +831,8 @@ mod tests {
         );
         // Bad weights and patterns that match no module are named.
         let mut cfg = crate::presets::spd_config("days").unwrap();
-        if let LossConfig::ImportanceMinimalityLoss { module_weights, .. } =
-            &mut cfg.loss_metric_configs[0]
+        if let LossKind::ImportanceMinimalityLoss { module_weights, .. } =
+            &mut cfg.loss_metric_configs[0].kind
         {
             module_weights.push(ModuleWeight {
                 module_pattern: "embd".into(),

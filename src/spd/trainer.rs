@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::adam::{Adam, AdamEntry, clip_grad_norm};
 use super::component_model::{CiOutput, ComponentModel, ModuleMask};
-use super::config::{LossConfig, MaskScope, PgdConfig, PgdInit, Routing, SpdConfig};
+use super::config::{LossConfig, LossKind, MaskScope, PgdConfig, PgdInit, Routing, SpdConfig};
 use super::schedule::scheduled_value;
 use crate::data::SparseFeatureData;
 use crate::rng::Rng;
@@ -205,13 +205,17 @@ impl Trainer {
     /// where a loss couples the rows of a batch (PGD masks shared across the batch, the
     /// minimality loss's β term).
     pub fn shard_count(&self, batch: &Batch) -> usize {
-        let coupled = self.config.loss_metric_configs.iter().any(|l| match l {
-            LossConfig::PgdReconLoss { pgd, .. } | LossConfig::PgdReconSubsetLoss { pgd, .. } => {
-                pgd.mask_scope == MaskScope::SharedAcrossBatch
-            }
-            LossConfig::ImportanceMinimalityLoss { beta, .. } => *beta != 0.0,
-            _ => false,
-        });
+        let coupled = self
+            .config
+            .loss_metric_configs
+            .iter()
+            .any(|l| match &l.kind {
+                LossKind::PgdReconLoss { pgd, .. } | LossKind::PgdReconSubsetLoss { pgd, .. } => {
+                    pgd.mask_scope == MaskScope::SharedAcrossBatch
+                }
+                LossKind::ImportanceMinimalityLoss { beta, .. } => *beta != 0.0,
+                _ => false,
+            });
         if coupled || !self.model.device().is_cpu() {
             return 1;
         }
@@ -386,8 +390,8 @@ struct LossCtx<'a> {
 /// The value of one loss term (raw, before its coefficient). `batchless` includes the terms
 /// that do not depend on the batch (a row shard other than the first leaves them out).
 fn loss_term(lc: &LossConfig, ctx: &LossCtx, rng: &mut Rng, batchless: bool) -> Result<Tensor> {
-    match lc {
-        LossConfig::ImportanceMinimalityLoss {
+    match &lc.kind {
+        LossKind::ImportanceMinimalityLoss {
             pnorm,
             beta,
             p_anneal_start_frac,
@@ -395,7 +399,6 @@ fn loss_term(lc: &LossConfig, ctx: &LossCtx, rng: &mut Rng, batchless: bool) -> 
             p_anneal_end_frac,
             eps,
             module_weights,
-            ..
         } => {
             let p = annealed_p(
                 *pnorm,
@@ -420,18 +423,18 @@ fn loss_term(lc: &LossConfig, ctx: &LossCtx, rng: &mut Rng, batchless: bool) -> 
                 *beta,
             )
         }
-        LossConfig::StochasticReconLoss { .. } => stochastic_recon(ctx, rng, false, None),
-        LossConfig::StochasticReconLayerwiseLoss { .. } => stochastic_recon(ctx, rng, true, None),
-        LossConfig::StochasticReconSubsetLoss { routing, .. } => {
+        LossKind::StochasticReconLoss => stochastic_recon(ctx, rng, false, None),
+        LossKind::StochasticReconLayerwiseLoss => stochastic_recon(ctx, rng, true, None),
+        LossKind::StochasticReconSubsetLoss { routing, .. } => {
             stochastic_recon(ctx, rng, false, Some(routing))
         }
-        LossConfig::CiMaskedReconLoss { .. } => ci_masked_recon(ctx, false),
-        LossConfig::CiMaskedReconLayerwiseLoss { .. } => ci_masked_recon(ctx, true),
-        LossConfig::UnmaskedReconLoss { .. } => unmasked_recon(ctx),
-        LossConfig::FaithfulnessLoss { .. } if batchless => faithfulness_loss(ctx.model),
-        LossConfig::FaithfulnessLoss { .. } => Tensor::zeros((), DType::F32, ctx.model.device()),
-        LossConfig::PgdReconLoss { pgd, .. } => pgd_recon(ctx, rng, pgd, None),
-        LossConfig::PgdReconSubsetLoss { pgd, routing, .. } => {
+        LossKind::CiMaskedReconLoss => ci_masked_recon(ctx, false),
+        LossKind::CiMaskedReconLayerwiseLoss => ci_masked_recon(ctx, true),
+        LossKind::UnmaskedReconLoss => unmasked_recon(ctx),
+        LossKind::FaithfulnessLoss if batchless => faithfulness_loss(ctx.model),
+        LossKind::FaithfulnessLoss => Tensor::zeros((), DType::F32, ctx.model.device()),
+        LossKind::PgdReconLoss { pgd, .. } => pgd_recon(ctx, rng, pgd, None),
+        LossKind::PgdReconSubsetLoss { pgd, routing, .. } => {
             pgd_recon(ctx, rng, pgd, Some(routing))
         }
     }
