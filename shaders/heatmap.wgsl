@@ -2,8 +2,10 @@
 // an R32Float texture, colour-mapped here. Range, gamma, log scale and colour map are uniforms,
 // so restyling uploads nothing. Where several cells fall into one pixel the pixel shows the
 // strongest of them (max, or max |v| for signed maps), so a single firing cell in 4096 rows is
-// never lost. The vertex stage emits one oversized triangle; egui-wgpu has set the viewport to
-// the callback's rect and the scissor to its clip rect.
+// never lost. Columns are read through an index texture (the view's column order), so
+// re-ordering them uploads one integer per column. The vertex stage emits one oversized
+// triangle; egui-wgpu has set the viewport to the callback's rect and the scissor to its
+// clip rect.
 
 struct Params {
     lo: f32,
@@ -18,6 +20,8 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var values: texture_2d<f32>;
+// The stored column drawn at each position (cols x 1): re-ordering columns uploads only this.
+@group(0) @binding(2) var columns: texture_2d<u32>;
 
 struct VsOut {
     @builtin(position) pos: vec4<f32>,
@@ -86,11 +90,13 @@ fn fs_main(in: VsOut) -> @location(0) vec4<f32> {
     let last = min(vec2<u32>(floor(max(hi_f, lo_f))), last_cell);
     let n = min(last - first + vec2<u32>(1u, 1u), vec2<u32>(64u, 64u));
     let signed = (params.flags & 2u) != 0u;
-    var best = textureLoad(values, first, 0).r;
+    let src0 = textureLoad(columns, vec2<u32>(first.x, 0u), 0).r;
+    var best = textureLoad(values, vec2<u32>(min(src0, last_cell.x), first.y), 0).r;
     for (var j = 0u; j < n.y; j = j + 1u) {
         for (var i = 0u; i < n.x; i = i + 1u) {
             let p = min(first + vec2<u32>(i, j), dims - vec2<u32>(1u, 1u));
-            let v = textureLoad(values, p, 0).r;
+            let src = textureLoad(columns, vec2<u32>(p.x, 0u), 0).r;
+            let v = textureLoad(values, vec2<u32>(min(src, last_cell.x), p.y), 0).r;
             if ((signed && abs(v) > abs(best)) || (!signed && v > best)) {
                 best = v;
             }

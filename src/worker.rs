@@ -154,10 +154,11 @@ pub struct ModuleSnapshot {
     pub u: Vec<f32>,
     /// Target weight `[d_out, d_in]`.
     pub target_w: Vec<f32>,
-    /// Lower-leaky CI on one-hot probes `[n_features, C]`.
-    pub ci_probe: Vec<f32>,
+    /// Lower-leaky CI on one-hot probes `[n_features, C]` (shared with the heatmaps that draw
+    /// it, which upload it as it is).
+    pub ci_probe: Arc<Vec<f32>>,
     /// Lower-leaky CI on a data batch `[n_batch, C]`.
-    pub ci_batch: Vec<f32>,
+    pub ci_batch: Arc<Vec<f32>>,
     /// Frobenius norm of each rank-one subcomponent (‖V_c‖·‖U_c‖).
     pub norms: Vec<f32>,
     /// Mean CI per component over the batch.
@@ -834,8 +835,8 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
                 .weight
                 .flatten_all()?
                 .to_vec1()?,
-            ci_probe: std::mem::take(&mut ci_probe[j]),
-            ci_batch,
+            ci_probe: Arc::new(std::mem::take(&mut ci_probe[j])),
+            ci_batch: Arc::new(ci_batch),
             norms: vn.iter().zip(&un).map(|(a, b)| a * b).collect(),
             mean_ci,
             alive,

@@ -1,7 +1,8 @@
 //! The WGSL heatmap: values upload once per version (dragging the colour range or switching
 //! the scale uploads nothing), and a 4096 × 1000 heatmap is drawn exactly (a single hot cell
 //! among 4 million shows up, without CPU pooling); in the app, dragging the CI view's colour
-//! range uploads nothing. One test: the upload counter is global.
+//! range uploads nothing; a column order is drawn through the index texture (uploading the
+//! order, not the values). One test: the upload counter is global.
 
 use std::sync::Arc;
 
@@ -64,8 +65,8 @@ fn uploads_once_per_version_and_draws_every_cell() {
     let x = rect.left() + (HOT.1 as f32 + 0.5) / COLS as f32 * rect.width();
     let y = rect.top() + (HOT.0 as f32 + 0.5) / ROWS as f32 * rect.height();
     let hot = Style::sequential(0.0, 1.0).color(1.0);
-    let near_hot = |img: &image::RgbaImage| {
-        let (cx, cy) = ((x * ppp) as i64, (y * ppp) as i64);
+    let near_hot_at = |img: &image::RgbaImage, px: f32, py: f32| {
+        let (cx, cy) = (px as i64, py as i64);
         (-2..=2).any(|dy| {
             (-2..=2).any(|dx| {
                 let p = img.get_pixel((cx + dx) as u32, (cy + dy) as u32);
@@ -75,6 +76,7 @@ fn uploads_once_per_version_and_draws_every_cell() {
             })
         })
     };
+    let near_hot = |img: &image::RgbaImage| near_hot_at(img, x * ppp, y * ppp);
     assert!(near_hot(&img), "the single hot cell is not visible");
     // Elsewhere the map's low colour.
     let cold = Style::sequential(0.0, 1.0).color(0.0);
@@ -107,6 +109,27 @@ fn uploads_once_per_version_and_draws_every_cell() {
     // Hover maps the pointer to the exact cell.
     let cell = heatmap::cell_at(rect, ROWS, COLS, egui::pos2(x, y));
     assert_eq!(cell, Some(HOT));
+    // A column order (reversed): the hot cell moves to its new position, and only the order
+    // is uploaded (one integer per column), not the values.
+    let columns_before = heatmap::column_uploads();
+    let reversed: Vec<u32> = (0..COLS as u32).rev().collect();
+    let ordered = data(2).with_columns(Arc::new(reversed), 1);
+    let moved = COLS - 1 - HOT.1;
+    assert_eq!(ordered.get(HOT.0, moved), Some(1.0));
+    h.state_mut().data = ordered;
+    h.run();
+    let img = h.render().expect("render");
+    assert_eq!(heatmap::uploads(), base + 1, "re-ordering uploaded values");
+    assert_eq!(heatmap::column_uploads(), columns_before + 1);
+    let x_moved = rect.left() + (moved as f32 + 0.5) / COLS as f32 * rect.width();
+    assert!(
+        near_hot_at(&img, x_moved * ppp, y * ppp),
+        "the hot cell is not drawn at its re-ordered column"
+    );
+    assert!(
+        !near_hot(&img),
+        "the hot cell is still drawn at its stored column"
+    );
     drop(h);
     colour_range_drag_in_the_app_uploads_nothing();
 }

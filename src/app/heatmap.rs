@@ -6,6 +6,10 @@
 //! texture uploads). Every cell is drawn exactly, at any size: a pixel covering several cells
 //! shows the strongest of them, and [`cell_at`] gives the exact cell under the pointer for
 //! hover text.
+//!
+//! A heatmap may show its columns in another order than they are stored ([`Data::columns`]):
+//! the order is a small index texture the shader reads through, so re-ordering the columns
+//! (by density, cluster, Hungarian matching) uploads one integer per column, not the values.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -130,6 +134,16 @@ pub struct Data {
     pub rows: usize,
     pub cols: usize,
     pub version: u64,
+    /// The stored column drawn at each position, if not the identity.
+    pub columns: Option<Columns>,
+}
+
+/// A column order: `order[x]` is the stored column drawn at position `x`, with a version that
+/// changes when the order does.
+#[derive(Clone, Debug)]
+pub struct Columns {
+    pub order: Arc<Vec<u32>>,
+    pub version: u64,
 }
 
 impl Data {
@@ -140,18 +154,38 @@ impl Data {
             rows,
             cols,
             version,
+            columns: None,
         }
     }
-    pub fn get(&self, row: usize, col: usize) -> Option<f32> {
-        (row < self.rows && col < self.cols).then(|| self.values[row * self.cols + col])
+    /// Shows the stored columns in `order` (a permutation of `0..cols`; an order of another
+    /// length is ignored).
+    pub fn with_columns(mut self, order: Arc<Vec<u32>>, version: u64) -> Self {
+        if order.len() == self.cols && order.iter().all(|&c| (c as usize) < self.cols) {
+            self.columns = Some(Columns { order, version });
+        }
+        self
+    }
+    /// The stored column drawn at position `x`.
+    pub fn column(&self, x: usize) -> usize {
+        self.columns.as_ref().map_or(x, |c| c.order[x] as usize)
+    }
+    /// The value drawn at (`row`, position `x`).
+    pub fn get(&self, row: usize, x: usize) -> Option<f32> {
+        (row < self.rows && x < self.cols).then(|| self.values[row * self.cols + self.column(x)])
     }
 }
 
 static UPLOADS: AtomicU64 = AtomicU64::new(0);
+static COLUMN_UPLOADS: AtomicU64 = AtomicU64::new(0);
 
-/// Texture uploads since the start (every heatmap): changes only with new data.
+/// Value-texture uploads since the start (every heatmap): changes only with new data.
 pub fn uploads() -> u64 {
     UPLOADS.load(Ordering::Relaxed)
+}
+
+/// Column-order uploads since the start (one integer per column each).
+pub fn column_uploads() -> u64 {
+    COLUMN_UPLOADS.load(Ordering::Relaxed)
 }
 
 /// Registers the pipeline with egui's renderer (once, at start-up).
@@ -209,9 +243,13 @@ struct Params {
 
 struct Entry {
     texture: wgpu::Texture,
+    /// The column order (R32Uint, `cols × 1`).
+    columns: wgpu::Texture,
     uniform: wgpu::Buffer,
     bind_group: wgpu::BindGroup,
-    version: u64,
+    /// What the textures hold: (values version, columns version when pooled on the CPU).
+    version: (u64, u64),
+    columns_version: u64,
     rows: usize,
     cols: usize,
     last_frame: u64,
@@ -252,6 +290,16 @@ impl Resources {
                     visibility: wgpu::ShaderStages::FRAGMENT,
                     ty: wgpu::BindingType::Texture {
                         sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                        view_dimension: wgpu::TextureViewDimension::D2,
+                        multisampled: false,
+                    },
+                    count: None,
+                },
+                wgpu::BindGroupLayoutEntry {
+                    binding: 2,
+                    visibility: wgpu::ShaderStages::FRAGMENT,
+                    ty: wgpu::BindingType::Texture {
+                        sample_type: wgpu::TextureSampleType::Uint,
                         view_dimension: wgpu::TextureViewDimension::D2,
                         multisampled: false,
                     },
@@ -324,6 +372,20 @@ impl Resources {
                 usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
                 view_formats: &[],
             });
+            let columns = device.create_texture(&wgpu::TextureDescriptor {
+                label: Some("heatmap_columns"),
+                size: wgpu::Extent3d {
+                    width: cols as u32,
+                    height: 1,
+                    depth_or_array_layers: 1,
+                },
+                mip_level_count: 1,
+                sample_count: 1,
+                dimension: wgpu::TextureDimension::D2,
+                format: wgpu::TextureFormat::R32Uint,
+                usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+                view_formats: &[],
+            });
             let uniform = device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("heatmap_params"),
                 size: std::mem::size_of::<Params>() as u64,
@@ -331,6 +393,7 @@ impl Resources {
                 mapped_at_creation: false,
             });
             let view = texture.create_view(&Default::default());
+            let columns_view = columns.create_view(&Default::default());
             let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: Some("heatmap_bg"),
                 layout: &self.layout,
@@ -343,15 +406,21 @@ impl Resources {
                         binding: 1,
                         resource: wgpu::BindingResource::TextureView(&view),
                     },
+                    wgpu::BindGroupEntry {
+                        binding: 2,
+                        resource: wgpu::BindingResource::TextureView(&columns_view),
+                    },
                 ],
             });
             self.entries.insert(
                 id,
                 Entry {
                     texture,
+                    columns,
                     uniform,
                     bind_group,
-                    version: u64::MAX,
+                    version: (u64::MAX, u64::MAX),
+                    columns_version: u64::MAX,
                     rows,
                     cols,
                     last_frame: 0,
@@ -372,27 +441,28 @@ struct Callback {
 
 impl Callback {
     /// The data as uploaded: rows beyond the GPU's texture limit are max-pooled (only past
-    /// 8192 rows or columns on common hardware).
-    fn fitted(&self, max_dim: u32) -> (Vec<f32>, usize, usize, f32, f32) {
+    /// 8192 rows or columns on common hardware), after the column order is applied (the
+    /// index texture is then the identity).
+    fn fitted(&self, max_dim: u32) -> (Vec<f32>, usize, usize) {
         let (rows, cols) = (self.data.rows, self.data.cols);
         let max = max_dim as usize;
         let (fr, fc) = (rows.div_ceil(max).max(1), cols.div_ceil(max).max(1));
         if fr == 1 && fc == 1 {
-            return (self.data.values.to_vec(), rows, cols, 1.0, 1.0);
+            return (self.data.values.to_vec(), rows, cols);
         }
         let (r2, c2) = (rows.div_ceil(fr), cols.div_ceil(fc));
         let signed = self.style.map == ColorMap::Diverging;
         let mut out = vec![if signed { 0.0 } else { f32::NEG_INFINITY }; r2 * c2];
         for r in 0..rows {
             for c in 0..cols {
-                let v = self.data.values[r * cols + c];
+                let v = self.data.values[r * cols + self.data.column(c)];
                 let o = &mut out[(r / fr) * c2 + c / fc];
                 if (signed && v.abs() > o.abs()) || (!signed && v > *o) {
                     *o = v;
                 }
             }
         }
-        (out, r2, c2, fr as f32, fc as f32)
+        (out, r2, c2)
     }
 }
 
@@ -421,8 +491,49 @@ impl CallbackTrait for Callback {
         });
         let e = res.entry(device, self.id, rows, cols);
         e.last_frame = frame;
-        if e.version != self.data.version {
-            let (values, rows, cols, _, _) = self.fitted(max_dim);
+        let pooled = fr > 1 || fc > 1;
+        // u64::MAX - 1: the identity order.
+        let columns_version = match (&self.data.columns, pooled) {
+            (Some(c), false) => c.version,
+            _ => u64::MAX - 1,
+        };
+        let version = (
+            self.data.version,
+            if pooled {
+                self.data.columns.as_ref().map_or(0, |c| c.version)
+            } else {
+                0
+            },
+        );
+        if e.columns_version != columns_version {
+            let order: Vec<u32> = match (&self.data.columns, pooled) {
+                (Some(c), false) => c.order.to_vec(),
+                _ => (0..cols as u32).collect(),
+            };
+            queue.write_texture(
+                wgpu::TexelCopyTextureInfo {
+                    texture: &e.columns,
+                    mip_level: 0,
+                    origin: wgpu::Origin3d::ZERO,
+                    aspect: wgpu::TextureAspect::All,
+                },
+                bytemuck::cast_slice(&order),
+                wgpu::TexelCopyBufferLayout {
+                    offset: 0,
+                    bytes_per_row: Some(4 * cols as u32),
+                    rows_per_image: Some(1),
+                },
+                wgpu::Extent3d {
+                    width: cols as u32,
+                    height: 1,
+                    depth_or_array_layers: 1,
+                },
+            );
+            e.columns_version = columns_version;
+            COLUMN_UPLOADS.fetch_add(1, Ordering::Relaxed);
+        }
+        if e.version != version {
+            let (values, rows, cols) = self.fitted(max_dim);
             queue.write_texture(
                 wgpu::TexelCopyTextureInfo {
                     texture: &e.texture,
@@ -442,7 +553,7 @@ impl CallbackTrait for Callback {
                     depth_or_array_layers: 1,
                 },
             );
-            e.version = self.data.version;
+            e.version = version;
             UPLOADS.fetch_add(1, Ordering::Relaxed);
         }
         let s = &self.style;

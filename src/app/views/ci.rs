@@ -28,10 +28,14 @@ pub enum Order {
     ByCluster,
 }
 
-/// What the heatmap's values are: (snapshot version, module, inputs, order, clusters version,
-/// custom answers, Hungarian order arrived). The colour range, gamma and scale are not part
-/// of it: the shader applies them, so changing them uploads nothing.
-type TextureKey = (u64, usize, InputSet, Order, u64, u64, bool);
+/// What the heatmap's values are: (snapshot version, module, inputs, custom answers). The
+/// colour range, gamma and scale are not part of it: the shader applies them, so changing
+/// them uploads nothing.
+type ValuesKey = (u64, usize, InputSet, u64);
+/// What the column order is: the values' key, the order, the clusters' version and whether
+/// the Hungarian order has arrived. The shader reads columns through the order, so a new
+/// order uploads one integer per column, not the values.
+type OrderKey = (ValuesKey, Order, u64, bool);
 
 /// The CI heatmap and its state. The Hungarian column order comes from the worker
 /// (`Command::ColumnOrder`); until it arrives the columns are shown as is.
@@ -43,17 +47,22 @@ pub struct CiView {
     /// Gamma and log scale of the colour map (applied in the shader).
     pub gamma: f32,
     pub log: bool,
-    /// The values drawn, in column order (rows × C), rebuilt when the key changes.
+    /// The values drawn (rows × C, as the snapshot stores them: shared, not copied), with
+    /// the column order applied by the shader.
     values: Option<heatmap::Data>,
-    key: Option<TextureKey>,
+    values_key: Option<ValuesKey>,
+    order_key: Option<OrderKey>,
     /// The Hungarian order asked for: (snapshot version, module).
     hungarian_asked: Option<(u64, usize)>,
     /// The worker's answer: (snapshot version, module, order).
     pub hungarian: Option<(u64, usize, Vec<usize>)>,
-    /// Column order used for the current texture.
+    /// Column order drawn: `columns[x]` is the subcomponent at position x.
     pub columns: Vec<usize>,
     pub rows: usize,
+    /// New values handed to the heatmap (one per snapshot, module or input set).
     pub uploads: u64,
+    /// New column orders handed to the heatmap.
+    pub orders: u64,
     /// The custom input row (one value per feature).
     pub custom_input: Vec<f32>,
     /// The worker's answer: (input, CI per module), and a counter of answers.
@@ -240,25 +249,34 @@ impl CiView {
             .filter(|ci| ci.len() == m.c)
             .map(|v| v.as_slice())
             .unwrap_or(&[]);
-        let (data, rows) = match st.input_set {
-            InputSet::Probes => (m.ci_probe.as_slice(), s.n_probe),
-            InputSet::Batch => (m.ci_batch.as_slice(), s.n_batch),
-            InputSet::Custom => (custom, custom.len() / m.c.max(1)),
+        let (data, rows): (std::sync::Arc<Vec<f32>>, usize) = match st.input_set {
+            InputSet::Probes => (m.ci_probe.clone(), s.n_probe),
+            InputSet::Batch => (m.ci_batch.clone(), s.n_batch),
+            InputSet::Custom => (
+                std::sync::Arc::new(custom.to_vec()),
+                custom.len() / m.c.max(1),
+            ),
         };
         if rows == 0 {
             ui.label("computing the CI of the custom input...");
             return;
         }
-        let key = (
-            version,
-            j,
-            st.input_set,
+        let values_key = (version, j, st.input_set, st.custom_results);
+        let order_key = (
+            values_key,
             st.order,
             cx.clusters.version,
-            st.custom_results,
             hungarian.is_some(),
         );
-        if st.key != Some(key) {
+        if st.values_key != Some(values_key) {
+            // Every row is drawn as stored: the shader shows the strongest cell under each
+            // pixel, and hover reads exact rows.
+            st.uploads += 1;
+            st.values = Some(heatmap::Data::new(data.clone(), rows, m.c, st.uploads));
+            st.values_key = Some(values_key);
+            st.rows = rows;
+        }
+        if st.order_key != Some(order_key) {
             st.columns = match st.order {
                 Order::ByCluster => by_cluster,
                 Order::AsIs => (0..m.c).collect(),
@@ -269,22 +287,10 @@ impl CiView {
                     idx
                 }
             };
-            // Every row is drawn: the shader shows the strongest cell under each pixel, and
-            // hover reads exact rows.
-            let mut values = Vec::with_capacity(rows * m.c);
-            for r in 0..rows {
-                let row = &data[r * m.c..(r + 1) * m.c];
-                values.extend(st.columns.iter().map(|&c| row[c]));
-            }
-            st.uploads += 1;
-            st.values = Some(heatmap::Data::new(
-                std::sync::Arc::new(values),
-                rows,
-                m.c,
-                st.uploads,
-            ));
-            st.key = Some(key);
-            st.rows = rows;
+            st.orders += 1;
+            st.order_key = Some(order_key);
+            let order = std::sync::Arc::new(st.columns.iter().map(|&c| c as u32).collect());
+            st.values = st.values.take().map(|d| d.with_columns(order, st.orders));
         }
         let Some(values) = &st.values else { return };
         let mut avail = ui.available_size() - egui::vec2(0.0, 24.0);
