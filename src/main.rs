@@ -36,6 +36,10 @@ struct Cli {
     /// Start training this preset as soon as the window opens.
     #[arg(long)]
     train_preset: Option<String>,
+    /// Start training this config (a `train --config` JSON file naming a preset) as soon as
+    /// the window opens.
+    #[arg(long, value_name = "JSON")]
+    train_config: Option<PathBuf>,
     #[arg(long, help = view_help())]
     view: Option<String>,
     /// Open a decomposition shipped in the binary ("tms-5-2", "days").
@@ -277,6 +281,7 @@ fn main() {
                 frame_stats: cli.frame_stats,
                 exit_after: cli.exit_after.map(Duration::from_secs_f64),
                 train_preset: cli.train_preset,
+                train_config: cli.train_config,
                 view: view.and_then(|(_, v)| v),
                 asset: cli.asset,
                 heatmap_rows: cli.heatmap_rows,

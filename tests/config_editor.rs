@@ -79,7 +79,7 @@ fn fields_parse_validate_and_round_trip() {
     let p = d.path().join("cfg.json");
     h.state().save_json(&p, "tms-5-2").unwrap();
     let mut again = ConfigEditor::default();
-    again.load_json(&p).unwrap();
+    assert_eq!(again.load_json(&p).unwrap().as_deref(), Some("tms-5-2"));
     assert_eq!(again.draft, h.state().draft);
     // A misspelt field in a loaded file is named.
     let mut v: serde_json::Value =
@@ -88,4 +88,10 @@ fn fields_parse_validate_and_round_trip() {
     std::fs::write(&p, v.to_string()).unwrap();
     let e = again.load_json(&p).unwrap_err();
     assert!(e.contains("did you mean 'batch_size'"), "{e}");
+    // An unknown preset is named.
+    v.as_object_mut().unwrap().remove("batch_sizee");
+    v["preset"] = "no-such-preset".into();
+    std::fs::write(&p, v.to_string()).unwrap();
+    let e = again.load_json(&p).unwrap_err();
+    assert!(e.contains("no-such-preset"), "{e}");
 }

@@ -124,8 +124,9 @@ impl ConfigEditor {
             .flatten()
     }
 
-    /// Reads a config JSON file (the CLI's `--config` format; the target part is ignored).
-    pub fn load_json(&mut self, path: &std::path::Path) -> Result<(), String> {
+    /// Reads a config JSON file (the CLI's `--config` format; a custom target is ignored).
+    /// Returns the preset the file names, if it names one.
+    pub fn load_json(&mut self, path: &std::path::Path) -> Result<Option<String>, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let raw: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -134,8 +135,11 @@ impl ConfigEditor {
         let typed = serde_json::to_value(&cf).map_err(|e| e.to_string())?;
         crate::spd::config::check_unknown_fields(&raw, &typed)
             .map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Some(p) = &cf.preset {
+            crate::presets::find(p).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
         self.set(cf.spd);
-        Ok(())
+        Ok(cf.preset)
     }
 
     /// Writes the draft as config JSON (with `preset` so `spdlab train --config` runs it).

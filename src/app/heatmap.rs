@@ -443,12 +443,17 @@ impl Callback {
     /// The data as uploaded: rows beyond the GPU's texture limit are max-pooled (only past
     /// 8192 rows or columns on common hardware), after the column order is applied (the
     /// index texture is then the identity).
-    fn fitted(&self, max_dim: u32) -> (Vec<f32>, usize, usize) {
+    fn fitted(&self, max_dim: u32) -> (std::borrow::Cow<'_, [f32]>, usize, usize) {
         let (rows, cols) = (self.data.rows, self.data.cols);
         let max = max_dim as usize;
         let (fr, fc) = (rows.div_ceil(max).max(1), cols.div_ceil(max).max(1));
         if fr == 1 && fc == 1 {
-            return (self.data.values.to_vec(), rows, cols);
+            // Uploaded as stored, without a copy.
+            return (
+                std::borrow::Cow::Borrowed(&self.data.values[..]),
+                rows,
+                cols,
+            );
         }
         let (r2, c2) = (rows.div_ceil(fr), cols.div_ceil(fc));
         let signed = self.style.map == ColorMap::Diverging;
@@ -462,7 +467,7 @@ impl Callback {
                 }
             }
         }
-        (out, r2, c2)
+        (std::borrow::Cow::Owned(out), r2, c2)
     }
 }
 

@@ -294,9 +294,8 @@ impl SpdApp {
                 && let Some(p) = rfd::FileDialog::new()
                     .add_filter("json", &["json"])
                     .pick_file()
-                && let Err(e) = self.editor.load_json(&p)
             {
-                self.session.error = Some(e);
+                self.load_config(&p);
             }
             if ui
                 .button("Save config...")

@@ -32,10 +32,10 @@ pub enum Order {
 /// colour range, gamma and scale are not part of it: the shader applies them, so changing
 /// them uploads nothing.
 type ValuesKey = (u64, usize, InputSet, u64);
-/// What the column order is: the values' key, the order, the clusters' version and whether
-/// the Hungarian order has arrived. The shader reads columns through the order, so a new
+/// What the column order is: the values' key, the order, the clusters' version and the
+/// snapshot the shown Hungarian order was computed on. The shader reads columns through the order, so a new
 /// order uploads one integer per column, not the values.
-type OrderKey = (ValuesKey, Order, u64, bool);
+type OrderKey = (ValuesKey, Order, u64, Option<u64>);
 
 /// The CI heatmap and its state. The Hungarian column order comes from the worker
 /// (`Command::ColumnOrder`); until it arrives the columns are shown as is.
@@ -52,7 +52,9 @@ pub struct CiView {
     values: Option<heatmap::Data>,
     values_key: Option<ValuesKey>,
     order_key: Option<OrderKey>,
-    /// The Hungarian order asked for: (snapshot version, module).
+    /// The Hungarian order asked for and not yet answered: (snapshot version, module). One
+    /// request at a time: while training sends snapshots faster than the worker answers, the
+    /// newest answer is shown until the next one arrives.
     hungarian_asked: Option<(u64, usize)>,
     /// The worker's answer: (snapshot version, module, order).
     pub hungarian: Option<(u64, usize, Vec<usize>)>,
@@ -103,6 +105,7 @@ impl View for CiView {
                 if self.hungarian_asked == Some((*key, *module)) =>
             {
                 self.hungarian = Some((*key, *module, order.clone()));
+                self.hungarian_asked = None;
             }
             _ => {}
         }
@@ -226,8 +229,14 @@ impl CiView {
         };
         let members = cx.selected_cluster_members(j);
         let version = cx.snapshot_version();
-        // The Hungarian order is the worker's job: ask once per (snapshot, module).
-        if self.order == Order::Hungarian && self.hungarian_asked != Some((version, j)) {
+        // The Hungarian order is the worker's job: ask once per (snapshot, module), one
+        // request at a time.
+        let answered = self
+            .hungarian
+            .as_ref()
+            .is_some_and(|(v, mj, _)| (*v, *mj) == (version, j));
+        let waiting_for_this = self.hungarian_asked.is_some_and(|(_, mj)| mj == j);
+        if self.order == Order::Hungarian && !answered && !waiting_for_this {
             self.hungarian_asked = Some((version, j));
             cx.send(Command::ColumnOrder {
                 key: version,
@@ -235,11 +244,14 @@ impl CiView {
                 snapshot: s.clone(),
             });
         }
+        // The newest answer for this module (of this snapshot or an earlier one).
         let hungarian = self
             .hungarian
             .as_ref()
-            .filter(|(v, mj, o)| *v == version && *mj == j && o.len() == s.modules[j].c)
-            .map(|(_, _, o)| o.clone());
+            .filter(|(v, mj, o)| *v <= version && *mj == j && o.len() == s.modules[j].c)
+            .map(|(v, _, o)| (*v, o.clone()));
+        let hungarian_of = hungarian.as_ref().map(|(v, _)| *v);
+        let hungarian = hungarian.map(|(_, o)| o);
         let st = &mut *self;
         let m = &s.modules[j];
         let custom: &[f32] = st
@@ -266,7 +278,7 @@ impl CiView {
             values_key,
             st.order,
             cx.clusters.version,
-            hungarian.is_some(),
+            hungarian_of,
         );
         if st.values_key != Some(values_key) {
             // Every row is drawn as stored: the shader shows the strongest cell under each
@@ -376,13 +388,16 @@ impl CiView {
                 String::new()
             }
         ));
-        if st.order == Order::Hungarian
-            && st
-                .hungarian
-                .as_ref()
-                .is_none_or(|h| (h.0, h.1) != (version, j))
-        {
-            ui.weak("(Hungarian order: waiting for the worker; shown as is)");
+        if st.order == Order::Hungarian {
+            match hungarian_of {
+                None => {
+                    ui.weak("(Hungarian order: waiting for the worker; shown as is)");
+                }
+                Some(v) if v < version => {
+                    ui.weak("(Hungarian order of an earlier snapshot; the worker is updating it)");
+                }
+                Some(_) => {}
+            }
         }
     }
 }
