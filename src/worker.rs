@@ -33,9 +33,41 @@ pub enum Source {
     Asset(String),
 }
 
+/// An export's bytes, computed on the worker (a CSV of millions of values, a PNG encode). The
+/// job runs once; the wrapper lets [`Command`] stay `Clone` and `Debug`.
+#[derive(Clone)]
+pub struct ExportJob(Arc<std::sync::Mutex<Option<ExportFn>>>);
+type ExportFn = Box<dyn FnOnce() -> anyhow::Result<Vec<u8>> + Send>;
+
+impl ExportJob {
+    pub fn new(f: impl FnOnce() -> anyhow::Result<Vec<u8>> + Send + 'static) -> Self {
+        ExportJob(Arc::new(std::sync::Mutex::new(Some(Box::new(f)))))
+    }
+    /// Runs the job (once; a second run is an error).
+    pub fn run(&self) -> anyhow::Result<Vec<u8>> {
+        let f = self.0.lock().ok().and_then(|mut g| g.take());
+        match f {
+            Some(f) => f(),
+            None => anyhow::bail!("this export has already run"),
+        }
+    }
+}
+
+impl std::fmt::Debug for ExportJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExportJob")
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum Command {
     Load(Source),
+    /// Compute an export's bytes and write them to the path (atomically); answered with
+    /// [`Event::Exported`] or an error naming the file.
+    Export {
+        path: PathBuf,
+        job: ExportJob,
+    },
     Start,
     Pause,
     Resume,
@@ -188,6 +220,8 @@ pub enum Event {
     Snapshot(Arc<Snapshot>),
     State(RunState),
     Saved(PathBuf),
+    /// An export was written.
+    Exported(PathBuf),
     Intervened(Arc<InterventionOutcome>),
     Traced(Arc<crate::interventions::Trace>),
     Error(String),
@@ -291,6 +325,21 @@ impl WorkerHandle {
 
     pub fn send(&self, cmd: Command) {
         let _ = self.tx.send(Msg::Cmd(cmd));
+    }
+
+    /// A sender of commands that can move to other threads (e.g. a screenshot callback).
+    pub fn commands(&self) -> CommandSender {
+        CommandSender(self.tx.clone())
+    }
+}
+
+/// Sends commands to a worker from anywhere.
+#[derive(Clone)]
+pub struct CommandSender(Sender<Msg>);
+
+impl CommandSender {
+    pub fn send(&self, cmd: Command) {
+        let _ = self.0.send(Msg::Cmd(cmd));
     }
 }
 
@@ -583,6 +632,14 @@ impl Worker {
             Command::SetProbeValue(v) => {
                 self.probe_value = v;
                 self.publish_snapshot()?;
+            }
+            Command::Export { path, job } => {
+                let bytes = job
+                    .run()
+                    .map_err(|e| anyhow::anyhow!("export to {} failed: {e:#}", path.display()))?;
+                crate::io::atomic::write_atomic(&path, &bytes)
+                    .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", path.display()))?;
+                self.emit(Event::Exported(path));
             }
             Command::Save(p) => {
                 let Some(tr) = self.trainer.as_ref() else {

@@ -119,8 +119,9 @@ fn clustering_job_reports_progress_and_its_result() {
             Ok(Event::Progress {
                 kind: JobKind::Clustering,
                 stage,
+                fraction,
                 ..
-            }) => stages.push(stage),
+            }) => stages.push((stage, fraction)),
             Ok(Event::Clusters { data, stored }) => {
                 assert!(!stored);
                 result = Some(data);
@@ -134,7 +135,13 @@ fn clustering_job_reports_progress_and_its_result() {
         }
     }
     assert!(ended, "the job ended");
-    assert_eq!(stages, ["activations", "merging", "co-activation counts"]);
+    // The merge reports its steps: several "merging" reports, the fraction never falls.
+    assert!(stages.windows(2).all(|w| w[0].1 <= w[1].1), "{stages:?}");
+    let merging = stages.iter().filter(|s| s.0 == "merging").count();
+    assert!(merging > 3, "{stages:?}");
+    let mut names: Vec<&str> = stages.iter().map(|s| s.0).collect();
+    names.dedup();
+    assert_eq!(names, ["activations", "merging", "co-activation counts"]);
     assert_eq!(result.expect("a clustering").result.best_k, 5);
 }
 
@@ -186,4 +193,35 @@ fn column_order_is_answered_by_the_worker() {
         |e| matches!(e, Event::ColumnOrder { key: 42, module: 0, order } if *order == want),
         Duration::from_secs(10)
     ));
+}
+
+/// Exports are worker jobs: the bytes are computed and written there (atomically), then
+/// `Exported` names the file; a failing job is an error naming the file and writes nothing.
+#[test]
+fn exports_are_computed_and_written_by_the_worker() {
+    use spdlab::worker::ExportJob;
+    let w = WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("out.csv");
+    w.commands().send(Command::Export {
+        path: p.clone(),
+        job: ExportJob::new(|| Ok(b"a,b\n1,2\n".to_vec())),
+    });
+    assert!(wait_for(
+        &w,
+        |e| matches!(e, Event::Exported(q) if q.ends_with("out.csv")),
+        Duration::from_secs(30)
+    ));
+    assert_eq!(std::fs::read_to_string(&p).unwrap(), "a,b\n1,2\n");
+    let bad = d.path().join("bad.csv");
+    w.send(Command::Export {
+        path: bad.clone(),
+        job: ExportJob::new(|| anyhow::bail!("the view has nothing to export")),
+    });
+    assert!(wait_for(
+        &w,
+        |e| matches!(e, Event::Error(m) if m.contains("bad.csv") && m.contains("nothing to export")),
+        Duration::from_secs(30)
+    ));
+    assert!(!bad.exists());
 }

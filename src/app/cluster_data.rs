@@ -3,7 +3,7 @@
 //! Built by a worker job ([`ClusterData::build_with`], `Command::Cluster`), never on the UI thread;
 //! cluster membership at any k is then cheap.
 
-use crate::cluster::{ClusterOptions, ClusteringResult};
+use crate::cluster::ClusteringResult;
 use crate::worker::ClusterInput;
 
 /// One cluster at the chosen k.
@@ -56,7 +56,25 @@ impl ClusterData {
                 if !report("merging", 0.1) {
                     anyhow::bail!("cancelled");
                 }
-                run_merge(&input.acts, n, &input.labels, &input.options)?
+                // Progress of the merge steps (from 10% to 80%), reported (and a cancel seen)
+                // at every percent: a cancel stops the merge within 1% of its steps.
+                let mut last = usize::MAX;
+                let mut progress = |done: usize, total: usize| {
+                    let pct = (done * 100).checked_div(total).unwrap_or(100);
+                    if pct == last {
+                        return true;
+                    }
+                    last = pct;
+                    report("merging", 0.1 + 0.7 * pct as f32 / 100.0)
+                };
+                let h = crate::cluster::merge_activations_with(
+                    &input.acts,
+                    n,
+                    &input.labels,
+                    &input.options,
+                    &mut progress,
+                )?;
+                crate::cluster::summarize(&h, &input.options, h.best_k())
             }
         };
         if !report("co-activation counts", 0.8) {
@@ -192,18 +210,6 @@ pub fn split_label(l: &str) -> (&str, Option<usize>) {
         Some((a, b)) => (a, b.parse().ok()),
         None => (l, None),
     }
-}
-
-/// The merge clustering of `spdlab cluster` on a given activations batch, summarised at the
-/// minimum description length.
-pub fn run_merge(
-    acts: &[f32],
-    n: usize,
-    labels: &[String],
-    opts: &ClusterOptions,
-) -> anyhow::Result<ClusteringResult> {
-    let h = crate::cluster::merge_activations(acts, n, labels, opts)?;
-    Ok(crate::cluster::summarize(&h, opts, h.best_k()))
 }
 
 /// Text of the clusters CSV: one row per subcomponent (alive and dead) with its cluster at k.

@@ -8,13 +8,12 @@ use eframe::egui;
 
 use crate::worker::{ModuleSnapshot, Snapshot};
 
-/// Crops a screenshot to `rect` (points; clamped to the image) and writes it as PNG.
-pub fn save_png_region(
+/// Crops a screenshot to `rect` (points; clamped to the image) and encodes it as PNG.
+pub fn png_region(
     image: &egui::ColorImage,
     rect: egui::Rect,
     pixels_per_point: f32,
-    path: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<u8>> {
     let [w, h] = image.size;
     let ppp = if pixels_per_point > 0.0 {
         pixels_per_point
@@ -37,7 +36,7 @@ pub fn save_png_region(
         .ok_or_else(|| anyhow::anyhow!("cannot build the PNG image"))?;
     let mut bytes = std::io::Cursor::new(Vec::new());
     img.write_to(&mut bytes, image::ImageFormat::Png)?;
-    write_atomic(path, &bytes.into_inner())
+    Ok(bytes.into_inner())
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

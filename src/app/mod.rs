@@ -166,9 +166,6 @@ pub struct SpdApp {
     exit_after: Option<(Instant, Duration)>,
     /// Requests of the views, carried out after the frame.
     actions: Vec<Action>,
-    /// Results of PNG exports (written from the screenshot callback).
-    export_tx: crossbeam_channel::Sender<Result<PathBuf, String>>,
-    export_rx: crossbeam_channel::Receiver<Result<PathBuf, String>>,
 }
 
 /// How the app starts.
@@ -212,7 +209,6 @@ impl SpdApp {
             .storage
             .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
             .unwrap_or_default();
-        let (export_tx, export_rx) = crossbeam_channel::unbounded();
         let mut app = SpdApp {
             session: Session::new(worker),
             settings,
@@ -228,8 +224,6 @@ impl SpdApp {
             },
             exit_after: opts.exit_after.map(|d| (Instant::now(), d)),
             actions: vec![],
-            export_tx,
-            export_rx,
         };
         if let Some(v) = opts.view {
             app.settings.view = v;
@@ -426,17 +420,6 @@ impl SpdApp {
         for e in self.session.take_events() {
             self.apply(e);
         }
-        self.poll_jobs();
-    }
-
-    /// Picks up finished PNG exports (never blocks).
-    pub fn poll_jobs(&mut self) {
-        while let Ok(r) = self.export_rx.try_recv() {
-            match r {
-                Ok(p) => self.session.status = format!("exported {}", p.display()),
-                Err(e) => self.session.error = Some(format!("export failed: {e}")),
-            }
-        }
     }
 
     /// Whether a clustering is asked for or computing on the worker.
@@ -498,18 +481,21 @@ impl SpdApp {
             return;
         };
         let ppp = ctx.pixels_per_point();
-        let tx = self.export_tx.clone();
-        let ctx2 = ctx.clone();
+        let commands = self.session.commands();
+        // The screenshot arrives in a later frame; the worker crops and encodes it (without
+        // a worker, in tests, the callback does).
         ctx.send_viewport_cmd(egui::ViewportCommand::Screenshot(
             egui::ScreenshotCallback::new(move |image| {
-                // Encode off the render thread.
-                std::thread::spawn(move || {
-                    let r = export::save_png_region(&image, rect, ppp, &path)
-                        .map(|_| path)
-                        .map_err(|e| format!("{e:#}"));
-                    let _ = tx.send(r);
-                    ctx2.request_repaint();
-                });
+                let job =
+                    crate::worker::ExportJob::new(move || export::png_region(&image, rect, ppp));
+                match &commands {
+                    Some(c) => c.send(Command::Export { path, job }),
+                    None => {
+                        if let Ok(bytes) = job.run() {
+                            let _ = export::write_atomic(&path, &bytes);
+                        }
+                    }
+                }
             }),
         ));
     }
@@ -524,8 +510,16 @@ impl SpdApp {
             clusters: &mut self.clusters,
             actions: &mut self.actions,
         };
-        let text = self.views[i].csv(&cx)?;
-        export::write_atomic(path, text.as_bytes())
+        let job = self.views[i].csv(&cx)?;
+        let job = crate::worker::ExportJob::new(move || Ok(job()?.into_bytes()));
+        // On the worker; without one (tests) here.
+        if !self.send(Command::Export {
+            path: path.to_path_buf(),
+            job: job.clone(),
+        }) {
+            export::write_atomic(path, &job.run()?)?;
+        }
+        Ok(())
     }
 
     /// Applies one worker event: the views see it first, then the clusters and the session.

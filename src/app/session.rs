@@ -61,6 +61,11 @@ impl Session {
         }
     }
 
+    /// Sends a command to the worker from another thread (None without a worker).
+    pub fn commands(&self) -> Option<crate::worker::CommandSender> {
+        self.worker.as_ref().map(|w| w.commands())
+    }
+
     /// Events waiting from the worker (never blocks).
     pub fn take_events(&self) -> Vec<Event> {
         match &self.worker {
@@ -127,6 +132,7 @@ impl Session {
                 };
             }
             Event::Saved(p) => self.status = format!("saved {}", p.display()),
+            Event::Exported(p) => self.status = format!("exported {}", p.display()),
             Event::Intervened(_) => self.error = None,
             Event::Error(m) => self.error = Some(m),
             Event::Clusters {

@@ -11,6 +11,9 @@ use super::session::Session;
 use super::{Selection, Settings};
 use crate::worker::{Command, Event, Snapshot, Source};
 
+/// A CSV export's text, computed off the UI thread.
+pub type CsvJob = Box<dyn FnOnce() -> anyhow::Result<String> + Send>;
+
 /// One tab of the app. The struct owns the view's state (textures, controls, the worker's
 /// answers it asked for).
 pub trait View: Any {
@@ -27,8 +30,10 @@ pub trait View: Any {
         true
     }
     fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui);
-    /// The view's data as CSV text (the "Export CSV" button).
-    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String>;
+    /// The view's data as CSV (the "Export CSV" button): a job that formats the text, run on
+    /// the worker (a 4096 × 1000 CI table is 4 million numbers). The view hands it what it
+    /// needs (shared snapshots, copies of small state); an error here means nothing to export.
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<CsvJob>;
     /// Every worker event passes here first (answers to the view's own commands, resets on load).
     fn on_event(&mut self, _e: &Event) {}
 }

@@ -85,6 +85,8 @@ pub enum MergeError {
         n_samples: usize,
         n_components: usize,
     },
+    /// The progress callback asked to stop.
+    Cancelled,
 }
 
 impl fmt::Display for MergeError {
@@ -99,6 +101,7 @@ impl fmt::Display for MergeError {
                 "activations have {acts_len} values, expected n_samples ({n_samples}) x \
                  n_components ({n_components})"
             ),
+            MergeError::Cancelled => write!(f, "cancelled"),
         }
     }
 }
@@ -501,6 +504,18 @@ pub fn merge_iteration(
     labels: &[String],
     config: &MergeConfig,
 ) -> Result<MergeHistory, MergeError> {
+    merge_iteration_with(acts, n_samples, labels, config, &mut |_, _| true)
+}
+
+/// [`merge_iteration`] that reports each merge step to `progress(done, total)` (merges done,
+/// merges to do at most) and stops with [`MergeError::Cancelled`] when it returns false.
+pub fn merge_iteration_with(
+    acts: &[f32],
+    n_samples: usize,
+    labels: &[String],
+    config: &MergeConfig,
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<MergeHistory, MergeError> {
     let n_cols = labels.len();
     if n_samples.checked_mul(n_cols) != Some(acts.len()) {
         return Err(MergeError::ShapeMismatch {
@@ -608,7 +623,11 @@ pub fn merge_iteration(
     let mut p: Vec<f64> = Vec::with_capacity(c);
     let mut q: Vec<f64> = Vec::with_capacity(c);
     let mut weights: Vec<f64> = Vec::new();
+    let total = c.saturating_sub(stop_k).min(max_iters);
     while n_samples > 0 && order.len() > stop_k && history.pairs.len() < max_iters {
+        if !progress(history.pairs.len(), total) {
+            return Err(MergeError::Cancelled);
+        }
         let k = order.len();
         s.clear();
         r.clear();
@@ -1303,5 +1322,29 @@ mod tests {
             merge_iteration(&[0.0; 7], 2, &labels(4), &cfg),
             Err(MergeError::ShapeMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn progress_reports_every_merge_and_cancel_stops() {
+        let (acts, n, _, _) = planted();
+        let lab = labels(13);
+        let full = merge_iteration(&acts, n, &lab, &greedy()).unwrap();
+        let mut seen = vec![];
+        let h = merge_iteration_with(&acts, n, &lab, &greedy(), &mut |done, total| {
+            seen.push((done, total));
+            true
+        })
+        .unwrap();
+        assert_eq!(h.pairs, full.pairs, "reporting changes nothing");
+        let total = full.pairs.len();
+        assert_eq!(seen, (0..total).map(|d| (d, total)).collect::<Vec<_>>());
+        // Cancelled after 3 merges: no further merge is done.
+        let mut calls = 0;
+        let r = merge_iteration_with(&acts, n, &lab, &greedy(), &mut |done, _| {
+            calls += 1;
+            done < 3
+        });
+        assert_eq!(r.unwrap_err(), MergeError::Cancelled);
+        assert_eq!(calls, 4);
     }
 }

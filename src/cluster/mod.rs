@@ -178,11 +178,23 @@ pub fn merge_activations(
     labels: &[String],
     opts: &ClusterOptions,
 ) -> anyhow::Result<MergeHistory> {
-    Ok(merge::merge_iteration(
+    merge_activations_with(acts, n, labels, opts, &mut |_, _| true)
+}
+
+/// [`merge_activations`] reporting each merge step (`progress(done, total)`; false cancels).
+pub fn merge_activations_with(
+    acts: &[f32],
+    n: usize,
+    labels: &[String],
+    opts: &ClusterOptions,
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> anyhow::Result<MergeHistory> {
+    Ok(merge::merge_iteration_with(
         acts,
         n,
         labels,
         &merge_config(opts),
+        progress,
     )?)
 }
 

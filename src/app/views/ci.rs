@@ -4,7 +4,7 @@
 use eframe::egui;
 
 use crate::app::cluster_state::ClusterState;
-use crate::app::view::{View, ViewCtx};
+use crate::app::view::{CsvJob, View, ViewCtx};
 use crate::app::heatmap;
 use crate::app::widgets::{CLUSTER_COLOR, component_color, module_picker};
 use crate::worker::{Command, Event, Snapshot};
@@ -90,8 +90,8 @@ impl View for CiView {
     fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
         self.show(cx, ui)
     }
-    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
-        self.csv_text(cx)
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<CsvJob> {
+        self.csv_job(cx)
     }
     fn on_event(&mut self, e: &Event) {
         match e {
@@ -471,8 +471,8 @@ impl CiView {
 impl CiView {
     /// CSV of the heatmap as shown: rows = inputs (labelled), columns = subcomponents in the
     /// shown order.
-    fn csv_text(&self, cx: &ViewCtx) -> anyhow::Result<String> {
-        let s = cx.require_snapshot()?;
+    fn csv_job(&self, cx: &ViewCtx) -> anyhow::Result<CsvJob> {
+        let s = cx.require_snapshot()?.clone();
         let st = self;
         let j = cx.selection.module.min(s.modules.len().saturating_sub(1));
         let m = s
@@ -484,32 +484,40 @@ impl CiView {
         } else {
             (0..m.c).collect()
         };
-        let nf = s.n_features;
-        let (data, labels): (&[f32], Vec<String>) = match st.input_set {
-            InputSet::Probes => (
-                &m.ci_probe,
-                (0..nf)
-                    .map(|i| format!("feature {i} = {}", s.probe_value))
-                    .collect(),
-            ),
-            InputSet::Batch => (
-                &m.ci_batch,
-                (0..s.n_batch)
-                    .map(|r| {
-                        format!(
-                            "batch row {r}: {}",
-                            custom_label(&s.batch_inputs[r * nf..(r + 1) * nf])
-                        )
-                    })
-                    .collect(),
-            ),
-            InputSet::Custom => match &st.custom_ci {
-                Some((input, ci)) if ci.get(j).is_some_and(|v| v.len() == m.c) => {
-                    (&ci[j], vec![format!("custom: {}", custom_label(input))])
-                }
-                _ => anyhow::bail!("the custom input's CI has not arrived yet"),
-            },
+        let custom = match (st.input_set, &st.custom_ci) {
+            (InputSet::Custom, Some((input, ci))) if ci.get(j).is_some_and(|v| v.len() == m.c) => {
+                Some((input.clone(), ci[j].clone()))
+            }
+            (InputSet::Custom, _) => anyhow::bail!("the custom input's CI has not arrived yet"),
+            _ => None,
         };
-        Ok(crate::app::export::ci_csv(m, data, &labels, &columns))
+        let input_set = st.input_set;
+        Ok(Box::new(move || {
+            let m = &s.modules[j];
+            let nf = s.n_features;
+            let (data, labels): (&[f32], Vec<String>) = match (input_set, &custom) {
+                (InputSet::Custom, Some((input, ci))) => {
+                    (ci, vec![format!("custom: {}", custom_label(input))])
+                }
+                (InputSet::Probes, _) | (InputSet::Custom, None) => (
+                    &m.ci_probe,
+                    (0..nf)
+                        .map(|i| format!("feature {i} = {}", s.probe_value))
+                        .collect(),
+                ),
+                (InputSet::Batch, _) => (
+                    &m.ci_batch,
+                    (0..s.n_batch)
+                        .map(|r| {
+                            format!(
+                                "batch row {r}: {}",
+                                custom_label(&s.batch_inputs[r * nf..(r + 1) * nf])
+                            )
+                        })
+                        .collect(),
+                ),
+            };
+            Ok(crate::app::export::ci_csv(m, data, &labels, &columns))
+        }))
     }
 }

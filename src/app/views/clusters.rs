@@ -8,7 +8,7 @@ use eframe::egui;
 use egui_plot::{Legend, Line, Plot, PlotPoints, Points, VLine};
 
 use crate::app::cluster_data::ClusterData;
-use crate::app::view::{Action, View, ViewCtx};
+use crate::app::view::{Action, CsvJob, View, ViewCtx};
 use crate::app::heatmap;
 use crate::app::widgets::{CLUSTER_COLOR, short_members};
 use crate::cluster::ClusterOptions;
@@ -34,17 +34,16 @@ impl View for ClustersView {
     fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
         self.show(cx, ui)
     }
-    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<CsvJob> {
         let d = cx
             .clusters
             .data
-            .as_ref()
+            .clone()
             .ok_or_else(|| anyhow::anyhow!("no clustering yet: run one first"))?;
-        Ok(crate::app::cluster_data::clusters_csv(
-            d,
-            &cx.clusters.rows,
-            cx.clusters.k,
-        ))
+        let (rows, k) = (cx.clusters.rows.clone(), cx.clusters.k);
+        Ok(Box::new(move || {
+            Ok(crate::app::cluster_data::clusters_csv(&d, &rows, k))
+        }))
     }
 }
 

@@ -5,7 +5,7 @@
 use eframe::egui;
 use egui_plot::{Arrows, Corner, Legend, Line, Plot, PlotPoints, Points, Text};
 
-use crate::app::view::{Action, View, ViewCtx};
+use crate::app::view::{Action, CsvJob, View, ViewCtx};
 use crate::app::heatmap;
 use crate::metrics::days::DaysViewData;
 use crate::model::days::{OP_NAMES, answer, day_angle, day_name};
@@ -47,8 +47,12 @@ impl View for DaysView {
     fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
         self.show(cx, ui)
     }
-    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
-        csv(cx)
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<CsvJob> {
+        let d = cx
+            .snapshot()
+            .and_then(|s| s.days.clone())
+            .ok_or_else(|| anyhow::anyhow!("no days decomposition loaded"))?;
+        Ok(Box::new(move || Ok(csv(&d))))
     }
 }
 
@@ -434,11 +438,7 @@ fn ci_grid(cx: &mut ViewCtx, ui: &mut egui::Ui, d: &DaysViewData) {
 
 /// CSV of the days view: one row per (day, operation) with the answers (full and with each
 /// mechanism ablated), plane positions, and the CI of every subcomponent.
-fn csv(cx: &ViewCtx) -> anyhow::Result<String> {
-    let d = cx
-        .snapshot()
-        .and_then(|s| s.days.clone())
-        .ok_or_else(|| anyhow::anyhow!("no days decomposition loaded"))?;
+fn csv(d: &crate::metrics::days::DaysViewData) -> String {
     let mut s = String::from("day,op,correct,answer_full");
     for m in &d.mechanisms {
         s.push_str(&format!(",answer_{}_ablated", m.op));
@@ -472,5 +472,5 @@ fn csv(cx: &ViewCtx) -> anyhow::Result<String> {
         }
         s.push('\n');
     }
-    Ok(s)
+    s
 }

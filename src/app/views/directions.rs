@@ -4,7 +4,7 @@
 use eframe::egui;
 use egui_plot::{Arrows, Legend, Plot, PlotPoints};
 
-use crate::app::view::{View, ViewCtx};
+use crate::app::view::{CsvJob, View, ViewCtx};
 use crate::app::heatmap;
 use crate::app::widgets::{CLUSTER_COLOR, component_color, module_picker};
 use crate::worker::ModuleSnapshot;
@@ -38,8 +38,9 @@ impl View for DirectionsView {
     fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
         self.show(cx, ui)
     }
-    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
-        Ok(crate::app::export::directions_csv(cx.require_snapshot()?))
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<CsvJob> {
+        let s = cx.require_snapshot()?.clone();
+        Ok(Box::new(move || Ok(crate::app::export::directions_csv(&s))))
     }
 }
 

@@ -7,7 +7,7 @@ use egui_plot::{Bar, BarChart, Legend, Plot};
 
 use std::sync::Arc;
 
-use crate::app::view::{View, ViewCtx};
+use crate::app::view::{CsvJob, View, ViewCtx};
 use crate::interventions::{MaskMode, Trace};
 use crate::worker::{Command, Event, InputSet, InterventionOutcome, InterventionRequest, Snapshot};
 
@@ -72,8 +72,12 @@ impl View for InterventionsView {
     fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
         self.show(cx, ui)
     }
-    fn csv(&self, _cx: &ViewCtx) -> anyhow::Result<String> {
-        self.csv_text()
+    fn csv(&self, _cx: &ViewCtx) -> anyhow::Result<CsvJob> {
+        let out = self
+            .outcome
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no intervention has run yet"))?;
+        Ok(Box::new(move || Ok(csv_text(&out))))
     }
     fn on_event(&mut self, e: &Event) {
         match e {
@@ -494,11 +498,10 @@ fn strip(ui: &mut egui::Ui, v: &[f32]) {
 /// CSV of the latest intervention: one row per input with its losses and every output of the
 /// target, the full decomposition and the intervened model.
 impl InterventionsView {
-    fn csv_text(&self) -> anyhow::Result<String> {
-        let out = self
-            .outcome
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("no intervention has run yet"))?;
+}
+
+fn csv_text(out: &InterventionOutcome) -> String {
+    {
         let r = &out.result;
         let n_out = r.target.first().map_or(0, |t| t.len());
         let mut s =
@@ -525,6 +528,6 @@ impl InterventionsView {
             }
             s.push('\n');
         }
-        Ok(s)
+        s
     }
 }

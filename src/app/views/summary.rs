@@ -3,7 +3,7 @@
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Legend, Plot, PlotPoints, Points};
 
-use crate::app::view::{View, ViewCtx};
+use crate::app::view::{CsvJob, View, ViewCtx};
 use crate::app::widgets::module_picker;
 
 /// L0 and alive counts per layer, mean CI per subcomponent.
@@ -19,8 +19,9 @@ impl View for SummaryView {
     fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
         show(cx, ui)
     }
-    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
-        Ok(crate::app::export::summary_csv(cx.require_snapshot()?))
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<CsvJob> {
+        let s = cx.require_snapshot()?.clone();
+        Ok(Box::new(move || Ok(crate::app::export::summary_csv(&s))))
     }
 }
 

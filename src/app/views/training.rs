@@ -3,7 +3,7 @@
 use eframe::egui;
 use egui_plot::{Legend, Line, Plot, PlotPoints, VLine};
 
-use crate::app::view::{View, ViewCtx};
+use crate::app::view::{CsvJob, View, ViewCtx};
 use crate::spd::trainer::StepRecord;
 
 /// At most ~`max` points: keeps the min and max of each bucket so spikes survive.
@@ -71,8 +71,9 @@ impl View for TrainingView {
     fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
         show(cx, ui)
     }
-    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<String> {
-        Ok(csv(&cx.session.history))
+    fn csv(&self, cx: &ViewCtx) -> anyhow::Result<CsvJob> {
+        let history = cx.session.history.clone();
+        Ok(Box::new(move || Ok(csv(&history))))
     }
 }
 
