@@ -69,9 +69,125 @@ impl SparseFeatureData {
     }
 }
 
+/// The reference's induction sequences (`InductionDataset.generate_batch`), drawn with our
+/// RNG: BOS, `seq_len − 2` filler tokens uniform in 1..=vocab, then the induction token S.
+/// Somewhere in the prefix window the pair (S, M) is planted (S at position loc + 1 with loc
+/// uniform in 1..prefix_window, M uniform in 1..=vocab right after it); the model must
+/// predict M at the last position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InductionData {
+    pub vocab_size: usize,
+    pub seq_len: usize,
+    pub prefix_window: usize,
+}
+
+impl InductionData {
+    /// `prefix_window`: None = seq_len − 3 (the reference's default).
+    pub fn new(dims: &crate::model::IhDims, prefix_window: Option<usize>) -> Result<Self, String> {
+        let max = dims.seq_len.saturating_sub(3);
+        let pw = prefix_window.unwrap_or(max);
+        if pw < 2 || pw > max {
+            return Err(format!(
+                "prefix_window must be in 2..={max} for sequences of {} tokens, got {pw}",
+                dims.seq_len
+            ));
+        }
+        Ok(InductionData {
+            vocab_size: dims.vocab_size,
+            seq_len: dims.seq_len,
+            prefix_window: pw,
+        })
+    }
+
+    /// `b` sequences `[b, seq_len]` of token ids (as f32), row-major.
+    pub fn batch(&self, rng: &mut Rng, b: usize) -> Vec<f32> {
+        let (v, s) = (self.vocab_size, self.seq_len);
+        let s_tok = (v + 1) as f32;
+        let mut out = Vec::with_capacity(b * s);
+        for _ in 0..b {
+            let m = 1 + rng.below(v);
+            let loc = 1 + rng.below(self.prefix_window - 1);
+            out.push(0.0);
+            for i in 0..s - 2 {
+                let t = if i == loc {
+                    s_tok
+                } else if i == loc + 1 {
+                    m as f32
+                } else {
+                    (1 + rng.below(v)) as f32
+                };
+                out.push(t);
+            }
+            out.push(s_tok);
+        }
+        out
+    }
+}
+
+/// Where a run's inputs come from: sparse feature vectors (toy models) or token sequences.
+#[derive(Clone, Debug)]
+pub enum TaskData {
+    Sparse(SparseFeatureData),
+    Induction(InductionData),
+}
+
+impl TaskData {
+    /// `b` input rows, row-major (`[b, n_features]`: feature values or token ids).
+    pub fn batch(&self, rng: &mut Rng, b: usize) -> Vec<f32> {
+        match self {
+            TaskData::Sparse(d) => d.batch(rng, b),
+            TaskData::Induction(d) => d.batch(rng, b),
+        }
+    }
+    /// Values per input row (features, or tokens per sequence).
+    pub fn n_features(&self) -> usize {
+        match self {
+            TaskData::Sparse(d) => d.n_features,
+            TaskData::Induction(d) => d.seq_len,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn induction_sequences_have_the_planted_pair() {
+        let dims = crate::model::IhDims {
+            vocab_size: 10,
+            seq_len: 12,
+            d_model: 4,
+            n_heads: 1,
+            n_layers: 2,
+            ff_fanout: 4,
+            use_ff: false,
+            use_pos_encoding: true,
+            use_layer_norm: false,
+        };
+        let d = InductionData::new(&dims, None).unwrap();
+        assert_eq!(d.prefix_window, 9);
+        assert!(InductionData::new(&dims, Some(10)).is_err());
+        let mut rng = Rng::new(3);
+        let x = d.batch(&mut rng, 500);
+        let mut locs = std::collections::BTreeSet::new();
+        for row in x.chunks(12) {
+            let t: Vec<u32> = row.iter().map(|&v| v as u32).collect();
+            assert_eq!(t[0], 0);
+            assert_eq!(t[11], 11);
+            assert!(t[1..11].iter().all(|&v| (1..=11).contains(&v)));
+            // Exactly one S before the last position, followed by the answer.
+            let s: Vec<usize> = (1..11).filter(|&i| t[i] == 11).collect();
+            assert_eq!(s.len(), 1, "{t:?}");
+            let (p, m) = crate::model::ih::induction_answer(&t, &dims).unwrap();
+            assert_eq!(p, s[0]);
+            assert!((1..=10).contains(&m));
+            // S at loc + 1 with loc in 1..prefix_window: positions 2..=9.
+            assert!((2..=9).contains(&p), "{p}");
+            locs.insert(p);
+        }
+        assert_eq!(locs.len(), 8, "every position of the window is used");
+    }
 
     #[test]
     fn at_least_zero_active_statistics() {

@@ -789,7 +789,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             let cfg = spdlab::model::TargetTrainConfig::reference(&spec, seed);
             let (model, loss) =
                 spdlab::model::train_target(&spec, &cfg, &candle_core::Device::Cpu, |s, l| {
-                    if s % 1000 == 0 {
+                    if s % 1000 == 0 || (s % 100 == 0 && spec.is_sequence()) {
                         eprintln!("step {s}: loss {l:.5}");
                     }
                 })?;
@@ -805,6 +805,13 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 let diag: Vec<String> =
                     (0..n_features).map(|i| format!("{:.3}", y[i][i])).collect();
                 eprintln!("outputs on 0.75·e_i: {}", diag.join(" "));
+            }
+            if let spdlab::model::TargetSpec::Ih(d) = spec {
+                let acc = spdlab::model::induction_accuracy(&model, 8192, seed ^ 0xacc)?;
+                eprintln!(
+                    "induction accuracy on 8192 generated sequences: {acc:.4} (chance {:.4})",
+                    1.0 / d.vocab_size as f64
+                );
             }
             Ok(())
         }

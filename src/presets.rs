@@ -51,6 +51,11 @@ pub const PRESETS: &[Preset] = &[
         target_seed: 0,
     },
     Preset {
+        name: "ih",
+        description: "Induction-head transformer (vocab 128, 64 tokens, d_model 16, 1 head, 2 attention-only layers), q/k/v/out C=100 each, KL, vector_mlp CI",
+        target_seed: 0,
+    },
+    Preset {
         name: "days",
         description: "Day of week: 7 days on a circle, 'next day' a gated rotation (constructed target), C=48/6/6, embedding minimality ×10, 10k steps",
         target_seed: 0,
@@ -85,6 +90,18 @@ pub fn target_spec(name: &str) -> anyhow::Result<TargetSpec> {
             n_days: 7,
             n_ops: 2,
         },
+        // The reference's train_ih.py __main__.
+        "ih" => TargetSpec::Ih(crate::model::IhDims {
+            vocab_size: 128,
+            seq_len: 64,
+            d_model: 16,
+            n_heads: 1,
+            n_layers: 2,
+            ff_fanout: 4,
+            use_ff: false,
+            use_pos_encoding: true,
+            use_layer_norm: false,
+        }),
         _ => unreachable!(),
     })
 }
@@ -134,6 +151,9 @@ fn imp_min_weighted(coeff: f64, pnorm: f64, module_weights: Vec<ModuleWeight>) -
     LossConfig::new(kind, Some(coeff))
 }
 
+/// Training steps of the `ih` preset (the reference's config says 1,000,000).
+pub const IH_STEPS: usize = 2_000;
+
 /// The SPD config of a preset (reference hyperparameters, table §4.6 of the spec).
 pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
     find(name)?;
@@ -174,14 +194,15 @@ pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
         task_config: TaskConfig {
             task_name: if name.starts_with("tms") {
                 "tms".into()
-            } else if name == "days" {
-                "days".into()
+            } else if name == "days" || name == "ih" {
+                name.into()
             } else {
                 "resid_mlp".into()
             },
             feature_probability: p,
             data_generation_type: DataGenerationType::AtLeastZeroActive,
             value_range: None,
+            prefix_window: None,
         },
     };
     let cosine = ScheduleConfig {
@@ -304,6 +325,37 @@ pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
             cfg.dense_ci = vec![dense("layers.*.mlp_out", 17)];
             cfg.train_log_freq = 50;
             cfg.eval_freq = 500;
+            cfg
+        }
+        "ih" => {
+            // The reference's ih_config.yaml (its deprecated loss keys as loss_metric_configs,
+            // as the repo's own conversion f931fb25 maps them), with a step count for a laptop.
+            let mut cfg = base(
+                vec![
+                    mi("blocks.*.attn.q_proj", 100),
+                    mi("blocks.*.attn.k_proj", 100),
+                    mi("blocks.*.attn.v_proj", 100),
+                    mi("blocks.*.attn.out_proj", 100),
+                ],
+                vec![
+                    LossConfig::new(LossKind::FaithfulnessLoss, Some(100.0)),
+                    imp_min(1e-2, 0.1),
+                    LossConfig::new(LossKind::CiMaskedReconLoss, Some(1.0)),
+                    sr(1.0),
+                    srl(1.0),
+                ],
+                IH_STEPS,
+                16,
+                constant(1e-3),
+                0.0,
+            );
+            cfg.ci_fn_type = CiFnType::VectorMlp;
+            cfg.ci_fn_hidden_dims = vec![128];
+            cfg.output_loss_type = OutputLossType::Kl;
+            cfg.ci_alive_threshold = 0.0;
+            cfg.train_log_freq = 50;
+            cfg.eval_freq = 500;
+            cfg.n_eval_steps = 20;
             cfg
         }
         "days" => {

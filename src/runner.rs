@@ -157,7 +157,14 @@ pub struct CiReport {
     /// "lower_leaky" or "upper_leaky".
     pub ci_type: String,
     pub inputs: Vec<Vec<f32>>,
-    /// Module name → per input, per subcomponent.
+    /// Sequence models: tokens per input. Every per-row field below then has one row per
+    /// position, row = input · seq_len + position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_len: Option<usize>,
+    /// Sequence models: KL(target ‖ CI-masked decomposition) per row (position), nats.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kl_ci_masked: Vec<f32>,
+    /// Module name → per input (per position for sequences), per subcomponent.
     pub ci: std::collections::BTreeMap<String, Vec<Vec<f32>>>,
     pub pre_sigmoid: std::collections::BTreeMap<String, Vec<Vec<f32>>>,
     pub component_acts: std::collections::BTreeMap<String, Vec<Vec<f32>>>,
@@ -187,6 +194,8 @@ pub fn ci_report(
             "lower_leaky".into()
         },
         inputs: x.to_vec(),
+        seq_len: model.target.spec.is_sequence().then_some(nf),
+        kl_ci_masked: vec![],
         ci: Default::default(),
         pre_sigmoid: Default::default(),
         component_acts: Default::default(),
@@ -205,6 +214,10 @@ pub fn ci_report(
     let ones = crate::spd::trainer::unit_masks(&ci)?;
     rep.unmasked_output = model.forward_masked(&xt, &ones, &fold)?.to_vec2()?;
     let cim = crate::spd::trainer::ci_masks(&ci);
-    rep.ci_masked_output = model.forward_masked(&xt, &cim, &fold)?.to_vec2()?;
+    let masked = model.forward_masked(&xt, &cim, &fold)?;
+    if model.target.spec.is_sequence() {
+        rep.kl_ci_masked = crate::spd::trainer::kl_rows(&masked, &target_out)?.to_vec1()?;
+    }
+    rep.ci_masked_output = masked.to_vec2()?;
     Ok(rep)
 }

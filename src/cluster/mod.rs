@@ -107,7 +107,7 @@ pub fn activations(
 ) -> anyhow::Result<(Vec<f32>, Vec<String>)> {
     let mut rng = Rng::new(seed).fork(DATA_STREAM);
     let raw = tr.data.batch(&mut rng, n);
-    let nf = tr.data.n_features;
+    let nf = tr.data.n_features();
     let x = Tensor::from_vec(raw, (n, nf), tr.model.device())?;
     let fold = Fold::new();
     let (_, inputs) = tr.model.target.forward_with_inputs(&x, &fold)?;

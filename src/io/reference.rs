@@ -246,8 +246,9 @@ pub fn spd_config_from_reference(
     }
     if let Some(s) = cfg.get("output_loss_type").and_then(|x| x.as_str())
         && s != "mse"
+        && s != "kl"
     {
-        anyhow::bail!("output_loss_type '{s}' is not supported for toy models (only mse)");
+        anyhow::bail!("unknown output_loss_type '{s}' (spdlab knows: mse, kl)");
     }
     if cfg
         .get("identity_module_info")
@@ -481,8 +482,61 @@ fn target_spec(
                 out_bias: m.get("out_bias").and_then(|x| x.as_bool()).unwrap_or(false),
             })
         }
+        "ih" => {
+            let p = dir.join("ih_train_config.yaml");
+            let v = read_yaml(&p)?;
+            let m = v
+                .get("ih_model_config")
+                .ok_or_else(|| anyhow::anyhow!("{}: no ih_model_config", p.display()))?;
+            let get = |k: &str| -> anyhow::Result<usize> {
+                m.get(k)
+                    .and_then(|x| x.as_u64())
+                    .map(|x| x as usize)
+                    .ok_or_else(|| anyhow::anyhow!("{}: missing or invalid '{k}'", p.display()))
+            };
+            let flag = |k: &str, default: bool| -> anyhow::Result<bool> {
+                match m.get(k) {
+                    None | Some(Value::Null) => Ok(default),
+                    Some(x) => x.as_bool().ok_or_else(|| {
+                        anyhow::anyhow!("{}: '{k}' must be true or false", p.display())
+                    }),
+                }
+            };
+            let dims = crate::model::IhDims {
+                vocab_size: get("vocab_size")?,
+                seq_len: get("seq_len")?,
+                d_model: get("d_model")?,
+                n_heads: get("n_heads")?,
+                n_layers: get("n_layers")?,
+                ff_fanout: m
+                    .get("ff_fanout")
+                    .and_then(|x| x.as_u64())
+                    .map_or(4, |x| x as usize),
+                use_ff: flag("use_ff", false)?,
+                use_pos_encoding: flag("use_pos_encoding", true)?,
+                use_layer_norm: flag("use_layer_norm", false)?,
+            };
+            let spec = TargetSpec::Ih(dims);
+            spec.check_limits()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            if let Some(s) = shape("token_embed.weight")
+                && s != [dims.n_tokens(), dims.d_model]
+            {
+                anyhow::bail!(
+                    "{}: vocab_size {} and d_model {} need token_embed.weight of shape [{}, {}], the checkpoint has {s:?}",
+                    p.display(),
+                    dims.vocab_size,
+                    dims.d_model,
+                    dims.n_tokens(),
+                    dims.d_model
+                );
+            }
+            Ok(spec)
+        }
         other => {
-            anyhow::bail!("task '{other}' is not supported (spdlab imports tms and resid_mlp runs)")
+            anyhow::bail!(
+                "task '{other}' is not supported (spdlab imports tms, resid_mlp and ih runs)"
+            )
         }
     }
 }

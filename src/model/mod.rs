@@ -6,9 +6,12 @@
 //! forward hooks.
 
 pub mod days;
+pub mod ih;
 mod train;
 
-pub use train::{TargetTrainConfig, train_target};
+pub use ih::IhDims;
+
+pub use train::{TargetTrainConfig, induction_accuracy, train_target};
 
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
@@ -51,6 +54,9 @@ pub enum TargetSpec {
     /// Day-of-week arithmetic (see [`days`]): one-hot day ⊕ one-hot operation → day logits.
     /// Weights are constructed analytically by [`days::days_target`].
     Days { n_days: usize, n_ops: usize },
+    /// The reference's induction-head transformer (see [`ih`]): token ids `[batch, seq]` in,
+    /// logits per position out.
+    Ih(IhDims),
 }
 
 fn yes() -> bool {
@@ -67,11 +73,27 @@ impl TargetSpec {
                 *n_features
             }
             TargetSpec::Days { n_days, n_ops } => n_days + n_ops - 1,
+            // One input row is one sequence of token ids.
+            TargetSpec::Ih(d) => d.seq_len,
         }
     }
+    /// True for models whose input rows are token sequences: every decomposed module then
+    /// sees one row per position, and outputs are per position.
+    pub fn is_sequence(&self) -> bool {
+        matches!(self, TargetSpec::Ih(_))
+    }
+    /// Rows each decomposed module sees per input row (positions of a sequence, else 1).
+    pub fn positions(&self) -> usize {
+        match self {
+            TargetSpec::Ih(d) => d.seq_len,
+            _ => 1,
+        }
+    }
+    /// Outputs per module-input row (per position for sequence models).
     pub fn n_outputs(&self) -> usize {
         match self {
             TargetSpec::Days { n_days, .. } => *n_days,
+            TargetSpec::Ih(d) => d.n_tokens(),
             _ => self.n_features(),
         }
     }
@@ -89,6 +111,7 @@ impl TargetSpec {
             TargetSpec::Tms { .. } => "tms",
             TargetSpec::ResidMlp { .. } => "resid_mlp",
             TargetSpec::Days { .. } => "days",
+            TargetSpec::Ih(_) => "ih",
         }
     }
     /// Checks every size against spdlab's limits (a file or config sets them), before
@@ -121,6 +144,31 @@ impl TargetSpec {
             TargetSpec::Days { n_days, n_ops } => {
                 days::check_spec(*n_days, *n_ops).map_err(|e| LimitError(e.to_string()))
             }
+            TargetSpec::Ih(d) => {
+                check_positive("target.vocab_size", d.vocab_size, MAX_DIM)?;
+                check_positive("target.seq_len", d.seq_len, MAX_DIM)?;
+                check_positive("target.d_model", d.d_model, MAX_DIM)?;
+                check_positive("target.n_heads", d.n_heads, MAX_DIM)?;
+                check_positive("target.n_layers", d.n_layers, MAX_LAYERS)?;
+                check_positive("target.ff_fanout", d.ff_fanout, MAX_DIM)?;
+                if d.d_model % d.n_heads != 0 {
+                    return Err(LimitError(format!(
+                        "target.d_model ({}) must be a multiple of target.n_heads ({})",
+                        d.d_model, d.n_heads
+                    )));
+                }
+                if d.seq_len < 4 {
+                    return Err(LimitError(format!(
+                        "target.seq_len must be at least 4 (BOS, the induction pair and the final induction token), got {}",
+                        d.seq_len
+                    )));
+                }
+                let f = crate::limits::product(
+                    "target.d_model × ff_fanout",
+                    &[d.d_model, d.ff_fanout],
+                )?;
+                check("target.d_model × ff_fanout", f, MAX_DIM)
+            }
         }
     }
 
@@ -130,6 +178,7 @@ impl TargetSpec {
             TargetSpec::Tms { .. } => (0.0, 1.0),
             TargetSpec::ResidMlp { .. } => (-1.0, 1.0),
             TargetSpec::Days { .. } => (1.0, 1.0),
+            TargetSpec::Ih(d) => (0.0, d.induction_token() as f32),
         }
     }
 
@@ -192,6 +241,7 @@ impl TargetSpec {
                     ("unembed.weight".into(), vec![*n_days, d_model]),
                 ]
             }
+            TargetSpec::Ih(d) => d.param_shapes(),
         }
     }
 
@@ -246,6 +296,7 @@ impl TargetSpec {
                 ),
                 ("mlp_out".into(), "mlp_out.weight".into(), None),
             ],
+            TargetSpec::Ih(d) => d.linear_modules(),
         }
     }
 }
@@ -494,6 +545,9 @@ impl TargetModel {
             // Constructed, not trained: the ground truth is the point of this target.
             return days::days_target(*n_days, *n_ops, device);
         }
+        if let TargetSpec::Ih(d) = spec {
+            return ih::init_random(d, rng, device);
+        }
         let mut named = vec![];
         let uniform = |rng: &mut Rng, n: usize, bound: f32| -> Vec<f32> {
             (0..n)
@@ -532,7 +586,9 @@ impl TargetModel {
                                 *d_mlp
                             }
                         }
-                        TargetSpec::Days { .. } => unreachable!("constructed above"),
+                        TargetSpec::Days { .. } | TargetSpec::Ih(_) => {
+                            unreachable!("constructed above")
+                        }
                     };
                     uniform(rng, n, 1.0 / (fan_in as f32).sqrt())
                 }
@@ -646,6 +702,7 @@ impl TargetModel {
                 let delta = run(2, &Act::Dense(pre.relu()?))?;
                 (r + delta)?.matmul(&self.param("unembed.weight").t()?)
             }
+            TargetSpec::Ih(d) => self.ih_forward(d, x, fold, hook, None),
         }
     }
 
@@ -653,6 +710,10 @@ impl TargetModel {
     /// (no biases before the last module). Then the masked model reproduces the target exactly
     /// on zero rows, which the trainer exploits.
     pub fn zero_input_is_inert(&self) -> Result<bool> {
+        if self.spec.is_sequence() {
+            // An all-zero row is a sequence of BOS tokens, which has an embedding.
+            return Ok(false);
+        }
         let x = Tensor::zeros((1, self.spec.n_features()), DType::F32, &self.device)?;
         let (_, inputs) = self.forward_with_inputs(&x, &Fold::new())?;
         for a in inputs {

@@ -45,6 +45,9 @@ pub enum ScheduleFn {
 #[serde(rename_all = "snake_case")]
 pub enum OutputLossType {
     Mse,
+    /// KL(target ‖ decomposition) of the softmax over the last dimension, per row (position),
+    /// averaged over rows (the reference's choice for language and induction models).
+    Kl,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,12 +256,19 @@ pub struct DenseCiPattern {
 pub struct TaskConfig {
     #[serde(default = "default_task_name")]
     pub task_name: String,
+    /// Sparse-feature tasks: the probability of each feature being active (not used by the
+    /// induction task).
+    #[serde(default)]
     pub feature_probability: f64,
     #[serde(default = "default_data_gen")]
     pub data_generation_type: DataGenerationType,
     /// Feature value range; `None` = the task's default ((0,1) for TMS, (-1,1) for resid_mlp).
     #[serde(default)]
     pub value_range: Option<(f32, f32)>,
+    /// Induction task: the window of positions the (S, M) pair is planted in (None: the
+    /// sequence length − 3, as the reference).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_window: Option<usize>,
 }
 
 fn default_task_name() -> String {

@@ -8,9 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use super::adam::{Adam, AdamEntry, clip_grad_norm};
 use super::component_model::{CiOutput, ComponentModel, ModuleMask};
-use super::config::{LossConfig, LossKind, MaskScope, PgdConfig, PgdInit, Routing, SpdConfig};
+use super::config::{
+    LossConfig, LossKind, MaskScope, OutputLossType, PgdConfig, PgdInit, Routing, SpdConfig,
+};
 use super::schedule::scheduled_value;
-use crate::data::SparseFeatureData;
+use crate::data::{InductionData, SparseFeatureData, TaskData};
 use crate::rng::Rng;
 
 /// A batch prepared for SPD: all-zero rows folded into one weighted row when that is exact.
@@ -37,7 +39,7 @@ pub struct StepRecord {
 pub struct Trainer {
     pub model: ComponentModel,
     pub config: SpdConfig,
-    pub data: SparseFeatureData,
+    pub data: TaskData,
     pub rng: Rng,
     pub opt: Adam,
     /// Next step to run (0-based); training is done when `step > config.steps`.
@@ -62,12 +64,18 @@ impl Trainer {
     /// Wraps an existing decomposition (e.g. loaded from a file) for further training.
     pub fn from_model(model: ComponentModel, config: SpdConfig, rng: Rng) -> anyhow::Result<Self> {
         let spec = &model.target.spec;
-        let data = SparseFeatureData {
-            n_features: spec.n_features(),
-            feature_probability: config.task_config.feature_probability as f32,
-            kind: config.task_config.data_generation_type,
-            value_range: config.task_config.value_range.unwrap_or(spec.value_range()),
-            groups: spec.input_groups(),
+        let data = match spec {
+            crate::model::TargetSpec::Ih(dims) => TaskData::Induction(
+                InductionData::new(dims, config.task_config.prefix_window)
+                    .map_err(|e| anyhow::anyhow!("task_config: {e}"))?,
+            ),
+            _ => TaskData::Sparse(SparseFeatureData {
+                n_features: spec.n_features(),
+                feature_probability: config.task_config.feature_probability as f32,
+                kind: config.task_config.data_generation_type,
+                value_range: config.task_config.value_range.unwrap_or(spec.value_range()),
+                groups: spec.input_groups(),
+            }),
         };
         let compact_zero_rows = model.target.zero_input_is_inert()?;
         let opt = Adam::new(main_entries(&model));
@@ -115,10 +123,13 @@ impl Trainer {
     /// Draws a training batch (all-zero rows folded when exact).
     pub fn draw_batch(&mut self, b: usize) -> Result<Batch> {
         let raw = self.data.batch(&mut self.rng, b);
+        if self.model.target.spec.is_sequence() {
+            return sequence_batch(&raw, b, self.data.n_features(), self.model.device());
+        }
         make_batch(
             &raw,
             b,
-            self.data.n_features,
+            self.data.n_features(),
             self.compact_zero_rows,
             self.model.device(),
         )
@@ -216,7 +227,9 @@ impl Trainer {
                 LossKind::ImportanceMinimalityLoss { beta, .. } => *beta != 0.0,
                 _ => false,
             });
-        if coupled || !self.model.device().is_cpu() {
+        // Sequence batches keep whole sequences together (attention mixes positions); they
+        // run as one shard for now.
+        if coupled || !self.model.device().is_cpu() || self.model.target.spec.is_sequence() {
             return 1;
         }
         let rows = batch.x.dim(0).unwrap_or(0);
@@ -387,6 +400,17 @@ struct LossCtx<'a> {
     frac: f64,
 }
 
+impl LossCtx<'_> {
+    /// What a summed output error is divided by: every output of every row (MSE, the mean
+    /// over all outputs), or every row (KL, the mean over positions).
+    fn recon_norm(&self) -> f64 {
+        match self.cfg.output_loss_type {
+            OutputLossType::Mse => self.n_rows * self.d_out,
+            OutputLossType::Kl => self.n_rows,
+        }
+    }
+}
+
 /// The value of one loss term (raw, before its coefficient). `batchless` includes the terms
 /// that do not depend on the batch (a row shard other than the first leaves them out).
 fn loss_term(lc: &LossConfig, ctx: &LossCtx, rng: &mut Rng, batchless: bool) -> Result<Tensor> {
@@ -440,10 +464,10 @@ fn loss_term(lc: &LossConfig, ctx: &LossCtx, rng: &mut Rng, batchless: bool) -> 
     }
 }
 
-/// Sum of squared output errors against the target with these masks.
+/// Sum of output errors (squared, or KL) against the target with these masks.
 fn recon_sum(ctx: &LossCtx, masks: &[Option<ModuleMask>]) -> Result<Tensor> {
     let out = ctx.model.forward_masked(ctx.x, masks, ctx.fold)?;
-    sq_err_sum(&out, ctx.target_out)
+    recon_err_sum(&out, ctx.target_out, ctx.cfg.output_loss_type)
 }
 
 /// The same masks with only module `j`'s kept (the others run the target weights).
@@ -470,7 +494,11 @@ fn stochastic_recon(
             .model
             .sample_masks(ctx.ci, rng, cfg.use_delta_component)?;
         if let Some(routing) = routing {
-            let routes = sample_routes(rng, ctx.x.dim(0)?, nl, routing, ctx.model.device())?;
+            let rows = ctx
+                .ci
+                .first()
+                .map_or(Ok(ctx.x.dim(0)?), |c| c.lower.dim(0))?;
+            let routes = sample_routes(rng, rows, nl, routing, ctx.model.device())?;
             for (mm, r) in masks.iter_mut().zip(routes) {
                 if let Some(mm) = mm {
                     mm.route = Some(r);
@@ -486,26 +514,26 @@ fn stochastic_recon(
         }
     }
     let passes = cfg.n_mask_samples as f64 * if layerwise { nl as f64 } else { 1.0 };
-    sum.expect("n_mask_samples >= 1") / (passes * ctx.n_rows * ctx.d_out)
+    sum.expect("n_mask_samples >= 1") / (passes * ctx.recon_norm())
 }
 
 /// Reconstruction with the CI itself as the masks, all modules or one at a time.
 fn ci_masked_recon(ctx: &LossCtx, layerwise: bool) -> Result<Tensor> {
     let masks = ci_masks(ctx.ci);
     if !layerwise {
-        return recon_sum(ctx, &masks)? / (ctx.n_rows * ctx.d_out);
+        return recon_sum(ctx, &masks)? / ctx.recon_norm();
     }
     let nl = masks.len();
     let mut sum: Option<Tensor> = None;
     for j in 0..nl {
         sum = Some(add_opt(sum, recon_sum(ctx, &only_module(&masks, j))?)?);
     }
-    sum.expect("at least one module") / (nl as f64 * ctx.n_rows * ctx.d_out)
+    sum.expect("at least one module") / (nl as f64 * ctx.recon_norm())
 }
 
 /// Reconstruction with every mask at 1 (the components' sum, no delta).
 fn unmasked_recon(ctx: &LossCtx) -> Result<Tensor> {
-    recon_sum(ctx, &unit_masks(ctx.ci)?)? / (ctx.n_rows * ctx.d_out)
+    recon_sum(ctx, &unit_masks(ctx.ci)?)? / ctx.recon_norm()
 }
 
 /// Masks of 1 for every module (the unmasked sum of the components, no delta).
@@ -528,7 +556,7 @@ fn pgd_recon(
     pgd: &PgdConfig,
     routing: Option<&Routing>,
 ) -> Result<Tensor> {
-    let numel = ctx.n_rows * ctx.d_out;
+    let numel = ctx.recon_norm();
     let s = pgd_recon_sum(
         ctx.model,
         ctx.x,
@@ -540,6 +568,7 @@ fn pgd_recon(
         routing,
         ctx.cfg.use_delta_component,
         numel,
+        ctx.cfg.output_loss_type,
     )?;
     s / numel
 }
@@ -575,6 +604,16 @@ fn component_entries(model: &ComponentModel, wd: f64) -> Vec<AdamEntry> {
         }
     }
     entries
+}
+
+/// A batch of `b` token sequences `[b, s]`: every position is a row of the decomposed modules
+/// (CI, masks, minimality and L0 are per position), so weights and `n_rows` count positions.
+pub fn sequence_batch(raw: &[f32], b: usize, s: usize, dev: &candle_core::Device) -> Result<Batch> {
+    Ok(Batch {
+        x: Tensor::from_slice(raw, (b, s), dev)?,
+        weights: Tensor::ones(b * s, DType::F32, dev)?,
+        n_rows: b * s,
+    })
 }
 
 /// Builds a [`Batch`] from raw rows, folding all-zero rows into one weighted row if `compact`.
@@ -624,6 +663,27 @@ fn add_opt(a: Option<Tensor>, b: Tensor) -> Result<Tensor> {
 
 fn sq_err_sum(out: &Tensor, target: &Tensor) -> Result<Tensor> {
     (out - target)?.sqr()?.sum_all()
+}
+
+/// Σ over rows of the output error against the target: squared error (MSE), or
+/// KL(target ‖ out) over the last dimension (KL: the reference's `calc_kl_divergence_lm`,
+/// Σ_v p_v (log p_v − log q_v) with p = softmax(target), q = softmax(out)).
+pub fn recon_err_sum(out: &Tensor, target: &Tensor, kind: OutputLossType) -> Result<Tensor> {
+    match kind {
+        OutputLossType::Mse => sq_err_sum(out, target),
+        OutputLossType::Kl => {
+            let lq = crate::model::ih::log_softmax_last(out)?;
+            let lp = crate::model::ih::log_softmax_last(target)?.detach();
+            (lp.exp()? * (lp - lq)?)?.sum_all()
+        }
+    }
+}
+
+/// Per-row KL(target ‖ out) `[rows]` (reports and tests).
+pub fn kl_rows(out: &Tensor, target: &Tensor) -> Result<Tensor> {
+    let lq = crate::model::ih::log_softmax_last(out)?;
+    let lp = crate::model::ih::log_softmax_last(target)?;
+    (lp.exp()? * (lp - lq)?)?.sum(candle_core::D::Minus1)
 }
 
 /// The causal importances themselves as the masks of every module.
@@ -695,8 +755,13 @@ fn pgd_recon_sum(
     routing: Option<&Routing>,
     use_delta: bool,
     numel: f64,
+    loss: OutputLossType,
 ) -> Result<Tensor> {
-    let n = x.dim(0)?;
+    // Mask rows: module-input rows (positions of sequences).
+    let n = match ci.first() {
+        Some(c) => c.lower.dim(0)?,
+        None => x.dim(0)?,
+    };
     let dev = model.device();
     let routes = match routing {
         Some(r) => Some(sample_routes(rng, n, model.modules.len(), r, dev)?),
@@ -751,8 +816,8 @@ fn pgd_recon_sum(
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let masks = build(&ts, &ci_detached)?;
         let out = model.forward_masked(x, &masks, fold)?;
-        let loss = (sq_err_sum(&out, target_out)? / numel)?;
-        let grads = loss.backward()?;
+        let l = (recon_err_sum(&out, target_out, loss)? / numel)?;
+        let grads = l.backward()?;
         let mut next = vec![];
         for (v, s) in vars.iter().zip(&sources) {
             let step = match grads.get(v.as_tensor()) {
@@ -771,7 +836,7 @@ fn pgd_recon_sum(
     let ci_l: Vec<Tensor> = ci.iter().map(|c| c.lower.clone()).collect();
     let masks = build(&sources, &ci_l)?;
     let out = model.forward_masked(x, &masks, fold)?;
-    sq_err_sum(&out, target_out)
+    recon_err_sum(&out, target_out, loss)
 }
 
 /// p of the importance-minimality loss under the optional p-annealing.
