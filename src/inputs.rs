@@ -129,7 +129,32 @@ pub fn resolve_inputs(
         let raw = tr.data.batch(&mut crate::rng::Rng::new(seed), n);
         return Ok(raw.chunks(nf).map(|r| r.to_vec()).collect());
     }
-    read_inputs(Path::new(arg), nf)
+    let rows = read_inputs(Path::new(arg), nf)?;
+    check_rows(&tr.model.target.spec, &rows).map_err(|e| anyhow::anyhow!("{arg}: {e}"))?;
+    Ok(rows)
+}
+
+/// Checks input rows against the model: for sequence models every value must be a token id
+/// (a whole number in 0..vocab + 2).
+pub fn check_rows(spec: &crate::model::TargetSpec, rows: &[Vec<f32>]) -> Result<(), String> {
+    if let crate::model::TargetSpec::Ih(d) = spec {
+        let n = d.n_tokens();
+        for (i, r) in rows.iter().enumerate() {
+            if let Some((p, v)) = r
+                .iter()
+                .enumerate()
+                .find(|(_, v)| v.fract() != 0.0 || **v < 0.0 || **v >= n as f32)
+            {
+                return Err(format!(
+                    "input {i}, position {p}: {v} is not a token id (0..{}: 0 = BOS, 1..={} tokens, {} = S)",
+                    n - 1,
+                    d.vocab_size,
+                    d.induction_token()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Short description of an input row: its active features (`f3=0.75`), or the (day, op) label.
@@ -139,7 +164,32 @@ pub fn describe_input(spec: &crate::model::TargetSpec, x: &[f32]) -> String {
     {
         return crate::model::days::input_label(*n_days, d, o);
     }
+    if let crate::model::TargetSpec::Ih(dims) = spec {
+        return describe_sequence(dims, x);
+    }
     describe_features(x)
+}
+
+/// Short description of a token sequence: where the induction pair is and the answer, or
+/// the first tokens (`S` is the induction token, `BOS` token 0).
+pub fn describe_sequence(dims: &crate::model::IhDims, x: &[f32]) -> String {
+    let t: Vec<u32> = x.iter().map(|&v| v as u32).collect();
+    let name = |v: u32| match v as usize {
+        0 => "BOS".to_string(),
+        k if k == dims.induction_token() => "S".to_string(),
+        k => k.to_string(),
+    };
+    match crate::model::ih::induction_answer(&t, dims) {
+        Some((p, m)) => format!("S at {p}, then {m}; last S → {m}"),
+        None => {
+            let head: Vec<String> = t.iter().take(8).map(|&v| name(v)).collect();
+            format!(
+                "{} ... ({} tokens, no induction pair)",
+                head.join(" "),
+                t.len()
+            )
+        }
+    }
 }
 
 /// Short description of a feature row: its active features (`f3=0.75`, at most six named).

@@ -247,6 +247,8 @@ impl Intervention {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InterventionResult {
     pub inputs: Vec<Vec<f32>>,
+    /// Outputs per row: per input, or for sequence models per position (row = input ·
+    /// seq_len + position).
     pub target: Vec<Vec<f32>>,
     /// All subcomponents kept (delta component as chosen).
     pub full: Vec<Vec<f32>>,
@@ -254,12 +256,13 @@ pub struct InterventionResult {
     /// the *others* mode (with the same random draws). Equals `full` when others = keep.
     pub baseline: Vec<Vec<f32>>,
     pub intervened: Vec<Vec<f32>>,
-    /// Mean squared error against the target output, per input.
+    /// Error against the target output, per input: mean squared error, or for sequence
+    /// models the mean over positions of KL(target ‖ output) in nats.
     pub loss_baseline: Vec<f32>,
     pub loss_intervened: Vec<f32>,
     /// loss_intervened − loss_baseline.
     pub loss_change: Vec<f32>,
-    /// max |intervened − baseline| over outputs, per input.
+    /// max |intervened − baseline| over outputs (and positions), per input.
     pub max_change: Vec<f32>,
     /// Per output feature: MSE against the target over the inputs (baseline, intervened).
     pub per_output_mse_baseline: Vec<f32>,
@@ -310,6 +313,58 @@ pub fn feature_summaries(
 ) -> Vec<FeatureSummary> {
     use crate::model::TargetSpec;
     match spec {
+        TargetSpec::Ih(dims) => {
+            // The induction position (the last, which must predict the token after the first
+            // induction token): accuracy against that token. Every other position: agreement
+            // of the top prediction with the target's.
+            let s = dims.seq_len;
+            let tokens = |i: usize| -> Vec<u32> { inputs[i].iter().map(|&v| v as u32).collect() };
+            let answers: Vec<Option<u32>> = (0..inputs.len())
+                .map(|i| crate::model::ih::induction_answer(&tokens(i), dims).map(|(_, m)| m))
+                .collect();
+            let ind: Vec<(usize, u32)> = answers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| a.map(|m| (i * s + s - 1, m)))
+                .collect();
+            let mut out = vec![];
+            if !ind.is_empty() {
+                let acc = |o: &[Vec<f32>]| {
+                    ind.iter()
+                        .filter(|(r, m)| argmax(&o[*r]) == *m as usize)
+                        .count() as f32
+                        / ind.len() as f32
+                };
+                out.push(FeatureSummary {
+                    name: "induction (last position)".into(),
+                    n_inputs: ind.len(),
+                    metric: "accuracy".into(),
+                    baseline: acc(baseline),
+                    intervened: acc(intervened),
+                });
+            }
+            let others: Vec<usize> = (0..inputs.len())
+                .flat_map(|i| i * s..i * s + s - 1)
+                .filter(|&r| r < target.len())
+                .collect();
+            if !others.is_empty() {
+                let agree = |o: &[Vec<f32>]| {
+                    others
+                        .iter()
+                        .filter(|&&r| argmax(&o[r]) == argmax(&target[r]))
+                        .count() as f32
+                        / others.len() as f32
+                };
+                out.push(FeatureSummary {
+                    name: "other positions (top-1 = target's)".into(),
+                    n_inputs: others.len(),
+                    metric: "accuracy".into(),
+                    baseline: agree(baseline),
+                    intervened: agree(intervened),
+                });
+            }
+            out
+        }
         TargetSpec::Days { n_days, n_ops } => {
             let mut out = vec![];
             for op in 0..*n_ops {
@@ -415,6 +470,9 @@ pub fn run_intervention(
     let xt = Tensor::from_vec(x.iter().flatten().copied().collect(), (n, nf), dev)?;
     let fold = Fold::new();
     let target = model.target.forward(&xt)?;
+    // Rows of the decomposed modules: one per input, or per position of each sequence.
+    let positions = model.target.spec.positions();
+    let (n_in, n) = (n, n * positions);
     let needs_ci = [iv.selected_mode, iv.other_mode]
         .iter()
         .any(|m| matches!(m, MaskMode::Ci | MaskMode::Stochastic));
@@ -460,20 +518,42 @@ pub fn run_intervention(
         base_masks.push(mk(b, m.c)?);
         full_masks.push(mk(vec![1.0; n * m.c], m.c)?);
     }
-    let target: Vec<Vec<f32>> = target.to_vec2()?;
-    let full: Vec<Vec<f32>> = model.forward_masked(&xt, &full_masks, &fold)?.to_vec2()?;
+    let full_t = model.forward_masked(&xt, &full_masks, &fold)?;
     // With the others kept, the baseline is the full decomposition: no second pass.
-    let baseline: Vec<Vec<f32>> = if iv.other_mode == MaskMode::Keep {
-        full.clone()
+    let base_t = if iv.other_mode == MaskMode::Keep {
+        full_t.clone()
     } else {
-        model.forward_masked(&xt, &base_masks, &fold)?.to_vec2()?
+        model.forward_masked(&xt, &base_masks, &fold)?
     };
-    let intervened: Vec<Vec<f32>> = model.forward_masked(&xt, &masks, &fold)?.to_vec2()?;
+    let int_t = model.forward_masked(&xt, &masks, &fold)?;
+    let (loss_baseline, loss_intervened) = if model.target.spec.is_sequence() {
+        // KL per position, averaged over each sequence's positions.
+        let per_input = |o: &Tensor| -> anyhow::Result<Vec<f32>> {
+            let kl = crate::spd::trainer::kl_rows(o, &target)?.to_vec1::<f32>()?;
+            Ok(kl
+                .chunks(positions)
+                .map(|c| c.iter().sum::<f32>() / positions as f32)
+                .collect())
+        };
+        (per_input(&base_t)?, per_input(&int_t)?)
+    } else {
+        (vec![], vec![])
+    };
+    let target: Vec<Vec<f32>> = target.to_vec2()?;
+    let full: Vec<Vec<f32>> = full_t.to_vec2()?;
+    let baseline: Vec<Vec<f32>> = base_t.to_vec2()?;
+    let intervened: Vec<Vec<f32>> = int_t.to_vec2()?;
     let mse = |a: &[f32], b: &[f32]| {
         a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).sum::<f32>() / a.len().max(1) as f32
     };
-    let loss_baseline: Vec<f32> = (0..n).map(|i| mse(&baseline[i], &target[i])).collect();
-    let loss_intervened: Vec<f32> = (0..n).map(|i| mse(&intervened[i], &target[i])).collect();
+    let (loss_baseline, loss_intervened) = if positions > 1 {
+        (loss_baseline, loss_intervened)
+    } else {
+        (
+            (0..n).map(|i| mse(&baseline[i], &target[i])).collect(),
+            (0..n).map(|i| mse(&intervened[i], &target[i])).collect(),
+        )
+    };
     let n_out = target[0].len();
     let per_out = |o: &Vec<Vec<f32>>| -> Vec<f32> {
         (0..n_out)
@@ -492,11 +572,10 @@ pub fn run_intervention(
             .zip(&loss_baseline)
             .map(|(a, b)| a - b)
             .collect(),
-        max_change: (0..n)
+        max_change: (0..n_in)
             .map(|i| {
-                intervened[i]
-                    .iter()
-                    .zip(&baseline[i])
+                (i * positions..(i + 1) * positions)
+                    .flat_map(|r| intervened[r].iter().zip(&baseline[r]))
                     .map(|(a, b)| (a - b).abs())
                     .fold(0.0, f32::max)
             })

@@ -37,6 +37,9 @@ pub fn eval_report(r: &metrics::EvalReport) {
 }
 
 pub fn ci_report(r: &CiReport) {
+    if let Some(s) = r.seq_len {
+        return sequence_ci_report(r, s);
+    }
     for (i, x) in r.inputs.iter().enumerate() {
         println!("input {i}: {x:?}");
         for (m, rows) in &r.ci {
@@ -59,6 +62,39 @@ pub fn ci_report(r: &CiReport) {
         println!("  target output       {:?}", r.target_output[i]);
         println!("  unmasked output     {:?}", r.unmasked_output[i]);
     }
+}
+
+/// CI per position of each input sequence: the active subcomponents of every module, the
+/// target's top token and the KL of the CI-masked decomposition there.
+fn sequence_ci_report(r: &CiReport, s: usize) {
+    for (i, x) in r.inputs.iter().enumerate() {
+        let toks: Vec<String> = x.iter().map(|v| format!("{v:.0}")).collect();
+        println!("input {i}: [{}]", toks.join(" "));
+        for p in 0..s {
+            let row = i * s + p;
+            let top = spdlab::interventions::argmax(&r.target_output[row]);
+            println!(
+                "  position {p:>3} token {:>4}  target top {top:>4}  KL(ci-masked) {:.2e}",
+                toks[p],
+                r.kl_ci_masked.get(row).copied().unwrap_or(f32::NAN)
+            );
+            for (m, rows) in &r.ci {
+                let active: Vec<String> = rows[row]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| **v > 0.0)
+                    .map(|(c, v)| format!("{c}:{v:.3}"))
+                    .collect();
+                if !active.is_empty() {
+                    println!("    {m:<24} {}", active.join(" "));
+                }
+            }
+        }
+    }
+    println!(
+        "({} CI; rows with no active subcomponent are not listed)",
+        r.ci_type
+    );
 }
 
 pub fn intervention(
