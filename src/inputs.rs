@@ -170,6 +170,18 @@ pub fn describe_input(spec: &crate::model::TargetSpec, x: &[f32]) -> String {
     describe_features(x)
 }
 
+/// Description of position `p` of sequence `i` (`x` its tokens).
+pub fn describe_position(spec: &crate::model::TargetSpec, i: usize, x: &[f32], p: usize) -> String {
+    match spec {
+        crate::model::TargetSpec::Ih(d) => format!(
+            "sequence {i}, position {p}: token {} ({})",
+            x.get(p).map_or(0, |&v| v as u32),
+            describe_sequence(d, x)
+        ),
+        _ => describe_input(spec, x),
+    }
+}
+
 /// Short description of a token sequence: where the induction pair is and the answer, or
 /// the first tokens (`S` is the induction token, `BOS` token 0).
 pub fn describe_sequence(dims: &crate::model::IhDims, x: &[f32]) -> String {
@@ -180,7 +192,7 @@ pub fn describe_sequence(dims: &crate::model::IhDims, x: &[f32]) -> String {
         k => k.to_string(),
     };
     match crate::model::ih::induction_answer(&t, dims) {
-        Some((p, m)) => format!("S at {p}, then {m}; last S → {m}"),
+        Some((p, m)) => format!("S at {p}, then {m}; the last S should predict {m}"),
         None => {
             let head: Vec<String> = t.iter().take(8).map(|&v| name(v)).collect();
             format!(

@@ -15,6 +15,7 @@ pub mod parallel;
 pub mod presets;
 pub mod rng;
 pub mod runner;
+pub mod sequence;
 pub mod spd;
 pub mod worker;
 

@@ -70,12 +70,11 @@ fn sequence_ci_report(r: &CiReport, s: usize) {
     for (i, x) in r.inputs.iter().enumerate() {
         let toks: Vec<String> = x.iter().map(|v| format!("{v:.0}")).collect();
         println!("input {i}: [{}]", toks.join(" "));
-        for p in 0..s {
+        for (p, tok) in toks.iter().enumerate().take(s) {
             let row = i * s + p;
             let top = spdlab::interventions::argmax(&r.target_output[row]);
             println!(
-                "  position {p:>3} token {:>4}  target top {top:>4}  KL(ci-masked) {:.2e}",
-                toks[p],
+                "  position {p:>3} token {tok:>4}  target top {top:>4}  KL(ci-masked) {:.2e}",
                 r.kl_ci_masked.get(row).copied().unwrap_or(f32::NAN)
             );
             for (m, rows) in &r.ci {

@@ -103,6 +103,15 @@ pub enum Command {
     Cancel(JobKind),
     /// Lower-leaky CI of every module on one custom input row (answered by [`Event::CustomCi`]).
     CustomCi(Vec<f32>),
+    /// One token sequence through a sequence model: CI per position, attention patterns
+    /// (target, full, `select` ablated), KL and top predictions per position (answered by
+    /// [`Event::Sequence`] with the same key).
+    Sequence {
+        key: u64,
+        tokens: Vec<f32>,
+        /// A selection to ablate (`layer:index`, `cluster:id`, ...); empty for none.
+        select: String,
+    },
     /// Hungarian column order of module `module` of `snapshot` (its probe CI permuted towards
     /// the identity), answered by [`Event::ColumnOrder`] with the same `key`.
     ColumnOrder {
@@ -160,12 +169,22 @@ pub struct Snapshot {
     pub n_features: usize,
     pub probe_value: f32,
     pub modules: Vec<ModuleSnapshot>,
-    /// Inputs of the data-batch heatmap, `[n_batch, n_features]`.
+    /// Rows of the decomposed modules per input: 1, or the positions of a sequence. CI rows
+    /// (`n_batch`, `n_probe`, the heatmaps) count module rows: row = input · positions +
+    /// position.
+    pub positions: usize,
+    /// Inputs of the data-batch heatmap, `[n_batch / positions, n_features]`.
     pub batch_inputs: Vec<f32>,
     pub n_batch: usize,
-    /// Rows of the probe heatmaps (`n_features` one-hot probes; days: every (day, op)).
+    /// Rows of the probe heatmaps (`n_features` one-hot probes; days: every (day, op);
+    /// sequence models: every position of a few sample sequences).
     pub n_probe: usize,
     pub probe_labels: Vec<String>,
+    /// Sequence models: the sample sequences of the probe rows, `[n_probe / positions,
+    /// n_features]`.
+    pub probe_inputs: Vec<f32>,
+    /// Sequence models: the architecture (token ids, positions).
+    pub sequence: Option<crate::model::IhDims>,
     /// The clustering stored with the decomposition, if any.
     pub clusters: Option<Arc<crate::cluster::ClusteringResult>>,
     /// Days models: everything the days view draws.
@@ -254,6 +273,11 @@ pub enum Event {
     CustomCi {
         input: Vec<f32>,
         ci: Vec<Vec<f32>>,
+    },
+    /// The answer to [`Command::Sequence`].
+    Sequence {
+        key: u64,
+        probe: Arc<crate::sequence::SequenceProbe>,
     },
 }
 
@@ -569,6 +593,30 @@ impl Worker {
                 let ci = custom_ci(tr, &input)?;
                 self.emit(Event::CustomCi { input, ci });
             }
+            Command::Sequence {
+                key,
+                tokens,
+                select,
+            } => {
+                let Some(tr) = self.trainer.as_ref() else {
+                    anyhow::bail!("nothing loaded");
+                };
+                let selection = if select.trim().is_empty() {
+                    None
+                } else {
+                    Some(crate::interventions::Selection::parse(
+                        &select,
+                        &tr.model,
+                        self.clusters.as_deref(),
+                    )?)
+                };
+                let probe =
+                    crate::sequence::probe_sequence(&tr.model, &tokens, selection.as_ref())?;
+                self.emit(Event::Sequence {
+                    key,
+                    probe: Arc::new(probe),
+                });
+            }
             Command::Start | Command::Resume => {
                 let Some(tr) = self.trainer.as_mut() else {
                     anyhow::bail!("nothing loaded");
@@ -836,25 +884,75 @@ fn first_line(e: &anyhow::Error) -> String {
         .to_string()
 }
 
+/// Sample sequences of a sequence model's snapshot (the probe rows: all their positions).
+pub const SAMPLE_SEQUENCES: usize = 4;
+
+impl Snapshot {
+    /// The description of data-batch row `r` (a module row: for sequences, one position).
+    pub fn batch_row_label(&self, r: usize) -> String {
+        let nf = self.n_features;
+        let (i, p) = (r / self.positions.max(1), r % self.positions.max(1));
+        let Some(x) = self.batch_inputs.get(i * nf..(i + 1) * nf) else {
+            return format!("batch row {r}");
+        };
+        match &self.sequence {
+            Some(d) => format!(
+                "batch sequence {i}, position {p}: token {} ({})",
+                x[p] as u32,
+                crate::inputs::describe_sequence(d, x)
+            ),
+            None => format!("batch row {r}: {}", crate::inputs::describe_features(x)),
+        }
+    }
+}
+
 /// Computes a snapshot (probe CI, a data batch's CI, weights) from a trainer.
 pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow::Result<Snapshot> {
     let model = &tr.model;
-    let nf = model.target.spec.n_features();
+    let spec = &model.target.spec;
+    let nf = spec.n_features();
     let dev = model.device().clone();
+    // Sequence models: `n_batch` module rows are n_batch / positions whole sequences.
+    let positions = spec.positions();
+    let n_inputs = (n_batch / positions).max(1);
+    let n_batch = n_inputs * positions;
     // A fixed batch (own RNG): the heatmap rows stay the same inputs from snapshot to snapshot,
     // and the training stream is untouched.
-    let raw = tr.data.batch(&mut crate::rng::Rng::new(0x5eed), n_batch);
-    let batch = Tensor::from_vec(raw.clone(), (n_batch, nf), &dev)?;
+    let raw = tr.data.batch(&mut crate::rng::Rng::new(0x5eed), n_inputs);
+    let batch = Tensor::from_vec(raw.clone(), (n_inputs, nf), &dev)?;
     let fold = Fold::new();
-    let probes = crate::inputs::probe_inputs(&model.target.spec, probe_value);
-    let n_probe = probes.len();
-    let probe_labels = probes
-        .iter()
-        .map(|r| crate::inputs::describe_input(&model.target.spec, r))
-        .collect();
+    let probes = match spec {
+        crate::model::TargetSpec::Ih(_) => tr
+            .data
+            .batch(&mut crate::rng::Rng::new(0x5a3b1e), SAMPLE_SEQUENCES)
+            .chunks(nf)
+            .map(|r| r.to_vec())
+            .collect(),
+        _ => crate::inputs::probe_inputs(spec, probe_value),
+    };
+    let n_probe = probes.len() * positions;
+    let probe_labels = if spec.is_sequence() {
+        probes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| {
+                (0..positions).map(move |p| crate::inputs::describe_position(spec, i, r, p))
+            })
+            .collect()
+    } else {
+        probes
+            .iter()
+            .map(|r| crate::inputs::describe_input(spec, r))
+            .collect()
+    };
+    let probe_inputs = if spec.is_sequence() {
+        probes.concat()
+    } else {
+        vec![]
+    };
     let mut ci_probe: Vec<Vec<f32>> = crate::interventions::lower_ci(
         model,
-        &Tensor::from_vec(probes.concat(), (n_probe, nf), &dev)?,
+        &Tensor::from_vec(probes.concat(), (probes.len(), nf), &dev)?,
     )?
     .iter()
     .map(|t| t.flatten_all()?.to_vec1::<f32>())
@@ -906,11 +1004,17 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
         n_features: nf,
         probe_value,
         modules,
+        positions,
         batch_inputs: raw,
         n_batch,
         value_range: model.target.spec.value_range(),
         n_probe,
         probe_labels,
+        probe_inputs,
+        sequence: match spec {
+            crate::model::TargetSpec::Ih(d) => Some(*d),
+            _ => None,
+        },
         clusters: None,
         days: None,
     })

@@ -18,6 +18,15 @@
 #   SPDLAB_BIN    spdlab binary (default target/release/spdlab; this script does not build it)
 #   REF_WARMUP    reference steps skipped before timing (default 2; the step-0 eval is one)
 #   BENCH_ONLY    "reference" or "spdlab" to run one side only
+#   REF_JEMALLOC  path of libjemalloc.so.2, "auto" (default: use the system's if installed,
+#                 e.g. apt-get install libjemalloc2) or "off". When set, the reference is
+#                 timed a second time with LD_PRELOAD=jemalloc and
+#                 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true (memory kept
+#                 for reuse). Why: the ih step allocates ~52 MB activations (1024 tokens x C 100
+#                 x CI hidden 128) dozens of times; glibc malloc mmaps/munmaps each one, so the
+#                 stock reference spends about half of each step in the kernel page-faulting
+#                 fresh memory (measured on a 2-core VM: 2.9 s/step stock, 1.55 with this).
+#                 Both rows are shown; the stock one is what the reference does as shipped.
 #
 # Reference side: tests/reference/bench_ih.py runs spd.experiments.ih.ih_decomposition.main
 # (-> spd.run_spd.optimize) with OMP/MKL threads 1 and torch.set_num_threads(1), autocast off,
@@ -26,10 +35,16 @@
 # 10 steps itself). Prints both JSON results on stderr and a table on stdout.
 # Run it on an otherwise idle machine: both sides are single-threaded wall-clock timings.
 set -euo pipefail
+# Paths given by the caller (VENV_DIR, IH_TARGET_DIR, SPDLAB_BIN) are relative to the caller's
+# directory; the defaults are relative to the repository root.
+abspath() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+[ $# -lt 1 ] || set -- "$(abspath "$1")" "${@:2}"
+[ -z "${IH_TARGET_DIR:-}" ] || IH_TARGET_DIR=$(abspath "$IH_TARGET_DIR")
+[ -z "${SPDLAB_BIN:-}" ] || SPDLAB_BIN=$(abspath "$SPDLAB_BIN")
 cd "$(dirname "$0")/.."
 
-if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+if [ $# -lt 1 ] || [ "$(basename "$1")" = "-h" ] || [ "$(basename "$1")" = "--help" ]; then
+    sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 venv="$1"
@@ -39,6 +54,18 @@ target_dir="${IH_TARGET_DIR:-tests/fixtures/ref-ih-tiny}"
 bin="${SPDLAB_BIN:-target/release/spdlab}"
 warmup="${REF_WARMUP:-2}"
 only="${BENCH_ONLY:-}"
+jemalloc="${REF_JEMALLOC:-auto}"
+if [ "$jemalloc" = "auto" ]; then
+    jemalloc=""
+    for f in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 \
+             /usr/lib64/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 /usr/local/lib/libjemalloc.so.2; do
+        if [ -f "$f" ]; then jemalloc="$f"; break; fi
+    done
+elif [ "$jemalloc" = "off" ]; then
+    jemalloc=""
+elif [ ! -f "$jemalloc" ]; then
+    echo "REF_JEMALLOC: no file $jemalloc" >&2; exit 2
+fi
 
 [[ "$steps" =~ ^[1-9][0-9]*$ ]] || { echo "STEPS must be a positive integer, got '$steps'" >&2; exit 2; }
 [ -x "$py" ] || { echo "no python at $py (VENV_DIR must be a venv with the reference installed)" >&2; exit 2; }
@@ -46,17 +73,20 @@ only="${BENCH_ONLY:-}"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 WANDB_MODE=disabled
 
 ref_json=""
+refj_json=""
 spd_json=""
 spd_err=""
 status=0
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+ref_log="$logs/reference.log"
+spd_log="$logs/spdlab.log"
 
 if [ "$only" != "spdlab" ]; then
     for f in ih.pth ih_train_config.yaml; do
         [ -f "$target_dir/$f" ] || { echo "IH_TARGET_DIR: $target_dir/$f is missing" >&2; exit 2; }
     done
     echo "== reference (goodfire-ai/spd), target $target_dir, $steps steps after $warmup warm-up" >&2
-    ref_log=$(mktemp)
-    trap 'rm -f "$ref_log"' EXIT
     if ref_json=$("$py" tests/reference/bench_ih.py "$target_dir" "$steps" "$warmup" 2>"$ref_log"); then
         echo "$ref_json" >&2
     else
@@ -65,6 +95,18 @@ if [ "$only" != "spdlab" ]; then
         ref_json=""
         status=1
     fi
+    if [ -n "$jemalloc" ]; then
+        echo "== reference again, LD_PRELOAD=$jemalloc (retaining allocator)" >&2
+        if refj_json=$(LD_PRELOAD="$jemalloc" MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true" \
+                "$py" tests/reference/bench_ih.py "$target_dir" "$steps" "$warmup" 2>"$ref_log"); then
+            echo "$refj_json" >&2
+        else
+            echo "reference run with jemalloc failed; its last output:" >&2
+            tail -n 30 "$ref_log" >&2
+            refj_json=""
+            status=1
+        fi
+    fi
 fi
 
 if [ "$only" != "reference" ]; then
@@ -72,17 +114,17 @@ if [ "$only" != "reference" ]; then
     if [ ! -x "$bin" ]; then
         spd_err="no binary at $bin (cargo build --release, or set SPDLAB_BIN)"
         status=1
-    elif spd_json=$("$bin" --threads 1 bench --preset ih --steps "$steps" 2>&1); then
+    elif spd_json=$("$bin" --threads 1 bench --preset ih --steps "$steps" 2>"$spd_log"); then
         echo "$spd_json" >&2
     else
-        spd_err=$(echo "$spd_json" | tail -n 3)
+        spd_err=$(tail -n 3 "$spd_log")
         spd_json=""
         status=1
     fi
     [ -z "$spd_err" ] || echo "spdlab bench failed: $spd_err" >&2
 fi
 
-REF_JSON="$ref_json" SPD_JSON="$spd_json" SPD_ERR="$spd_err" STEPS="$steps" "$py" - <<'PY'
+REF_JSON="$ref_json" REFJ_JSON="$refj_json" SPD_JSON="$spd_json" SPD_ERR="$spd_err" STEPS="$steps" "$py" - <<'PY'
 import json, os
 
 def load(name):
@@ -91,16 +133,20 @@ def load(name):
         return None
     return json.loads(s.splitlines()[-1])
 
-ref, spd = load("REF_JSON"), load("SPD_JSON")
+ref, refj, spd = load("REF_JSON"), load("REFJ_JSON"), load("SPD_JSON")
 ref_s = ref["seconds_per_step"] if ref else None
 spd_s = 1.0 / spd["steps_per_second"] if spd and spd.get("steps_per_second") else None
+rows = [("reference (PyTorch)", ref_s)]
+if refj:
+    rows.append(("reference + jemalloc", refj["seconds_per_step"]))
+rows.append(("spdlab", spd_s))
 fmt = lambda v, f: (f % v) if v is not None else "%10s" % "n/a"
 print(f"ih decomposition, CPU, 1 thread, {os.environ['STEPS']} timed steps")
-print(f"{'':22s} {'s/step':>10s} {'steps/s':>10s}")
-for name, s in (("reference (PyTorch)", ref_s), ("spdlab", spd_s)):
-    print(f"{name:22s} {fmt(s, '%10.4f')} {fmt(1 / s if s else None, '%10.3f')}")
-ratio = ref_s / spd_s if ref_s and spd_s else None
-print(f"{'speedup (ref / spdlab)':22s} {fmt(ratio, '%10.2fx')}")
+print(f"{'':30s} {'s/step':>10s} {'steps/s':>10s} {'ref/spdlab':>11s}")
+for name, s in rows:
+    ratio = s / spd_s if s and spd_s and name != "spdlab" else None
+    print(f"{name:30s} {fmt(s, '%10.4f')} {fmt(1 / s if s else None, '%10.3f')} "
+          + (fmt(ratio, '%10.2fx') if name != "spdlab" else ""))
 if os.environ.get("SPD_ERR"):
     print(f"spdlab: {os.environ['SPD_ERR']}")
 PY

@@ -6,6 +6,7 @@ pub mod config_editor;
 pub mod export;
 pub mod heatmap;
 mod panels;
+pub mod sequence_picker;
 pub mod session;
 pub mod view;
 pub mod views;

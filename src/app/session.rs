@@ -150,6 +150,7 @@ impl Session {
             Event::Clusters { .. }
             | Event::Traced(_)
             | Event::CustomCi { .. }
+            | Event::Sequence { .. }
             | Event::Progress { .. }
             | Event::JobEnded { .. }
             | Event::ColumnOrder { .. } => {}

@@ -28,6 +28,7 @@ All library output goes to stderr; stdout gets exactly one JSON line:
 
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -121,15 +122,22 @@ class StepClock:
     """Stands in for tqdm in spd.run_spd.optimize: records when each step begins."""
 
     stamps: list[float] = []
+    cpu: list[tuple[float, float]] = []  # (user, sys) CPU seconds of this process
+
+    @staticmethod
+    def stamp():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        StepClock.cpu.append((r.ru_utime, r.ru_stime))
+        StepClock.stamps.append(time.perf_counter())
 
     def __init__(self, iterable, *args, **kwargs):
         self.iterable = iterable
 
     def __iter__(self):
         for item in self.iterable:
-            StepClock.stamps.append(time.perf_counter())
+            StepClock.stamp()
             yield item
-        StepClock.stamps.append(time.perf_counter())
+        StepClock.stamp()
 
     @staticmethod
     def write(s, *args, **kwargs):
@@ -152,6 +160,7 @@ assert len(stamps) == total_steps + 2, f"expected {total_steps + 2} step stamps,
 durations = [b - a for a, b in zip(stamps[warmup : warmup + steps], stamps[warmup + 1 : warmup + steps + 1])]
 elapsed = stamps[warmup + steps] - stamps[warmup]
 sps = steps / elapsed
+cpu0, cpu1 = StepClock.cpu[warmup], StepClock.cpu[warmup + steps]
 result = {
     "impl": "reference (goodfire-ai/spd)",
     "preset": "ih",
@@ -163,6 +172,10 @@ result = {
     "seconds_per_step": elapsed / steps,
     "min_seconds_per_step": min(durations),
     "max_seconds_per_step": max(durations),
+    # CPU time of this process per timed step; wall well above user + sys means the machine
+    # was busy (the timing is then pessimistic).
+    "cpu_user_seconds_per_step": (cpu1[0] - cpu0[0]) / steps,
+    "cpu_sys_seconds_per_step": (cpu1[1] - cpu0[1]) / steps,
     "target": str(target_dir),
     "wall_seconds_total": t_total,
 }

@@ -362,10 +362,7 @@ impl CiView {
             let input = match st.input_set {
                 InputSet::Probes => s.probe_labels.get(r).cloned().unwrap_or_default(),
                 InputSet::Custom => format!("custom input {}", custom_label(&st.custom_input)),
-                InputSet::Batch => format!(
-                    "batch row {r}: {}",
-                    custom_label(&s.batch_inputs[r * s.n_features..(r + 1) * s.n_features])
-                ),
+                InputSet::Batch => s.batch_row_label(r),
             };
             let v = data[r * m.c + c];
             resp.clone()
@@ -501,20 +498,17 @@ impl CiView {
                 }
                 (InputSet::Probes, _) | (InputSet::Custom, None) => (
                     &m.ci_probe,
-                    (0..nf)
-                        .map(|i| format!("feature {i} = {}", s.probe_value))
-                        .collect(),
+                    if s.probe_labels.len() == s.n_probe {
+                        s.probe_labels.clone()
+                    } else {
+                        (0..nf)
+                            .map(|i| format!("feature {i} = {}", s.probe_value))
+                            .collect()
+                    },
                 ),
                 (InputSet::Batch, _) => (
                     &m.ci_batch,
-                    (0..s.n_batch)
-                        .map(|r| {
-                            format!(
-                                "batch row {r}: {}",
-                                custom_label(&s.batch_inputs[r * nf..(r + 1) * nf])
-                            )
-                        })
-                        .collect(),
+                    (0..s.n_batch).map(|r| s.batch_row_label(r)).collect(),
                 ),
             };
             Ok(crate::app::export::ci_csv(m, data, &labels, &columns))

@@ -51,6 +51,8 @@ views! {
     clusters => clusters::ClustersView::default(),
     interventions => interventions::InterventionsView::default(),
     days => days::DaysView::default(),
+    sequence => sequence::SequenceView::default(),
+    attention => attention::AttentionView::default(),
 }
 
 /// The views' short names (`--view`), in tab order.

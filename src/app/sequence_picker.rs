@@ -1,0 +1,184 @@
+//! Choosing a token sequence (sequence models): one of the snapshot's sample sequences, a
+//! newly generated one (the training distribution's generator, seeded), or one typed as
+//! token ids (`BOS` and `S` accepted for 0 and the induction token).
+
+use eframe::egui;
+
+use crate::model::IhDims;
+use crate::worker::Snapshot;
+
+#[derive(Clone, Debug, Default)]
+pub struct SequencePicker {
+    /// Index among the snapshot's sample sequences, when one is shown.
+    pub sample: Option<usize>,
+    /// The sequence shown (token ids as f32), once chosen.
+    pub tokens: Vec<f32>,
+    /// The text field (typed tokens).
+    pub text: String,
+    pub error: Option<String>,
+    /// Sequences generated so far (the seed of the next).
+    generated: u64,
+    /// Bumped when the sequence changes.
+    pub version: u64,
+}
+
+/// Parses typed tokens: whole numbers, `BOS` (0) or `S` (the induction token), separated by
+/// spaces or commas; exactly `seq_len` of them.
+pub fn parse_tokens(text: &str, dims: &IhDims) -> Result<Vec<f32>, String> {
+    let mut out = vec![];
+    for (i, w) in text
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|w| !w.is_empty())
+        .enumerate()
+    {
+        let v = match w {
+            "BOS" | "bos" => 0,
+            "S" | "s" => dims.induction_token(),
+            _ => w
+                .parse::<usize>()
+                .map_err(|_| format!("token {i} ('{w}') is not a token id"))?,
+        };
+        if v >= dims.n_tokens() {
+            return Err(format!(
+                "token {i} ({v}) is outside the vocabulary (0..{})",
+                dims.n_tokens() - 1
+            ));
+        }
+        out.push(v as f32);
+    }
+    if out.len() != dims.seq_len {
+        return Err(format!(
+            "{} tokens; the model takes {} (BOS, tokens, ..., S)",
+            out.len(),
+            dims.seq_len
+        ));
+    }
+    Ok(out)
+}
+
+/// Tokens as text (`BOS`, `S` named).
+pub fn tokens_text(tokens: &[f32], dims: &IhDims) -> String {
+    tokens
+        .iter()
+        .map(|&t| match t as usize {
+            0 => "BOS".to_string(),
+            k if k == dims.induction_token() => "S".to_string(),
+            k => k.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl SequencePicker {
+    /// Draws the controls; returns true when the sequence changed.
+    pub fn ui(&mut self, ui: &mut egui::Ui, s: &Snapshot, dims: &IhDims) -> bool {
+        let nf = s.n_features;
+        let n_samples = s.probe_inputs.len() / nf.max(1);
+        let mut changed = false;
+        if self.tokens.len() != nf && n_samples > 0 {
+            self.sample = Some(0);
+            self.tokens = s.probe_inputs[..nf].to_vec();
+            self.text = tokens_text(&self.tokens, dims);
+            changed = true;
+        }
+        ui.horizontal(|ui| {
+            ui.label("sequence:");
+            for i in 0..n_samples {
+                if ui
+                    .selectable_label(self.sample == Some(i), format!("sample {i}"))
+                    .on_hover_text("a sample sequence of the training distribution")
+                    .clicked()
+                {
+                    self.sample = Some(i);
+                    self.tokens = s.probe_inputs[i * nf..(i + 1) * nf].to_vec();
+                    self.text = tokens_text(&self.tokens, dims);
+                    changed = true;
+                }
+            }
+            if ui
+                .button("new")
+                .on_hover_text("generate another sequence from the data generator")
+                .clicked()
+            {
+                self.generated += 1;
+                if let Ok(d) = crate::data::InductionData::new(dims, None) {
+                    let mut rng = crate::rng::Rng::new(0x9e9 + self.generated);
+                    self.tokens = d.batch(&mut rng, 1);
+                    self.sample = None;
+                    self.text = tokens_text(&self.tokens, dims);
+                    changed = true;
+                }
+            }
+        });
+        ui.horizontal(|ui| {
+            let r = ui.add(
+                egui::TextEdit::singleline(&mut self.text)
+                    .desired_width(ui.available_width() - 70.0)
+                    .hint_text("token ids: BOS 12 5 ... S"),
+            );
+            ui.ctx()
+                .accesskit_node_builder(r.id, |n| n.set_label("tokens".to_string()));
+            let apply = ui
+                .button("apply")
+                .on_hover_text("show the typed sequence")
+                .clicked()
+                || (r.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)));
+            if apply {
+                match parse_tokens(&self.text, dims) {
+                    Ok(t) => {
+                        self.error = None;
+                        if t != self.tokens {
+                            self.tokens = t;
+                            self.sample = None;
+                            changed = true;
+                        }
+                    }
+                    Err(e) => self.error = Some(e),
+                }
+            }
+        });
+        if let Some(e) = &self.error {
+            ui.colored_label(egui::Color32::from_rgb(220, 80, 60), e);
+        }
+        if changed {
+            self.version += 1;
+        }
+        changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_tokens_parse_with_names_and_limits() {
+        let d = IhDims {
+            vocab_size: 5,
+            seq_len: 4,
+            d_model: 4,
+            n_heads: 1,
+            n_layers: 1,
+            ff_fanout: 1,
+            use_ff: false,
+            use_pos_encoding: true,
+            use_layer_norm: false,
+        };
+        assert_eq!(
+            parse_tokens("BOS 3, 5 S", &d).unwrap(),
+            vec![0.0, 3.0, 5.0, 6.0]
+        );
+        assert!(
+            parse_tokens("BOS 3 7 S", &d)
+                .unwrap_err()
+                .contains("outside")
+        );
+        assert!(
+            parse_tokens("BOS 3 S", &d)
+                .unwrap_err()
+                .contains("3 tokens")
+        );
+        assert!(parse_tokens("BOS x 1 S", &d).unwrap_err().contains("'x'"));
+        assert_eq!(tokens_text(&[0.0, 3.0, 6.0], &d), "BOS 3 S");
+    }
+}

@@ -1,0 +1,240 @@
+//! Attention patterns (sequence models): for one token sequence, every head of every block
+//! as query × key heatmaps, side by side: the target, the full decomposition, and the model
+//! with a selection of subcomponents ablated. Below: what the ablation does per position
+//! (KL against the target) and the top-3 predictions before and after at the chosen position.
+
+use std::sync::Arc;
+
+use eframe::egui;
+use egui_plot::{Line, Plot, PlotPoints, VLine};
+
+use crate::app::heatmap;
+use crate::app::sequence_picker::{SequencePicker, tokens_text};
+use crate::app::view::{CsvJob, View, ViewCtx};
+use crate::sequence::SequenceProbe;
+use crate::worker::{Command, Event};
+
+/// Keys of this view's requests (distinct from the sequence view's).
+const KEY_BASE: u64 = 2 << 40;
+
+#[derive(Default)]
+pub struct AttentionView {
+    pub picker: SequencePicker,
+    /// What to ablate (`module:index`, `module:a-b`, `cluster:id`, ...); empty: follow the
+    /// selected subcomponent.
+    pub select: String,
+    /// The selection the shown answer ablates.
+    asked_select: String,
+    asked: Option<(u64, u64, u64)>,
+    next_key: u64,
+    pub probe: Option<Arc<SequenceProbe>>,
+    shown: u64,
+    /// The query position whose predictions are listed.
+    pub position: Option<usize>,
+}
+
+impl View for AttentionView {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+    fn label(&self) -> &'static str {
+        "Attention"
+    }
+    fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        self.show(cx, ui)
+    }
+    fn csv(&self, _cx: &ViewCtx) -> anyhow::Result<CsvJob> {
+        let p = self
+            .probe
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no sequence computed yet"))?;
+        Ok(Box::new(move || {
+            let s = p.tokens.len();
+            let mut out = String::from("block,head,query,key,target,full,ablated\n");
+            for (l, a) in p.attention.iter().enumerate() {
+                for h in 0..p.heads {
+                    for q in 0..s {
+                        for k in 0..s {
+                            let i = (h * s + q) * s + k;
+                            out.push_str(&format!(
+                                "{l},{h},{q},{k},{},{},{}\n",
+                                a.target[i],
+                                a.full[i],
+                                a.ablated.as_ref().map_or(String::new(), |v| v[i].to_string())
+                            ));
+                        }
+                    }
+                }
+            }
+            Ok(out)
+        }))
+    }
+    fn on_event(&mut self, e: &Event) {
+        match e {
+            Event::Loaded { .. } => {
+                self.probe = None;
+                self.asked = None;
+                self.picker = SequencePicker::default();
+            }
+            Event::Sequence { key, probe } if self.asked.is_some_and(|a| a.0 == *key) => {
+                self.probe = Some(probe.clone());
+                self.shown = *key;
+            }
+            _ => {}
+        }
+    }
+}
+
+impl AttentionView {
+    /// The selection to ablate: the typed one, else the selected subcomponent.
+    fn selection(&self, cx: &ViewCtx) -> String {
+        if !self.select.trim().is_empty() {
+            return self.select.trim().to_string();
+        }
+        match (cx.snapshot(), cx.selection.component) {
+            (Some(s), Some(c)) => s
+                .modules
+                .get(cx.selection.module)
+                .map(|m| format!("{}:{c}", m.name))
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
+    }
+
+    fn show(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        let Some(s) = cx.snapshot().cloned() else {
+            return;
+        };
+        let Some(dims) = s.sequence else {
+            ui.label("This view shows the attention of sequence models (e.g. the ih preset).");
+            return;
+        };
+        self.picker.ui(ui, &s, &dims);
+        let select = self.selection(cx);
+        ui.horizontal(|ui| {
+            ui.label("ablate:");
+            let r = ui.add(
+                egui::TextEdit::singleline(&mut self.select)
+                    .desired_width(260.0)
+                    .hint_text(if select.is_empty() {
+                        "e.g. blocks.1.attn.q_proj:3 or cluster:2".to_string()
+                    } else {
+                        select.clone()
+                    }),
+            );
+            ui.ctx()
+                .accesskit_node_builder(r.id, |n| n.set_label("ablate".to_string()));
+            r.on_hover_text(
+                "subcomponents to ablate (others kept, no delta component); empty: the selected subcomponent",
+            );
+        });
+        let want = (cx.snapshot_version(), self.picker.version);
+        let answered = self.asked.is_some_and(|a| (a.1, a.2) == want) && self.asked_select == select;
+        let waiting = self.asked.is_some_and(|a| a.0 != self.shown);
+        if !self.picker.tokens.is_empty() && !answered && !waiting {
+            self.next_key += 1;
+            let key = KEY_BASE + self.next_key;
+            if cx.send(Command::Sequence {
+                key,
+                tokens: self.picker.tokens.clone(),
+                select: select.clone(),
+            }) {
+                self.asked = Some((key, want.0, want.1));
+                self.asked_select = select.clone();
+            }
+        }
+        let Some(p) = self.probe.clone() else {
+            ui.label("computing the attention patterns...");
+            return;
+        };
+        let seq = p.tokens.len();
+        let text: Vec<String> = tokens_text(&p.tokens.iter().map(|&t| t as f32).collect::<Vec<_>>(), &dims)
+            .split(' ')
+            .map(str::to_string)
+            .collect();
+        let titles = ["target", "full decomposition", "selection ablated"];
+        let n_blocks = p.attention.len() * p.heads;
+        let cell = ((ui.available_width() - 40.0) / 3.0 - 10.0)
+            .min((ui.available_height() - 200.0) / n_blocks as f32 - 20.0)
+            .max(60.0);
+        for (l, a) in p.attention.iter().enumerate() {
+            for h in 0..p.heads {
+                ui.label(format!("block {l}, head {h} (rows: query position, columns: key position)"));
+                ui.horizontal(|ui| {
+                    for (w, title) in titles.iter().enumerate() {
+                        let vals = match w {
+                            0 => Some(&a.target),
+                            1 => Some(&a.full),
+                            _ => a.ablated.as_ref(),
+                        };
+                        ui.vertical(|ui| {
+                            ui.label(*title);
+                            let (rect, resp) = ui.allocate_exact_size(egui::vec2(cell, cell), egui::Sense::click());
+                            let Some(vals) = vals else {
+                                ui.painter().text(rect.center(), egui::Align2::CENTER_CENTER, "nothing selected", egui::FontId::proportional(11.0), ui.visuals().weak_text_color());
+                                return;
+                            };
+                            let head = vals[h * seq * seq..(h + 1) * seq * seq].to_vec();
+                            let data = heatmap::Data::new(Arc::new(head), seq, seq, self.shown * 16 + (l * 4 + w) as u64);
+                            heatmap::paint(ui, rect, egui::Id::unique(("attention", l, h, w)), &data, heatmap::Style::sequential(0.0, 1.0));
+                            if let Some(pos) = resp.hover_pos()
+                                && let Some((q, k)) = heatmap::cell_at(rect, seq, seq, pos)
+                            {
+                                resp.clone().on_hover_text(format!(
+                                    "query {q} ({}), key {k} ({})\nweight {:.4}",
+                                    text[q], text[k], data.get(q, k).unwrap_or(0.0)
+                                ));
+                                if resp.clicked() {
+                                    self.position = Some(q);
+                                }
+                            }
+                        });
+                    }
+                });
+            }
+        }
+        ui.separator();
+        if p.selection.is_empty() {
+            ui.label("Select a subcomponent (or type a selection) to see what ablating it changes.");
+        } else {
+            ui.label(format!("ablated: {}", crate::app::widgets::short_members(&p.selection, 8)));
+        }
+        let pos = self.position.or(p.induction.map(|(q, _)| q)).unwrap_or(seq - 1).min(seq - 1);
+        ui.horizontal(|ui| {
+            Plot::new("kl-per-position")
+                .height(110.0)
+                .width((ui.available_width() * 0.6).max(200.0))
+                .x_axis_label("position")
+                .y_axis_label("KL vs target (nats)")
+                .show(ui, |pl| {
+                    let pts = |v: &[f32]| PlotPoints::from_iter(v.iter().enumerate().map(|(i, &y)| [i as f64, y as f64]));
+                    pl.line(Line::new("full decomposition", pts(&p.kl_full)));
+                    if !p.selection.is_empty() {
+                        pl.line(Line::new("selection ablated", pts(&p.kl_ablated)));
+                    }
+                    pl.vline(VLine::new("shown position", pos as f64));
+                });
+            ui.vertical(|ui| {
+                ui.strong(format!("position {pos} (token {})", text[pos]));
+                if let Some((q, m)) = p.induction
+                    && q == pos
+                {
+                    ui.label(format!("induction: the answer is {m}"));
+                }
+                let fmt = |t: &[(u32, f32); 3]| {
+                    t.iter()
+                        .map(|(k, pr)| format!("{k} ({pr:.2})"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                ui.label(format!("target top 3: {}", fmt(&p.top_target[pos])));
+                ui.label(format!(
+                    "{} top 3: {}",
+                    if p.selection.is_empty() { "decomposition" } else { "ablated" },
+                    fmt(&p.top_ablated[pos])
+                ));
+                ui.label(format!("KL {:.3e}", p.kl_ablated[pos]));
+            });
+        });
+    }
+}

@@ -1,0 +1,166 @@
+//! The sequence views with the real worker on a goodfire-ai/spd ih run: the sequence CI view
+//! gets every module's CI at every position of a sample sequence, typed tokens are checked,
+//! and the attention view shows target / full / ablated patterns that are causal and sum to
+//! one per query.
+
+use std::time::{Duration, Instant};
+
+use eframe::egui;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use spdlab::app::views::attention::AttentionView;
+use spdlab::app::views::sequence::SequenceView;
+use spdlab::app::{SpdApp, StartOptions};
+
+fn harness(view: &str) -> Harness<'static, SpdApp> {
+    let run =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref-ih-tiny");
+    let view = view.to_string();
+    Harness::builder()
+        .with_size(egui::vec2(1300.0, 900.0))
+        .wgpu()
+        .build_eframe(move |cc| {
+            let w = spdlab::worker::WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
+            SpdApp::new(
+                cc,
+                Some(w),
+                StartOptions {
+                    file: Some(run.clone()),
+                    view: Some(view.clone()),
+                    ..Default::default()
+                },
+            )
+        })
+}
+
+fn wait(h: &mut Harness<'static, SpdApp>, what: &str, done: impl Fn(&SpdApp) -> bool) {
+    let t0 = Instant::now();
+    while !done(h.state()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "timed out waiting for {what}"
+        );
+        if let Some(e) = &h.state().session.error {
+            panic!("{what}: {e}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        h.step();
+    }
+}
+
+#[test]
+fn sequence_ci_view_shows_every_module_at_every_position() {
+    let mut h = harness("sequence");
+    wait(&mut h, "the sequence's CI", |a| {
+        a.view::<SequenceView>().is_some_and(|v| v.probe.is_some())
+    });
+    h.run();
+    let v = h.state().view::<SequenceView>().unwrap();
+    let p = v.probe.clone().unwrap();
+    assert_eq!(p.tokens.len(), 64);
+    assert_eq!(p.modules.len(), 8);
+    for (j, ci) in p.ci.iter().enumerate() {
+        assert_eq!(ci.len(), 64 * p.c[j]);
+        assert!(ci.iter().all(|x| (0.0..=1.0).contains(x)));
+    }
+    // The engine's CI of the same sequence, position by position.
+    let snap = h.state().session.snapshot.clone().unwrap();
+    assert_eq!(
+        p.tokens.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+        snap.probe_inputs[..64]
+    );
+    let (tr, _) = spdlab::io::reference::import(
+        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref-ih-tiny"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let rep =
+        spdlab::runner::ci_report(&tr.model, &[snap.probe_inputs[..64].to_vec()], false).unwrap();
+    for (j, m) in p.modules.iter().enumerate() {
+        let want: Vec<f32> = rep.ci[m].iter().flatten().copied().collect();
+        assert_eq!(p.ci[j], want, "{m}");
+    }
+    // The induction position is named.
+    h.get_by_label_contains("induction: position 63");
+    // A typed sequence of the wrong length is refused with its reason.
+    h.state_mut()
+        .view_mut::<SequenceView>()
+        .unwrap()
+        .picker
+        .text = "BOS 1 2 S".into();
+    h.run();
+    h.get_by_label("apply").click();
+    h.run();
+    h.get_by_label_contains("4 tokens; the model takes 64");
+    // "new" generates another sequence and the worker answers for it.
+    let before = p.tokens.clone();
+    h.get_by_label("new").click();
+    h.run();
+    wait(&mut h, "the new sequence's CI", |a| {
+        a.view::<SequenceView>()
+            .and_then(|v| v.probe.clone())
+            .is_some_and(|p| p.tokens != before)
+    });
+    assert!(h.state().session.error.is_none());
+    let _ = h.render().expect("render");
+}
+
+#[test]
+fn attention_view_shows_target_full_and_ablated_patterns() {
+    let mut h = harness("attention");
+    wait(&mut h, "the attention patterns", |a| {
+        a.view::<AttentionView>().is_some_and(|v| v.probe.is_some())
+    });
+    let p = h
+        .state()
+        .view::<AttentionView>()
+        .unwrap()
+        .probe
+        .clone()
+        .unwrap();
+    assert_eq!(p.attention.len(), 2);
+    assert!(p.attention[0].ablated.is_none(), "nothing selected yet");
+    let s = 64;
+    for a in &p.attention {
+        for pat in [&a.target, &a.full] {
+            for q in 0..s {
+                let row = &pat[q * s..(q + 1) * s];
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+                assert!(row[q + 1..].iter().all(|&w| w == 0.0), "causal");
+            }
+        }
+    }
+    // Ablate all of block 1's q_proj: the ablated pattern of block 1 changes, block 0's not.
+    h.state_mut().view_mut::<AttentionView>().unwrap().select = "blocks.1.attn.q_proj:*".into();
+    wait(&mut h, "the ablated patterns", |a| {
+        a.view::<AttentionView>()
+            .and_then(|v| v.probe.clone())
+            .is_some_and(|p| !p.selection.is_empty())
+    });
+    let p = h
+        .state()
+        .view::<AttentionView>()
+        .unwrap()
+        .probe
+        .clone()
+        .unwrap();
+    assert_eq!(p.selection.len(), 10);
+    let abl0 = p.attention[0].ablated.as_ref().unwrap();
+    let abl1 = p.attention[1].ablated.as_ref().unwrap();
+    assert_eq!(
+        abl0, &p.attention[0].full,
+        "block 0 does not read block 1's q"
+    );
+    let d: f32 = abl1
+        .iter()
+        .zip(&p.attention[1].full)
+        .map(|(a, b)| (a - b).abs())
+        .sum();
+    assert!(d > 1.0, "ablating q of block 1 changes its pattern ({d})");
+    assert!(p.kl_ablated[63] > p.kl_full[63]);
+    h.run();
+    h.get_by_label_contains("ablated: blocks.1.attn.q_proj:0");
+    h.get_by_label_contains("target top 3:");
+    let _ = h.render().expect("render");
+    assert!(h.state().session.error.is_none());
+}
