@@ -197,6 +197,33 @@ impl TargetModel {
         x: &Tensor,
         fold: &Fold,
         hook: &mut ModuleHook,
+        patterns: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        self.ih_residual(dims, x, fold, hook, patterns)?
+            .matmul(&self.param("unembed.weight").t()?)
+    }
+
+    /// Logits of the last position only, `[b, vocab + 2]` (target training: its loss reads
+    /// nothing else, and the unembedding of every position is most of a step's memory).
+    pub fn ih_last_logits(&self, x: &Tensor) -> Result<Tensor> {
+        let super::TargetSpec::Ih(dims) = &self.spec else {
+            return Err(candle_core::Error::Msg("not an attention model".into()));
+        };
+        let (b, s) = x.dims2()?;
+        let r = self.ih_residual(dims, x, &Fold::new(), &mut |_, _, _| Ok(None), None)?;
+        r.reshape((b, s, dims.d_model))?
+            .narrow(1, s - 1, 1)?
+            .squeeze(1)?
+            .matmul(&self.param("unembed.weight").t()?)
+    }
+
+    /// The final residual stream `[b·s, d_model]` (after the last layer norm, if any).
+    fn ih_residual(
+        &self,
+        dims: &IhDims,
+        x: &Tensor,
+        fold: &Fold,
+        hook: &mut ModuleHook,
         mut patterns: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
         let (b, s) = x.dims2()?;
@@ -270,7 +297,7 @@ impl TargetModel {
         if dims.use_layer_norm {
             r = layer_norm(&r, self.param("ln_f.weight"), self.param("ln_f.bias"))?;
         }
-        r.matmul(&self.param("unembed.weight").t()?)
+        Ok(r)
     }
 
     /// Attention weights of every block `[b, heads, s, s]` for token ids `x` (`[b, s]`),

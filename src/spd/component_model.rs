@@ -326,6 +326,16 @@ impl ComponentModel {
                     h.squeeze(2)?.t()
                 }
             }
+            CiFnType::VectorMlp if l.len() == 2 && matches!(input, Act::Dense(_)) => {
+                let Act::Dense(x) = input else { unreachable!() };
+                ci_op::ci_vector_mlp(
+                    x,
+                    l[0].0.as_tensor(),
+                    l[0].1.as_tensor(),
+                    l[1].0.as_tensor(),
+                    l[1].1.as_tensor(),
+                )
+            }
             CiFnType::VectorMlp => {
                 // First layer: one matmul of x [n, d_in] with W [C, d_in, h] as [d_in, C·h].
                 let (c, d_in, h1) = l[0].0.as_tensor().dims3()?;
