@@ -157,12 +157,6 @@ impl TargetSpec {
                         d.d_model, d.n_heads
                     )));
                 }
-                if d.seq_len < 4 {
-                    return Err(LimitError(format!(
-                        "target.seq_len must be at least 4 (BOS, the induction pair and the final induction token), got {}",
-                        d.seq_len
-                    )));
-                }
                 let f = crate::limits::product(
                     "target.d_model × ff_fanout",
                     &[d.d_model, d.ff_fanout],

@@ -97,13 +97,18 @@ fn memory_plan_values(target: &TargetModel, picked: &[(usize, usize)], cfg: &Spd
         // component), or one MLP over the module input (hidden).
         let (ci, ci_act) = match cfg.ci_fn_type_of(&tm.name) {
             CiFnType::Mlp => (c * chain(1, 1), c * 4),
-            CiFnType::VectorMlp | CiFnType::SharedMlp => (chain(d_in, c), hidden),
+            // One MLP d_in -> hidden -> 1 per component; the fused op (one hidden layer)
+            // stores no hidden activations, deeper ones store them per component.
+            CiFnType::VectorMlp if cfg.ci_fn_hidden_dims.len() == 1 => (c * chain(d_in, 1), c * 4),
+            CiFnType::VectorMlp => (c * chain(d_in, 1), c * hidden),
+            CiFnType::SharedMlp => (chain(d_in, c), hidden),
         };
         params += c * (d_in + d_out) + ci;
         // Inner acts, CI pre-activations, masks (a few per C), module in/out.
         per_row += ci_act + c * 8 + d_in + d_out;
     }
-    let rows = cfg.batch_size.max(cfg.eval_batch_size) as u128;
+    // Module rows: batch rows, times positions for sequence models.
+    let rows = (cfg.batch_size.max(cfg.eval_batch_size) * target.spec.positions()) as u128;
     let samples = cfg.n_mask_samples as u128 + 2;
     // Parameters ×4 (values, gradients, two Adam moments); activations ×3 (forward, backward).
     params * 4 + rows * per_row * samples * 3
@@ -775,7 +780,12 @@ mod tests {
         // below a small machine's memory (4 GB).
         for p in crate::presets::PRESETS {
             let cfg = crate::presets::spd_config(p.name).unwrap();
-            let target = crate::presets::target_model(p.name, &candle_core::Device::Cpu).unwrap();
+            // The estimate reads shapes only: a random target of the preset's architecture.
+            let spec = crate::presets::target_spec(p.name).unwrap();
+            let mut rng = crate::rng::Rng::new(0);
+            let target =
+                crate::model::TargetModel::init_random(&spec, &mut rng, false, &candle_core::Device::Cpu)
+                    .unwrap();
             let picked: Vec<(usize, usize)> = target
                 .modules
                 .iter()
