@@ -164,10 +164,22 @@ fn ih_decomposition_reduced_budget() {
     let kl = |r: &spdlab::metrics::EvalReport| r.losses["CIMaskedReconLoss"];
     eprintln!("CI-masked KL {} -> {}", kl(&before), kl(&after));
     eprintln!("L0 before {:?}\nL0 after {:?}", before.l0, after.l0);
-    assert!(kl(&after) < 0.2 * kl(&before), "{} -> {}", kl(&before), kl(&after));
-    assert!(kl(&after) < 0.5, "CI-masked KL {} nats per token", kl(&after));
+    assert!(
+        kl(&after) < 0.2 * kl(&before),
+        "{} -> {}",
+        kl(&before),
+        kl(&after)
+    );
+    assert!(
+        kl(&after) < 0.5,
+        "CI-masked KL {} nats per token",
+        kl(&after)
+    );
     // Per position, most subcomponents are off (L0 rises early in a run, while the
     // reconstruction terms dominate; it falls over the full run).
     let l0: f64 = after.l0.values().sum();
-    assert!(l0 < 0.75 * 8.0 * 20.0, "{l0} of 160 subcomponents active per position");
+    assert!(
+        l0 < 0.75 * 8.0 * 20.0,
+        "{l0} of 160 subcomponents active per position"
+    );
 }

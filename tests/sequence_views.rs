@@ -103,6 +103,17 @@ fn sequence_ci_view_shows_every_module_at_every_position() {
     });
     assert!(h.state().session.error.is_none());
     let _ = h.render().expect("render");
+    // CSV export (written by the worker): one row per (module, subcomponent, position).
+    let d = tempfile::tempdir().unwrap();
+    let csv = d.path().join("sequence.csv");
+    h.state_mut().export_csv(&csv).unwrap();
+    wait(&mut h, "the CSV", |_| csv.exists());
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(
+        text.lines().next(),
+        Some("module,component,position,token,ci")
+    );
+    assert_eq!(text.lines().count(), 1 + 8 * 10 * 64);
 }
 
 #[test]
@@ -163,4 +174,18 @@ fn attention_view_shows_target_full_and_ablated_patterns() {
     h.get_by_label_contains("target top 3:");
     let _ = h.render().expect("render");
     assert!(h.state().session.error.is_none());
+    let d = tempfile::tempdir().unwrap();
+    let csv = d.path().join("attention.csv");
+    h.state_mut().export_csv(&csv).unwrap();
+    wait(&mut h, "the CSV", |_| csv.exists());
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(text.lines().count(), 1 + 2 * 64 * 64);
+    assert!(
+        text.lines()
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .all(|f| !f.is_empty()),
+        "ablated column filled"
+    );
 }

@@ -457,6 +457,9 @@ fn exports_write_parsable_files() {
         if v == "days" {
             continue; // needs a days model: covered by days_view_exports_csv
         }
+        if v == "sequence" || v == "attention" {
+            continue; // need a sequence model: covered in tests/sequence_views.rs
+        }
         h.state_mut().set_view(v);
         h.run();
         let csv = dir.path().join(format!("{v}.csv"));

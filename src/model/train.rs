@@ -55,17 +55,20 @@ impl TargetTrainConfig {
                 init_bias_to_zero: false,
             },
             // The reference's `train_ih.py` __main__ (batch 1024, AdamW lr 1e-3, wd 0.01,
-            // constant after a 1000-step linear warm-up), with 6000 steps instead of 100,000:
-            // induction forms as a sudden drop after a plateau (step ~1000 for the reference
-            // at its seed 42; later on other seeds) and is exact soon after.
+            // constant after a 1000-step linear warm-up), with 2000 steps instead of 100,000:
+            // induction forms as a sudden drop after a plateau whose length depends on the
+            // initialisation. From the reference's own seed-42 init, spdlab's loop drops at
+            // step ~1000 as the reference does (loss 4.65 at 900, 0.004 at 1500); from
+            // spdlab's inits, seed 2 drops by step 1600, seeds 0 and 1 did not within 6000
+            // steps (seed 1 only halfway, loss ~3.3). The shipped target is seed 2.
             TargetSpec::Ih(_) => TargetTrainConfig {
                 seed,
-                steps: 6_000,
+                steps: 2_000,
                 batch_size: 1024,
                 feature_probability: 0.0,
                 lr_schedule: ScheduleConfig {
                     start_val: 1e-3,
-                    warmup_pct: 1000.0 / 6000.0,
+                    warmup_pct: 0.5,
                     final_val_frac: 1.0,
                     fn_type: ScheduleFn::Constant,
                 },
@@ -374,7 +377,10 @@ mod ih_small_training {
             train_target(&spec, &cfg, &Device::Cpu, |s, l| eprintln!("{s} {l}")).unwrap();
         let acc = induction_accuracy(&m, 2048, 1).unwrap();
         eprintln!("loss {loss} acc {acc}");
-        assert!(loss < 1.0, "a small induction model learns (loss {loss}, accuracy {acc})");
+        assert!(
+            loss < 1.0,
+            "a small induction model learns (loss {loss}, accuracy {acc})"
+        );
     }
 }
 

@@ -783,9 +783,13 @@ mod tests {
             // The estimate reads shapes only: a random target of the preset's architecture.
             let spec = crate::presets::target_spec(p.name).unwrap();
             let mut rng = crate::rng::Rng::new(0);
-            let target =
-                crate::model::TargetModel::init_random(&spec, &mut rng, false, &candle_core::Device::Cpu)
-                    .unwrap();
+            let target = crate::model::TargetModel::init_random(
+                &spec,
+                &mut rng,
+                false,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
             let picked: Vec<(usize, usize)> = target
                 .modules
                 .iter()
