@@ -97,8 +97,8 @@ impl Default for ClusterOptions {
 const DATA_STREAM: u64 = 0xC105_7E2D;
 
 /// CI of every subcomponent on a fresh data batch drawn with `seed` (the trainer's own RNG is
-/// left untouched): `[n, Σ C]` row-major plus labels `module:index`. The reference clusters on
-/// the upper-leaky CI.
+/// left untouched): `[n, Σ C]` row-major plus labels `module:index` (sequence models: n token
+/// positions of n / seq_len sequences). The reference clusters on the upper-leaky CI.
 pub fn activations(
     tr: &Trainer,
     n: usize,
@@ -106,9 +106,17 @@ pub fn activations(
     seed: u64,
 ) -> anyhow::Result<(Vec<f32>, Vec<String>)> {
     let mut rng = Rng::new(seed).fork(DATA_STREAM);
-    let raw = tr.data.batch(&mut rng, n);
+    // Sequence models: the samples are token positions, n / seq_len whole sequences.
+    let positions = tr.model.target.spec.positions();
+    if n % positions != 0 {
+        anyhow::bail!(
+            "samples: {n} is not a whole number of sequences ({positions} positions each)"
+        );
+    }
+    let inputs_n = n / positions;
+    let raw = tr.data.batch(&mut rng, inputs_n);
     let nf = tr.data.n_features();
-    let x = Tensor::from_vec(raw, (n, nf), tr.model.device())?;
+    let x = Tensor::from_vec(raw, (inputs_n, nf), tr.model.device())?;
     let fold = Fold::new();
     let (_, inputs) = tr.model.target.forward_with_inputs(&x, &fold)?;
     let (ci, _) = tr.model.causal_importances(&inputs, None, &fold)?;
