@@ -108,7 +108,7 @@ pub fn activations(
     let mut rng = Rng::new(seed).fork(DATA_STREAM);
     // Sequence models: the samples are token positions, n / seq_len whole sequences.
     let positions = tr.model.target.spec.positions();
-    if n % positions != 0 {
+    if !n.is_multiple_of(positions) {
         anyhow::bail!(
             "samples: {n} is not a whole number of sequences ({positions} positions each)"
         );
