@@ -52,11 +52,12 @@ fn wait(h: &mut Harness<'static, SpdApp>, what: &str, done: impl Fn(&SpdApp) -> 
 fn sequence_ci_view_shows_every_module_at_every_position() {
     let mut h = harness("sequence");
     wait(&mut h, "the sequence's CI", |a| {
-        a.view::<SequenceView>().is_some_and(|v| v.probe.is_some())
+        a.view::<SequenceView>()
+            .is_some_and(|v| v.link.probe.is_some())
     });
     h.run();
     let v = h.state().view::<SequenceView>().unwrap();
-    let p = v.probe.clone().unwrap();
+    let p = v.link.probe.clone().unwrap();
     assert_eq!(p.tokens.len(), 64);
     assert_eq!(p.modules.len(), 8);
     for (j, ci) in p.ci.iter().enumerate() {
@@ -98,7 +99,7 @@ fn sequence_ci_view_shows_every_module_at_every_position() {
     h.run();
     wait(&mut h, "the new sequence's CI", |a| {
         a.view::<SequenceView>()
-            .and_then(|v| v.probe.clone())
+            .and_then(|v| v.link.probe.clone())
             .is_some_and(|p| p.tokens != before)
     });
     assert!(h.state().session.error.is_none());
@@ -116,19 +117,22 @@ fn sequence_ci_view_shows_every_module_at_every_position() {
     assert_eq!(text.lines().count(), 1 + 8 * 10 * 64);
 }
 
+/// The attention view's current answer from the worker.
+fn attention_probe(
+    h: &Harness<'static, SpdApp>,
+) -> std::sync::Arc<spdlab::sequence::SequenceProbe> {
+    let v = h.state().view::<AttentionView>().unwrap();
+    v.link.probe.clone().expect("an answer")
+}
+
 #[test]
 fn attention_view_shows_target_full_and_ablated_patterns() {
     let mut h = harness("attention");
     wait(&mut h, "the attention patterns", |a| {
-        a.view::<AttentionView>().is_some_and(|v| v.probe.is_some())
+        a.view::<AttentionView>()
+            .is_some_and(|v| v.link.probe.is_some())
     });
-    let p = h
-        .state()
-        .view::<AttentionView>()
-        .unwrap()
-        .probe
-        .clone()
-        .unwrap();
+    let p = attention_probe(&h);
     assert_eq!(p.attention.len(), 2);
     assert!(p.attention[0].ablated.is_none(), "nothing selected yet");
     let s = 64;
@@ -145,16 +149,10 @@ fn attention_view_shows_target_full_and_ablated_patterns() {
     h.state_mut().view_mut::<AttentionView>().unwrap().select = "blocks.1.attn.q_proj:*".into();
     wait(&mut h, "the ablated patterns", |a| {
         a.view::<AttentionView>()
-            .and_then(|v| v.probe.clone())
+            .and_then(|v| v.link.probe.clone())
             .is_some_and(|p| !p.selection.is_empty())
     });
-    let p = h
-        .state()
-        .view::<AttentionView>()
-        .unwrap()
-        .probe
-        .clone()
-        .unwrap();
+    let p = attention_probe(&h);
     assert_eq!(p.selection.len(), 10);
     let abl0 = p.attention[0].ablated.as_ref().unwrap();
     let abl1 = p.attention[1].ablated.as_ref().unwrap();

@@ -4,8 +4,64 @@
 
 use eframe::egui;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::app::view::ViewCtx;
 use crate::model::IhDims;
-use crate::worker::Snapshot;
+use crate::sequence::SequenceProbe;
+use crate::worker::{Command, Event, Snapshot};
+
+/// Keys of `Command::Sequence` requests, unique across the views that ask.
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+/// A view's link to the worker's sequence probes: asks once per (snapshot, sequence,
+/// selection), one request at a time, and keeps the newest answer.
+#[derive(Default)]
+pub struct ProbeLink {
+    /// The request in flight or answered: (key, snapshot version, sequence version,
+    /// selection).
+    asked: Option<(u64, u64, u64, String)>,
+    /// The key of the shown answer (texture versions derive from it).
+    pub shown: u64,
+    pub probe: Option<Arc<SequenceProbe>>,
+}
+
+impl ProbeLink {
+    /// Takes this link's answers; forgets everything when a new run is loaded.
+    pub fn on_event(&mut self, e: &Event) {
+        match e {
+            Event::Loaded { .. } => *self = ProbeLink::default(),
+            Event::Sequence { key, probe } if self.asked.as_ref().is_some_and(|a| a.0 == *key) => {
+                self.probe = Some(probe.clone());
+                self.shown = *key;
+            }
+            _ => {}
+        }
+    }
+
+    /// Asks the worker for `tokens` (sequence `version`) with `select` ablated, unless that
+    /// was asked for this snapshot already or another request is still in flight.
+    pub fn request(&mut self, cx: &ViewCtx, tokens: &[f32], version: u64, select: &str) {
+        let snap = cx.snapshot_version();
+        let answered = self
+            .asked
+            .as_ref()
+            .is_some_and(|a| (a.1, a.2, a.3.as_str()) == (snap, version, select));
+        let waiting = self.asked.as_ref().is_some_and(|a| a.0 != self.shown);
+        if tokens.is_empty() || answered || waiting {
+            return;
+        }
+        let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+        if cx.send(Command::Sequence {
+            key,
+            tokens: tokens.to_vec(),
+            select: select.to_string(),
+        }) {
+            self.asked = Some((key, snap, version, select.to_string()));
+        }
+    }
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct SequencePicker {

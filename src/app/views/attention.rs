@@ -9,13 +9,9 @@ use eframe::egui;
 use egui_plot::{Line, Plot, PlotPoints, VLine};
 
 use crate::app::heatmap;
-use crate::app::sequence_picker::{SequencePicker, tokens_text};
+use crate::app::sequence_picker::{ProbeLink, SequencePicker, tokens_text};
 use crate::app::view::{CsvJob, View, ViewCtx};
-use crate::sequence::SequenceProbe;
-use crate::worker::{Command, Event};
-
-/// Keys of this view's requests (distinct from the sequence view's).
-const KEY_BASE: u64 = 2 << 40;
+use crate::worker::Event;
 
 #[derive(Default)]
 pub struct AttentionView {
@@ -23,12 +19,8 @@ pub struct AttentionView {
     /// What to ablate (`module:index`, `module:a-b`, `cluster:id`, ...); empty: follow the
     /// selected subcomponent.
     pub select: String,
-    /// The selection the shown answer ablates.
-    asked_select: String,
-    asked: Option<(u64, u64, u64)>,
-    next_key: u64,
-    pub probe: Option<Arc<SequenceProbe>>,
-    shown: u64,
+    /// The worker's answer for the shown sequence and selection.
+    pub link: ProbeLink,
     /// The query position whose predictions are listed.
     pub position: Option<usize>,
 }
@@ -45,6 +37,7 @@ impl View for AttentionView {
     }
     fn csv(&self, _cx: &ViewCtx) -> anyhow::Result<CsvJob> {
         let p = self
+            .link
             .probe
             .clone()
             .ok_or_else(|| anyhow::anyhow!("no sequence computed yet"))?;
@@ -70,18 +63,10 @@ impl View for AttentionView {
         }))
     }
     fn on_event(&mut self, e: &Event) {
-        match e {
-            Event::Loaded { .. } => {
-                self.probe = None;
-                self.asked = None;
-                self.picker = SequencePicker::default();
-            }
-            Event::Sequence { key, probe } if self.asked.is_some_and(|a| a.0 == *key) => {
-                self.probe = Some(probe.clone());
-                self.shown = *key;
-            }
-            _ => {}
+        if let Event::Loaded { .. } = e {
+            self.picker = SequencePicker::default();
         }
+        self.link.on_event(e);
     }
 }
 
@@ -128,22 +113,9 @@ impl AttentionView {
                 "subcomponents to ablate (others kept, no delta component); empty: the selected subcomponent",
             );
         });
-        let want = (cx.snapshot_version(), self.picker.version);
-        let answered = self.asked.is_some_and(|a| (a.1, a.2) == want) && self.asked_select == select;
-        let waiting = self.asked.is_some_and(|a| a.0 != self.shown);
-        if !self.picker.tokens.is_empty() && !answered && !waiting {
-            self.next_key += 1;
-            let key = KEY_BASE + self.next_key;
-            if cx.send(Command::Sequence {
-                key,
-                tokens: self.picker.tokens.clone(),
-                select: select.clone(),
-            }) {
-                self.asked = Some((key, want.0, want.1));
-                self.asked_select = select.clone();
-            }
-        }
-        let Some(p) = self.probe.clone() else {
+        self.link
+            .request(cx, &self.picker.tokens, self.picker.version, &select);
+        let Some(p) = self.link.probe.clone() else {
             ui.label("computing the attention patterns...");
             return;
         };
@@ -175,7 +147,7 @@ impl AttentionView {
                                 return;
                             };
                             let head = vals[h * seq * seq..(h + 1) * seq * seq].to_vec();
-                            let data = heatmap::Data::new(Arc::new(head), seq, seq, self.shown * 16 + (l * 4 + w) as u64);
+                            let data = heatmap::Data::new(Arc::new(head), seq, seq, self.link.shown * 16 + (l * 4 + w) as u64);
                             heatmap::paint(ui, rect, egui::Id::unique(("attention", l, h, w)), &data, heatmap::Style::sequential(0.0, 1.0));
                             if let Some(pos) = resp.hover_pos()
                                 && let Some((q, k)) = heatmap::cell_at(rect, seq, seq, pos)

@@ -8,30 +8,22 @@ use std::sync::Arc;
 use eframe::egui;
 
 use crate::app::heatmap;
-use crate::app::sequence_picker::{SequencePicker, tokens_text};
+use crate::app::sequence_picker::{ProbeLink, SequencePicker, tokens_text};
 use crate::app::view::{CsvJob, View, ViewCtx};
 use crate::app::widgets::component_color;
-use crate::sequence::SequenceProbe;
-use crate::worker::{Command, Event};
+use crate::worker::Event;
 
 /// One module's panel: (probe key, rows by cluster) it was built for, the heatmap data and
 /// the subcomponent of each row.
 type Panel = (u64, bool, heatmap::Data, Vec<usize>);
-
-/// Keys of this view's requests (distinct from the attention view's).
-const KEY_BASE: u64 = 1 << 40;
 
 #[derive(Default)]
 pub struct SequenceView {
     pub picker: SequencePicker,
     /// Order rows by cluster (members together) instead of by density.
     pub by_cluster: bool,
-    /// The request in flight / answered: (key, snapshot version, sequence version).
-    asked: Option<(u64, u64, u64)>,
-    next_key: u64,
-    pub probe: Option<Arc<SequenceProbe>>,
-    /// The key of the shown probe.
-    shown: u64,
+    /// The worker's answer for the shown sequence.
+    pub link: ProbeLink,
     /// Per module: the drawn panel.
     panels: Vec<Option<Panel>>,
 }
@@ -48,6 +40,7 @@ impl View for SequenceView {
     }
     fn csv(&self, _cx: &ViewCtx) -> anyhow::Result<CsvJob> {
         let p = self
+            .link
             .probe
             .clone()
             .ok_or_else(|| anyhow::anyhow!("no sequence computed yet"))?;
@@ -70,18 +63,10 @@ impl View for SequenceView {
         }))
     }
     fn on_event(&mut self, e: &Event) {
-        match e {
-            Event::Loaded { .. } => {
-                self.probe = None;
-                self.asked = None;
-                self.picker = SequencePicker::default();
-            }
-            Event::Sequence { key, probe } if self.asked.is_some_and(|a| a.0 == *key) => {
-                self.probe = Some(probe.clone());
-                self.shown = *key;
-            }
-            _ => {}
+        if let Event::Loaded { .. } = e {
+            self.picker = SequencePicker::default();
         }
+        self.link.on_event(e);
     }
 }
 
@@ -122,7 +107,7 @@ impl SequenceView {
         ui.horizontal(|ui| {
             ui.checkbox(&mut self.by_cluster, "rows by cluster")
                 .on_hover_text("group each module's subcomponents by their cluster (else by density)");
-            if let Some(p) = &self.probe
+            if let Some(p) = &self.link.probe
                 && let Some((pos, m)) = p.induction
             {
                 ui.label(format!(
@@ -132,21 +117,9 @@ impl SequenceView {
             }
         });
         // Ask the worker once per (snapshot, sequence); one request at a time.
-        let want = (cx.snapshot_version(), self.picker.version);
-        let answered = self.asked.is_some_and(|a| (a.1, a.2) == want);
-        let waiting = self.asked.is_some_and(|a| a.0 != self.shown);
-        if !self.picker.tokens.is_empty() && !answered && !waiting {
-            self.next_key += 1;
-            let key = KEY_BASE + self.next_key;
-            if cx.send(Command::Sequence {
-                key,
-                tokens: self.picker.tokens.clone(),
-                select: String::new(),
-            }) {
-                self.asked = Some((key, want.0, want.1));
-            }
-        }
-        let Some(p) = self.probe.clone() else {
+        self.link
+            .request(cx, &self.picker.tokens, self.picker.version, "");
+        let Some(p) = self.link.probe.clone() else {
             ui.label("computing the sequence's CI...");
             return;
         };
@@ -181,7 +154,7 @@ impl SequenceView {
             for j in 0..nm {
                 let rows = panel_rows(cx, j, self.by_cluster);
                 let c = p.c[j];
-                let fresh = matches!(&self.panels[j], Some((k, b, _, r)) if *k == self.shown && *b == self.by_cluster && *r == rows);
+                let fresh = matches!(&self.panels[j], Some((k, b, _, r)) if *k == self.link.shown && *b == self.by_cluster && *r == rows);
                 if !fresh {
                     let mut v = Vec::with_capacity(rows.len() * seq);
                     for &k in &rows {
@@ -189,9 +162,9 @@ impl SequenceView {
                             v.push(p.ci[j][pos * c + k]);
                         }
                     }
-                    let version = self.shown * 64 + j as u64 * 2 + self.by_cluster as u64;
+                    let version = self.link.shown * 64 + j as u64 * 2 + self.by_cluster as u64;
                     let data = heatmap::Data::new(Arc::new(v), rows.len(), seq, version);
-                    self.panels[j] = Some((self.shown, self.by_cluster, data, rows.clone()));
+                    self.panels[j] = Some((self.link.shown, self.by_cluster, data, rows.clone()));
                 }
                 let Some((_, _, data, rows)) = &self.panels[j] else { continue };
                 ui.horizontal(|ui| {
