@@ -469,7 +469,7 @@ pub fn run_intervention(
     let dev = model.device();
     let xt = Tensor::from_vec(x.iter().flatten().copied().collect(), (n, nf), dev)?;
     let fold = Fold::new();
-    let target = model.target.forward(&xt)?;
+    let target_t = model.target.forward(&xt)?;
     // Rows of the decomposed modules: one per input, or per position of each sequence.
     let positions = model.target.spec.positions();
     let (n_in, n) = (n, n * positions);
@@ -526,34 +526,29 @@ pub fn run_intervention(
         model.forward_masked(&xt, &base_masks, &fold)?
     };
     let int_t = model.forward_masked(&xt, &masks, &fold)?;
-    let (loss_baseline, loss_intervened) = if model.target.spec.is_sequence() {
-        // KL per position, averaged over each sequence's positions.
-        let per_input = |o: &Tensor| -> anyhow::Result<Vec<f32>> {
-            let kl = crate::spd::trainer::kl_rows(o, &target)?.to_vec1::<f32>()?;
-            Ok(kl
-                .chunks(positions)
-                .map(|c| c.iter().sum::<f32>() / positions as f32)
-                .collect())
-        };
-        (per_input(&base_t)?, per_input(&int_t)?)
-    } else {
-        (vec![], vec![])
-    };
-    let target: Vec<Vec<f32>> = target.to_vec2()?;
+    let target: Vec<Vec<f32>> = target_t.to_vec2()?;
     let full: Vec<Vec<f32>> = full_t.to_vec2()?;
     let baseline: Vec<Vec<f32>> = base_t.to_vec2()?;
     let intervened: Vec<Vec<f32>> = int_t.to_vec2()?;
-    let mse = |a: &[f32], b: &[f32]| {
-        a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).sum::<f32>() / a.len().max(1) as f32
+    // Error against the target per input: KL per position averaged over each sequence, or
+    // the mean squared error of the row.
+    let loss_of = |t: &Tensor, o: &[Vec<f32>]| -> anyhow::Result<Vec<f32>> {
+        if positions > 1 {
+            let kl = crate::spd::trainer::kl_rows(t, &target_t)?.to_vec1::<f32>()?;
+            return Ok(kl
+                .chunks(positions)
+                .map(|c| c.iter().sum::<f32>() / positions as f32)
+                .collect());
+        }
+        Ok(o.iter()
+            .zip(&target)
+            .map(|(a, b)| {
+                a.iter().zip(b).map(|(p, q)| (p - q) * (p - q)).sum::<f32>() / a.len().max(1) as f32
+            })
+            .collect())
     };
-    let (loss_baseline, loss_intervened) = if positions > 1 {
-        (loss_baseline, loss_intervened)
-    } else {
-        (
-            (0..n).map(|i| mse(&baseline[i], &target[i])).collect(),
-            (0..n).map(|i| mse(&intervened[i], &target[i])).collect(),
-        )
-    };
+    let loss_baseline = loss_of(&base_t, &baseline)?;
+    let loss_intervened = loss_of(&int_t, &intervened)?;
     let n_out = target[0].len();
     let per_out = |o: &Vec<Vec<f32>>| -> Vec<f32> {
         (0..n_out)

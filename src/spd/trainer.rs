@@ -671,11 +671,7 @@ fn sq_err_sum(out: &Tensor, target: &Tensor) -> Result<Tensor> {
 pub fn recon_err_sum(out: &Tensor, target: &Tensor, kind: OutputLossType) -> Result<Tensor> {
     match kind {
         OutputLossType::Mse => sq_err_sum(out, target),
-        OutputLossType::Kl => {
-            let lq = crate::model::ih::log_softmax_last(out)?;
-            let lp = crate::model::ih::log_softmax_last(target)?.detach();
-            (lp.exp()? * (lp - lq)?)?.sum_all()
-        }
+        OutputLossType::Kl => kl_rows(out, &target.detach())?.sum_all(),
     }
 }
 
