@@ -154,17 +154,7 @@ mod tests {
 
     #[test]
     fn induction_sequences_have_the_planted_pair() {
-        let dims = crate::model::IhDims {
-            vocab_size: 10,
-            seq_len: 12,
-            d_model: 4,
-            n_heads: 1,
-            n_layers: 2,
-            ff_fanout: 4,
-            use_ff: false,
-            use_pos_encoding: true,
-            use_layer_norm: false,
-        };
+        let dims = crate::model::IhDims::attention_only(10, 12, 4, 1, 2);
         let d = InductionData::new(&dims, None).unwrap();
         assert_eq!(d.prefix_window, 9);
         assert!(InductionData::new(&dims, Some(10)).is_err());

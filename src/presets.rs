@@ -91,17 +91,7 @@ pub fn target_spec(name: &str) -> anyhow::Result<TargetSpec> {
             n_ops: 2,
         },
         // The reference's train_ih.py __main__.
-        "ih" => TargetSpec::Ih(crate::model::IhDims {
-            vocab_size: 128,
-            seq_len: 64,
-            d_model: 16,
-            n_heads: 1,
-            n_layers: 2,
-            ff_fanout: 4,
-            use_ff: false,
-            use_pos_encoding: true,
-            use_layer_norm: false,
-        }),
+        "ih" => TargetSpec::Ih(crate::model::IhDims::attention_only(128, 64, 16, 1, 2)),
         _ => unreachable!(),
     })
 }

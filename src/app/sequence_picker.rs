@@ -209,17 +209,7 @@ mod tests {
 
     #[test]
     fn typed_tokens_parse_with_names_and_limits() {
-        let d = IhDims {
-            vocab_size: 5,
-            seq_len: 4,
-            d_model: 4,
-            n_heads: 1,
-            n_layers: 1,
-            ff_fanout: 1,
-            use_ff: false,
-            use_pos_encoding: true,
-            use_layer_norm: false,
-        };
+        let d = IhDims::attention_only(5, 4, 4, 1, 1);
         assert_eq!(
             parse_tokens("BOS 3, 5 S", &d).unwrap(),
             vec![0.0, 3.0, 5.0, 6.0]

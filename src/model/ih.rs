@@ -39,6 +39,28 @@ fn yes() -> bool {
 }
 
 impl IhDims {
+    /// The reference's defaults: attention only (no MLP, `ff_fanout` 4 unused), positional
+    /// table on q and k, no layer norms.
+    pub fn attention_only(
+        vocab_size: usize,
+        seq_len: usize,
+        d_model: usize,
+        n_heads: usize,
+        n_layers: usize,
+    ) -> Self {
+        IhDims {
+            vocab_size,
+            seq_len,
+            d_model,
+            n_heads,
+            n_layers,
+            ff_fanout: 4,
+            use_ff: false,
+            use_pos_encoding: true,
+            use_layer_norm: false,
+        }
+    }
+
     /// Embedding and unembedding rows: the vocabulary plus BOS and the induction token.
     pub fn n_tokens(&self) -> usize {
         self.vocab_size + 2
@@ -372,15 +394,8 @@ mod tests {
 
     fn tiny(use_pos: bool) -> IhDims {
         IhDims {
-            vocab_size: 2,
-            seq_len: 3,
-            d_model: 2,
-            n_heads: 1,
-            n_layers: 1,
-            ff_fanout: 1,
-            use_ff: false,
             use_pos_encoding: use_pos,
-            use_layer_norm: false,
+            ..IhDims::attention_only(2, 3, 2, 1, 1)
         }
     }
 

@@ -94,6 +94,18 @@ impl TargetTrainConfig {
     }
 }
 
+/// AdamW over the trainable parameters with the recipe's learning rate and weight decay.
+fn adamw(vars: &[(String, Var)], cfg: &TargetTrainConfig) -> candle_core::Result<AdamW> {
+    AdamW::new(
+        vars.iter().map(|(_, v)| v.clone()).collect(),
+        ParamsAdamW {
+            lr: cfg.lr_schedule.start_val,
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
+    )
+}
+
 /// Trains a target model from scratch; returns it with its final training loss.
 ///
 /// TMS: labels = inputs, loss mean((x − out)²). Residual MLP: labels y = x + act(x), frozen
@@ -153,14 +165,7 @@ pub fn train_target(
         value_range: spec.value_range(),
         groups: None,
     };
-    let mut opt = AdamW::new(
-        vars.iter().map(|(_, v)| v.clone()).collect(),
-        ParamsAdamW {
-            lr: cfg.lr_schedule.start_val,
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = adamw(&vars, cfg)?;
     let nf = spec.n_features();
     let mut last = f32::NAN;
     for step in 0..cfg.steps {
@@ -280,14 +285,7 @@ pub fn train_ih_from(
         }
     }
     let data = crate::data::InductionData::new(dims, None).map_err(anyhow::Error::msg)?;
-    let mut opt = AdamW::new(
-        vars.iter().map(|(_, v)| v.clone()).collect(),
-        ParamsAdamW {
-            lr: cfg.lr_schedule.start_val,
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = adamw(&vars, cfg)?;
     let (b, s, v) = (cfg.batch_size, dims.seq_len, dims.n_tokens());
     let model_of = |vars: &[(String, Var)]| -> anyhow::Result<TargetModel> {
         let mut named: Vec<(String, Tensor)> = fixed.clone();
@@ -357,17 +355,7 @@ mod ih_small_training {
     #[test]
     #[ignore]
     fn small_ih_learns_induction() {
-        let dims = super::super::IhDims {
-            vocab_size: 16,
-            seq_len: 16,
-            d_model: 16,
-            n_heads: 1,
-            n_layers: 2,
-            ff_fanout: 4,
-            use_ff: false,
-            use_pos_encoding: true,
-            use_layer_norm: false,
-        };
+        let dims = super::super::IhDims::attention_only(16, 16, 16, 1, 2);
         let spec = TargetSpec::Ih(dims);
         let mut cfg = TargetTrainConfig::reference(&spec, 0);
         cfg.steps = 3000;
@@ -390,17 +378,7 @@ mod ih_gradients {
     #[test]
     fn every_ih_parameter_gets_a_gradient() {
         let dev = Device::Cpu;
-        let dims = super::super::IhDims {
-            vocab_size: 8,
-            seq_len: 8,
-            d_model: 4,
-            n_heads: 1,
-            n_layers: 2,
-            ff_fanout: 4,
-            use_ff: false,
-            use_pos_encoding: true,
-            use_layer_norm: false,
-        };
+        let dims = super::super::IhDims::attention_only(8, 8, 4, 1, 2);
         let mut rng = Rng::new(0);
         let init = super::super::ih::init_random(&dims, &mut rng, &dev).unwrap();
         let mut vars = vec![];
