@@ -21,6 +21,8 @@ pub struct AttentionView {
     pub select: String,
     /// The worker's answer for the shown sequence and selection.
     pub link: ProbeLink,
+    /// The heatmaps of the shown answer (its key), per (block, head, target/full/ablated).
+    patterns: (u64, Vec<Option<heatmap::Data>>),
     /// The query position whose predictions are listed.
     pub position: Option<usize>,
 }
@@ -125,30 +127,39 @@ impl AttentionView {
             .map(str::to_string)
             .collect();
         let titles = ["target", "full decomposition", "selection ablated"];
+        // One heatmap per (block, head, kind), built once per answer.
+        if self.patterns.0 != self.link.shown || self.patterns.1.is_empty() {
+            let mut v = vec![];
+            for a in &p.attention {
+                for h in 0..p.heads {
+                    for vals in [Some(&a.target), Some(&a.full), a.ablated.as_ref()] {
+                        v.push(vals.map(|vals| {
+                            let head = vals[h * seq * seq..(h + 1) * seq * seq].to_vec();
+                            heatmap::Data::new(Arc::new(head), seq, seq, self.link.shown)
+                        }));
+                    }
+                }
+            }
+            self.patterns = (self.link.shown, v);
+        }
         let n_blocks = p.attention.len() * p.heads;
         let cell = ((ui.available_width() - 40.0) / 3.0 - 10.0)
             .min((ui.available_height() - 200.0) / n_blocks as f32 - 20.0)
             .max(60.0);
-        for (l, a) in p.attention.iter().enumerate() {
+        for l in 0..p.attention.len() {
             for h in 0..p.heads {
                 ui.label(format!("block {l}, head {h} (rows: query position, columns: key position)"));
                 ui.horizontal(|ui| {
                     for (w, title) in titles.iter().enumerate() {
-                        let vals = match w {
-                            0 => Some(&a.target),
-                            1 => Some(&a.full),
-                            _ => a.ablated.as_ref(),
-                        };
+                        let data = self.patterns.1[(l * p.heads + h) * 3 + w].as_ref();
                         ui.vertical(|ui| {
                             ui.label(*title);
                             let (rect, resp) = ui.allocate_exact_size(egui::vec2(cell, cell), egui::Sense::click());
-                            let Some(vals) = vals else {
+                            let Some(data) = data else {
                                 ui.painter().text(rect.center(), egui::Align2::CENTER_CENTER, "nothing selected", egui::FontId::proportional(11.0), ui.visuals().weak_text_color());
                                 return;
                             };
-                            let head = vals[h * seq * seq..(h + 1) * seq * seq].to_vec();
-                            let data = heatmap::Data::new(Arc::new(head), seq, seq, self.link.shown * 16 + (l * 4 + w) as u64);
-                            heatmap::paint(ui, rect, egui::Id::unique(("attention", l, h, w)), &data, heatmap::Style::sequential(0.0, 1.0));
+                            heatmap::paint(ui, rect, egui::Id::unique(("attention", l, h, w)), data, heatmap::Style::sequential(0.0, 1.0));
                             if let Some(pos) = resp.hover_pos()
                                 && let Some((q, k)) = heatmap::cell_at(rect, seq, seq, pos)
                             {
