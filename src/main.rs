@@ -48,6 +48,9 @@ struct Cli {
     /// Rows of the data-batch CI heatmap (default 256).
     #[arg(long)]
     heatmap_rows: Option<usize>,
+    /// Select a subcomponent (`module:index`, e.g. blocks.1.attn.q_proj:3) once loaded.
+    #[arg(long, value_name = "MODULE:INDEX")]
+    select: Option<String>,
     /// Threads for training (each step's batch is split into row shards, one per thread;
     /// default: all cores, in the app all but one; at least 128 rows per shard).
     #[arg(long, global = true)]
@@ -285,6 +288,7 @@ fn main() {
                 view: view.and_then(|(_, v)| v),
                 asset: cli.asset,
                 heatmap_rows: cli.heatmap_rows,
+                select: cli.select,
             }),
         },
         Some(cmd) => run(cmd),

@@ -19,6 +19,11 @@ pub struct BlockAttention {
     /// The selection ablated, everything else kept (no delta component); None without a
     /// selection.
     pub ablated: Option<Vec<f32>>,
+    /// The attention-score change the selection induces, `[heads, s, s]`: scores
+    /// (`q·k/√d_head`, before the softmax) of the full decomposition minus those with the
+    /// selection ablated; 0 above the diagonal (keys a query never sees). None without a
+    /// selection.
+    pub score_change: Option<Vec<f32>>,
 }
 
 /// What one sequence shows.
@@ -77,7 +82,7 @@ pub fn probe_sequence(
     let fold = Fold::new();
     let ci = lower_ci(model, &x)?;
     let map = model.decomposed_index_of_target();
-    let run = |masks: &[Option<ModuleMask>]| -> anyhow::Result<(Tensor, Vec<Tensor>)> {
+    let run = |masks: &[Option<ModuleMask>]| -> anyhow::Result<(Tensor, Vec<crate::model::ih::Attention>)> {
         Ok(model
             .target
             .attention_patterns(&x, &fold, &mut |ti, a, fold| match map[ti]
@@ -123,13 +128,26 @@ pub fn probe_sequence(
     let flat = |t: &Tensor| -> anyhow::Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
     let mut attention = vec![];
     for (l, t) in target_att.iter().enumerate() {
+        let score_change = match &ablated {
+            Some((_, a)) => {
+                let mut d = flat(&(&full_att[l].scores - &a[l].scores)?)?;
+                for (i, v) in d.iter_mut().enumerate() {
+                    if i % s > (i / s) % s {
+                        *v = 0.0;
+                    }
+                }
+                Some(d)
+            }
+            None => None,
+        };
         attention.push(BlockAttention {
-            target: flat(t)?,
-            full: flat(&full_att[l])?,
+            target: flat(&t.weights)?,
+            full: flat(&full_att[l].weights)?,
             ablated: match &ablated {
-                Some((_, a)) => Some(flat(&a[l])?),
+                Some((_, a)) => Some(flat(&a[l].weights)?),
                 None => None,
             },
+            score_change,
         });
     }
     let after = ablated.as_ref().map_or(&full_logits, |(l, _)| l);

@@ -183,3 +183,113 @@ fn ih_decomposition_reduced_budget() {
         "{l0} of 160 subcomponents active per position"
     );
 }
+
+/// The attention-score change a layer-0 query subcomponent induces equals, by hand,
+/// `a_c[i] · (U_c · k_j) / √d_head`: its act at the query position times its write direction
+/// against the full decomposition's key at the key position (scores are linear in q).
+#[test]
+fn score_change_of_a_query_subcomponent_by_hand() {
+    use candle_core::{Device, Tensor};
+    let (tr, _) = reference::import(&run_dir(), &Device::Cpu).unwrap();
+    let model = &tr.model;
+    let spdlab::model::TargetSpec::Ih(dims) = &model.target.spec else {
+        panic!("an ih model")
+    };
+    let s = dims.seq_len;
+    let inputs = spdlab::inputs::read_inputs(
+        &run_dir().join("inputs.json"),
+        model.target.spec.n_features(),
+    )
+    .unwrap();
+    let tokens = &inputs[0];
+    let jq = model
+        .modules
+        .iter()
+        .position(|m| m.name == "blocks.0.attn.q_proj")
+        .unwrap();
+    let jk = model
+        .modules
+        .iter()
+        .position(|m| m.name == "blocks.0.attn.k_proj")
+        .unwrap();
+    let c = 3;
+    let sel =
+        spdlab::interventions::Selection::parse(&format!("blocks.0.attn.q_proj:{c}"), model, None)
+            .unwrap();
+    let p = spdlab::sequence::probe_sequence(model, tokens, Some(&sel)).unwrap();
+    let got = p.attention[0].score_change.as_ref().unwrap();
+    assert!(p.attention[1].score_change.is_some());
+    // By hand: layer 0 reads the token embeddings.
+    let dev = Device::Cpu;
+    let ids = Tensor::from_vec(
+        tokens.iter().map(|&t| t as u32).collect::<Vec<_>>(),
+        s,
+        &dev,
+    )
+    .unwrap();
+    let x = model
+        .target
+        .param("token_embed.weight")
+        .index_select(&ids, 0)
+        .unwrap();
+    let vq = model.modules[jq].v.as_tensor();
+    let uq = model.modules[jq].u.as_tensor();
+    let (vk, uk) = (
+        model.modules[jk].v.as_tensor(),
+        model.modules[jk].u.as_tensor(),
+    );
+    let act: Vec<f32> = x
+        .matmul(vq)
+        .unwrap()
+        .narrow(1, c, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let pe = model
+        .target
+        .param("blocks.0.attn.pos_enc.pe")
+        .reshape((s, dims.d_model))
+        .unwrap();
+    let k: Vec<Vec<f32>> = (x.matmul(vk).unwrap().matmul(uk).unwrap() + pe)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    let u: Vec<f32> = uq
+        .narrow(0, c, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let (h, dh) = (dims.n_heads, dims.d_head());
+    let mut worst = 0f32;
+    let mut largest = 0f32;
+    for hd in 0..h {
+        for i in 0..s {
+            for j in 0..s {
+                let want = if j > i {
+                    0.0
+                } else {
+                    act[i]
+                        * (0..dh)
+                            .map(|e| u[hd * dh + e] * k[j][hd * dh + e])
+                            .sum::<f32>()
+                        / (dh as f32).sqrt()
+                };
+                let g = got[(hd * s + i) * s + j];
+                worst = worst.max((g - want).abs());
+                largest = largest.max(want.abs());
+            }
+        }
+    }
+    assert!(
+        largest > 0.1,
+        "the subcomponent changes some score ({largest})"
+    );
+    assert!(
+        worst < 1e-4 * largest.max(1.0),
+        "score change differs by {worst}"
+    );
+}

@@ -167,6 +167,8 @@ pub struct SpdApp {
     exit_after: Option<(Instant, Duration)>,
     /// Requests of the views, carried out after the frame.
     actions: Vec<Action>,
+    /// `--select module:index`, applied to the first snapshot that has the module.
+    pending_select: Option<String>,
 }
 
 /// How the app starts.
@@ -185,6 +187,8 @@ pub struct StartOptions {
     pub asset: Option<String>,
     /// Rows of the data-batch CI heatmap (default 256; e.g. 4096 to measure a big heatmap).
     pub heatmap_rows: Option<usize>,
+    /// Select this subcomponent (`module:index`) once the decomposition is loaded.
+    pub select: Option<String>,
 }
 
 /// The views' names for `--view`, in tab order (from the registry).
@@ -225,6 +229,7 @@ impl SpdApp {
             },
             exit_after: opts.exit_after.map(|d| (Instant::now(), d)),
             actions: vec![],
+            pending_select: opts.select,
         };
         if let Some(v) = opts.view {
             app.settings.view = v;
@@ -533,6 +538,17 @@ impl SpdApp {
         }
         self.clusters.on_event(&e, &mut self.selection);
         self.session.apply(e);
+        if let Some(label) = &self.pending_select
+            && let Some(s) = &self.session.snapshot
+            && let Some((name, c)) = label.rsplit_once(':')
+            && let Some(j) = s.modules.iter().position(|m| m.name == name)
+            && let Ok(c) = c.trim().parse::<usize>()
+            && c < s.modules[j].c
+        {
+            self.selection.module = j;
+            self.selection.component = Some(c);
+            self.pending_select = None;
+        }
     }
 
     pub fn step(&self) -> usize {

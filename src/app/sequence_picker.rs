@@ -228,3 +228,61 @@ mod tests {
         assert_eq!(tokens_text(&[0.0, 3.0, 6.0], &d), "BOS 3 S");
     }
 }
+
+/// One `[s, s]` query × key map (one head of one block): built once per worker answer, with
+/// its colour scale (weights 0..1; score changes symmetric around 0 at their largest |value|).
+pub struct QueryKeyMap {
+    pub data: crate::app::heatmap::Data,
+    pub style: crate::app::heatmap::Style,
+    /// What a cell holds, for the hover text ("weight", "score change").
+    pub what: &'static str,
+}
+
+impl QueryKeyMap {
+    /// Attention weights of head `h` of `vals` (`[heads, s, s]`).
+    pub fn weights(vals: &[f32], h: usize, s: usize, version: u64) -> Self {
+        Self::new(vals, h, s, version, "weight")
+    }
+
+    /// Score changes of head `h` of `vals` (`[heads, s, s]`), diverging around 0.
+    pub fn score_change(vals: &[f32], h: usize, s: usize, version: u64) -> Self {
+        let mut m = Self::new(vals, h, s, version, "score change");
+        let max = m.data.values.iter().fold(1e-6f32, |a, v| a.max(v.abs()));
+        m.style = crate::app::heatmap::Style::diverging(max);
+        m
+    }
+
+    fn new(vals: &[f32], h: usize, s: usize, version: u64, what: &'static str) -> Self {
+        let head = vals[h * s * s..(h + 1) * s * s].to_vec();
+        QueryKeyMap {
+            data: crate::app::heatmap::Data::new(Arc::new(head), s, s, version),
+            style: crate::app::heatmap::Style::sequential(0.0, 1.0),
+            what,
+        }
+    }
+
+    /// Draws the map in a `side`-sized square; hover names query and key (position and
+    /// token) and the value. Returns the clicked query position.
+    pub fn show(
+        &self,
+        ui: &mut egui::Ui,
+        id: egui::Id,
+        side: f32,
+        tokens: &[String],
+    ) -> Option<usize> {
+        let s = self.data.rows;
+        let (rect, resp) = ui.allocate_exact_size(egui::vec2(side, side), egui::Sense::click());
+        crate::app::heatmap::paint(ui, rect, id, &self.data, self.style);
+        let pos = resp.hover_pos()?;
+        let (q, k) = crate::app::heatmap::cell_at(rect, s, s, pos)?;
+        let name = |i: usize| tokens.get(i).cloned().unwrap_or_default();
+        resp.clone().on_hover_text(format!(
+            "query {q} ({}), key {k} ({})\n{} {:.4}",
+            name(q),
+            name(k),
+            self.what,
+            self.data.get(q, k).unwrap_or(0.0)
+        ));
+        resp.clicked().then_some(q)
+    }
+}

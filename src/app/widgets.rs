@@ -10,7 +10,9 @@ pub fn module_picker(cx: &mut ViewCtx, ui: &mut egui::Ui) {
         return;
     };
     let sel = &mut *cx.selection;
-    ui.horizontal(|ui| {
+    // Wrapped: a transformer has many modules, and a row wider than the view would widen
+    // everything below it.
+    ui.horizontal_wrapped(|ui| {
         ui.label("decomposed module:");
         for (i, m) in s.modules.iter().enumerate() {
             if ui.selectable_label(sel.module == i, &m.name).clicked() {

@@ -193,20 +193,29 @@ fn causal_mask(s: usize, dev: &Device) -> Result<Tensor> {
     Tensor::from_vec(m, (s, s), dev)
 }
 
-/// Attention weights `[b, heads, s, s]` from q and k `[b·s, d]` (positional table already
-/// added).
+/// Attention scores `q·k / √d_head` before the causal mask and the softmax, and the attention
+/// weights, both `[b, heads, s, s]`, from q and k `[b·s, d]` (positional table already added).
 pub fn attention_pattern(
     q: &Tensor,
     k: &Tensor,
     b: usize,
     s: usize,
     dims: &IhDims,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Tensor)> {
     let (h, dh) = (dims.n_heads, dims.d_head());
     let heads = |t: &Tensor| t.reshape((b, s, h, dh))?.transpose(1, 2)?.contiguous();
     let (q, k) = (heads(q)?, heads(k)?);
     let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? / (dh as f64).sqrt())?;
-    softmax_last(&scores.broadcast_add(&causal_mask(s, q.device())?)?)
+    let weights = softmax_last(&scores.broadcast_add(&causal_mask(s, q.device())?)?)?;
+    Ok((scores, weights))
+}
+
+/// One block's attention for one input: scores (before mask and softmax) and weights, both
+/// `[b, heads, s, s]`.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub scores: Tensor,
+    pub weights: Tensor,
 }
 
 impl TargetModel {
@@ -219,7 +228,7 @@ impl TargetModel {
         x: &Tensor,
         fold: &Fold,
         hook: &mut ModuleHook,
-        patterns: Option<&mut Vec<Tensor>>,
+        patterns: Option<&mut Vec<Attention>>,
     ) -> Result<Tensor> {
         self.ih_residual(dims, x, fold, hook, patterns)?
             .matmul(&self.param("unembed.weight").t()?)
@@ -246,7 +255,7 @@ impl TargetModel {
         x: &Tensor,
         fold: &Fold,
         hook: &mut ModuleHook,
-        mut patterns: Option<&mut Vec<Tensor>>,
+        mut patterns: Option<&mut Vec<Attention>>,
     ) -> Result<Tensor> {
         let (b, s) = x.dims2()?;
         if s != dims.seq_len {
@@ -283,7 +292,7 @@ impl TargetModel {
                 q = add(&q)?;
                 k = add(&k)?;
             }
-            let attn = attention_pattern(&q, &k, b, s, dims)?;
+            let (scores, attn) = attention_pattern(&q, &k, b, s, dims)?;
             let (h, dh) = (dims.n_heads, dims.d_head());
             let vh = v.reshape((b, s, h, dh))?.transpose(1, 2)?.contiguous()?;
             let ctx = attn
@@ -292,7 +301,10 @@ impl TargetModel {
                 .contiguous()?
                 .reshape((b * s, d))?;
             if let Some(p) = patterns.as_deref_mut() {
-                p.push(attn.detach());
+                p.push(Attention {
+                    scores: scores.detach(),
+                    weights: attn.detach(),
+                });
             }
             let o = run(base + 3, &ctx)?;
             r = (r + o)?;
@@ -322,14 +334,15 @@ impl TargetModel {
         Ok(r)
     }
 
-    /// Attention weights of every block `[b, heads, s, s]` for token ids `x` (`[b, s]`),
-    /// with `hook` replacing decomposed outputs as in [`TargetModel::forward_hooked`].
+    /// Logits and the attention (scores and weights) of every block for token ids `x`
+    /// (`[b, s]`), with `hook` replacing decomposed outputs as in
+    /// [`TargetModel::forward_hooked`].
     pub fn attention_patterns(
         &self,
         x: &Tensor,
         fold: &Fold,
         hook: &mut ModuleHook,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+    ) -> Result<(Tensor, Vec<Attention>)> {
         let super::TargetSpec::Ih(dims) = &self.spec else {
             return Err(candle_core::Error::Msg(
                 "attention patterns need an attention model".into(),
@@ -433,7 +446,7 @@ mod tests {
         let m = TargetModel::new(TargetSpec::Ih(dims), named, &dev)?;
         let x = Tensor::new(&[[0f32, 1., 2.]], &dev)?;
         let (logits, pats) = m.attention_patterns(&x, &Fold::new(), &mut |_, _, _| Ok(None))?;
-        let a = pats[0].flatten_all()?.to_vec1::<f32>()?;
+        let a = pats[0].weights.flatten_all()?.to_vec1::<f32>()?;
         // Query 0 sees only key 0. Query 1: scores (e1·e0, e1·e1)/√2 = (0, 0.7071).
         let w = |s: &[f32]| {
             let z: f32 = s.iter().map(|v| v.exp()).sum();
@@ -445,6 +458,12 @@ mod tests {
         let want = [1.0, 0.0, 0.0, q1[0], q1[1], 0.0, q2[0], q2[1], q2[2]];
         for (g, w) in a.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{a:?} vs {want:?}");
+        }
+        // The scores are kept before the causal mask (query 0 against key 2: e0·e2/√2).
+        let sc = pats[0].scores.flatten_all()?.to_vec1::<f32>()?;
+        let want = [r, 0.0, r, 0.0, r, r, r, r, 2.0 * r];
+        for (g, w) in sc.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{sc:?} vs {want:?}");
         }
         // Residual after the block: e + Σ attn·e; logits = residual · embedᵀ.
         let e = [[1f32, 0.], [0., 1.], [1., 1.]];
@@ -495,7 +514,7 @@ mod tests {
         let s10 = (q.0 * 1.0 + q.1 * 1.0) / 2f32.sqrt();
         let s11 = (q.0 * pe1.0 + q.1 * (1.0 + pe1.1)) / 2f32.sqrt();
         let w0 = 1.0 / (1.0 + (s11 - s10).exp());
-        let a = pats[0].flatten_all()?.to_vec1::<f32>()?;
+        let a = pats[0].weights.flatten_all()?.to_vec1::<f32>()?;
         assert!((a[3] - w0).abs() < 1e-6, "{} vs {w0}", a[3]);
         Ok(())
     }

@@ -1,15 +1,14 @@
 //! Attention patterns (sequence models): for one token sequence, every head of every block
 //! as query × key heatmaps, side by side: the target, the full decomposition, and the model
-//! with a selection of subcomponents ablated. Below: what the ablation does per position
+//! with a selection of subcomponents ablated, and the attention-score change the selection
+//! induces (scores before the softmax, full minus ablated). Below: what the ablation does per position
 //! (KL against the target) and the top-3 predictions before and after at the chosen position.
 
-use std::sync::Arc;
 
 use eframe::egui;
 use egui_plot::{Line, Plot, PlotPoints, VLine};
 
-use crate::app::heatmap;
-use crate::app::sequence_picker::{ProbeLink, SequencePicker, tokens_text};
+use crate::app::sequence_picker::{ProbeLink, QueryKeyMap, SequencePicker, tokens_text};
 use crate::app::view::{CsvJob, View, ViewCtx};
 use crate::worker::Event;
 
@@ -21,8 +20,9 @@ pub struct AttentionView {
     pub select: String,
     /// The worker's answer for the shown sequence and selection.
     pub link: ProbeLink,
-    /// The heatmaps of the shown answer (its key), per (block, head, target/full/ablated).
-    patterns: (u64, Vec<Option<heatmap::Data>>),
+    /// The heatmaps of the shown answer (its key), per (block, head, target/full/ablated/
+    /// score change).
+    patterns: (u64, Vec<Option<QueryKeyMap>>),
     /// The query position whose predictions are listed.
     pub position: Option<usize>,
 }
@@ -45,17 +45,21 @@ impl View for AttentionView {
             .ok_or_else(|| anyhow::anyhow!("no sequence computed yet"))?;
         Ok(Box::new(move || {
             let s = p.tokens.len();
-            let mut out = String::from("block,head,query,key,target,full,ablated\n");
+            let mut out = String::from("block,head,query,key,target,full,ablated,score_change\n");
             for (l, a) in p.attention.iter().enumerate() {
                 for h in 0..p.heads {
                     for q in 0..s {
                         for k in 0..s {
                             let i = (h * s + q) * s + k;
+                            let opt = |v: &Option<Vec<f32>>| {
+                                v.as_ref().map_or(String::new(), |v| v[i].to_string())
+                            };
                             out.push_str(&format!(
-                                "{l},{h},{q},{k},{},{},{}\n",
+                                "{l},{h},{q},{k},{},{},{},{}\n",
                                 a.target[i],
                                 a.full[i],
-                                a.ablated.as_ref().map_or(String::new(), |v| v[i].to_string())
+                                opt(&a.ablated),
+                                opt(&a.score_change)
                             ));
                         }
                     }
@@ -126,24 +130,32 @@ impl AttentionView {
             .split(' ')
             .map(str::to_string)
             .collect();
-        let titles = ["target", "full decomposition", "selection ablated"];
-        // One heatmap per (block, head, kind), built once per answer.
+        let titles = [
+            "target",
+            "full decomposition",
+            "selection ablated",
+            "score change (full − ablated)",
+        ];
+        // One map per (block, head, kind), built once per answer.
         if self.patterns.0 != self.link.shown || self.patterns.1.is_empty() {
+            let key = self.link.shown;
             let mut v = vec![];
             for a in &p.attention {
                 for h in 0..p.heads {
-                    for vals in [Some(&a.target), Some(&a.full), a.ablated.as_ref()] {
-                        v.push(vals.map(|vals| {
-                            let head = vals[h * seq * seq..(h + 1) * seq * seq].to_vec();
-                            heatmap::Data::new(Arc::new(head), seq, seq, self.link.shown)
-                        }));
-                    }
+                    v.push(Some(QueryKeyMap::weights(&a.target, h, seq, key)));
+                    v.push(Some(QueryKeyMap::weights(&a.full, h, seq, key)));
+                    v.push(a.ablated.as_ref().map(|x| QueryKeyMap::weights(x, h, seq, key)));
+                    v.push(
+                        a.score_change
+                            .as_ref()
+                            .map(|x| QueryKeyMap::score_change(x, h, seq, key)),
+                    );
                 }
             }
-            self.patterns = (self.link.shown, v);
+            self.patterns = (key, v);
         }
         let n_blocks = p.attention.len() * p.heads;
-        let cell = ((ui.available_width() - 40.0) / 3.0 - 10.0)
+        let cell = ((ui.available_width() - 40.0) / 4.0 - 10.0)
             .min((ui.available_height() - 200.0) / n_blocks as f32 - 20.0)
             .max(60.0);
         for l in 0..p.attention.len() {
@@ -151,25 +163,16 @@ impl AttentionView {
                 ui.label(format!("block {l}, head {h} (rows: query position, columns: key position)"));
                 ui.horizontal(|ui| {
                     for (w, title) in titles.iter().enumerate() {
-                        let data = self.patterns.1[(l * p.heads + h) * 3 + w].as_ref();
+                        let data = self.patterns.1[(l * p.heads + h) * 4 + w].as_ref();
                         ui.vertical(|ui| {
                             ui.label(*title);
-                            let (rect, resp) = ui.allocate_exact_size(egui::vec2(cell, cell), egui::Sense::click());
-                            let Some(data) = data else {
+                            let Some(map) = data else {
+                                let (rect, _) = ui.allocate_exact_size(egui::vec2(cell, cell), egui::Sense::hover());
                                 ui.painter().text(rect.center(), egui::Align2::CENTER_CENTER, "nothing selected", egui::FontId::proportional(11.0), ui.visuals().weak_text_color());
                                 return;
                             };
-                            heatmap::paint(ui, rect, egui::Id::unique(("attention", l, h, w)), data, heatmap::Style::sequential(0.0, 1.0));
-                            if let Some(pos) = resp.hover_pos()
-                                && let Some((q, k)) = heatmap::cell_at(rect, seq, seq, pos)
-                            {
-                                resp.clone().on_hover_text(format!(
-                                    "query {q} ({}), key {k} ({})\nweight {:.4}",
-                                    text[q], text[k], data.get(q, k).unwrap_or(0.0)
-                                ));
-                                if resp.clicked() {
-                                    self.position = Some(q);
-                                }
+                            if let Some(q) = map.show(ui, egui::Id::unique(("attention", l, h, w)), cell, &text) {
+                                self.position = Some(q);
                             }
                         });
                     }

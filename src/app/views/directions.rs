@@ -1,13 +1,15 @@
 //! Read (V_c) and write (U_c) directions of each subcomponent; arrows where a space is 2-D
-//! (the paper's TMS figure), strips otherwise.
+//! (the paper's TMS figure), strips otherwise. For an attention query or key projection, the
+//! attention-score change the selected subcomponent induces on a chosen token sequence.
 
 use eframe::egui;
 use egui_plot::{Arrows, Legend, Plot, PlotPoints};
 
-use crate::app::view::{CsvJob, View, ViewCtx};
 use crate::app::heatmap;
+use crate::app::sequence_picker::{ProbeLink, QueryKeyMap, SequencePicker, tokens_text};
+use crate::app::view::{CsvJob, View, ViewCtx};
 use crate::app::widgets::{CLUSTER_COLOR, component_color, module_picker};
-use crate::worker::ModuleSnapshot;
+use crate::worker::{Event, ModuleSnapshot, Snapshot};
 
 /// Subcomponents ordered by weight norm (descending), and the number of negligible ones
 /// (norm below 1% of the largest).
@@ -26,6 +28,20 @@ pub struct DirectionsView {
     values: Option<heatmap::Data>,
     key: Option<(u64, usize)>,
     pub uploads: u64,
+    /// Sequence models: the sequence the score change is shown on, the worker's answer and
+    /// its maps (answer key, one per head of the module's block).
+    pub picker: SequencePicker,
+    pub link: ProbeLink,
+    maps: (u64, Vec<(QueryKeyMap, String)>),
+}
+
+/// The block of an attention query/key projection (`blocks.{l}.attn.q_proj` / `k_proj`).
+pub fn query_key_block(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("blocks.")?;
+    let (l, tail) = rest.split_once('.')?;
+    matches!(tail, "attn.q_proj" | "attn.k_proj")
+        .then(|| l.parse().ok())
+        .flatten()
 }
 
 impl View for DirectionsView {
@@ -41,6 +57,13 @@ impl View for DirectionsView {
     fn csv(&self, cx: &ViewCtx) -> anyhow::Result<CsvJob> {
         let s = cx.require_snapshot()?.clone();
         Ok(Box::new(move || Ok(crate::app::export::directions_csv(&s))))
+    }
+    fn on_event(&mut self, e: &Event) {
+        if let Event::Loaded { .. } = e {
+            self.picker = SequencePicker::default();
+            self.maps = (0, vec![]);
+        }
+        self.link.on_event(e);
     }
 }
 
@@ -65,8 +88,72 @@ impl DirectionsView {
             .collect();
         if m.d_out == 2 || m.d_in == 2 {
             arrows_2d(cx, ui, m, &shown);
+        } else if s.sequence.is_some() && query_key_block(&m.name).is_some() {
+            ui.columns(2, |cols| {
+                self.strips(cx, &mut cols[0], m, &shown);
+                self.score_change(cx, &mut cols[1], &s, m);
+            });
         } else {
             self.strips(cx, ui, m, &shown);
+        }
+    }
+
+    /// The attention-score change (scores before the softmax: all subcomponents minus all but
+    /// the selected one) of the selected query/key subcomponent on a chosen sequence, per head
+    /// of its block, computed by the worker.
+    fn score_change(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui, s: &Snapshot, m: &ModuleSnapshot) {
+        let (Some(dims), Some(block)) = (s.sequence, query_key_block(&m.name)) else {
+            return;
+        };
+        ui.strong("Induced attention-score change");
+        self.picker.ui(ui, s, &dims);
+        let Some(c) = cx.selection.component.filter(|&c| c < m.c) else {
+            ui.label("Select a subcomponent (click a row) to see how it changes the attention scores.");
+            return;
+        };
+        let select = format!("{}:{c}", m.name);
+        self.link.request(cx, &self.picker.tokens, self.picker.version, &select);
+        let Some(p) = self.link.probe.clone().filter(|p| p.selection == [select.clone()]) else {
+            ui.label("computing...");
+            return;
+        };
+        let Some(change) = p.attention.get(block).and_then(|a| a.score_change.as_ref()) else {
+            return;
+        };
+        let seq = p.tokens.len();
+        let text: Vec<String> = tokens_text(&p.tokens.iter().map(|&t| t as f32).collect::<Vec<_>>(), &dims)
+            .split(' ')
+            .map(str::to_string)
+            .collect();
+        if self.maps.0 != self.link.shown || self.maps.1.is_empty() {
+            let per_head = |h: usize| {
+                // The largest change, named.
+                let (mut best, mut at) = (0f32, (0, 0));
+                for q in 0..seq {
+                    for k in 0..=q {
+                        let v = change[(h * seq + q) * seq + k];
+                        if v.abs() > best.abs() {
+                            (best, at) = (v, (q, k));
+                        }
+                    }
+                }
+                let label = format!(
+                    "head {h}: largest change {best:+.3} at query {} ({}) -> key {} ({})",
+                    at.0, text[at.0], at.1, text[at.1]
+                );
+                (QueryKeyMap::score_change(change, h, seq, self.link.shown), label)
+            };
+            self.maps = (self.link.shown, (0..p.heads).map(per_head).collect());
+        }
+        ui.label(format!(
+            "{select} in block {block}: q·k/√d_head with all subcomponents minus without it (red: it raises the score, blue: lowers it); rows: query position, columns: key position"
+        ));
+        let side = (ui.available_width() - 10.0)
+            .min((ui.available_height() - 40.0) / p.heads as f32 - 24.0)
+            .max(60.0);
+        for (h, (map, label)) in self.maps.1.iter().enumerate() {
+            ui.label(label);
+            map.show(ui, egui::Id::unique(("score-change", h)), side, &text);
         }
     }
 }
