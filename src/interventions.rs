@@ -269,6 +269,22 @@ pub struct InterventionResult {
     pub per_output_mse_intervened: Vec<f32>,
     /// Per named feature (TMS / residual-MLP features) or class (days: per operation).
     pub per_feature: Vec<FeatureSummary>,
+    /// Sequence models: per row (input · seq_len + position), the KL against the target and
+    /// the top predictions. Empty for other models.
+    #[serde(default)]
+    pub positions: Vec<PositionOutcome>,
+}
+
+/// One position of a sequence under an intervention.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PositionOutcome {
+    /// KL(target ‖ baseline) and KL(target ‖ intervened), nats.
+    pub kl_baseline: f32,
+    pub kl_intervened: f32,
+    /// The three most likely next tokens with their probabilities.
+    pub top_target: [(u32, f32); 3],
+    pub top_baseline: [(u32, f32); 3],
+    pub top_intervened: [(u32, f32); 3],
 }
 
 /// How one feature's (or class's) behaviour fares under the intervention.
@@ -423,9 +439,16 @@ pub fn feature_summaries(
 
 impl InterventionResult {
     /// Input indices ordered by how much their output changed (largest first).
+    /// Inputs by how much the intervention changes them, most first: by the growth of the
+    /// mean KL against the target for sequence models, else by max |output change|.
     pub fn what_breaks(&self) -> Vec<usize> {
         let mut idx: Vec<usize> = (0..self.inputs.len()).collect();
-        idx.sort_by(|&a, &b| self.max_change[b].total_cmp(&self.max_change[a]));
+        let key = if self.positions.is_empty() {
+            &self.max_change
+        } else {
+            &self.loss_change
+        };
+        idx.sort_by(|&a, &b| key[b].total_cmp(&key[a]));
         idx
     }
 }
@@ -532,9 +555,17 @@ pub fn run_intervention(
     let intervened: Vec<Vec<f32>> = int_t.to_vec2()?;
     // Error against the target per input: KL per position averaged over each sequence, or
     // the mean squared error of the row.
-    let loss_of = |t: &Tensor, o: &[Vec<f32>]| -> anyhow::Result<Vec<f32>> {
-        if positions > 1 {
-            let kl = crate::spd::trainer::kl_rows(t, &target_t)?.to_vec1::<f32>()?;
+    let kl_rows = |t: &Tensor| -> anyhow::Result<Vec<f32>> {
+        Ok(crate::spd::trainer::kl_rows(t, &target_t)?.to_vec1::<f32>()?)
+    };
+    let seq = model.target.spec.is_sequence();
+    let (kl_base, kl_int) = if seq {
+        (kl_rows(&base_t)?, kl_rows(&int_t)?)
+    } else {
+        (vec![], vec![])
+    };
+    let loss_of = |kl: &[f32], o: &[Vec<f32>]| -> anyhow::Result<Vec<f32>> {
+        if seq {
             return Ok(kl
                 .chunks(positions)
                 .map(|c| c.iter().sum::<f32>() / positions as f32)
@@ -547,8 +578,18 @@ pub fn run_intervention(
             })
             .collect())
     };
-    let loss_baseline = loss_of(&base_t, &baseline)?;
-    let loss_intervened = loss_of(&int_t, &intervened)?;
+    let loss_baseline = loss_of(&kl_base, &baseline)?;
+    let loss_intervened = loss_of(&kl_int, &intervened)?;
+    let top3 = crate::sequence::top3;
+    let positions_out: Vec<PositionOutcome> = (0..kl_base.len())
+        .map(|r| PositionOutcome {
+            kl_baseline: kl_base[r],
+            kl_intervened: kl_int[r],
+            top_target: top3(&target[r]),
+            top_baseline: top3(&baseline[r]),
+            top_intervened: top3(&intervened[r]),
+        })
+        .collect();
     let n_out = target[0].len();
     let per_out = |o: &Vec<Vec<f32>>| -> Vec<f32> {
         (0..n_out)
@@ -578,6 +619,7 @@ pub fn run_intervention(
         per_feature: feature_summaries(&model.target.spec, x, &target, &baseline, &intervened),
         per_output_mse_baseline: per_out(&baseline),
         per_output_mse_intervened: per_out(&intervened),
+        positions: positions_out,
         loss_baseline,
         loss_intervened,
         target,
@@ -597,6 +639,10 @@ pub struct TraceEntry {
     pub cluster: Option<usize>,
     /// |inner activation| · ‖U_c‖: the size of what the subcomponent writes on this input.
     pub contribution: f32,
+    /// Sequence models: the position of the largest CI (where `ci` and `contribution` are
+    /// taken).
+    #[serde(default)]
+    pub position: Option<usize>,
 }
 
 /// What the network uses on one input: subcomponents with CI ≥ threshold (by CI, descending),
@@ -623,20 +669,28 @@ pub fn trace(
     let (_, inputs) = model.target.forward_with_inputs(&xt, &fold)?;
     let (ci, acts) = model.causal_importances(&inputs, None, &fold)?;
     let mut entries = vec![];
+    // Sequence models: one row per position; each subcomponent is reported at the position
+    // where its CI is largest.
+    let positions = model.target.spec.positions();
     for (j, m) in model.modules.iter().enumerate() {
         let g = ci[j].lower.flatten_all()?.to_vec1::<f32>()?;
         let a = acts[j].flatten_all()?.to_vec1::<f32>()?;
         let u_norm = m.u.as_tensor().sqr()?.sum(1)?.sqrt()?.to_vec1::<f32>()?;
         for c in 0..m.c {
-            if g[c] >= threshold {
+            let pos = (0..positions)
+                .max_by(|&p, &q| g[p * m.c + c].total_cmp(&g[q * m.c + c]))
+                .unwrap_or(0);
+            let (gc, ac) = (g[pos * m.c + c], a[pos * m.c + c]);
+            if gc >= threshold {
                 let label = format!("{}:{c}", m.name);
                 entries.push(TraceEntry {
                     cluster: clusters.and_then(|cl| cl.assignment.get(&label).copied()),
                     label,
                     module: j,
                     index: c,
-                    ci: g[c],
-                    contribution: a[c].abs() * u_norm[c],
+                    ci: gc,
+                    contribution: ac.abs() * u_norm[c],
+                    position: (positions > 1).then_some(pos),
                 });
             }
         }

@@ -49,7 +49,8 @@ pub struct SequenceProbe {
     pub induction: Option<(usize, u32)>,
 }
 
-fn top3(logits: &[f32]) -> [(u32, f32); 3] {
+/// The three largest logits' tokens and their softmax probabilities, most likely first.
+pub fn top3(logits: &[f32]) -> [(u32, f32); 3] {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let z: f32 = logits.iter().map(|v| (v - m).exp()).sum();
     let mut idx: Vec<usize> = (0..logits.len()).collect();

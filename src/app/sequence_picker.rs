@@ -203,32 +203,6 @@ impl SequencePicker {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn typed_tokens_parse_with_names_and_limits() {
-        let d = IhDims::attention_only(5, 4, 4, 1, 1);
-        assert_eq!(
-            parse_tokens("BOS 3, 5 S", &d).unwrap(),
-            vec![0.0, 3.0, 5.0, 6.0]
-        );
-        assert!(
-            parse_tokens("BOS 3 7 S", &d)
-                .unwrap_err()
-                .contains("outside")
-        );
-        assert!(
-            parse_tokens("BOS 3 S", &d)
-                .unwrap_err()
-                .contains("3 tokens")
-        );
-        assert!(parse_tokens("BOS x 1 S", &d).unwrap_err().contains("'x'"));
-        assert_eq!(tokens_text(&[0.0, 3.0, 6.0], &d), "BOS 3 S");
-    }
-}
-
 /// One `[s, s]` query × key map (one head of one block): built once per worker answer, with
 /// its colour scale (weights 0..1; score changes symmetric around 0 at their largest |value|).
 pub struct QueryKeyMap {
@@ -284,5 +258,31 @@ impl QueryKeyMap {
             self.data.get(q, k).unwrap_or(0.0)
         ));
         resp.clicked().then_some(q)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_tokens_parse_with_names_and_limits() {
+        let d = IhDims::attention_only(5, 4, 4, 1, 1);
+        assert_eq!(
+            parse_tokens("BOS 3, 5 S", &d).unwrap(),
+            vec![0.0, 3.0, 5.0, 6.0]
+        );
+        assert!(
+            parse_tokens("BOS 3 7 S", &d)
+                .unwrap_err()
+                .contains("outside")
+        );
+        assert!(
+            parse_tokens("BOS 3 S", &d)
+                .unwrap_err()
+                .contains("3 tokens")
+        );
+        assert!(parse_tokens("BOS x 1 S", &d).unwrap_err().contains("'x'"));
+        assert_eq!(tokens_text(&[0.0, 3.0, 6.0], &d), "BOS 3 S");
     }
 }

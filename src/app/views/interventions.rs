@@ -1,14 +1,17 @@
 //! Interventions: mask a selection (subcomponents, clusters, layers), compare target, full
 //! decomposition and intervened outputs, rank what breaks, summarise per feature, and trace
-//! which mechanisms fire on one input. All maths runs on the worker (`Command::Intervene`).
+//! which mechanisms fire on one input. Sequence models: generated sequences or one chosen
+//! sequence, ranked by the KL the intervention adds, and per position the KL and the top
+//! predictions before and after. All maths runs on the worker (`Command::Intervene`).
 
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Legend, Plot};
 
 use std::sync::Arc;
 
+use crate::app::sequence_picker::{SequencePicker, tokens_text};
 use crate::app::view::{CsvJob, View, ViewCtx};
-use crate::interventions::{MaskMode, Trace};
+use crate::interventions::{InterventionResult, MaskMode, Trace};
 use crate::worker::{Command, Event, InputSet, InterventionOutcome, InterventionRequest, Snapshot};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +30,8 @@ pub struct InterventionsView {
     pub probe_value: f32,
     pub batch_n: usize,
     pub custom: Vec<f32>,
+    /// Sequence models: the sequence of the "sequence" input.
+    pub picker: SequencePicker,
     pub auto: bool,
     /// Index (into the result's inputs) of the input shown in detail.
     pub row: usize,
@@ -50,6 +55,7 @@ impl Default for InterventionsView {
             probe_value: 0.75,
             batch_n: 256,
             custom: vec![],
+            picker: SequencePicker::default(),
             auto: true,
             row: 0,
             trace_threshold: 0.1,
@@ -84,6 +90,8 @@ impl View for InterventionsView {
             Event::Loaded { .. } => {
                 self.outcome = None;
                 self.trace = None;
+                self.picker = SequencePicker::default();
+                self.prefilled = false;
             }
             Event::Intervened(o) => self.outcome = Some(o.clone()),
             Event::Traced(t) => self.trace = Some(t.clone()),
@@ -145,6 +153,11 @@ impl InterventionsView {
                 // Start on something meaningful: the first cluster, else the first layer's most
                 // used subcomponent (highest mean CI).
                 st.prefilled = true;
+                if snap.sequence.is_some() && st.input_kind == InputKind::Probes {
+                    // Probes are one-hot rows, meaningless as token ids: generated sequences.
+                    st.input_kind = InputKind::Batch;
+                    st.batch_n = 64;
+                }
                 st.select = match (&snap.clusters, snap.modules.first()) {
                     (Some(c), _) if !c.clusters.is_empty() => {
                         format!("cluster:{}", c.clusters[0].id)
@@ -183,7 +196,11 @@ impl InterventionsView {
         ui.columns(2, |cols| {
             // Left: what breaks, then the per-feature summary.
             let ui = &mut cols[0];
-            ui.strong("What breaks (inputs by max |change| of the output)");
+            ui.strong(if r.positions.is_empty() {
+                "What breaks (inputs by max |change| of the output)"
+            } else {
+                "What breaks (sequences by the KL the intervention adds)"
+            });
             egui::ScrollArea::both()
                 .id_salt("breaks")
                 .max_height(ui.available_height() * 0.55)
@@ -241,6 +258,11 @@ impl InterventionsView {
                 "Input {row}: {}",
                 out.input_labels.get(row).cloned().unwrap_or_default()
             ));
+            if let Some(dims) = snap.sequence {
+                sequence_detail(ui, r, row, &dims);
+                self.trace_panel(cx, ui, &r.inputs[row]);
+                return;
+            }
             let n_out = r.target[row].len();
             let series = [
                 ("target", &r.target[row], egui::Color32::from_gray(120)),
@@ -340,11 +362,17 @@ impl InterventionsView {
                 "(delta OFF: ablated subcomponents are removed entirely)"
             });
         });
+        let seq = snap.sequence;
         ui.horizontal_wrapped(|ui| {
             ui.label("inputs:");
-            ui.selectable_value(&mut st.input_kind, InputKind::Probes, "probes");
-            ui.selectable_value(&mut st.input_kind, InputKind::Batch, "data batch");
-            ui.selectable_value(&mut st.input_kind, InputKind::Custom, "custom");
+            if seq.is_some() {
+                ui.selectable_value(&mut st.input_kind, InputKind::Batch, "generated sequences");
+                ui.selectable_value(&mut st.input_kind, InputKind::Custom, "one sequence");
+            } else {
+                ui.selectable_value(&mut st.input_kind, InputKind::Probes, "probes");
+                ui.selectable_value(&mut st.input_kind, InputKind::Batch, "data batch");
+                ui.selectable_value(&mut st.input_kind, InputKind::Custom, "custom");
+            }
             match st.input_kind {
                 InputKind::Probes => {
                     ui.add(egui::Slider::new(&mut st.probe_value, -1.0..=1.0).text("value"));
@@ -365,7 +393,15 @@ impl InterventionsView {
             self.run(cx);
         }
         if self.input_kind == InputKind::Custom {
-            self.custom_sliders(cx, ui, snap);
+            match seq {
+                Some(dims) => {
+                    self.picker.ui(ui, snap, &dims);
+                    if self.picker.tokens.len() == snap.n_features {
+                        self.custom.clone_from(&self.picker.tokens);
+                    }
+                }
+                None => self.custom_sliders(cx, ui, snap),
+            }
         }
     }
 
@@ -408,7 +444,11 @@ impl InterventionsView {
                 threshold: thr,
             });
         }
-        ui.strong("Mechanism trace: what fires on this input");
+        ui.strong(if self.picker.tokens.is_empty() && self.input_kind != InputKind::Custom {
+            "Mechanism trace: what fires on this input"
+        } else {
+            "Mechanism trace: what fires on this input (sequences: at each subcomponent's strongest position)"
+        });
         ui.add(egui::Slider::new(&mut self.trace_threshold, 0.01..=0.99).text("CI threshold"));
         let Some(t) = self.trace.clone() else {
             ui.label("tracing...");
@@ -425,7 +465,11 @@ impl InterventionsView {
         let snap = cx.snapshot().cloned();
         egui::ScrollArea::both().id_salt("trace").show(ui, |ui| {
             egui::Grid::new("trace_grid").striped(true).show(ui, |ui| {
+                let seq = t.entries.iter().any(|e| e.position.is_some());
                 ui.strong("subcomponent");
+                if seq {
+                    ui.strong("at position");
+                }
                 ui.strong("CI");
                 ui.strong("cluster");
                 ui.strong("write size");
@@ -437,6 +481,9 @@ impl InterventionsView {
                     if ui.selectable_label(selected, &e.label).clicked() {
                         cx.selection.module = e.module;
                         cx.selection.component = Some(e.index);
+                    }
+                    if seq {
+                        ui.label(e.position.map(|p| p.to_string()).unwrap_or_default());
                     }
                     ui.label(format!("{:.3}", e.ci));
                     ui.label(e.cluster.map(|c| c.to_string()).unwrap_or("-".into()));
@@ -495,14 +542,103 @@ fn strip(ui: &mut egui::Ui, v: &[f32]) {
     );
 }
 
-/// CSV of the latest intervention: one row per input with its losses and every output of the
-/// target, the full decomposition and the intervened model.
-impl InterventionsView {
+/// Sequence models: per position of input `row`, the KL against the target before and after
+/// and the top predictions, with a plot of the KLs along the sequence.
+fn sequence_detail(ui: &mut egui::Ui, r: &InterventionResult, row: usize, dims: &crate::model::IhDims) {
+    let s = dims.seq_len;
+    let Some(ps) = r.positions.get(row * s..(row + 1) * s) else {
+        return;
+    };
+    let text: Vec<String> = tokens_text(&r.inputs[row], dims)
+        .split(' ')
+        .map(str::to_string)
+        .collect();
+    Plot::new("iv_kl_positions")
+        .legend(Legend::default())
+        .height(120.0)
+        .allow_scroll(false)
+        .x_axis_label("position")
+        .y_axis_label("KL vs target")
+        .show(ui, |p| {
+            let pts = |f: &dyn Fn(&crate::interventions::PositionOutcome) -> f32| {
+                egui_plot::PlotPoints::from_iter(
+                    ps.iter().enumerate().map(|(i, o)| [i as f64, f(o) as f64]),
+                )
+            };
+            p.line(egui_plot::Line::new("baseline", pts(&|o| o.kl_baseline)));
+            p.line(egui_plot::Line::new("intervened", pts(&|o| o.kl_intervened)));
+        });
+    let fmt = |t: &[(u32, f32); 3]| {
+        t.iter()
+            .map(|(k, p)| format!("{k}:{p:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let answer = crate::model::ih::induction_answer(
+        &r.inputs[row].iter().map(|&v| v as u32).collect::<Vec<_>>(),
+        dims,
+    );
+    egui::ScrollArea::vertical()
+        .id_salt("iv_positions")
+        .max_height(ui.available_height() * 0.5)
+        .show(ui, |ui| {
+            egui::Grid::new("iv_positions_grid").striped(true).show(ui, |ui| {
+                for h in ["pos", "token", "KL base", "KL interv.", "target top 3", "intervened top 3"] {
+                    ui.strong(h);
+                }
+                ui.end_row();
+                for (i, o) in ps.iter().enumerate() {
+                    let pos = if i == s - 1 && answer.is_some() {
+                        format!("{i} (induction)")
+                    } else {
+                        i.to_string()
+                    };
+                    ui.label(pos);
+                    ui.label(&text[i]);
+                    ui.label(format!("{:.2e}", o.kl_baseline));
+                    let changed = o.top_intervened[0].0 != o.top_target[0].0;
+                    ui.label(format!("{:.2e}", o.kl_intervened));
+                    ui.label(fmt(&o.top_target));
+                    if changed {
+                        ui.colored_label(egui::Color32::from_rgb(220, 60, 60), fmt(&o.top_intervened));
+                    } else {
+                        ui.label(fmt(&o.top_intervened));
+                    }
+                    ui.end_row();
+                }
+            });
+        });
 }
 
+/// CSV of the latest intervention: one row per input with its losses and every output of the
+/// target, the full decomposition and the intervened model.
+
 fn csv_text(out: &InterventionOutcome) -> String {
+    let r = &out.result;
+    if !r.positions.is_empty() {
+        // Sequence models: one row per (input, position).
+        let s = r.positions.len() / r.inputs.len().max(1);
+        let mut t = String::from(
+            "input,position,token,kl_baseline,kl_intervened,target_top1,target_p1,baseline_top1,baseline_p1,intervened_top1,intervened_p1\n",
+        );
+        for (k, o) in r.positions.iter().enumerate() {
+            let (i, p) = (k / s, k % s);
+            t.push_str(&format!(
+                "{i},{p},{},{},{},{},{},{},{},{},{}\n",
+                r.inputs[i][p],
+                o.kl_baseline,
+                o.kl_intervened,
+                o.top_target[0].0,
+                o.top_target[0].1,
+                o.top_baseline[0].0,
+                o.top_baseline[0].1,
+                o.top_intervened[0].0,
+                o.top_intervened[0].1
+            ));
+        }
+        return t;
+    }
     {
-        let r = &out.result;
         let n_out = r.target.first().map_or(0, |t| t.len());
         let mut s =
             String::from("input,label,max_change,loss_baseline,loss_intervened,loss_change");
