@@ -611,8 +611,8 @@ fn sequence_detail(ui: &mut egui::Ui, r: &InterventionResult, row: usize, dims: 
 }
 
 /// CSV of the latest intervention: one row per input with its losses and every output of the
-/// target, the full decomposition and the intervened model.
-
+/// target, the full decomposition and the intervened model; for sequence models one row per
+/// (input, position) with the KLs and top predictions.
 fn csv_text(out: &InterventionOutcome) -> String {
     let r = &out.result;
     if !r.positions.is_empty() {
