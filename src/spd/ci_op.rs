@@ -380,7 +380,19 @@ impl CustomOp2 for CiVecMlpOp {
         let x = xv.to_contiguous(n, d);
         let p = pv.to_contiguous(c, w);
         let mut out = vec![0f32; n * c];
-        kernels::vec_forward(&x, &p, n, d, c, self.hd, &mut out);
+        match UniqueRows::of(&x, n, d) {
+            // Repeated inputs (e.g. a first layer that reads token embeddings): each distinct
+            // row once, then copied to its repeats.
+            Some(u) => {
+                let mut ou = vec![0f32; u.len() * c];
+                kernels::vec_forward(&u.rows, &p, u.len(), d, c, self.hd, &mut ou);
+                for (r, &k) in u.of_row.iter().enumerate() {
+                    let k = k as usize;
+                    out[r * c..(r + 1) * c].copy_from_slice(&ou[k * c..(k + 1) * c]);
+                }
+            }
+            None => kernels::vec_forward(&x, &p, n, d, c, self.hd, &mut out),
+        }
         Ok((CpuStorage::F32(out), Shape::from((n, c))))
     }
 
@@ -432,8 +444,68 @@ impl CustomOp3 for CiVecMlpBwdOp {
         let x = xv.to_contiguous(n, d);
         let p = pv.to_contiguous(c, w);
         let mut gp = vec![0f32; c * w];
-        kernels::vec_backward(&x, &gv, &p, n, d, c, self.hd, &mut gp);
+        match UniqueRows::of(&x, n, d) {
+            // The gradient of a distinct row is the sum over its repeats (the parameters see
+            // the same hidden values for each).
+            Some(u) => {
+                let mut gu = vec![0f64; u.len() * c];
+                for (r, &k) in u.of_row.iter().enumerate() {
+                    let k = k as usize;
+                    for j in 0..c {
+                        gu[k * c + j] += gv.data[gv.off + r * gv.s0 + j * gv.s1] as f64;
+                    }
+                }
+                let gu: Vec<f32> = gu.into_iter().map(|v| v as f32).collect();
+                let view = View2 {
+                    data: &gu,
+                    off: 0,
+                    s0: c,
+                    s1: 1,
+                };
+                kernels::vec_backward(&u.rows, &view, &p, u.len(), d, c, self.hd, &mut gp);
+            }
+            None => kernels::vec_backward(&x, &gv, &p, n, d, c, self.hd, &mut gp),
+        }
         Ok((CpuStorage::F32(gp), Shape::from((c, w))))
+    }
+}
+
+/// The distinct rows of a row-major `[n, d]` matrix (bitwise equal), in order of first
+/// appearance, and for each row the index of its distinct row.
+struct UniqueRows {
+    rows: Vec<f32>,
+    of_row: Vec<u32>,
+    d: usize,
+}
+
+impl UniqueRows {
+    /// None when fewer than half the rows repeat (computing them all is then as cheap).
+    fn of(x: &[f32], n: usize, d: usize) -> Option<UniqueRows> {
+        if n < 2 || d == 0 {
+            return None;
+        }
+        let bits: Vec<u32> = x[..n * d].iter().map(|v| v.to_bits()).collect();
+        let mut index: std::collections::HashMap<&[u32], u32> =
+            std::collections::HashMap::with_capacity(n);
+        let mut rows = vec![];
+        let mut of_row = Vec::with_capacity(n);
+        for r in 0..n {
+            let key = &bits[r * d..(r + 1) * d];
+            let next = index.len() as u32;
+            let k = *index.entry(key).or_insert_with(|| {
+                rows.extend_from_slice(&x[r * d..(r + 1) * d]);
+                next
+            });
+            if index.len() * 2 > n {
+                return None;
+            }
+            of_row.push(k);
+        }
+        Some(UniqueRows { rows, of_row, d })
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len() / self.d
     }
 }
 
@@ -1451,6 +1523,11 @@ mod kernels {
             // SAFETY: these variants are only chosen when detected.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { vec_forward_avx2(x, p, n, d, c, hd, out) },
+            // SAFETY: AVX-512 detected; the fused kernel checks its slices' sizes.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if fused512::fits(hd) => unsafe {
+                fused512::forward(x, p, n, d, c, hd, out)
+            },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { vec_forward_avx512(x, p, n, d, c, hd, out) },
         }
@@ -1472,8 +1549,284 @@ mod kernels {
             // SAFETY: these variants are only chosen when detected.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe { vec_backward_avx2(x, g, p, n, d, c, hd, gp) },
+            // SAFETY: AVX-512 detected; the fused kernel checks its slices' sizes.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if fused512::fits(hd) => unsafe {
+                fused512::backward(x, g, p, n, d, c, hd, gp)
+            },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { vec_backward_avx512(x, g, p, n, d, c, hd, gp) },
+        }
+    }
+
+    /// The vector MLP with the first layer register-tiled (AVX-512): a tile of rows × 64
+    /// hidden units is computed in registers (`b1 + x·W1`, d FMAs per value), then its GELU
+    /// (forward: times W2, summed; backward: the gradients of W2, b1 and the hidden values)
+    /// straight from the registers, instead of a block GEMM written to memory and read back.
+    /// Needs H a multiple of 64. Equal to [`vec_forward_impl`] / [`vec_backward_impl`] up to
+    /// float summation order (tested).
+    #[cfg(target_arch = "x86_64")]
+    pub(super) mod fused512 {
+        use super::{
+            FRAC_1_SQRT_2, VB, fma, norm_cdf_u_fwd, norm_cdf_u_with_pdf, pdf_u, small_gemm,
+            vec_unit,
+        };
+        use std::arch::x86_64::*;
+
+        /// Lanes per vector, hidden vectors per chunk, rows per tile.
+        const L: usize = 16;
+        const V: usize = 4;
+        const R: usize = 4;
+
+        pub fn fits(hd: usize) -> bool {
+            hd > 0 && hd.is_multiple_of(V * L)
+        }
+
+        /// `b1[h0..] + Σ_i x[r, i] W1[i, h0..]` for `RR` rows from `x` (row-major, `d` per
+        /// row) and the `V` vectors of hidden units from `h0`.
+        ///
+        /// SAFETY (caller): AVX-512F; `x` holds `RR·d` values, `w1` `d·hd`, `b1` `hd`, and
+        /// `h0 + V·L <= hd`.
+        #[inline(always)]
+        unsafe fn z_tile<const RR: usize>(
+            x: *const f32,
+            d: usize,
+            w1: *const f32,
+            b1: *const f32,
+            hd: usize,
+            h0: usize,
+        ) -> [[__m512; V]; RR] {
+            unsafe {
+                let b: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(b1.add(h0 + v * L)));
+                let mut acc = [b; RR];
+                for i in 0..d {
+                    let w: [__m512; V] =
+                        std::array::from_fn(|v| _mm512_loadu_ps(w1.add(i * hd + h0 + v * L)));
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xb = _mm512_set1_ps(*x.add(r * d + i));
+                        for v in 0..V {
+                            a[v] = _mm512_fmadd_ps(xb, w[v], a[v]);
+                        }
+                    }
+                }
+                acc
+            }
+        }
+
+        /// gelu(z) lane by lane (the branch-free scalar code, vectorised by the compiler).
+        #[inline(always)]
+        unsafe fn gelu(z: __m512) -> __m512 {
+            unsafe {
+                let mut a = [0f32; L];
+                _mm512_storeu_ps(a.as_mut_ptr(), z);
+                for v in a.iter_mut() {
+                    *v *= norm_cdf_u_fwd::<true>(*v * FRAC_1_SQRT_2);
+                }
+                _mm512_loadu_ps(a.as_ptr())
+            }
+        }
+
+        /// (gelu(z), gelu'(z)) lane by lane.
+        #[inline(always)]
+        unsafe fn gelu_and_grad(z: __m512) -> (__m512, __m512) {
+            unsafe {
+                let mut a = [0f32; L];
+                let mut g = [0f32; L];
+                _mm512_storeu_ps(a.as_mut_ptr(), z);
+                for (v, gv) in a.iter_mut().zip(g.iter_mut()) {
+                    let u = *v * FRAC_1_SQRT_2;
+                    let pdf = pdf_u::<true>(u);
+                    let phi = norm_cdf_u_with_pdf::<true>(u, pdf);
+                    *gv = fma::<true>(u, pdf, phi);
+                    *v *= phi;
+                }
+                (_mm512_loadu_ps(a.as_ptr()), _mm512_loadu_ps(g.as_ptr()))
+            }
+        }
+
+        /// `out[(r0 + r)·c + comp]` for the `RR` rows from `r0`.
+        ///
+        /// SAFETY (caller): as [`z_tile`] for every chunk, and `out` holds the rows.
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+        unsafe fn forward_rows<const RR: usize>(
+            x: &[f32],
+            r0: usize,
+            d: usize,
+            (w1, b1, w2, b2): (&[f32], &[f32], &[f32], f32),
+            hd: usize,
+            c: usize,
+            comp: usize,
+            out: &mut [f32],
+        ) {
+            unsafe {
+                let mut o = [_mm512_setzero_ps(); RR];
+                for h0 in (0..hd).step_by(V * L) {
+                    let z =
+                        z_tile::<RR>(x.as_ptr().add(r0 * d), d, w1.as_ptr(), b1.as_ptr(), hd, h0);
+                    for v in 0..V {
+                        let w = _mm512_loadu_ps(w2.as_ptr().add(h0 + v * L));
+                        for r in 0..RR {
+                            o[r] = _mm512_fmadd_ps(gelu(z[r][v]), w, o[r]);
+                        }
+                    }
+                }
+                for (r, o) in o.iter().enumerate() {
+                    out[(r0 + r) * c + comp] = _mm512_reduce_add_ps(*o) + b2;
+                }
+            }
+        }
+
+        /// The forward pass (see [`super::vec_forward_impl`] for the shapes).
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        pub unsafe fn forward(
+            x: &[f32],
+            p: &[f32],
+            n: usize,
+            d: usize,
+            c: usize,
+            hd: usize,
+            out: &mut [f32],
+        ) {
+            assert!(fits(hd) && x.len() >= n * d && out.len() >= n * c);
+            assert_eq!(p.len(), c * (d * hd + 2 * hd + 1));
+            for comp in 0..c {
+                let unit = vec_unit(p, comp, d, hd);
+                let mut r0 = 0;
+                // SAFETY: rows r0..r0+R (or +1) < n, chunks inside hd (asserted above).
+                unsafe {
+                    while r0 + R <= n {
+                        forward_rows::<R>(x, r0, d, unit, hd, c, comp, out);
+                        r0 += R;
+                    }
+                    while r0 < n {
+                        forward_rows::<1>(x, r0, d, unit, hd, c, comp, out);
+                        r0 += 1;
+                    }
+                }
+            }
+        }
+
+        /// For the `RR` rows from `r` (within the block from `r0`): accumulates the gradients
+        /// of W2 and b1 and writes the hidden values' gradients into `zb` (block-relative
+        /// rows, `hd` per row).
+        ///
+        /// SAFETY (caller): as [`z_tile`]; `zb` holds the block's rows; `g` the gradient rows.
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+        unsafe fn backward_rows<const RR: usize>(
+            x: &[f32],
+            grad: [f32; RR],
+            r: usize,
+            r0: usize,
+            d: usize,
+            (w1, b1, w2): (&[f32], &[f32], &[f32]),
+            hd: usize,
+            gw2: &mut [f32],
+            gb1: &mut [f32],
+            zb: &mut [f32],
+        ) {
+            unsafe {
+                let gr: [__m512; RR] = std::array::from_fn(|i| _mm512_set1_ps(grad[i]));
+                for h0 in (0..hd).step_by(V * L) {
+                    let z =
+                        z_tile::<RR>(x.as_ptr().add(r * d), d, w1.as_ptr(), b1.as_ptr(), hd, h0);
+                    for v in 0..V {
+                        let o = h0 + v * L;
+                        let w = _mm512_loadu_ps(w2.as_ptr().add(o));
+                        let mut a2 = _mm512_loadu_ps(gw2.as_ptr().add(o));
+                        let mut a1 = _mm512_loadu_ps(gb1.as_ptr().add(o));
+                        for i in 0..RR {
+                            let (h, dh) = gelu_and_grad(z[i][v]);
+                            a2 = _mm512_fmadd_ps(gr[i], h, a2);
+                            let gz = _mm512_mul_ps(_mm512_mul_ps(gr[i], w), dh);
+                            a1 = _mm512_add_ps(a1, gz);
+                            _mm512_storeu_ps(zb.as_mut_ptr().add((r - r0 + i) * hd + o), gz);
+                        }
+                        _mm512_storeu_ps(gw2.as_mut_ptr().add(o), a2);
+                        _mm512_storeu_ps(gb1.as_mut_ptr().add(o), a1);
+                    }
+                }
+            }
+        }
+
+        /// The parameters' gradients (see [`super::vec_backward_impl`]).
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        pub unsafe fn backward(
+            x: &[f32],
+            g: &super::super::View2,
+            p: &[f32],
+            n: usize,
+            d: usize,
+            c: usize,
+            hd: usize,
+            gp: &mut [f32],
+        ) {
+            let w = d * hd + 2 * hd + 1;
+            assert!(fits(hd) && x.len() >= n * d);
+            assert!(p.len() == c * w && gp.len() == c * w);
+            let mut zb = vec![0f32; VB * hd];
+            let grad = |r: usize, comp: usize| g.data[g.off + r * g.s0 + comp * g.s1];
+            for comp in 0..c {
+                let (w1, b1, w2, _) = vec_unit(p, comp, d, hd);
+                let q = &mut gp[comp * w..(comp + 1) * w];
+                let (gw1, rest) = q.split_at_mut(d * hd);
+                let (gb1, rest) = rest.split_at_mut(hd);
+                let (gw2, gb2) = rest.split_at_mut(hd);
+                let mut gb2_acc = 0f64;
+                for r0 in (0..n).step_by(VB) {
+                    let rb = VB.min(n - r0);
+                    let mut r = r0;
+                    // SAFETY: rows r..r+R (or +1) inside the block and below n; chunks inside
+                    // hd (asserted above); zb holds VB rows of hd.
+                    unsafe {
+                        while r + R <= r0 + rb {
+                            let gr: [f32; R] = std::array::from_fn(|i| grad(r + i, comp));
+                            gb2_acc += gr.iter().map(|&v| v as f64).sum::<f64>();
+                            backward_rows::<R>(
+                                x,
+                                gr,
+                                r,
+                                r0,
+                                d,
+                                (w1, b1, w2),
+                                hd,
+                                gw2,
+                                gb1,
+                                &mut zb,
+                            );
+                            r += R;
+                        }
+                        while r < r0 + rb {
+                            let gr = [grad(r, comp)];
+                            gb2_acc += gr[0] as f64;
+                            backward_rows::<1>(
+                                x,
+                                gr,
+                                r,
+                                r0,
+                                d,
+                                (w1, b1, w2),
+                                hd,
+                                gw2,
+                                gb1,
+                                &mut zb,
+                            );
+                            r += 1;
+                        }
+                    }
+                    // gW1 += X_blockᵀ · G
+                    small_gemm(d, hd, rb, gw1, true, &x[r0 * d..], 1, d, &zb, hd);
+                }
+                gb2[0] = gb2_acc as f32;
+            }
         }
     }
 }
@@ -1486,11 +1839,34 @@ mod kernels {
 mod tests {
     use super::*;
 
-    /// The fused vector MLP equals plain tensor ops (forward and parameter gradients).
+    /// The fused vector MLP equals plain tensor ops (forward and parameter gradients): H = 12
+    /// (the blocked kernels), and H = 64 / 128 with row counts that leave a partial tile (the
+    /// register-tiled AVX-512 kernels where the CPU has them).
     #[test]
     fn vector_mlp_fused_matches_plain_ops() -> Result<()> {
+        for (n, d, c, hd) in [
+            (37, 5, 6, 12),
+            (37, 16, 3, 128),
+            (6, 3, 2, 64),
+            (300, 4, 2, 64),
+        ] {
+            vector_mlp_case(n, d, c, hd, None)?;
+        }
+        // Rows that repeat (a first layer reading token embeddings) are computed once each.
+        vector_mlp_case(64, 16, 3, 128, Some(5))?;
+        vector_mlp_case(40, 5, 2, 12, Some(7))?;
+        Ok(())
+    }
+
+    /// `distinct`: the rows are copies of this many distinct rows.
+    fn vector_mlp_case(
+        n: usize,
+        d: usize,
+        c: usize,
+        hd: usize,
+        distinct: Option<usize>,
+    ) -> Result<()> {
         let dev = candle_core::Device::Cpu;
-        let (n, d, c, hd) = (37, 5, 6, 12);
         let mut seed = 1u64;
         let mut r = |len: usize, s: f32| -> Vec<f32> {
             (0..len)
@@ -1502,7 +1878,15 @@ mod tests {
                 })
                 .collect()
         };
-        let x = Tensor::from_vec(r(n * d, 2.0), (n, d), &dev)?;
+        let mut xs = r(n * d, 2.0);
+        if let Some(k) = distinct {
+            for i in k..n {
+                let from = (i * 7) % k;
+                xs.copy_within(from * d..(from + 1) * d, i * d);
+            }
+            assert!(UniqueRows::of(&xs, n, d).is_some_and(|u| u.len() == k));
+        }
+        let x = Tensor::from_vec(xs, (n, d), &dev)?;
         let vars: Vec<candle_core::Var> = [
             (r(c * d * hd, 1.0), vec![c, d, hd]),
             (r(c * hd, 0.5), vec![c, hd]),
