@@ -17,6 +17,7 @@ pub mod rng;
 pub mod runner;
 pub mod sequence;
 pub mod spd;
+pub mod sweep;
 pub mod worker;
 
 /// The desktop app (the only module that uses a UI crate).

@@ -94,6 +94,49 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Train a grid of configs, one folder per point (locally with --jobs, or as a Slurm job
+    /// array with --emit slurm); rerun to continue. See README "Sweeps".
+    Sweep {
+        /// A sweep folder: continue it, show it (--status), run one point (--point) or write
+        /// its job-array script (--emit slurm).
+        dir: Option<PathBuf>,
+        /// Create a sweep over this preset's config ...
+        #[arg(long, conflicts_with_all = ["config", "dir"])]
+        preset: Option<String>,
+        /// ... or over a `train --config` file.
+        #[arg(long, conflicts_with = "dir")]
+        config: Option<PathBuf>,
+        /// An axis: PATH=V1,V2,... or PATH=A..B (integers). PATH: loss.<Class>.<field>,
+        /// C.<module>, lr, or any config field (seed, steps, batch_size, ...). Repeatable.
+        #[arg(long = "grid", value_name = "PATH=VALUES")]
+        grid: Vec<String>,
+        /// Steps of every point (a shorthand for --grid steps=N).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// The sweep folder to create (with --preset or --config).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Points run at once, each in its own process with the threads split between them.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Run only this point, in this process (what a job-array task runs).
+        #[arg(long)]
+        point: Option<usize>,
+        /// Write DIR/slurm.sh, a job array with one task per point, instead of running.
+        #[arg(long, value_name = "slurm")]
+        emit: Option<String>,
+        /// Show the points' states and results without running anything.
+        #[arg(long)]
+        status: bool,
+        /// Print the points' results as one JSON array on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Seconds between a running point's recovery saves.
+        #[arg(long, default_value_t = 30)]
+        autosave_secs: u64,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Evaluate a saved decomposition.
     Eval {
         file: PathBuf,
@@ -300,6 +343,167 @@ fn main() {
     }
 }
 
+struct SweepArgs {
+    dir: Option<PathBuf>,
+    preset: Option<String>,
+    config: Option<PathBuf>,
+    grid: Vec<String>,
+    steps: Option<usize>,
+    out: Option<PathBuf>,
+    jobs: usize,
+    point: Option<usize>,
+    emit: Option<String>,
+    status: bool,
+    json: bool,
+    autosave_secs: u64,
+    device: String,
+    threads: Option<usize>,
+}
+
+/// `spdlab sweep`: create or open a sweep folder, then run a point, the pool, or write the
+/// job-array script; print the points' results.
+fn run_sweep(a: SweepArgs) -> anyhow::Result<()> {
+    use spdlab::sweep::{PointState, Sweep, SweepSpec, parse_axis};
+    let sweep = match (&a.preset, &a.config, &a.dir) {
+        (None, None, Some(d)) => {
+            if !a.grid.is_empty() || a.steps.is_some() || a.out.is_some() {
+                anyhow::bail!(
+                    "{}: --grid, --steps and --out create a sweep (with --preset or --config); an existing sweep keeps its grid",
+                    d.display()
+                );
+            }
+            Sweep::open(d)?
+        }
+        (p, c, None) if p.is_some() || c.is_some() => {
+            let out = a
+                .out
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("give the sweep folder with --out DIR"))?;
+            let mut base = match (p, c) {
+                (Some(p), _) => {
+                    let mut v = serde_json::to_value(presets::spd_config(p)?)?;
+                    v["preset"] = serde_json::Value::String(p.clone());
+                    v
+                }
+                (None, Some(c)) => {
+                    // Validate as `train --config` does, then keep the JSON with the target's
+                    // path made absolute (points live in other folders).
+                    runner::load_config_file(c, &runner::device("cpu")?)?;
+                    let mut v: serde_json::Value =
+                        serde_json::from_str(&std::fs::read_to_string(c)?)?;
+                    if let Some(t) = runner::config_target_path(c)? {
+                        v["target_path"] = serde_json::Value::String(
+                            std::path::absolute(&t)?.display().to_string(),
+                        );
+                    }
+                    v
+                }
+                _ => unreachable!(),
+            };
+            if let Some(s) = a.steps {
+                spdlab::limits::check_positive("--steps", s, spdlab::limits::MAX_STEPS)?;
+                base["steps"] = s.into();
+            }
+            if a.grid.is_empty() {
+                anyhow::bail!("give at least one --grid PATH=VALUES");
+            }
+            let axes = a
+                .grid
+                .iter()
+                .map(|g| parse_axis(g))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Sweep::create(out, SweepSpec { base, axes })?
+        }
+        (_, _, Some(_)) => anyhow::bail!("give either a sweep folder or --preset/--config"),
+        _ => anyhow::bail!(
+            "give a sweep folder, or create one with --preset NAME (or --config FILE) --grid PATH=VALUES --out DIR"
+        ),
+    };
+    let mut sweep = sweep;
+    if a.autosave_secs == 0 {
+        anyhow::bail!(
+            "--autosave-secs must be at least 1 (a sweep point always keeps a recovery file)"
+        );
+    }
+    sweep.autosave = Duration::from_secs(a.autosave_secs);
+    let n = sweep.points().len();
+    if let Some(i) = a.point {
+        return sweep.run_point(i, &runner::device(&a.device)?);
+    }
+    if let Some(kind) = &a.emit {
+        if kind != "slurm" {
+            anyhow::bail!("--emit {kind}: only slurm is supported");
+        }
+        let exe = std::env::current_exe()?;
+        let cpus = a.threads.unwrap_or(1);
+        let path = sweep.dir.join("slurm.sh");
+        spdlab::io::atomic::write_atomic(&path, sweep.slurm_script(&exe, cpus).as_bytes())?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        }
+        eprintln!(
+            "wrote {} ({n} tasks); submit it with: sbatch {}",
+            path.display(),
+            path.display()
+        );
+        return Ok(());
+    }
+    if !a.status {
+        if a.device != "cpu" {
+            anyhow::bail!(
+                "the local pool runs on the CPU; use --point with --device for one point"
+            );
+        }
+        let cores = spdlab::parallel::default_threads();
+        let total = a.threads.unwrap_or(cores);
+        let jobs = a.jobs.clamp(1, n.max(1));
+        let per = (total / jobs).max(1);
+        let exe = std::env::current_exe()?;
+        let bar = progress_bar(n as u64);
+        let failed = sweep.run_pool(&exe, jobs, per, |done, _, err| {
+            bar.set_position(done as u64);
+            if let Some(e) = err {
+                bar.println(format!("error: {e}"));
+            }
+        })?;
+        bar.finish_and_clear();
+        if !failed.is_empty() {
+            print::sweep_table(&sweep);
+            anyhow::bail!(
+                "{} of {n} points failed (their errors: points/pNNN/stderr.log); rerun to retry them",
+                failed.len()
+            );
+        }
+    }
+    if a.json {
+        let rows: Vec<serde_json::Value> = sweep
+            .points()
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "index": p.index,
+                    "values": p.values.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<serde_json::Map<_, _>>(),
+                    "state": sweep.state(p.index),
+                    "summary": sweep.summary(p.index),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string(&rows)?);
+    } else {
+        print::sweep_table(&sweep);
+        let finished = (0..n)
+            .filter(|&i| sweep.state(i) == PointState::Finished)
+            .count();
+        eprintln!(
+            "{finished} of {n} points finished; folder {}",
+            sweep.dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Presets { show: Some(name) } => {
@@ -314,6 +518,36 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Sweep {
+            dir,
+            preset,
+            config,
+            grid,
+            steps,
+            out,
+            jobs,
+            point,
+            emit,
+            status,
+            json,
+            autosave_secs,
+            device,
+        } => run_sweep(SweepArgs {
+            dir,
+            preset,
+            config,
+            grid,
+            steps,
+            out,
+            jobs,
+            point,
+            emit,
+            status,
+            json,
+            autosave_secs,
+            device,
+            threads: spdlab::parallel::explicit().then(spdlab::parallel::threads),
+        }),
         Cmd::Train {
             preset,
             config,

@@ -214,3 +214,61 @@ pub fn days_report(r: &DaysReport) {
         );
     }
 }
+
+/// A sweep's points: axis values, state, and for finished points the total loss, L0 per
+/// module, the target-solution error (presets with a known answer) and steps/s.
+pub fn sweep_table(sweep: &spdlab::sweep::Sweep) {
+    use spdlab::sweep::PointState;
+    let axes: Vec<&str> = sweep.spec.axes.iter().map(|a| a.path.as_str()).collect();
+    let mut head = format!("{:>5}", "point");
+    for a in &axes {
+        head.push_str(&format!("  {:>12}", short_path(a)));
+    }
+    head.push_str(&format!(
+        "  {:>10}  {:>10}  {:>5}  {:>8}  L0 per module",
+        "state", "loss", "TSE", "steps/s"
+    ));
+    println!("{head}");
+    for p in sweep.points() {
+        let mut line = format!("{:>5}", p.index);
+        for (_, v) in &p.values {
+            let v = match v {
+                serde_json::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            line.push_str(&format!("  {v:>12}"));
+        }
+        match (sweep.state(p.index), sweep.summary(p.index)) {
+            (PointState::Finished, Some(s)) => {
+                let l0: Vec<String> = s.l0.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+                line.push_str(&format!(
+                    "  {:>10}  {:>10.3e}  {:>5}  {:>8.1}  {}",
+                    "finished",
+                    s.losses.get("total").copied().unwrap_or(f64::NAN),
+                    s.target_solution_error
+                        .as_ref()
+                        .map_or("-".to_string(), |t| t.total.to_string()),
+                    s.steps_per_second,
+                    l0.join(", ")
+                ));
+            }
+            (PointState::Running { step, total }, _) => {
+                line.push_str(&format!("  {:>10}", format!("{step}/{total}")));
+            }
+            _ => line.push_str(&format!("  {:>10}", "pending")),
+        }
+        println!("{line}");
+    }
+}
+
+/// The last part of a config path (`loss.ImportanceMinimalityLoss.coeff` -> `coeff`) with the
+/// loss class shortened, for column heads.
+fn short_path(p: &str) -> String {
+    match p.split('.').collect::<Vec<_>>().as_slice() {
+        ["loss", class, field] => {
+            let initials: String = class.chars().filter(|c| c.is_uppercase()).collect();
+            format!("{initials}.{field}")
+        }
+        _ => p.to_string(),
+    }
+}

@@ -2,7 +2,8 @@
 # Side-by-side training speed of the `ih` (induction head) decomposition: the reference
 # library (goodfire-ai/spd @ 3f0bb61, PyTorch) vs spdlab, both on the CPU at ONE thread,
 # same SPD hyperparameters (spdlab's `ih` preset = the reference's ih_config.yaml: q/k/v/out
-# C=100, vector_mlp CI [128], batch 16, kl, 5 loss terms, delta component, lr 1e-3 constant).
+# C=100, vector_mlp CI [128], batch 16, kl, 5 loss terms, delta component, lr 1e-3 constant;
+# the preset's minimality coefficient is 5e-3 instead of 1e-2, which costs no time).
 #
 # Usage: tests/bench_ih_reference.sh VENV_DIR [STEPS]      (STEPS default 30)
 #   VENV_DIR      a Python venv with the reference library importable (`import spd`), e.g.
