@@ -681,6 +681,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 mmcs: report.mmcs.clone(),
                 ml2r: report.ml2r.clone(),
                 target_solution_error: report.target_solution_error.clone(),
+                feature_response: report.feature_response.clone(),
                 out: Some(out.clone()),
             };
             if json {

@@ -34,6 +34,17 @@ pub fn eval_report(r: &metrics::EvalReport) {
             println!("  {k:<32} {v}");
         }
     }
+    if let Some(fr) = &r.feature_response {
+        println!(
+            "single-feature response (CI > 0.5 at 0.75·e_f): monosemantic (features covered), shared by ≥ half the features, silent:"
+        );
+        for (k, v) in fr {
+            println!(
+                "  {k:<32} {} ({}), {}, {}",
+                v.monosemantic, v.features_covered, v.shared, v.silent
+            );
+        }
+    }
 }
 
 pub fn ci_report(r: &CiReport) {
@@ -240,7 +251,19 @@ pub fn sweep_table(sweep: &spdlab::sweep::Sweep) {
         }
         match (sweep.state(p.index), sweep.summary(p.index)) {
             (PointState::Finished, Some(s)) => {
-                let l0: Vec<String> = s.l0.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+                let l0: Vec<String> = s
+                    .l0
+                    .iter()
+                    .map(|(k, v)| {
+                        // With single-feature answers: monosemantic and shared counts.
+                        match s.feature_response.as_ref().and_then(|f| f.get(k)) {
+                            Some(f) => {
+                                format!("{k} {v:.2} [mono {} shared {}]", f.monosemantic, f.shared)
+                            }
+                            None => format!("{k} {v:.2}"),
+                        }
+                    })
+                    .collect();
                 line.push_str(&format!(
                     "  {:>10}  {:>10.3e}  {:>5}  {:>8.1}  {}",
                     "finished",

@@ -109,6 +109,10 @@ pub struct TrainSummary {
     pub mmcs: std::collections::BTreeMap<String, f64>,
     pub ml2r: std::collections::BTreeMap<String, f64>,
     pub target_solution_error: Option<crate::metrics::TargetSolutionError>,
+    /// TMS and residual-MLP targets: per module, how subcomponents answer single features.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature_response:
+        Option<std::collections::BTreeMap<String, crate::metrics::FeatureResponse>>,
     pub out: Option<PathBuf>,
 }
 

@@ -453,6 +453,7 @@ impl Sweep {
             mmcs: report.mmcs.clone(),
             ml2r: report.ml2r.clone(),
             target_solution_error: report.target_solution_error.clone(),
+            feature_response: report.feature_response.clone(),
             out: Some(out.clone()),
         };
         let sp = d.join("summary.json");
@@ -549,6 +550,108 @@ impl Sweep {
             exe = exe.display(),
             dir = q(&dir),
         )
+    }
+}
+
+/// One point as a sweep table shows it.
+#[derive(Clone, Debug)]
+pub struct PointRow {
+    pub point: Point,
+    pub state: PointState,
+    pub progress: Option<Progress>,
+    /// Named numbers of a finished point (see [`summary_metrics`]).
+    pub metrics: std::collections::BTreeMap<String, f64>,
+    /// Its decomposition (present once finished).
+    pub run: PathBuf,
+}
+
+/// A sweep folder as read at one moment: what the sweep view draws.
+#[derive(Clone, Debug)]
+pub struct SweepTable {
+    pub dir: PathBuf,
+    pub axes: Vec<Axis>,
+    pub rows: Vec<PointRow>,
+    /// Every metric name of the finished points, sorted.
+    pub metric_names: Vec<String>,
+}
+
+impl SweepTable {
+    /// Finished, running and pending points.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let f = |s: fn(&PointState) -> bool| self.rows.iter().filter(|r| s(&r.state)).count();
+        (
+            f(|s| *s == PointState::Finished),
+            f(|s| matches!(s, PointState::Running { .. })),
+            f(|s| *s == PointState::Pending),
+        )
+    }
+}
+
+/// A finished point's numbers by name: `loss <name>`, `L0 <module>`, `L0 total`, `MMCS
+/// <module>`, `ML2R <module>`, `target-solution error`, `steps/s`, and for single-feature
+/// targets `monosemantic <module>`, `features covered <module>`, `shared <module>`,
+/// `silent <module>`.
+pub fn summary_metrics(s: &crate::runner::TrainSummary) -> std::collections::BTreeMap<String, f64> {
+    let mut m = std::collections::BTreeMap::new();
+    for (k, v) in &s.losses {
+        m.insert(format!("loss {k}"), *v);
+    }
+    for (k, v) in &s.l0 {
+        m.insert(format!("L0 {k}"), *v);
+    }
+    if !s.l0.is_empty() {
+        m.insert("L0 total".into(), s.l0.values().sum());
+    }
+    for (k, v) in &s.mmcs {
+        m.insert(format!("MMCS {k}"), *v);
+    }
+    for (k, v) in &s.ml2r {
+        m.insert(format!("ML2R {k}"), *v);
+    }
+    if let Some(t) = &s.target_solution_error {
+        m.insert("target-solution error".into(), t.total as f64);
+    }
+    if let Some(fr) = &s.feature_response {
+        for (k, r) in fr {
+            m.insert(format!("monosemantic {k}"), r.monosemantic as f64);
+            m.insert(format!("features covered {k}"), r.features_covered as f64);
+            m.insert(format!("shared {k}"), r.shared as f64);
+            m.insert(format!("silent {k}"), r.silent as f64);
+        }
+    }
+    m.insert("steps/s".into(), s.steps_per_second);
+    m
+}
+
+impl Sweep {
+    /// Reads every point's state, progress and summary.
+    pub fn table(&self) -> SweepTable {
+        let mut names = std::collections::BTreeSet::new();
+        let rows: Vec<PointRow> = self
+            .points()
+            .into_iter()
+            .map(|p| {
+                let d = self.point_dir(p.index);
+                let metrics = self
+                    .summary(p.index)
+                    .map(|s| summary_metrics(&s))
+                    .unwrap_or_default();
+                names.extend(metrics.keys().cloned());
+                PointRow {
+                    state: self.state(p.index),
+                    progress: read_progress(&d),
+                    metrics,
+                    run: d.join("run.spdlab"),
+                    point: p,
+                }
+            })
+            .collect();
+        SweepTable {
+            dir: self.dir.clone(),
+            axes: self.spec.axes.clone(),
+            rows,
+            metric_names: names.into_iter().collect(),
+        }
     }
 }
 

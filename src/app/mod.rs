@@ -8,6 +8,7 @@ pub mod heatmap;
 mod panels;
 pub mod sequence_picker;
 pub mod session;
+pub mod sweep_watch;
 pub mod view;
 pub mod views;
 pub mod widgets;
@@ -169,6 +170,8 @@ pub struct SpdApp {
     actions: Vec<Action>,
     /// `--select module:index`, applied to the first snapshot that has the module.
     pending_select: Option<String>,
+    /// For repaint requests from background threads (the sweep watcher).
+    ctx: egui::Context,
 }
 
 /// How the app starts.
@@ -230,6 +233,7 @@ impl SpdApp {
             exit_after: opts.exit_after.map(|d| (Instant::now(), d)),
             actions: vec![],
             pending_select: opts.select,
+            ctx: cc.egui_ctx.clone(),
         };
         if let Some(v) = opts.view {
             app.settings.view = v;
@@ -322,6 +326,19 @@ impl SpdApp {
         self.settings.recent.retain(|p| p != &path);
         self.settings.recent.insert(0, path.clone());
         self.settings.recent.truncate(8);
+        if path.is_dir() && path.join("sweep.json").is_file() {
+            // A sweep folder: watched by a background thread, shown by the sweep view; a
+            // click on a point loads that point's decomposition.
+            let ctx = self.ctx.clone();
+            self.session.sweep = Some(sweep_watch::SweepWatch::spawn(
+                path.clone(),
+                Duration::from_secs(1),
+                move || ctx.request_repaint(),
+            ));
+            self.session.status = format!("sweep folder {}", path.display());
+            self.set_view("sweep");
+            return;
+        }
         self.session.history.clear();
         self.send(Command::Load(Source::File(path)));
     }

@@ -16,6 +16,12 @@ impl SpdApp {
         }
     }
 
+    pub(super) fn open_folder_dialog(&mut self) {
+        if let Some(p) = rfd::FileDialog::new().pick_folder() {
+            self.open(p);
+        }
+    }
+
     pub(super) fn save_dialog(&mut self) {
         if let Some(p) = rfd::FileDialog::new()
             .add_filter("spdlab", &["spdlab"])
@@ -98,6 +104,13 @@ impl SpdApp {
                 .clicked()
             {
                 self.open_dialog();
+            }
+            if ui
+                .button("Open folder...")
+                .on_hover_text("Open a sweep folder (spdlab sweep) or a goodfire-ai/spd run folder")
+                .clicked()
+            {
+                self.open_folder_dialog();
             }
             ui.menu_button("Recent", |ui| {
                 if self.settings.recent.is_empty() {

@@ -28,6 +28,8 @@ pub struct Session {
     pub(crate) throughput: Option<((Instant, usize), (Instant, usize))>,
     /// Start training as soon as the run is loaded (`--train-preset`).
     pub(crate) start_training: bool,
+    /// The sweep folder being watched (the sweep view), if one was opened.
+    pub sweep: Option<super::sweep_watch::SweepWatch>,
 }
 
 impl Session {
@@ -47,6 +49,7 @@ impl Session {
             rate_probe: None,
             throughput: None,
             start_training: false,
+            sweep: None,
         }
     }
 

@@ -118,6 +118,57 @@ pub fn mmcs_ml2r(model: &ComponentModel) -> Result<BTreeMap<String, MmcsReport>>
     Ok(out)
 }
 
+/// How one module's subcomponents answer single-feature inputs (value 0.75, lower-leaky CI
+/// above 0.5 = "fires"): the regime of a decomposition on models with named features (the
+/// SPD paper's Fig. 8 reads resid-mlp-1 this way).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FeatureResponse {
+    /// Subcomponents that fire on exactly one feature.
+    pub monosemantic: usize,
+    /// Features that have at least one monosemantic subcomponent.
+    pub features_covered: usize,
+    /// Subcomponents that fire on at least half of the features (a shared block).
+    pub shared: usize,
+    /// Subcomponents that fire on no single feature.
+    pub silent: usize,
+}
+
+/// [`FeatureResponse`] per module, for TMS and residual-MLP targets (None for others).
+pub fn feature_response(
+    model: &ComponentModel,
+) -> Result<Option<BTreeMap<String, FeatureResponse>>> {
+    use crate::model::TargetSpec;
+    if !matches!(
+        model.target.spec,
+        TargetSpec::Tms { .. } | TargetSpec::ResidMlp { .. }
+    ) {
+        return Ok(None);
+    }
+    let nf = model.target.spec.n_features();
+    let mats = single_feature_ci(model, 0.75)?;
+    let mut out = BTreeMap::new();
+    for (j, m) in model.modules.iter().enumerate() {
+        let fires = |f: usize, c: usize| mats[j][f * m.c + c] > 0.5;
+        let mut r = FeatureResponse::default();
+        let mut covered = vec![false; nf];
+        for c in 0..m.c {
+            let on: Vec<usize> = (0..nf).filter(|&f| fires(f, c)).collect();
+            match on.len() {
+                0 => r.silent += 1,
+                1 => {
+                    r.monosemantic += 1;
+                    covered[on[0]] = true;
+                }
+                k if 2 * k >= nf => r.shared += 1,
+                _ => {}
+            }
+        }
+        r.features_covered = covered.iter().filter(|&&b| b).count();
+        out.insert(m.name.clone(), r);
+    }
+    Ok(Some(out))
+}
+
 /// Everything `spdlab eval` reports.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EvalReport {
@@ -126,6 +177,9 @@ pub struct EvalReport {
     pub mmcs: BTreeMap<String, f64>,
     pub ml2r: BTreeMap<String, f64>,
     pub target_solution_error: Option<TargetSolutionError>,
+    /// TMS and residual-MLP targets: how each module answers single features.
+    #[serde(default)]
+    pub feature_response: Option<BTreeMap<String, FeatureResponse>>,
     /// Alive subcomponents per module (mean CI > 0 activation density above 0.001).
     pub alive: BTreeMap<String, usize>,
     pub mean_ci_per_component: BTreeMap<String, Vec<f64>>,
@@ -192,5 +246,6 @@ pub fn evaluate(
         rep.ml2r.insert(k, r.ml2r);
     }
     rep.target_solution_error = target_solution_error(&tr.model, &tr.config)?;
+    rep.feature_response = feature_response(&tr.model)?;
     Ok(rep)
 }

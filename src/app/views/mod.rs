@@ -53,6 +53,7 @@ views! {
     days => days::DaysView::default(),
     sequence => sequence::SequenceView::default(),
     attention => attention::AttentionView::default(),
+    sweep => sweep::SweepView::default(),
 }
 
 /// The views' short names (`--view`), in tab order.

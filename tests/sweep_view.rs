@@ -1,0 +1,140 @@
+//! The sweep view on a sweep folder that changes while the app watches it: finished points
+//! fill in, a point that starts running shows its progress, a point that finishes later
+//! appears, the CSV lists every point, and a click on a cell opens that decomposition.
+
+use std::time::{Duration, Instant};
+
+use eframe::egui;
+use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
+use spdlab::app::views::sweep::SweepView;
+use spdlab::app::{SpdApp, StartOptions};
+use spdlab::sweep::{PointState, Progress, Sweep, SweepSpec, parse_axis};
+
+fn wait(h: &mut Harness<'static, SpdApp>, what: &str, done: impl Fn(&SpdApp) -> bool) {
+    let t0 = Instant::now();
+    while !done(h.state()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        h.step();
+    }
+}
+
+fn table(a: &SpdApp) -> Option<std::sync::Arc<spdlab::sweep::SweepTable>> {
+    a.session.sweep.as_ref().and_then(|w| w.table())
+}
+
+#[test]
+fn sweep_view_watches_the_folder_and_opens_points() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("sw");
+    let mut base = serde_json::to_value(spdlab::presets::spd_config("tms-5-2").unwrap()).unwrap();
+    base["preset"] = "tms-5-2".into();
+    base["steps"] = 30.into();
+    let sweep = Sweep::create(
+        &dir,
+        SweepSpec {
+            base,
+            axes: vec![
+                parse_axis("seed=0..1").unwrap(),
+                parse_axis("C.linear1=10,20").unwrap(),
+            ],
+        },
+    )
+    .unwrap();
+    let dev = candle_core::Device::Cpu;
+    sweep.run_point(0, &dev).unwrap();
+    sweep.run_point(1, &dev).unwrap();
+    let open = dir.clone();
+    let mut h = Harness::builder()
+        .with_size(egui::vec2(1200.0, 800.0))
+        .wgpu()
+        .build_eframe(move |cc| {
+            let w = spdlab::worker::WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
+            SpdApp::new(
+                cc,
+                Some(w),
+                StartOptions {
+                    file: Some(open.clone()),
+                    ..Default::default()
+                },
+            )
+        });
+    assert_eq!(h.state().current_view(), "sweep");
+    wait(&mut h, "the first table", |a| table(a).is_some());
+    let t = table(h.state()).unwrap();
+    assert_eq!(t.rows.len(), 4);
+    assert_eq!(t.counts(), (2, 0, 2));
+    // The view starts on the target-solution error, seed along x, C along y.
+    h.run();
+    assert_eq!(
+        h.state().view::<SweepView>().unwrap().metric,
+        "target-solution error"
+    );
+    h.get_by_label_contains("4 points: 2 finished, 0 running, 2 pending");
+    // Point 2 starts (its progress file appears): the cell shows it running.
+    let p2 = sweep.point_dir(2);
+    std::fs::create_dir_all(&p2).unwrap();
+    let prog = Progress {
+        step: 12,
+        total: 31,
+        steps_per_second: 100.0,
+        losses: Default::default(),
+    };
+    std::fs::write(
+        p2.join("progress.json"),
+        serde_json::to_string(&prog).unwrap(),
+    )
+    .unwrap();
+    wait(&mut h, "point 2 running", |a| {
+        table(a).is_some_and(|t| {
+            t.rows[2].state
+                == PointState::Running {
+                    step: 12,
+                    total: 31,
+                }
+        })
+    });
+    // Point 3 finishes while the app watches.
+    sweep.run_point(3, &dev).unwrap();
+    wait(&mut h, "point 3 finished", |a| {
+        table(a).is_some_and(|t| t.counts() == (3, 1, 0))
+    });
+    h.run();
+    h.get_by_label_contains("4 points: 3 finished, 1 running, 0 pending");
+    let _ = h.render().expect("render");
+    // The CSV: one line per point with its axis values and metrics.
+    let csv = d.path().join("sweep.csv");
+    h.state_mut().export_csv(&csv).unwrap();
+    wait(&mut h, "the CSV", |_| csv.exists());
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(text.lines().count(), 5);
+    assert!(
+        text.lines()
+            .next()
+            .unwrap()
+            .contains("\"target-solution error\"")
+    );
+    assert!(text.lines().nth(3).unwrap().contains(",running,12,31"));
+    // A click on point 3's cell opens its decomposition.
+    h.get_by_label("point 3").click();
+    h.run();
+    wait(&mut h, "point 3's decomposition", |a| {
+        a.session
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.modules[0].c == 20)
+    });
+    assert_eq!(h.state().view::<SweepView>().unwrap().opened, Some(3));
+    assert!(
+        h.state().session.error.is_none(),
+        "{:?}",
+        h.state().session.error
+    );
+    // Still the sweep view, still watching.
+    assert_eq!(h.state().current_view(), "sweep");
+    assert!(h.state().session.sweep.is_some());
+}
