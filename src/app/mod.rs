@@ -6,6 +6,7 @@ pub mod config_editor;
 pub mod export;
 pub mod heatmap;
 mod panels;
+pub mod run_watch;
 pub mod sequence_picker;
 pub mod session;
 pub mod sweep_watch;
@@ -339,6 +340,22 @@ impl SpdApp {
             self.set_view("sweep");
             return;
         }
+        self.session.run_watch = None;
+        if run_watch::RunWatch::is_run_folder(&path) {
+            // A goodfire-ai/spd run folder, perhaps still training: followed by a background
+            // thread; its newest complete checkpoint is loaded (see `poll_run_watch`).
+            let ctx = self.ctx.clone();
+            self.session.history.clear();
+            self.session.status = format!("watching {}", path.display());
+            self.session.run_watch_seen = 0;
+            self.session.run_watch_loaded = None;
+            self.session.run_watch = Some(run_watch::RunWatch::spawn(
+                path,
+                Duration::from_secs(1),
+                move || ctx.request_repaint(),
+            ));
+            return;
+        }
         self.session.history.clear();
         self.send(Command::Load(Source::File(path)));
     }
@@ -438,10 +455,32 @@ impl SpdApp {
         }
     }
 
-    /// Applies events from the worker (never blocks).
+    /// Applies events from the worker (never blocks), then what a watched run folder has
+    /// new.
     pub fn drain(&mut self) {
         for e in self.session.take_events() {
             self.apply(e);
+        }
+        self.poll_run_watch();
+    }
+
+    /// A watched run folder: its training curves from metrics.jsonl, and its newest complete
+    /// checkpoint loaded once (the watcher never offers a half-written one).
+    fn poll_run_watch(&mut self) {
+        let Some(w) = &self.session.run_watch else {
+            return;
+        };
+        let v = w.version();
+        if v == self.session.run_watch_seen {
+            return;
+        }
+        self.session.run_watch_seen = v;
+        self.session.history = w.records();
+        if let Some((step, path)) = w.newest()
+            && self.session.run_watch_loaded != Some(step)
+        {
+            self.session.run_watch_loaded = Some(step);
+            self.send(Command::Load(Source::File(path)));
         }
     }
 
@@ -484,6 +523,7 @@ impl SpdApp {
         for a in std::mem::take(&mut self.actions) {
             match a {
                 Action::Load(src) => {
+                    self.session.run_watch = None;
                     self.session.history.clear();
                     self.send(Command::Load(src));
                 }
@@ -553,8 +593,13 @@ impl SpdApp {
         if let Event::Loaded { .. } = e {
             self.selection = Selection::default();
         }
+        let loaded = matches!(e, Event::Loaded { .. });
         self.clusters.on_event(&e, &mut self.selection);
         self.session.apply(e);
+        if loaded && let Some(w) = &self.session.run_watch {
+            // A reference checkpoint has no history: the curves come from metrics.jsonl.
+            self.session.history = w.records();
+        }
         if let Some(label) = &self.pending_select
             && let Some(s) = &self.session.snapshot
             && let Some((name, c)) = label.rsplit_once(':')

@@ -30,6 +30,11 @@ pub struct Session {
     pub(crate) start_training: bool,
     /// The sweep folder being watched (the sweep view), if one was opened.
     pub sweep: Option<super::sweep_watch::SweepWatch>,
+    /// The goodfire-ai/spd run folder being watched, the watcher version last applied and
+    /// the checkpoint step loaded from it.
+    pub run_watch: Option<super::run_watch::RunWatch>,
+    pub(crate) run_watch_seen: u64,
+    pub(crate) run_watch_loaded: Option<usize>,
 }
 
 impl Session {
@@ -50,6 +55,9 @@ impl Session {
             throughput: None,
             start_training: false,
             sweep: None,
+            run_watch: None,
+            run_watch_seen: 0,
+            run_watch_loaded: None,
         }
     }
 

@@ -143,7 +143,12 @@ fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
         .link_axis(link, [true, false])
         .x_axis_label("step")
         .show(ui, |p| {
-            let pts: Vec<[f64; 2]> = history.iter().map(|r| [r.step as f64, r.lr]).collect();
+            // (Watched reference runs log the rate only on some lines.)
+            let pts: Vec<[f64; 2]> = history
+                .iter()
+                .filter(|r| r.lr.is_finite())
+                .map(|r| [r.step as f64, r.lr])
+                .collect();
             p.line(Line::new(
                 "learning rate",
                 PlotPoints::from(thin(&pts, 2000)),
