@@ -851,7 +851,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             };
             let h = spdlab::cluster::cluster(&tr, &opts)?;
             let k = k.unwrap_or_else(|| h.best_k());
-            let res = spdlab::cluster::summarize(&h, &opts, k);
+            let res = spdlab::cluster::summarize(&h, &opts, k).with_score(&tr.model)?;
             if json {
                 println!("{}", serde_json::to_string(&res)?);
             } else {
@@ -876,6 +876,20 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 let step = (res.description_length.len() / 12).max(1);
                 for (kk, dl) in res.description_length.iter().step_by(step) {
                     println!("  k = {kk:>4}: {dl:.4}");
+                }
+                if let Some(sc) = &res.score {
+                    println!(
+                        "against the known answer ({}; {} classes over {} alive subcomponents):",
+                        sc.description, sc.n_classes, sc.n_scored
+                    );
+                    if let Some((kk, p, a)) = sc.at(res.k) {
+                        println!(
+                            "  at the chosen k = {kk}: purity {p:.3}, adjusted Rand index {a:.3}"
+                        );
+                    }
+                    if let Some((kk, p, a)) = sc.best() {
+                        println!("  best cut: k = {kk}: purity {p:.3}, adjusted Rand index {a:.3}");
+                    }
                 }
             }
             if let Some(out) = save {

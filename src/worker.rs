@@ -291,6 +291,8 @@ pub enum JobKind {
 #[derive(Clone, Debug)]
 pub struct ClusterInput {
     pub stored: Option<crate::cluster::ClusteringResult>,
+    /// The target's known answer, if it has one (the clustering is scored against it).
+    pub truth: Option<crate::cluster::score::Truth>,
     pub options: crate::cluster::ClusterOptions,
     pub acts: Vec<f32>,
     pub labels: Vec<String>,
@@ -770,8 +772,10 @@ impl Worker {
                 return Err(e.context("clustering failed"));
             }
         };
+        let truth = crate::cluster::score::ground_truth(&tr.model).unwrap_or(None);
         let input = ClusterInput {
             stored,
+            truth,
             options,
             acts,
             labels,

@@ -352,6 +352,7 @@ fn clustered_harness() -> Harness<'static, SpdApp> {
         spdlab::cluster::activations(&tr, opts.n_samples, opts.ci, opts.seed).unwrap();
     let input = spdlab::worker::ClusterInput {
         stored: None,
+        truth: spdlab::cluster::score::ground_truth(&tr.model).unwrap(),
         options: opts.clone(),
         acts,
         labels,
@@ -372,6 +373,18 @@ fn clusters_view_selects_a_cluster_and_slides_k() {
     assert_eq!(k0, 5, "minimum description length at five groups");
     assert_eq!(h.state().clusters.rows.len(), 5);
     assert!(h.state().clusters.rows.iter().all(|r| r.rank == 2));
+    // Scored against the known answer (the feature each subcomponent reads or writes): the
+    // stopping point is the answer; one merge further is not.
+    let d = h.state().clusters.data.clone().unwrap();
+    let sc = d.result.score.as_ref().expect("tms has a known answer");
+    assert_eq!(sc.n_classes, 5);
+    assert_eq!(sc.at(5).map(|p| (p.1, p.2)), Some((1.0, 1.0)));
+    assert!(sc.at(4).unwrap().2 < 1.0);
+    assert_eq!(sc.best().unwrap().0, 5);
+    h.get_by_label_contains("vs the known answer: k = 5: purity 1.000, ARI 1.000");
+    // The merge tree has every alive subcomponent as a leaf and one join per merge.
+    assert_eq!(d.dendrogram.order.len(), d.n_alive());
+    assert_eq!(d.dendrogram.segments.len(), 3 * d.dendrogram.n_steps);
     let uploads = h.state().view::<ClustersView>().unwrap().uploads;
     assert_eq!(uploads, 1);
     h.run();

@@ -31,6 +31,8 @@ pub struct ClusterData {
     /// Firing bitsets, `words` u64 per alive subcomponent.
     pub masks: Vec<u64>,
     pub words: usize,
+    /// The merge history as a tree (built here, on the worker).
+    pub dendrogram: crate::cluster::score::Dendrogram,
 }
 
 impl ClusterData {
@@ -77,6 +79,13 @@ impl ClusterData {
                 crate::cluster::summarize(&h, &input.options, h.best_k())
             }
         };
+        // Scored against the target's known answer (also a stored clustering without one).
+        let mut result = result;
+        if result.score.is_none()
+            && let Some(t) = &input.truth
+        {
+            result.score = Some(crate::cluster::score::score_history(&result, t));
+        }
         if !report("co-activation counts", 0.8) {
             anyhow::bail!("cancelled");
         }
@@ -106,6 +115,7 @@ impl ClusterData {
             }
         }
         Ok(ClusterData {
+            dendrogram: crate::cluster::score::Dendrogram::from_history(&result.group_idxs),
             result,
             n_samples: n,
             coact,

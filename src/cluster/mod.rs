@@ -2,6 +2,7 @@
 //! importance co-activation, for every model family.
 
 pub mod merge;
+pub mod score;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -232,6 +233,20 @@ pub struct ClusteringResult {
     /// Group index of each alive subcomponent after every merge (row t = after t merges).
     pub labels_alive: Vec<String>,
     pub group_idxs: Vec<Vec<u32>>,
+    /// Targets with a known answer: purity and ARI of every state against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<score::ScoreCurve>,
+}
+
+impl ClusteringResult {
+    /// Scores the merge history against the target's known answer, if it has one.
+    pub fn with_score(
+        mut self,
+        model: &crate::spd::component_model::ComponentModel,
+    ) -> anyhow::Result<Self> {
+        self.score = score::ground_truth(model)?.map(|t| score::score_history(&self, &t));
+        Ok(self)
+    }
 }
 
 pub fn summarize(h: &MergeHistory, opts: &ClusterOptions, k: usize) -> ClusteringResult {
@@ -281,6 +296,7 @@ pub fn summarize(h: &MergeHistory, opts: &ClusterOptions, k: usize) -> Clusterin
             .collect(),
         labels_alive: h.labels_alive.clone(),
         group_idxs: h.group_idxs.clone(),
+        score: None,
     }
 }
 

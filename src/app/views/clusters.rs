@@ -98,10 +98,21 @@ impl ClustersView {
             self.matrix(cx, ui, &d, side);
             ui.vertical(|ui| {
                 ui.set_max_height(side);
+                // Long member lists scroll instead of widening the view.
+                ui.set_max_width((avail.x - side - 16.0).max(100.0));
                 table(cx, ui);
             });
         });
-        dl_plot(cx, ui, &d, plot_h);
+        // Below: the description length, the score against the known answer (if the target
+        // has one) and the merge tree.
+        let n = if d.result.score.is_some() { 3 } else { 2 };
+        ui.columns(n, |cols| {
+            dl_plot(cx, &mut cols[0], &d, plot_h);
+            if let Some(sc) = &d.result.score {
+                score_plot(cx, &mut cols[1], sc, plot_h);
+            }
+            dendrogram(cx, &mut cols[n - 1], &d, plot_h);
+        });
     }
 
     fn run_controls(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
@@ -235,7 +246,7 @@ impl ClustersView {
 }
 
 fn table(cx: &mut ViewCtx, ui: &mut egui::Ui) {
-    egui::ScrollArea::vertical()
+    egui::ScrollArea::both()
         .id_salt("cluster-table")
         .auto_shrink([false, true])
         .show(ui, |ui| {
@@ -311,4 +322,89 @@ fn dl_plot(cx: &ViewCtx, ui: &mut egui::Ui, d: &ClusterData, h: f32) {
                     .color(CLUSTER_COLOR),
             );
         });
+}
+
+/// Purity and adjusted Rand index against the known answer along the merge history.
+fn score_plot(cx: &ViewCtx, ui: &mut egui::Ui, sc: &crate::cluster::score::ScoreCurve, h: f32) {
+    let shown = sc.at(cx.clusters.k);
+    let best = sc.best();
+    ui.label(match (shown, best) {
+        (Some((k, p, a)), Some((bk, _, ba))) => format!(
+            "vs the known answer: k = {k}: purity {p:.3}, ARI {a:.3}; best cut k = {bk} (ARI {ba:.3})"
+        ),
+        _ => "vs the known answer".into(),
+    })
+    .on_hover_text(&sc.description);
+    let line = |f: fn(&(usize, f64, f64)) -> f64| {
+        PlotPoints::from(sc.points.iter().map(|p| [p.0 as f64, f(p)]).collect::<Vec<_>>())
+    };
+    Plot::new("score-curve")
+        .height((h - 20.0).max(60.0))
+        .legend(Legend::default().position(egui_plot::Corner::RightBottom))
+        .x_axis_label("groups k")
+        .include_y(0.0)
+        .include_y(1.0)
+        .show(ui, |p| {
+            p.line(Line::new("purity", line(|p| p.1)));
+            p.line(Line::new("adjusted Rand index", line(|p| p.2)));
+            p.vline(
+                VLine::new(format!("shown k = {}", cx.clusters.k), cx.clusters.k as f64)
+                    .color(CLUSTER_COLOR),
+            );
+        });
+}
+
+/// The merge tree: leaves (alive subcomponents) along x with their known class as a colour
+/// strip (when the target has a known answer), merges upwards; the shown k is the cut line.
+fn dendrogram(cx: &ViewCtx, ui: &mut egui::Ui, d: &ClusterData, h: f32) {
+    let dg = &d.dendrogram;
+    let n = dg.order.len();
+    if n == 0 || dg.n_steps == 0 {
+        return;
+    }
+    ui.label("merge tree (leaves coloured by their known class)");
+    let (rect, resp) = ui.allocate_exact_size(
+        egui::vec2(ui.available_width(), (h - 20.0).max(60.0)),
+        egui::Sense::hover(),
+    );
+    let p = ui.painter_at(rect);
+    let strip = 8.0;
+    let plot = egui::Rect::from_min_max(rect.min, egui::pos2(rect.max.x, rect.max.y - strip - 2.0));
+    let sx = |x: f32| plot.left() + (x + 0.5) / n as f32 * plot.width();
+    let sy = |y: f32| plot.bottom() - y / dg.n_steps as f32 * plot.height();
+    let stroke = egui::Stroke::new(1.0, ui.visuals().weak_text_color());
+    for s in &dg.segments {
+        p.line_segment([egui::pos2(sx(s[0]), sy(s[1])), egui::pos2(sx(s[2]), sy(s[3]))], stroke);
+    }
+    let cut = d.n_alive().saturating_sub(cx.clusters.k) as f32;
+    p.line_segment(
+        [egui::pos2(plot.left(), sy(cut)), egui::pos2(plot.right(), sy(cut))],
+        egui::Stroke::new(1.5, CLUSTER_COLOR),
+    );
+    let classes = d.result.score.as_ref().map(|s| &s.class_of_alive);
+    let w = plot.width() / n as f32;
+    for (pos, &leaf) in dg.order.iter().enumerate() {
+        let c = classes.and_then(|c| c.get(leaf).copied().flatten());
+        let color = c.map_or(egui::Color32::from_gray(80), |c| {
+            crate::app::widgets::component_color(c as usize)
+        });
+        let r = egui::Rect::from_min_size(
+            egui::pos2(plot.left() + pos as f32 * w, rect.max.y - strip),
+            egui::vec2(w.max(1.0), strip),
+        );
+        p.rect_filled(r, 0.0, color);
+    }
+    if let Some(pos) = resp.hover_pos() {
+        let i = (((pos.x - plot.left()) / plot.width()) * n as f32).floor();
+        if i >= 0.0 && (i as usize) < n {
+            let leaf = dg.order[i as usize];
+            let class = d
+                .result
+                .score
+                .as_ref()
+                .and_then(|s| s.class_of_alive.get(leaf).copied().flatten().map(|c| s.class_names[c as usize].clone()))
+                .unwrap_or_else(|| "-".into());
+            resp.on_hover_text(format!("{} (known class: {class})", d.result.labels_alive[leaf]));
+        }
+    }
 }
