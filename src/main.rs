@@ -96,47 +96,7 @@ enum Cmd {
     },
     /// Train a grid of configs, one folder per point (locally with --jobs, or as a Slurm job
     /// array with --emit slurm); rerun to continue. See README "Sweeps".
-    Sweep {
-        /// A sweep folder: continue it, show it (--status), run one point (--point) or write
-        /// its job-array script (--emit slurm).
-        dir: Option<PathBuf>,
-        /// Create a sweep over this preset's config ...
-        #[arg(long, conflicts_with_all = ["config", "dir"])]
-        preset: Option<String>,
-        /// ... or over a `train --config` file.
-        #[arg(long, conflicts_with = "dir")]
-        config: Option<PathBuf>,
-        /// An axis: PATH=V1,V2,... or PATH=A..B (integers). PATH: loss.<Class>.<field>,
-        /// C.<module>, lr, or any config field (seed, steps, batch_size, ...). Repeatable.
-        #[arg(long = "grid", value_name = "PATH=VALUES")]
-        grid: Vec<String>,
-        /// Steps of every point (a shorthand for --grid steps=N).
-        #[arg(long)]
-        steps: Option<usize>,
-        /// The sweep folder to create (with --preset or --config).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Points run at once, each in its own process with the threads split between them.
-        #[arg(long, default_value_t = 1)]
-        jobs: usize,
-        /// Run only this point, in this process (what a job-array task runs).
-        #[arg(long)]
-        point: Option<usize>,
-        /// Write DIR/slurm.sh, a job array with one task per point, instead of running.
-        #[arg(long, value_name = "slurm")]
-        emit: Option<String>,
-        /// Show the points' states and results without running anything.
-        #[arg(long)]
-        status: bool,
-        /// Print the points' results as one JSON array on stdout.
-        #[arg(long)]
-        json: bool,
-        /// Seconds between a running point's recovery saves.
-        #[arg(long, default_value_t = 30)]
-        autosave_secs: u64,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-    },
+    Sweep(SweepArgs),
     /// Evaluate a saved decomposition.
     Eval {
         file: PathBuf,
@@ -343,26 +303,52 @@ fn main() {
     }
 }
 
+#[derive(clap::Args)]
 struct SweepArgs {
+    /// A sweep folder: continue it, show it (--status), run one point (--point) or write
+    /// its job-array script (--emit slurm).
     dir: Option<PathBuf>,
+    /// Create a sweep over this preset's config ...
+    #[arg(long, conflicts_with_all = ["config", "dir"])]
     preset: Option<String>,
+    /// ... or over a `train --config` file.
+    #[arg(long, conflicts_with = "dir")]
     config: Option<PathBuf>,
+    /// An axis: PATH=V1,V2,... or PATH=A..B (integers). PATH: loss.<Class>.<field>,
+    /// C.<module>, lr, or any config field (seed, steps, batch_size, ...). Repeatable.
+    #[arg(long = "grid", value_name = "PATH=VALUES")]
     grid: Vec<String>,
+    /// Steps of every point (a shorthand for --grid steps=N).
+    #[arg(long)]
     steps: Option<usize>,
+    /// The sweep folder to create (with --preset or --config).
+    #[arg(long)]
     out: Option<PathBuf>,
+    /// Points run at once, each in its own process with the threads split between them.
+    #[arg(long, default_value_t = 1)]
     jobs: usize,
+    /// Run only this point, in this process (what a job-array task runs).
+    #[arg(long)]
     point: Option<usize>,
+    /// Write DIR/slurm.sh, a job array with one task per point, instead of running.
+    #[arg(long, value_name = "slurm")]
     emit: Option<String>,
+    /// Show the points' states and results without running anything.
+    #[arg(long)]
     status: bool,
+    /// Print the points' results as one JSON array on stdout.
+    #[arg(long)]
     json: bool,
+    /// Seconds between a running point's recovery saves.
+    #[arg(long, default_value_t = 30)]
     autosave_secs: u64,
+    #[arg(long, default_value = "cpu")]
     device: String,
-    threads: Option<usize>,
 }
 
 /// `spdlab sweep`: create or open a sweep folder, then run a point, the pool, or write the
 /// job-array script; print the points' results.
-fn run_sweep(a: SweepArgs) -> anyhow::Result<()> {
+fn run_sweep(a: SweepArgs, threads: Option<usize>) -> anyhow::Result<()> {
     use spdlab::sweep::{PointState, Sweep, SweepSpec, parse_axis};
     let sweep = match (&a.preset, &a.config, &a.dir) {
         (None, None, Some(d)) => {
@@ -435,7 +421,7 @@ fn run_sweep(a: SweepArgs) -> anyhow::Result<()> {
             anyhow::bail!("--emit {kind}: only slurm is supported");
         }
         let exe = std::env::current_exe()?;
-        let cpus = a.threads.unwrap_or(1);
+        let cpus = threads.unwrap_or(1);
         let path = sweep.dir.join("slurm.sh");
         spdlab::io::atomic::write_atomic(&path, sweep.slurm_script(&exe, cpus).as_bytes())?;
         #[cfg(unix)]
@@ -457,7 +443,7 @@ fn run_sweep(a: SweepArgs) -> anyhow::Result<()> {
             );
         }
         let cores = spdlab::parallel::default_threads();
-        let total = a.threads.unwrap_or(cores);
+        let total = threads.unwrap_or(cores);
         let jobs = a.jobs.clamp(1, n.max(1));
         let per = (total / jobs).max(1);
         let exe = std::env::current_exe()?;
@@ -518,36 +504,10 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Sweep {
-            dir,
-            preset,
-            config,
-            grid,
-            steps,
-            out,
-            jobs,
-            point,
-            emit,
-            status,
-            json,
-            autosave_secs,
-            device,
-        } => run_sweep(SweepArgs {
-            dir,
-            preset,
-            config,
-            grid,
-            steps,
-            out,
-            jobs,
-            point,
-            emit,
-            status,
-            json,
-            autosave_secs,
-            device,
-            threads: spdlab::parallel::explicit().then(spdlab::parallel::threads),
-        }),
+        Cmd::Sweep(args) => run_sweep(
+            args,
+            spdlab::parallel::explicit().then(spdlab::parallel::threads),
+        ),
         Cmd::Train {
             preset,
             config,
@@ -671,19 +631,12 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             let report = runner::final_eval(&mut tr)?;
             spdlab_file::save(&tr, &extras, &out)?;
             let _ = std::fs::remove_file(&recovery);
-            let summary = TrainSummary {
-                preset: extras.preset.clone(),
-                steps: total,
-                seconds: secs,
-                steps_per_second: trained as f64 / secs.max(1e-9),
-                losses: report.losses.clone(),
-                l0: report.l0.clone(),
-                mmcs: report.mmcs.clone(),
-                ml2r: report.ml2r.clone(),
-                target_solution_error: report.target_solution_error.clone(),
-                feature_response: report.feature_response.clone(),
-                out: Some(out.clone()),
-            };
+            let summary = TrainSummary::new(
+                &report,
+                extras.preset.clone(),
+                (total, start_step, secs),
+                out.clone(),
+            );
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {

@@ -116,6 +116,31 @@ pub struct TrainSummary {
     pub out: Option<PathBuf>,
 }
 
+impl TrainSummary {
+    /// The summary of a run of `total` steps that trained from `start_step` in `secs`.
+    pub fn new(
+        report: &crate::metrics::EvalReport,
+        preset: Option<String>,
+        (total, start_step, secs): (usize, usize, f64),
+        out: PathBuf,
+    ) -> Self {
+        let trained = (total + 1).saturating_sub(start_step);
+        TrainSummary {
+            preset,
+            steps: total,
+            seconds: secs,
+            steps_per_second: trained as f64 / secs.max(1e-9),
+            losses: report.losses.clone(),
+            l0: report.l0.clone(),
+            mmcs: report.mmcs.clone(),
+            ml2r: report.ml2r.clone(),
+            target_solution_error: report.target_solution_error.clone(),
+            feature_response: report.feature_response.clone(),
+            out: Some(out),
+        }
+    }
+}
+
 /// Options of a training run.
 pub struct RunOptions {
     /// Save a recovery file at this interval (None = never).

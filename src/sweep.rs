@@ -440,22 +440,14 @@ impl Sweep {
         if let Some(e) = write_err {
             return Err(e.context(d.display().to_string()));
         }
-        let trained = (total + 1).saturating_sub(start);
         let report = crate::runner::final_eval(&mut tr)?;
         crate::io::spdlab_file::save(&tr, &extras, &out)?;
-        let summary = crate::runner::TrainSummary {
-            preset: extras.preset.clone(),
-            steps: total,
-            seconds: secs,
-            steps_per_second: trained as f64 / secs.max(1e-9),
-            losses: report.losses.clone(),
-            l0: report.l0.clone(),
-            mmcs: report.mmcs.clone(),
-            ml2r: report.ml2r.clone(),
-            target_solution_error: report.target_solution_error.clone(),
-            feature_response: report.feature_response.clone(),
-            out: Some(out.clone()),
-        };
+        let summary = crate::runner::TrainSummary::new(
+            &report,
+            extras.preset.clone(),
+            (total, start, secs),
+            out.clone(),
+        );
         let sp = d.join("summary.json");
         write_atomic(&sp, serde_json::to_string_pretty(&summary)?.as_bytes())
             .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", sp.display()))?;

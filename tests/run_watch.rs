@@ -8,8 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use eframe::egui;
-use egui_kittest::Harness;
-use spdlab::app::{SpdApp, StartOptions};
+use spdlab::app::SpdApp;
 
 fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -17,20 +16,8 @@ fn fixture(name: &str) -> std::path::PathBuf {
         .join(name)
 }
 
-fn wait(h: &mut Harness<'static, SpdApp>, what: &str, done: impl Fn(&SpdApp) -> bool) {
-    let t0 = Instant::now();
-    while !done(h.state()) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        if let Some(e) = &h.state().session.error {
-            panic!("{what}: {e}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-        h.step();
-    }
-}
+mod common;
+use common::wait;
 
 fn line(step: usize) -> String {
     format!(
@@ -60,22 +47,7 @@ fn a_run_folder_being_written_updates_live_and_never_loads_a_partial_checkpoint(
     std::fs::write(run.join("model_100.pth"), &ck).unwrap();
     let metrics = run.join("metrics.jsonl");
     append(&metrics, &(line(0) + &line(50)));
-    let open = run.clone();
-    let mut h = Harness::builder()
-        .with_size(egui::vec2(1100.0, 700.0))
-        .wgpu()
-        .build_eframe(move |cc| {
-            let w = spdlab::worker::WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
-            SpdApp::new(
-                cc,
-                Some(w),
-                StartOptions {
-                    file: Some(open.clone()),
-                    view: Some("training".into()),
-                    ..Default::default()
-                },
-            )
-        });
+    let mut h = common::app_on(run.clone(), Some("training"), egui::vec2(1100.0, 700.0));
     let loaded = |a: &SpdApp, name: &str| {
         a.session.snapshot.is_some() && a.session.description.ends_with(name)
     };

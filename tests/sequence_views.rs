@@ -3,49 +3,20 @@
 //! and the attention view shows target / full / ablated patterns that are causal and sum to
 //! one per query.
 
-use std::time::{Duration, Instant};
-
 use eframe::egui;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
+use spdlab::app::SpdApp;
 use spdlab::app::views::attention::AttentionView;
 use spdlab::app::views::sequence::SequenceView;
-use spdlab::app::{SpdApp, StartOptions};
+
+mod common;
+use common::wait;
 
 fn harness(view: &str) -> Harness<'static, SpdApp> {
     let run =
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref-ih-tiny");
-    let view = view.to_string();
-    Harness::builder()
-        .with_size(egui::vec2(1300.0, 900.0))
-        .wgpu()
-        .build_eframe(move |cc| {
-            let w = spdlab::worker::WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
-            SpdApp::new(
-                cc,
-                Some(w),
-                StartOptions {
-                    file: Some(run.clone()),
-                    view: Some(view.clone()),
-                    ..Default::default()
-                },
-            )
-        })
-}
-
-fn wait(h: &mut Harness<'static, SpdApp>, what: &str, done: impl Fn(&SpdApp) -> bool) {
-    let t0 = Instant::now();
-    while !done(h.state()) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(90),
-            "timed out waiting for {what}"
-        );
-        if let Some(e) = &h.state().session.error {
-            panic!("{what}: {e}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-        h.step();
-    }
+    common::app_on(run, Some(view), egui::vec2(1300.0, 900.0))
 }
 
 #[test]

@@ -2,26 +2,14 @@
 //! fill in, a point that starts running shows its progress, a point that finishes later
 //! appears, the CSV lists every point, and a click on a cell opens that decomposition.
 
-use std::time::{Duration, Instant};
-
 use eframe::egui;
-use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
+use spdlab::app::SpdApp;
 use spdlab::app::views::sweep::SweepView;
-use spdlab::app::{SpdApp, StartOptions};
 use spdlab::sweep::{PointState, Progress, Sweep, SweepSpec, parse_axis};
 
-fn wait(h: &mut Harness<'static, SpdApp>, what: &str, done: impl Fn(&SpdApp) -> bool) {
-    let t0 = Instant::now();
-    while !done(h.state()) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-        h.step();
-    }
-}
+mod common;
+use common::wait;
 
 fn table(a: &SpdApp) -> Option<std::sync::Arc<spdlab::sweep::SweepTable>> {
     a.session.sweep.as_ref().and_then(|w| w.table())
@@ -48,21 +36,7 @@ fn sweep_view_watches_the_folder_and_opens_points() {
     let dev = candle_core::Device::Cpu;
     sweep.run_point(0, &dev).unwrap();
     sweep.run_point(1, &dev).unwrap();
-    let open = dir.clone();
-    let mut h = Harness::builder()
-        .with_size(egui::vec2(1200.0, 800.0))
-        .wgpu()
-        .build_eframe(move |cc| {
-            let w = spdlab::worker::WorkerHandle::spawn(candle_core::Device::Cpu, Box::new(|| {}));
-            SpdApp::new(
-                cc,
-                Some(w),
-                StartOptions {
-                    file: Some(open.clone()),
-                    ..Default::default()
-                },
-            )
-        });
+    let mut h = common::app_on(dir.clone(), None, egui::vec2(1200.0, 800.0));
     assert_eq!(h.state().current_view(), "sweep");
     wait(&mut h, "the first table", |a| table(a).is_some());
     let t = table(h.state()).unwrap();

@@ -177,10 +177,7 @@ impl RunWatch {
                         ver.fetch_add(1, Ordering::Relaxed);
                         wake();
                     }
-                    let t0 = std::time::Instant::now();
-                    while t0.elapsed() < every && !st.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
+                    super::sweep_watch::pause(every, &st);
                 }
             })
             .expect("cannot start the run watcher thread");

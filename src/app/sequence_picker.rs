@@ -114,15 +114,19 @@ pub fn parse_tokens(text: &str, dims: &IhDims) -> Result<Vec<f32>, String> {
 
 /// Tokens as text (`BOS`, `S` named).
 pub fn tokens_text(tokens: &[f32], dims: &IhDims) -> String {
+    token_labels(tokens.iter().map(|&t| t as usize), dims).join(" ")
+}
+
+/// Each token's label (`BOS`, `S`, or its id), for axes and hovers.
+pub fn token_labels(tokens: impl IntoIterator<Item = usize>, dims: &IhDims) -> Vec<String> {
     tokens
-        .iter()
-        .map(|&t| match t as usize {
+        .into_iter()
+        .map(|t| match t {
             0 => "BOS".to_string(),
             k if k == dims.induction_token() => "S".to_string(),
             k => k.to_string(),
         })
-        .collect::<Vec<_>>()
-        .join(" ")
+        .collect()
 }
 
 impl SequencePicker {

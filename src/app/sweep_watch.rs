@@ -67,10 +67,7 @@ impl SweepWatch {
                             wake();
                         }
                     }
-                    let t0 = std::time::Instant::now();
-                    while t0.elapsed() < every && !s.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
+                    pause(every, &s);
                 }
             })
             .expect("cannot start the sweep watcher thread");
@@ -95,6 +92,14 @@ impl SweepWatch {
     /// Why the folder cannot be read, if it cannot.
     pub fn error(&self) -> Option<String> {
         self.error.lock().unwrap().clone()
+    }
+}
+
+/// Sleeps for `every`, waking early once `stop` is set (a watcher's poll interval).
+pub(crate) fn pause(every: Duration, stop: &AtomicBool) {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < every && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

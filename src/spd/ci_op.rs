@@ -1314,6 +1314,24 @@ mod kernels {
         (w1, b1, w2, rest[0])
     }
 
+    /// One component's gradient slices in the packed layout of [`vec_unit`]:
+    /// `(gW1, gb1, gW2, gb2)`.
+    #[inline(always)]
+    #[allow(clippy::type_complexity)]
+    fn vec_unit_mut(
+        gp: &mut [f32],
+        comp: usize,
+        d: usize,
+        hd: usize,
+    ) -> (&mut [f32], &mut [f32], &mut [f32], &mut f32) {
+        let w = d * hd + 2 * hd + 1;
+        let q = &mut gp[comp * w..(comp + 1) * w];
+        let (gw1, rest) = q.split_at_mut(d * hd);
+        let (gb1, rest) = rest.split_at_mut(hd);
+        let (gw2, gb2) = rest.split_at_mut(hd);
+        (gw1, gb1, gw2, &mut gb2[0])
+    }
+
     /// Rows of the batch per block: the block's hidden values `[VB, H]` stay in L2.
     const VB: usize = 256;
 
@@ -1415,14 +1433,10 @@ mod kernels {
         hd: usize,
         gp: &mut [f32],
     ) {
-        let w = d * hd + 2 * hd + 1;
         let mut zb = vec![0f32; VB * hd];
         for comp in 0..c {
             let (w1, b1, w2, _) = vec_unit(p, comp, d, hd);
-            let q = &mut gp[comp * w..(comp + 1) * w];
-            let (gw1, rest) = q.split_at_mut(d * hd);
-            let (gb1, rest) = rest.split_at_mut(hd);
-            let (gw2, gb2) = rest.split_at_mut(hd);
+            let (gw1, gb1, gw2, gb2) = vec_unit_mut(gp, comp, d, hd);
             let mut gb2_acc = 0f64;
             for r0 in (0..n).step_by(VB) {
                 let rb = VB.min(n - r0);
@@ -1445,7 +1459,7 @@ mod kernels {
                 // gW1 += X_blockᵀ · G
                 small_gemm(d, hd, rb, gw1, true, &x[r0 * d..], 1, d, &zb, hd);
             }
-            gb2[0] = gb2_acc as f32;
+            *gb2 = gb2_acc as f32;
         }
     }
 
@@ -1569,7 +1583,7 @@ mod kernels {
     pub(super) mod fused512 {
         use super::{
             FRAC_1_SQRT_2, VB, fma, norm_cdf_u_fwd, norm_cdf_u_with_pdf, pdf_u, small_gemm,
-            vec_unit,
+            vec_unit, vec_unit_mut,
         };
         use std::arch::x86_64::*;
 
@@ -1776,10 +1790,7 @@ mod kernels {
             let grad = |r: usize, comp: usize| g.data[g.off + r * g.s0 + comp * g.s1];
             for comp in 0..c {
                 let (w1, b1, w2, _) = vec_unit(p, comp, d, hd);
-                let q = &mut gp[comp * w..(comp + 1) * w];
-                let (gw1, rest) = q.split_at_mut(d * hd);
-                let (gb1, rest) = rest.split_at_mut(hd);
-                let (gw2, gb2) = rest.split_at_mut(hd);
+                let (gw1, gb1, gw2, gb2) = vec_unit_mut(gp, comp, d, hd);
                 let mut gb2_acc = 0f64;
                 for r0 in (0..n).step_by(VB) {
                     let rb = VB.min(n - r0);
@@ -1825,7 +1836,7 @@ mod kernels {
                     // gW1 += X_blockᵀ · G
                     small_gemm(d, hd, rb, gw1, true, &x[r0 * d..], 1, d, &zb, hd);
                 }
-                gb2[0] = gb2_acc as f32;
+                *gb2 = gb2_acc as f32;
             }
         }
     }

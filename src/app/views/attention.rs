@@ -8,7 +8,7 @@
 use eframe::egui;
 use egui_plot::{Line, Plot, PlotPoints, VLine};
 
-use crate::app::sequence_picker::{ProbeLink, QueryKeyMap, SequencePicker, tokens_text};
+use crate::app::sequence_picker::{ProbeLink, QueryKeyMap, SequencePicker, token_labels};
 use crate::app::view::{CsvJob, View, ViewCtx};
 use crate::worker::Event;
 
@@ -126,10 +126,7 @@ impl AttentionView {
             return;
         };
         let seq = p.tokens.len();
-        let text: Vec<String> = tokens_text(&p.tokens.iter().map(|&t| t as f32).collect::<Vec<_>>(), &dims)
-            .split(' ')
-            .map(str::to_string)
-            .collect();
+        let text = token_labels(p.tokens.iter().map(|&t| t as usize), &dims);
         let titles = [
             "target",
             "full decomposition",

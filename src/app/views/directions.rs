@@ -6,7 +6,7 @@ use eframe::egui;
 use egui_plot::{Arrows, Legend, Plot, PlotPoints};
 
 use crate::app::heatmap;
-use crate::app::sequence_picker::{ProbeLink, QueryKeyMap, SequencePicker, tokens_text};
+use crate::app::sequence_picker::{ProbeLink, QueryKeyMap, SequencePicker, token_labels};
 use crate::app::view::{CsvJob, View, ViewCtx};
 use crate::app::widgets::{CLUSTER_COLOR, component_color, module_picker};
 use crate::worker::{Event, ModuleSnapshot, Snapshot};
@@ -121,10 +121,7 @@ impl DirectionsView {
             return;
         };
         let seq = p.tokens.len();
-        let text: Vec<String> = tokens_text(&p.tokens.iter().map(|&t| t as f32).collect::<Vec<_>>(), &dims)
-            .split(' ')
-            .map(str::to_string)
-            .collect();
+        let text = token_labels(p.tokens.iter().map(|&t| t as usize), &dims);
         if self.maps.0 != self.link.shown || self.maps.1.is_empty() {
             let per_head = |h: usize| {
                 // The largest change, named.

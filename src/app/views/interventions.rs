@@ -9,7 +9,7 @@ use egui_plot::{Bar, BarChart, Legend, Plot};
 
 use std::sync::Arc;
 
-use crate::app::sequence_picker::{SequencePicker, tokens_text};
+use crate::app::sequence_picker::{SequencePicker, token_labels};
 use crate::app::view::{CsvJob, View, ViewCtx};
 use crate::interventions::{InterventionResult, MaskMode, Trace};
 use crate::worker::{Command, Event, InputSet, InterventionOutcome, InterventionRequest, Snapshot};
@@ -549,10 +549,7 @@ fn sequence_detail(ui: &mut egui::Ui, r: &InterventionResult, row: usize, dims: 
     let Some(ps) = r.positions.get(row * s..(row + 1) * s) else {
         return;
     };
-    let text: Vec<String> = tokens_text(&r.inputs[row], dims)
-        .split(' ')
-        .map(str::to_string)
-        .collect();
+    let text = token_labels(r.inputs[row].iter().map(|&t| t as usize), dims);
     Plot::new("iv_kl_positions")
         .legend(Legend::default())
         .height(120.0)

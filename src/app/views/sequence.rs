@@ -8,7 +8,7 @@ use std::sync::Arc;
 use eframe::egui;
 
 use crate::app::heatmap;
-use crate::app::sequence_picker::{ProbeLink, SequencePicker, tokens_text};
+use crate::app::sequence_picker::{ProbeLink, SequencePicker, token_labels};
 use crate::app::view::{CsvJob, View, ViewCtx};
 use crate::app::widgets::component_color;
 use crate::worker::Event;
@@ -132,8 +132,8 @@ impl SequenceView {
         let cell_w = avail_w / seq as f32;
         let (strip, _) = ui.allocate_exact_size(egui::vec2(ui.available_width(), 16.0), egui::Sense::hover());
         let every = ((26.0 / cell_w).ceil() as usize).max(1);
-        let text = tokens_text(&p.tokens.iter().map(|&t| t as f32).collect::<Vec<_>>(), &dims);
-        for (pos, t) in text.split(' ').enumerate() {
+        let text = token_labels(p.tokens.iter().map(|&t| t as usize), &dims);
+        for (pos, t) in text.iter().enumerate() {
             let special = t == "S" || p.induction.is_some_and(|(_, m)| pos > 0 && p.tokens[pos - 1] as usize == dims.induction_token() && p.tokens[pos] == m);
             if pos % every == 0 || special {
                 ui.painter().text(
@@ -206,7 +206,7 @@ impl SequenceView {
                         let k = rows[r];
                         resp.clone().on_hover_text(format!(
                             "position {x}, token {}\n{}:{k}\nCI = {:.4}",
-                            text.split(' ').nth(x).unwrap_or("?"),
+                            text.get(x).map_or("?", String::as_str),
                             p.modules[j],
                             p.ci[j][x * c + k]
                         ));
