@@ -97,14 +97,18 @@ fn killed_sweep_resumes_without_recomputing_or_losing_files() {
         "the kill landed inside point 1"
     );
     let first = dir.join("points/p000");
-    let before = (
-        std::fs::read(first.join("summary.json")).unwrap(),
-        std::fs::read(first.join("run.spdlab")).unwrap(),
-        std::fs::metadata(first.join("run.spdlab"))
-            .unwrap()
-            .modified()
-            .unwrap(),
-    );
+    // Point 0's files and their modification time.
+    let state = |p: &Path| {
+        (
+            std::fs::read(p.join("summary.json")).unwrap(),
+            std::fs::read(p.join("run.spdlab")).unwrap(),
+            std::fs::metadata(p.join("run.spdlab"))
+                .unwrap()
+                .modified()
+                .unwrap(),
+        )
+    };
+    let before = state(&first);
     // The interrupted point's recovery file is a complete, loadable run.
     spdlab::io::spdlab_file::load(&p1.join("run.spdlab.recovery"), &candle_core::Device::Cpu)
         .expect("the recovery file is intact");
@@ -115,14 +119,7 @@ fn killed_sweep_resumes_without_recomputing_or_losing_files() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let after = (
-        std::fs::read(first.join("summary.json")).unwrap(),
-        std::fs::read(first.join("run.spdlab")).unwrap(),
-        std::fs::metadata(first.join("run.spdlab"))
-            .unwrap()
-            .modified()
-            .unwrap(),
-    );
+    let after = state(&first);
     assert!(
         before == after,
         "the finished point was not recomputed or rewritten"

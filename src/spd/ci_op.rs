@@ -1798,38 +1798,25 @@ mod kernels {
                     // SAFETY: rows r..r+R (or +1) inside the block and below n; chunks inside
                     // hd (asserted above); zb holds VB rows of hd.
                     unsafe {
+                        // One tile of rows: their gradients, summed for b2, then the tile.
+                        let mut tile = |r: usize, rr: usize| {
+                            let unit = (w1, b1, w2);
+                            if rr == R {
+                                let gr: [f32; R] = std::array::from_fn(|i| grad(r + i, comp));
+                                gb2_acc += gr.iter().map(|&v| v as f64).sum::<f64>();
+                                backward_rows::<R>(x, gr, r, r0, d, unit, hd, gw2, gb1, &mut zb);
+                            } else {
+                                let gr = [grad(r, comp)];
+                                gb2_acc += gr[0] as f64;
+                                backward_rows::<1>(x, gr, r, r0, d, unit, hd, gw2, gb1, &mut zb);
+                            }
+                        };
                         while r + R <= r0 + rb {
-                            let gr: [f32; R] = std::array::from_fn(|i| grad(r + i, comp));
-                            gb2_acc += gr.iter().map(|&v| v as f64).sum::<f64>();
-                            backward_rows::<R>(
-                                x,
-                                gr,
-                                r,
-                                r0,
-                                d,
-                                (w1, b1, w2),
-                                hd,
-                                gw2,
-                                gb1,
-                                &mut zb,
-                            );
+                            tile(r, R);
                             r += R;
                         }
                         while r < r0 + rb {
-                            let gr = [grad(r, comp)];
-                            gb2_acc += gr[0] as f64;
-                            backward_rows::<1>(
-                                x,
-                                gr,
-                                r,
-                                r0,
-                                d,
-                                (w1, b1, w2),
-                                hd,
-                                gw2,
-                                gb1,
-                                &mut zb,
-                            );
+                            tile(r, 1);
                             r += 1;
                         }
                     }
