@@ -4,6 +4,7 @@
 
 pub mod assets;
 pub mod cluster;
+pub mod compare;
 pub mod data;
 pub mod inputs;
 pub mod interventions;

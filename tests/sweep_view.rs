@@ -111,4 +111,41 @@ fn sweep_view_watches_the_folder_and_opens_points() {
     // Still the sweep view, still watching.
     assert_eq!(h.state().current_view(), "sweep");
     assert!(h.state().session.sweep.is_some());
+    // Compare two: points 0 (C 10) and 3 (C 20) matched module by module.
+    h.state_mut().view_mut::<SweepView>().unwrap().compare_mode = true;
+    h.run();
+    h.get_by_label("point 0").click();
+    h.run();
+    h.get_by_label("point 3").click();
+    h.run();
+    let done = |a: &SpdApp| {
+        a.view::<SweepView>()
+            .and_then(|v| v.comparison.as_ref())
+            .and_then(|c| c.lock().unwrap().clone())
+    };
+    wait(&mut h, "the comparison", |a| done(a).is_some());
+    let cmp = done(h.state()).unwrap().expect("compared");
+    assert_eq!(cmp.modules.len(), 2);
+    assert_eq!(
+        (cmp.modules[0].c_a, cmp.modules[0].c_b),
+        (10, 20),
+        "linear1: C 10 vs 20"
+    );
+    for m in &cmp.modules {
+        assert!(!m.pairs.is_empty(), "{}", m.name);
+        assert!(m.pairs.len() <= m.c_a.min(m.c_b), "at most the smaller C");
+        assert!(m.pairs.iter().all(|p| (0.0..=1.0001).contains(&p.2)));
+        assert!(
+            m.pairs.windows(2).all(|w| w[0].2 >= w[1].2),
+            "most similar first"
+        );
+    }
+    h.run();
+    h.get_by_label_contains("A = point 0");
+    let _ = h.render().expect("render");
+    assert_eq!(
+        h.state().view::<SweepView>().unwrap().opened,
+        Some(3),
+        "compare mode does not open points"
+    );
 }

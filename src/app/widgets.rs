@@ -100,3 +100,41 @@ pub fn component_color(c: usize) -> egui::Color32 {
     ];
     P[c % P.len()]
 }
+
+/// A small diverging-colour strip of a vector (at most 32 cells; longer vectors are pooled by
+/// taking the largest magnitude per cell).
+pub fn value_strip(ui: &mut egui::Ui, v: &[f32]) {
+    let n = v.len().min(32);
+    if n == 0 {
+        return;
+    }
+    let per = v.len().div_ceil(n);
+    let cells: Vec<f32> = v
+        .chunks(per)
+        .map(|c| {
+            c.iter()
+                .copied()
+                .fold(0f32, |a, b| if b.abs() > a.abs() { b } else { a })
+        })
+        .collect();
+    let scale = cells.iter().fold(1e-12f32, |a, b| a.max(b.abs()));
+    let w = 6.0;
+    let (rect, _) = ui.allocate_exact_size(
+        egui::vec2(w * cells.len() as f32, 12.0),
+        egui::Sense::hover(),
+    );
+    let p = ui.painter_at(rect);
+    for (i, c) in cells.iter().enumerate() {
+        let r = egui::Rect::from_min_size(
+            rect.min + egui::vec2(i as f32 * w, 0.0),
+            egui::vec2(w, 12.0),
+        );
+        p.rect_filled(r, 0.0, diverging(c / scale));
+    }
+    p.rect_stroke(
+        rect,
+        0.0,
+        egui::Stroke::new(0.5, egui::Color32::from_gray(160)),
+        egui::StrokeKind::Inside,
+    );
+}

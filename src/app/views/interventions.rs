@@ -492,9 +492,9 @@ impl InterventionsView {
                         let v: Vec<f32> = (0..m.d_in).map(|i| m.v[i * m.c + e.index]).collect();
                         let u: Vec<f32> = m.u[e.index * m.d_out..(e.index + 1) * m.d_out].to_vec();
                         ui.horizontal(|ui| {
-                            strip(ui, &v);
+                            crate::app::widgets::value_strip(ui, &v);
                             ui.label("/");
-                            strip(ui, &u);
+                            crate::app::widgets::value_strip(ui, &u);
                         });
                     }
                     ui.end_row();
@@ -504,43 +504,6 @@ impl InterventionsView {
     }
 }
 
-/// A small diverging-colour strip of a vector (at most 32 cells; longer vectors are pooled by
-/// taking the largest magnitude per cell).
-fn strip(ui: &mut egui::Ui, v: &[f32]) {
-    let n = v.len().min(32);
-    if n == 0 {
-        return;
-    }
-    let per = v.len().div_ceil(n);
-    let cells: Vec<f32> = v
-        .chunks(per)
-        .map(|c| {
-            c.iter()
-                .copied()
-                .fold(0f32, |a, b| if b.abs() > a.abs() { b } else { a })
-        })
-        .collect();
-    let scale = cells.iter().fold(1e-12f32, |a, b| a.max(b.abs()));
-    let w = 6.0;
-    let (rect, _) = ui.allocate_exact_size(
-        egui::vec2(w * cells.len() as f32, 12.0),
-        egui::Sense::hover(),
-    );
-    let p = ui.painter_at(rect);
-    for (i, c) in cells.iter().enumerate() {
-        let r = egui::Rect::from_min_size(
-            rect.min + egui::vec2(i as f32 * w, 0.0),
-            egui::vec2(w, 12.0),
-        );
-        p.rect_filled(r, 0.0, crate::app::widgets::diverging(c / scale));
-    }
-    p.rect_stroke(
-        rect,
-        0.0,
-        egui::Stroke::new(0.5, egui::Color32::from_gray(160)),
-        egui::StrokeKind::Inside,
-    );
-}
 
 /// Sequence models: per position of input `row`, the KL against the target before and after
 /// and the top predictions, with a plot of the KLs along the sequence.

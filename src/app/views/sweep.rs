@@ -2,7 +2,11 @@
 //! third gives small multiples, further axes are held at chosen values; each cell is coloured
 //! by a chosen metric of its finished point, running cells show their progress, hover shows
 //! every number, and a click opens that point's decomposition in every view. The folder is
-//! watched: points fill in as they finish.
+//! watched: points fill in as they finish. "Compare two" picks two finished points instead and
+//! shows their subcomponents matched (Hungarian on the similarity of the rank-one matrices,
+//! computed on a background thread) with both sides' directions.
+
+use std::sync::{Arc, Mutex};
 
 use eframe::egui;
 
@@ -23,6 +27,13 @@ pub struct SweepView {
     pub log: bool,
     /// The point whose decomposition was opened last.
     pub opened: Option<usize>,
+    /// "Compare two" mode: clicks pick points A and B instead of opening them.
+    pub compare_mode: bool,
+    pub compare: Vec<usize>,
+    /// The comparison of the two picked points (computed off the UI thread).
+    pub comparison: Option<Arc<Mutex<Option<Result<Arc<crate::compare::Comparison>, String>>>>>,
+    /// The module shown in the comparison.
+    pub compare_module: usize,
     /// Axes chosen for this folder (set on the first table).
     initialised: Option<std::path::PathBuf>,
 }
@@ -234,8 +245,15 @@ impl SweepView {
             && let Some(r) = t.rows.get(i)
             && r.state == PointState::Finished
         {
-            self.opened = Some(i);
-            cx.request(Action::Load(Source::File(r.run.clone())));
+            if self.compare_mode {
+                self.pick_for_comparison(&t, i, ui.ctx());
+            } else {
+                self.opened = Some(i);
+                cx.request(Action::Load(Source::File(r.run.clone())));
+            }
+        }
+        if self.compare_mode {
+            self.comparison_panel(ui, &t);
         }
         if let Some(i) = self.opened {
             ui.label(format!(
@@ -275,6 +293,15 @@ impl SweepView {
                     }
                 });
             ui.checkbox(&mut self.log, "log scale");
+            ui.separator();
+            if ui
+                .checkbox(&mut self.compare_mode, "compare two")
+                .on_hover_text("click two finished points to match their subcomponents")
+                .changed()
+            {
+                self.compare.clear();
+                self.comparison = None;
+            }
         });
         // One axis per role.
         if self.y == Some(self.x) {
@@ -375,7 +402,11 @@ impl SweepView {
                     );
                     p.rect_filled(bar, 0.0, egui::Color32::from_rgb(90, 170, 90));
                 }
-                if self.opened == Some(row.point.index) {
+                if let Some(k) = self.compare.iter().position(|&c| c == row.point.index) {
+                    let color = [egui::Color32::from_rgb(230, 80, 20), egui::Color32::from_rgb(60, 200, 230)][k.min(1)];
+                    p.rect_stroke(r, 2.0, egui::Stroke::new(2.5, color), egui::StrokeKind::Inside);
+                    p.text(r.left_top() + egui::vec2(3.0, 2.0), egui::Align2::LEFT_TOP, ["A", "B"][k.min(1)], small.clone(), color);
+                } else if self.opened == Some(row.point.index) {
                     p.rect_stroke(
                         r,
                         2.0,
@@ -425,6 +456,109 @@ impl SweepView {
 }
 
 /// Everything about one point, for its hover.
+impl SweepView {
+    /// Picks point `i` as A (or B once A is picked; a third pick starts over), and starts
+    /// the comparison when both are picked.
+    fn pick_for_comparison(&mut self, t: &SweepTable, i: usize, ctx: &egui::Context) {
+        if self.compare.len() >= 2 || self.compare.contains(&i) {
+            self.compare.clear();
+            self.comparison = None;
+        }
+        self.compare.push(i);
+        if let [a, b] = self.compare[..] {
+            let (pa, pb) = (t.rows[a].run.clone(), t.rows[b].run.clone());
+            let slot = Arc::new(Mutex::new(None));
+            let (out, ctx) = (slot.clone(), ctx.clone());
+            std::thread::spawn(move || {
+                let r = crate::compare::compare_files(&pa, &pb)
+                    .map(Arc::new)
+                    .map_err(|e| format!("{e:#}"));
+                *out.lock().unwrap() = Some(r);
+                ctx.request_repaint();
+            });
+            self.comparison = Some(slot);
+            self.compare_module = 0;
+        }
+    }
+
+    /// The picked points' matched subcomponents, per module.
+    fn comparison_panel(&mut self, ui: &mut egui::Ui, t: &SweepTable) {
+        ui.separator();
+        let label = |i: usize| t.rows.get(i).map(|r| r.point.label()).unwrap_or_default();
+        match self.compare[..] {
+            [] => {
+                ui.label("Compare two: click a finished point (A), then another (B).");
+                return;
+            }
+            [a] => {
+                ui.label(format!("A = point {a} ({}); now click B.", label(a)));
+                return;
+            }
+            _ => {}
+        }
+        let (a, b) = (self.compare[0], self.compare[1]);
+        ui.strong(format!("A = point {a} ({}), B = point {b} ({})", label(a), label(b)));
+        let state = self.comparison.as_ref().and_then(|c| c.lock().unwrap().clone());
+        let cmp = match state {
+            None => {
+                ui.label("matching subcomponents...");
+                return;
+            }
+            Some(Err(e)) => {
+                ui.colored_label(egui::Color32::from_rgb(220, 60, 60), e);
+                return;
+            }
+            Some(Ok(c)) => c,
+        };
+        ui.horizontal_wrapped(|ui| {
+            for (j, m) in cmp.modules.iter().enumerate() {
+                let text = format!(
+                    "{}: {} pairs, {} >= 0.9",
+                    m.name,
+                    m.pairs.len(),
+                    m.matched_above(0.9)
+                );
+                if ui.selectable_label(self.compare_module == j, text).clicked() {
+                    self.compare_module = j;
+                }
+            }
+        });
+        let Some(m) = cmp.modules.get(self.compare_module) else {
+            return;
+        };
+        ui.weak("pairs matched by the Hungarian assignment on |cos| of the rank-one matrices U_c V_c^T, most similar first; strips: read V / write U of A, then of B");
+        let v_of = |v: &[f32], c: usize, k: usize| -> Vec<f32> {
+            (0..m.d_in).map(|i| v[i * c + k]).collect()
+        };
+        let u_of = |u: &[f32], k: usize| u[k * m.d_out..(k + 1) * m.d_out].to_vec();
+        let cell = |ui: &mut egui::Ui, text: String, w: f32| {
+            ui.add_sized([w, 16.0], egui::Label::new(text));
+        };
+        ui.horizontal(|ui| {
+            for (h, w) in [("A", 40.0), ("B", 40.0), ("similarity", 70.0), ("A: V / U", 400.0), ("B: V / U", 400.0)] {
+                ui.add_sized([w, 16.0], egui::Label::new(egui::RichText::new(h).strong()));
+            }
+        });
+        // Only the visible rows are built (a module may have hundreds of pairs).
+        egui::ScrollArea::vertical()
+            .id_salt("sweep-compare")
+            .show_rows(ui, 18.0, m.pairs.len(), |ui, rows| {
+                for &(i, j, sim) in &m.pairs[rows] {
+                    ui.horizontal(|ui| {
+                        cell(ui, i.to_string(), 40.0);
+                        cell(ui, j.to_string(), 40.0);
+                        cell(ui, format!("{sim:.3}"), 70.0);
+                        crate::app::widgets::value_strip(ui, &v_of(&m.v_a, m.c_a, i));
+                        crate::app::widgets::value_strip(ui, &u_of(&m.u_a, i));
+                        ui.add_space(8.0);
+                        crate::app::widgets::value_strip(ui, &v_of(&m.v_b, m.c_b, j));
+                        crate::app::widgets::value_strip(ui, &u_of(&m.u_b, j));
+                    });
+                }
+            });
+    }
+}
+
 fn hover_details(ui: &mut egui::Ui, row: &PointRow) {
     ui.strong(format!("point {}: {}", row.point.index, row.point.label()));
     match &row.state {
