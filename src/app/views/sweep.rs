@@ -15,6 +15,9 @@ use crate::app::view::{Action, CsvJob, View, ViewCtx};
 use crate::sweep::{PointRow, PointState, SweepTable};
 use crate::worker::Source;
 
+/// Where the background comparison leaves its answer (None while it computes).
+pub type ComparisonSlot = Arc<Mutex<Option<Result<Arc<crate::compare::Comparison>, String>>>>;
+
 #[derive(Default)]
 pub struct SweepView {
     /// Axis along x, along y (None: one row), of the small multiples (None: one map).
@@ -31,7 +34,7 @@ pub struct SweepView {
     pub compare_mode: bool,
     pub compare: Vec<usize>,
     /// The comparison of the two picked points (computed off the UI thread).
-    pub comparison: Option<Arc<Mutex<Option<Result<Arc<crate::compare::Comparison>, String>>>>>,
+    pub comparison: Option<ComparisonSlot>,
     /// The module shown in the comparison.
     pub compare_module: usize,
     /// Axes chosen for this folder (set on the first table).
