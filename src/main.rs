@@ -97,6 +97,15 @@ enum Cmd {
     /// Train a grid of configs, one folder per point (locally with --jobs, or as a Slurm job
     /// array with --emit slurm); rerun to continue. See README "Sweeps".
     Sweep(SweepArgs),
+    /// Match the subcomponents of two decompositions of the same target (Hungarian on the
+    /// similarity of their rank-one matrices), per module.
+    Compare {
+        a: PathBuf,
+        b: PathBuf,
+        /// Print one JSON object (pairs and both sides' U, V) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluate a saved decomposition.
     Eval {
         file: PathBuf,
@@ -501,6 +510,28 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Presets { show: None } => {
             for p in presets::PRESETS {
                 println!("{:<14} {}", p.name, p.description);
+            }
+            Ok(())
+        }
+        Cmd::Compare { a, b, json } => {
+            let c = spdlab::compare::compare_files(&a, &b)?;
+            if json {
+                println!("{}", serde_json::to_string(&c)?);
+            } else {
+                for m in &c.modules {
+                    println!(
+                        "{}: {} pairs (C {} vs {}), {} with similarity >= 0.9, {} >= 0.5",
+                        m.name,
+                        m.pairs.len(),
+                        m.c_a,
+                        m.c_b,
+                        m.matched_above(0.9),
+                        m.matched_above(0.5)
+                    );
+                    for (i, j, s) in &m.pairs {
+                        println!("  {i:>4} ~ {j:<4} {s:.3}");
+                    }
+                }
             }
             Ok(())
         }

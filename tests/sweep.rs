@@ -261,3 +261,44 @@ fn bad_grids_fail_before_running() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("the sweep has 1 points"));
 }
+
+#[test]
+fn compare_matches_runs_and_refuses_other_architectures() {
+    let d = tempfile::tempdir().unwrap();
+    let tms = d.path().join("tms.spdlab");
+    let days = d.path().join("days.spdlab");
+    std::fs::write(&tms, spdlab::assets::default_decomposition()).unwrap();
+    std::fs::write(&days, spdlab::assets::decomposition("days").unwrap()).unwrap();
+    let out = Command::new(bin())
+        .args(["compare"])
+        .arg(&tms)
+        .arg(&tms)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let c: spdlab::compare::Comparison = serde_json::from_slice(&out.stdout).unwrap();
+    for m in &c.modules {
+        assert!(
+            m.pairs
+                .iter()
+                .all(|p| p.0 == p.1 && (p.2 - 1.0).abs() < 1e-5)
+        );
+    }
+    let out = Command::new(bin())
+        .args(["compare"])
+        .arg(&tms)
+        .arg(&days)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("days.spdlab") && err.contains("no module linear1"),
+        "{err}"
+    );
+}

@@ -538,9 +538,10 @@ impl SweepView {
             ui.add_sized([w, 16.0], egui::Label::new(text));
         };
         ui.horizontal(|ui| {
-            for (h, w) in [("A", 40.0), ("B", 40.0), ("similarity", 70.0), ("A: V / U", 400.0), ("B: V / U", 400.0)] {
+            for (h, w) in [("A", 40.0), ("B", 40.0), ("similarity", 70.0)] {
                 ui.add_sized([w, 16.0], egui::Label::new(egui::RichText::new(h).strong()));
             }
+            ui.strong("V, U of A  |  V, U of B");
         });
         // Only the visible rows are built (a module may have hundreds of pairs).
         egui::ScrollArea::vertical()
@@ -553,7 +554,7 @@ impl SweepView {
                         cell(ui, format!("{sim:.3}"), 70.0);
                         crate::app::widgets::value_strip(ui, &v_of(&m.v_a, m.c_a, i));
                         crate::app::widgets::value_strip(ui, &u_of(&m.u_a, i));
-                        ui.add_space(8.0);
+                        ui.label("|");
                         crate::app::widgets::value_strip(ui, &v_of(&m.v_b, m.c_b, j));
                         crate::app::widgets::value_strip(ui, &u_of(&m.u_b, j));
                     });
