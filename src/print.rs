@@ -36,7 +36,7 @@ pub fn eval_report(r: &metrics::EvalReport) {
     }
     if let Some(fr) = &r.feature_response {
         println!(
-            "single-feature response (CI > 0.5 at 0.75·e_f): monosemantic (features covered), shared by ≥ half the features, silent:"
+            "single-feature response (CI > 0.5 at 0.75·e_f): monosemantic (features covered), shared by 2+ features, silent:"
         );
         for (k, v) in fr {
             println!(

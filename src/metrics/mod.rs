@@ -127,7 +127,7 @@ pub struct FeatureResponse {
     pub monosemantic: usize,
     /// Features that have at least one monosemantic subcomponent.
     pub features_covered: usize,
-    /// Subcomponents that fire on at least half of the features (a shared block).
+    /// Subcomponents that fire on two or more features (a block shared across features).
     pub shared: usize,
     /// Subcomponents that fire on no single feature.
     pub silent: usize,
@@ -159,8 +159,7 @@ pub fn feature_response(
                     r.monosemantic += 1;
                     covered[on[0]] = true;
                 }
-                k if 2 * k >= nf => r.shared += 1,
-                _ => {}
+                _ => r.shared += 1,
             }
         }
         r.features_covered = covered.iter().filter(|&&b| b).count();
