@@ -41,8 +41,9 @@ pub fn ground_truth(model: &ComponentModel) -> anyhow::Result<Option<Truth>> {
     let description;
     match &model.target.spec {
         TargetSpec::Tms { .. } => {
-            description = "TMS: the feature each subcomponent reads (linear1) or writes (linear2); the identity layers as one block".into();
-            for m in &model.modules {
+            description = "TMS: the feature each subcomponent reads (linear1) or writes (linear2); the identity layers as one block; subcomponents that fire on no single feature left out".into();
+            let fires = fires_on_some_feature(model)?;
+            for (j, m) in model.modules.iter().enumerate() {
                 let v = m.v.as_tensor().to_vec2::<f32>()?; // [d_in, C]
                 let u = m.u.as_tensor().to_vec2::<f32>()?; // [C, d_out]
                 for c in 0..m.c {
@@ -53,14 +54,17 @@ pub fn ground_truth(model: &ComponentModel) -> anyhow::Result<Option<Truth>> {
                     } else {
                         "identity block".to_string()
                     };
-                    class_of.insert(format!("{}:{c}", m.name), class);
+                    if fires[j][c] {
+                        class_of.insert(format!("{}:{c}", m.name), class);
+                    }
                 }
             }
         }
         TargetSpec::ResidMlp { .. } => {
-            description = "residual MLP: the feature each mlp_in subcomponent reads (through W_E); each layer's mlp_out as one block".into();
+            description = "residual MLP: the feature each mlp_in subcomponent reads (through W_E); each layer's mlp_out as one block; subcomponents that fire on no single feature left out".into();
             let we = model.target.param("W_E"); // [n_features, d_embed]
-            for m in &model.modules {
+            let fires = fires_on_some_feature(model)?;
+            for (j, m) in model.modules.iter().enumerate() {
                 let layer = m.name.split('.').nth(1).unwrap_or("0").to_string();
                 let reads = if m.name.ends_with("mlp_in") {
                     Some(we.matmul(m.v.as_tensor())?.to_vec2::<f32>()?) // [n_features, C]
@@ -72,7 +76,9 @@ pub fn ground_truth(model: &ComponentModel) -> anyhow::Result<Option<Truth>> {
                         Some(r) => format!("feature {}", argmax_abs(r.iter().map(|row| row[c]))),
                         None => format!("layer {layer} mlp_out block"),
                     };
-                    class_of.insert(format!("{}:{c}", m.name), class);
+                    if fires[j][c] {
+                        class_of.insert(format!("{}:{c}", m.name), class);
+                    }
                 }
             }
         }
@@ -101,6 +107,24 @@ pub fn ground_truth(model: &ComponentModel) -> anyhow::Result<Option<Truth>> {
         description,
         class_of,
     }))
+}
+
+/// Per module and subcomponent: whether it fires (lower-leaky CI > 0.5) on some single
+/// feature at 0.75 — one that fires on none implements no feature and belongs to no
+/// mechanism, however alive the clustering's threshold finds it.
+fn fires_on_some_feature(model: &ComponentModel) -> anyhow::Result<Vec<Vec<bool>>> {
+    let nf = model.target.spec.n_features();
+    let mats = crate::metrics::single_feature_ci(model, 0.75)?;
+    Ok(model
+        .modules
+        .iter()
+        .enumerate()
+        .map(|(j, m)| {
+            (0..m.c)
+                .map(|c| (0..nf).any(|f| mats[j][f * m.c + c] > 0.5))
+                .collect()
+        })
+        .collect())
 }
 
 /// Purity: the share of items whose group's most common class is their own.
@@ -260,7 +284,8 @@ mod tests {
         )
         .unwrap();
         let t = ground_truth(&tr.model).unwrap().unwrap();
-        assert_eq!(t.class_of.len(), 40);
+        // The five features' subcomponents in each layer (the others fire on no feature).
+        assert_eq!(t.class_of.len(), 10);
         // The shipped tms-5-2 decomposition: every feature has a linear1 subcomponent.
         for f in 0..5 {
             let want = format!("feature {f}");
