@@ -113,7 +113,48 @@ pub struct TrainSummary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub feature_response:
         Option<std::collections::BTreeMap<String, crate::metrics::FeatureResponse>>,
+    /// Sweep points of targets with a known answer: the clustering (default options) scored
+    /// against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clustering: Option<ClusteringScore>,
     pub out: Option<PathBuf>,
+}
+
+/// A clustering against the known answer: at the minimum description length and at the best
+/// cut of the merge history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClusteringScore {
+    pub k: usize,
+    pub purity: f64,
+    pub ari: f64,
+    pub best_k: usize,
+    pub best_ari: f64,
+}
+
+impl ClusteringScore {
+    /// Clusters `tr` with the default options and scores it, where the target's answer is
+    /// known (None otherwise).
+    pub fn of(tr: &Trainer) -> anyhow::Result<Option<ClusteringScore>> {
+        if crate::cluster::score::ground_truth(&tr.model)?.is_none() {
+            return Ok(None);
+        }
+        let opts = crate::cluster::ClusterOptions::default();
+        let h = crate::cluster::cluster(tr, &opts)?;
+        let res = crate::cluster::summarize(&h, &opts, h.best_k()).with_score(&tr.model)?;
+        let Some(sc) = &res.score else {
+            return Ok(None);
+        };
+        Ok(match (sc.at(res.k), sc.best()) {
+            (Some((k, purity, ari)), Some((best_k, _, best_ari))) => Some(ClusteringScore {
+                k,
+                purity,
+                ari,
+                best_k,
+                best_ari,
+            }),
+            _ => None,
+        })
+    }
 }
 
 impl TrainSummary {
@@ -136,6 +177,7 @@ impl TrainSummary {
             ml2r: report.ml2r.clone(),
             target_solution_error: report.target_solution_error.clone(),
             feature_response: report.feature_response.clone(),
+            clustering: None,
             out: Some(out),
         }
     }

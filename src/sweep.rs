@@ -442,12 +442,14 @@ impl Sweep {
         }
         let report = crate::runner::final_eval(&mut tr)?;
         crate::io::spdlab_file::save(&tr, &extras, &out)?;
-        let summary = crate::runner::TrainSummary::new(
+        let mut summary = crate::runner::TrainSummary::new(
             &report,
             extras.preset.clone(),
             (total, start, secs),
             out.clone(),
         );
+        // Where the answer is known, the clustering's score is one of the point's numbers.
+        summary.clustering = crate::runner::ClusteringScore::of(&tr)?;
         let sp = d.join("summary.json");
         write_atomic(&sp, serde_json::to_string_pretty(&summary)?.as_bytes())
             .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", sp.display()))?;
@@ -580,9 +582,10 @@ impl SweepTable {
 }
 
 /// A finished point's numbers by name: `loss <name>`, `L0 <module>`, `L0 total`, `MMCS
-/// <module>`, `ML2R <module>`, `target-solution error`, `steps/s`, and for single-feature
-/// targets `monosemantic <module>`, `features covered <module>`, `shared <module>`,
-/// `silent <module>`.
+/// <module>`, `ML2R <module>`, `target-solution error`, `steps/s`, for targets with a known
+/// answer the clustering's `clusters k`, `clustering purity`, `clustering ARI` and
+/// `clustering best-cut ARI`, and for single-feature targets `monosemantic <module>`,
+/// `features covered <module>`, `shared <module>`, `silent <module>`.
 pub fn summary_metrics(s: &crate::runner::TrainSummary) -> std::collections::BTreeMap<String, f64> {
     let mut m = std::collections::BTreeMap::new();
     for (k, v) in &s.losses {
@@ -610,6 +613,12 @@ pub fn summary_metrics(s: &crate::runner::TrainSummary) -> std::collections::BTr
             m.insert(format!("shared {k}"), r.shared as f64);
             m.insert(format!("silent {k}"), r.silent as f64);
         }
+    }
+    if let Some(c) = &s.clustering {
+        m.insert("clusters k".into(), c.k as f64);
+        m.insert("clustering purity".into(), c.purity);
+        m.insert("clustering ARI".into(), c.ari);
+        m.insert("clustering best-cut ARI".into(), c.best_ari);
     }
     m.insert("steps/s".into(), s.steps_per_second);
     m

@@ -118,3 +118,57 @@ fn append_bytes(path: &Path, b: &[u8]) {
     let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
     f.write_all(b).unwrap();
 }
+
+/// A spdlab run training elsewhere (`spdlab train --out X` autosaves X.recovery): opening the
+/// recovery file follows its autosaves and then the final file.
+#[test]
+fn a_spdlab_run_being_trained_elsewhere_is_followed() {
+    use spdlab::io::spdlab_file::{FileExtras, save};
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("run.spdlab");
+    let rec = d.path().join("run.spdlab.recovery");
+    let dev = candle_core::Device::Cpu;
+    let mut cfg = spdlab::presets::spd_config("tms-5-2").unwrap();
+    cfg.steps = 60;
+    let mut tr = spdlab::spd::trainer::Trainer::new(
+        spdlab::presets::target_model("tms-5-2", &dev).unwrap(),
+        cfg,
+    )
+    .unwrap();
+    let ex = FileExtras {
+        preset: Some("tms-5-2".into()),
+        ..Default::default()
+    };
+    let train = |tr: &mut spdlab::spd::trainer::Trainer, n: usize| {
+        for _ in 0..n {
+            tr.step().unwrap();
+        }
+    };
+    train(&mut tr, 10);
+    save(&tr, &ex, &rec).unwrap();
+    let mut h = common::app_on(rec.clone(), Some("training"), egui::vec2(1000.0, 700.0));
+    // The snapshot's step (the file's training step) and the file it came from.
+    let at = |a: &SpdApp, step: usize, name: &str| {
+        a.session.snapshot.as_ref().is_some_and(|s| s.step == step)
+            && a.session.description.ends_with(name)
+    };
+    wait(&mut h, "the recovery file", |a| {
+        at(a, 10, "run.spdlab.recovery")
+    });
+    // Another autosave (atomic, as spdlab writes it).
+    train(&mut tr, 20);
+    save(&tr, &ex, &rec).unwrap();
+    wait(&mut h, "the next autosave", |a| {
+        at(a, 30, "run.spdlab.recovery")
+    });
+    assert!(
+        !h.state().session.history.is_empty(),
+        "the file's own history"
+    );
+    // The run ends: its final file is written and the recovery file removed.
+    train(&mut tr, 31);
+    save(&tr, &ex, &out).unwrap();
+    std::fs::remove_file(&rec).unwrap();
+    wait(&mut h, "the final file", |a| at(a, 61, "run.spdlab"));
+    assert!(h.state().session.error.is_none());
+}

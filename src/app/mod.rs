@@ -341,7 +341,18 @@ impl SpdApp {
             return;
         }
         self.session.run_watch = None;
-        if run_watch::RunWatch::is_run_folder(&path) {
+        if run_watch::RunWatch::is_running_file(&path) {
+            // A spdlab run training elsewhere: loaded now, reloaded at each autosave and when
+            // its final file is written.
+            let ctx = self.ctx.clone();
+            self.session.run_watch_seen = 0;
+            self.session.run_watch_loaded = None;
+            self.session.run_watch = Some(run_watch::RunWatch::spawn_file(
+                path.clone(),
+                Duration::from_secs(1),
+                move || ctx.request_repaint(),
+            ));
+        } else if run_watch::RunWatch::is_run_folder(&path) {
             // A goodfire-ai/spd run folder, perhaps still training: followed by a background
             // thread; its newest complete checkpoint is loaded (see `poll_run_watch`).
             let ctx = self.ctx.clone();
@@ -470,12 +481,19 @@ impl SpdApp {
         let Some(w) = &self.session.run_watch else {
             return;
         };
+        if matches!(self.session.state, RunState::Running | RunState::Paused) {
+            // Training here now: the file is this app's to change, not to follow.
+            self.session.run_watch = None;
+            return;
+        }
         let v = w.version();
         if v == self.session.run_watch_seen {
             return;
         }
         self.session.run_watch_seen = v;
-        self.session.history = w.records();
+        if w.follows_metrics {
+            self.session.history = w.records();
+        }
         if let Some((step, path)) = w.newest()
             && self.session.run_watch_loaded != Some(step)
         {
@@ -596,7 +614,10 @@ impl SpdApp {
         let loaded = matches!(e, Event::Loaded { .. });
         self.clusters.on_event(&e, &mut self.selection);
         self.session.apply(e);
-        if loaded && let Some(w) = &self.session.run_watch {
+        if loaded
+            && let Some(w) = &self.session.run_watch
+            && w.follows_metrics
+        {
             // A reference checkpoint has no history: the curves come from metrics.jsonl.
             self.session.history = w.records();
         }

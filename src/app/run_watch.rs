@@ -20,9 +20,12 @@ struct Shared {
     newest: Option<(usize, PathBuf)>,
 }
 
-/// A watched run folder; the thread stops when this is dropped.
+/// A watched run folder (or spdlab run file); the thread stops when this is dropped.
 pub struct RunWatch {
     pub dir: PathBuf,
+    /// Training curves come from metrics.jsonl (a reference run folder); a spdlab file carries
+    /// its own history.
+    pub follows_metrics: bool,
     shared: Arc<Mutex<Shared>>,
     version: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
@@ -183,6 +186,80 @@ impl RunWatch {
             .expect("cannot start the run watcher thread");
         RunWatch {
             dir,
+            follows_metrics: true,
+            shared,
+            version,
+            stop,
+        }
+    }
+
+    /// Whether `path` is a spdlab run still being written: a recovery file, or a `.spdlab`
+    /// whose recovery file exists (`spdlab train --out` autosaves it while training).
+    pub fn is_running_file(path: &Path) -> bool {
+        let name = path.to_string_lossy();
+        path.is_file()
+            && (name.ends_with(".spdlab.recovery")
+                || (name.ends_with(".spdlab") && Path::new(&format!("{name}.recovery")).is_file()))
+    }
+
+    /// Watches a spdlab run file being written by a training run elsewhere: the recovery file
+    /// (rewritten atomically at each autosave) and the final file beside it; whichever changed
+    /// last is offered once it has stayed unchanged for one look.
+    pub fn spawn_file(
+        path: PathBuf,
+        every: Duration,
+        wake: impl Fn() + Send + 'static,
+    ) -> RunWatch {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let version = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let name = path.to_string_lossy().into_owned();
+        let (recovery, base) = match name.strip_suffix(".recovery") {
+            Some(b) => (path.clone(), PathBuf::from(b)),
+            None => (PathBuf::from(format!("{name}.recovery")), path.clone()),
+        };
+        let (sh, ver, st) = (shared.clone(), version.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("run-file-watch".into())
+            .spawn(move || {
+                let stamp = |p: &Path| {
+                    std::fs::metadata(p)
+                        .ok()
+                        .and_then(|m| Some((m.modified().ok()?, m.len())))
+                };
+                // What was there when the file was opened (already loaded).
+                let baseline = [stamp(&recovery), stamp(&base)];
+                let mut previous = baseline;
+                let mut offered = baseline;
+                let mut n = 0usize;
+                while !st.load(Ordering::Relaxed) {
+                    let now = [stamp(&recovery), stamp(&base)];
+                    // The newest file that changed since it was offered and is settled.
+                    let pick = (0..2)
+                        .filter(|&i| {
+                            now[i].is_some() && now[i] == previous[i] && now[i] != offered[i]
+                        })
+                        .max_by_key(|&i| now[i].map(|x| x.0));
+                    if let Some(i) = pick {
+                        offered[i] = now[i];
+                        n += 1;
+                        let p = if i == 0 {
+                            recovery.clone()
+                        } else {
+                            base.clone()
+                        };
+                        sh.lock().unwrap().newest = Some((n, p));
+                        ver.fetch_add(1, Ordering::Relaxed);
+                        wake();
+                    }
+                    previous = now;
+                    super::sweep_watch::pause(every, &st);
+                }
+            })
+            .expect("cannot start the run file watcher thread");
+        RunWatch {
+            dir: path,
+            follows_metrics: false,
             shared,
             version,
             stop,
