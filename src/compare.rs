@@ -22,6 +22,14 @@ pub struct ModuleComparison {
     pub u_b: Vec<f32>,
     pub c_a: usize,
     pub c_b: usize,
+    /// Non-sequence targets: lower-leaky CI of both runs on the probe inputs (one-hot 0.75
+    /// per feature; days: every (day, operation)), `[n_probe, C]` row-major; empty otherwise.
+    #[serde(default)]
+    pub ci_a: Vec<f32>,
+    #[serde(default)]
+    pub ci_b: Vec<f32>,
+    #[serde(default)]
+    pub n_probe: usize,
 }
 
 impl ModuleComparison {
@@ -78,8 +86,29 @@ pub fn compare_files(a: &Path, b: &Path) -> anyhow::Result<Comparison> {
     let dev = candle_core::Device::Cpu;
     let (ta, _) = crate::io::spdlab_file::load(a, &dev)?;
     let (tb, _) = crate::io::spdlab_file::load(b, &dev)?;
+    // CI of both runs on the probe inputs (the same inputs: the targets are the same kind).
+    let probe_ci =
+        |m: &crate::spd::component_model::ComponentModel| -> anyhow::Result<Vec<Vec<f32>>> {
+            if m.target.spec.is_sequence() {
+                return Ok(vec![]);
+            }
+            let rows = crate::inputs::probe_inputs(&m.target.spec, 0.75);
+            let nf = m.target.spec.n_features();
+            let x = candle_core::Tensor::from_vec(rows.concat(), (rows.len(), nf), m.device())?;
+            crate::interventions::lower_ci(m, &x)?
+                .iter()
+                .map(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
+                .collect()
+        };
+    let (cis_a, cis_b) = (probe_ci(&ta.model)?, probe_ci(&tb.model)?);
+    let n_probe = if ta.model.target.spec.is_sequence() {
+        0
+    } else {
+        crate::inputs::probe_inputs(&ta.model.target.spec, 0.75).len()
+    };
     let mut modules = vec![];
-    for ma in &ta.model.modules {
+    for (ja, ma) in ta.model.modules.iter().enumerate() {
+        let jb = tb.model.modules.iter().position(|m| m.name == ma.name);
         let Some(mb) = tb.model.modules.iter().find(|m| m.name == ma.name) else {
             anyhow::bail!(
                 "{}: has no module {} (of {})",
@@ -141,6 +170,9 @@ pub fn compare_files(a: &Path, b: &Path) -> anyhow::Result<Comparison> {
             u_b,
             c_a: ma.c,
             c_b: mb.c,
+            ci_a: cis_a.get(ja).cloned().unwrap_or_default(),
+            ci_b: jb.and_then(|j| cis_b.get(j).cloned()).unwrap_or_default(),
+            n_probe,
         });
     }
     Ok(Comparison {
@@ -176,6 +208,9 @@ mod tests {
         let c = compare_files(&f, &f).unwrap();
         for m in &c.modules {
             assert!(!m.pairs.is_empty());
+            assert_eq!(m.n_probe, 5, "one probe per feature");
+            assert_eq!(m.ci_a.len(), 5 * m.c_a);
+            assert_eq!(m.ci_a, m.ci_b);
             for &(i, j, s) in &m.pairs {
                 assert_eq!(i, j, "{}", m.name);
                 assert!((s - 1.0).abs() < 1e-5);

@@ -581,6 +581,38 @@ impl SweepTable {
     }
 }
 
+/// A finished point's regime in a few words, where its target answers single features: per
+/// module the monosemantic count (`mlp_in mono 100`) or, where subcomponents mostly answer
+/// several features, the size of that shared block (`mlp_out block 50`), and the silent
+/// (dead for single features) count. E.g. resid-mlp-1 at 1e-5: `mlp_in mono 100 · mlp_out
+/// block 50 · silent 50`.
+pub fn regime_label(metrics: &std::collections::BTreeMap<String, f64>) -> Option<String> {
+    let mut parts = vec![];
+    let mut silent = 0.0;
+    for (k, mono) in metrics.range("monosemantic ".to_string().."monosemantic~".to_string()) {
+        let module = &k["monosemantic ".len()..];
+        let shared = metrics
+            .get(&format!("shared {module}"))
+            .copied()
+            .unwrap_or(0.0);
+        silent += metrics
+            .get(&format!("silent {module}"))
+            .copied()
+            .unwrap_or(0.0);
+        let short = module.rsplit('.').next().unwrap_or(module);
+        parts.push(if shared > *mono {
+            format!("{short} block {shared}")
+        } else {
+            format!("{short} mono {mono}")
+        });
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    parts.push(format!("silent {silent}"));
+    Some(parts.join(" · "))
+}
+
 /// A finished point's numbers by name: `loss <name>`, `L0 <module>`, `L0 total`, `MMCS
 /// <module>`, `ML2R <module>`, `target-solution error`, `steps/s`, for targets with a known
 /// answer the clustering's `clusters k`, `clustering purity`, `clustering ARI` and
@@ -739,6 +771,27 @@ mod tests {
             axes: vec![parse_axis("batch_size=0,4").unwrap()],
         };
         assert!(bad.check().is_err());
+    }
+
+    #[test]
+    fn regime_labels_name_monosemantic_counts_and_blocks() {
+        let m: std::collections::BTreeMap<String, f64> = [
+            ("monosemantic layers.0.mlp_in", 100.0),
+            ("shared layers.0.mlp_in", 0.0),
+            ("silent layers.0.mlp_in", 0.0),
+            ("monosemantic layers.0.mlp_out", 0.0),
+            ("shared layers.0.mlp_out", 50.0),
+            ("silent layers.0.mlp_out", 50.0),
+            ("loss total", 1.0),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(
+            regime_label(&m).as_deref(),
+            Some("mlp_in mono 100 · mlp_out block 50 · silent 50")
+        );
+        assert_eq!(regime_label(&Default::default()), None);
     }
 
     #[test]

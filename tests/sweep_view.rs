@@ -134,6 +134,11 @@ fn sweep_view_watches_the_folder_and_opens_points() {
     for m in &cmp.modules {
         assert!(!m.pairs.is_empty(), "{}", m.name);
         assert!(m.pairs.len() <= m.c_a.min(m.c_b), "at most the smaller C");
+        assert_eq!(
+            (m.n_probe, m.ci_b.len()),
+            (5, 5 * m.c_b),
+            "CI on the probes"
+        );
         assert!(m.pairs.iter().all(|p| (0.0..=1.0001).contains(&p.2)));
         assert!(
             m.pairs.windows(2).all(|w| w[0].2 >= w[1].2),

@@ -104,7 +104,12 @@ pub fn component_color(c: usize) -> egui::Color32 {
 /// A small diverging-colour strip of a vector (at most 32 cells; longer vectors are pooled by
 /// taking the largest magnitude per cell).
 pub fn value_strip(ui: &mut egui::Ui, v: &[f32]) {
-    let n = v.len().min(32);
+    value_strip_cells(ui, v, 32)
+}
+
+/// [`value_strip`] with at most `cells` cells.
+pub fn value_strip_cells(ui: &mut egui::Ui, v: &[f32], cells: usize) {
+    let n = v.len().min(cells.max(1));
     if n == 0 {
         return;
     }

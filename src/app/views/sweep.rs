@@ -420,7 +420,19 @@ impl SweepView {
                 if cell >= 30.0 && !text.is_empty() {
                     let lum = fill.r() as u32 + fill.g() as u32 + fill.b() as u32;
                     let tc = if lum > 380 { egui::Color32::BLACK } else { egui::Color32::WHITE };
-                    p.text(r.center(), egui::Align2::CENTER_CENTER, text, small.clone(), tc);
+                    // Big cells also name the regime (single-feature answers), one part a line.
+                    let label = (cell >= 70.0)
+                        .then(|| crate::sweep::regime_label(&row.metrics))
+                        .flatten();
+                    match label {
+                        Some(l) => {
+                            let lines = format!("{text}\n{}", l.replace(" · ", "\n"));
+                            p.text(r.center(), egui::Align2::CENTER_CENTER, lines, egui::FontId::proportional(9.0), tc);
+                        }
+                        None => {
+                            p.text(r.center(), egui::Align2::CENTER_CENTER, text, small.clone(), tc);
+                        }
+                    }
                 }
                 // Each cell is its own widget (hover, click, and a name for screen readers
                 // and UI tests: "point N").
@@ -541,9 +553,11 @@ impl SweepView {
             for (h, w) in [("A", 40.0), ("B", 40.0), ("similarity", 70.0)] {
                 ui.add_sized([w, 16.0], egui::Label::new(egui::RichText::new(h).strong()));
             }
-            ui.strong("V, U of A  |  V, U of B");
+            ui.strong("V, U of A  |  V, U of B    CI on the probe inputs: A | B");
         });
-        // Only the visible rows are built (a module may have hundreds of pairs).
+        // Compact strips (six per row); only the visible rows are built (a module may have
+        // hundreds of pairs).
+        let strip = |ui: &mut egui::Ui, v: &[f32]| crate::app::widgets::value_strip_cells(ui, v, 14);
         egui::ScrollArea::vertical()
             .id_salt("sweep-compare")
             .show_rows(ui, 18.0, m.pairs.len(), |ui, rows| {
@@ -552,11 +566,21 @@ impl SweepView {
                         cell(ui, i.to_string(), 40.0);
                         cell(ui, j.to_string(), 40.0);
                         cell(ui, format!("{sim:.3}"), 70.0);
-                        crate::app::widgets::value_strip(ui, &v_of(&m.v_a, m.c_a, i));
-                        crate::app::widgets::value_strip(ui, &u_of(&m.u_a, i));
+                        strip(ui, &v_of(&m.v_a, m.c_a, i));
+                        strip(ui, &u_of(&m.u_a, i));
                         ui.label("|");
-                        crate::app::widgets::value_strip(ui, &v_of(&m.v_b, m.c_b, j));
-                        crate::app::widgets::value_strip(ui, &u_of(&m.u_b, j));
+                        strip(ui, &v_of(&m.v_b, m.c_b, j));
+                        strip(ui, &u_of(&m.u_b, j));
+                        // CI over the probe inputs (one per feature), A then B.
+                        if m.n_probe > 0 && !m.ci_a.is_empty() && !m.ci_b.is_empty() {
+                            ui.label("  CI:");
+                            let ci = |c: &[f32], cc: usize, k: usize| -> Vec<f32> {
+                                (0..m.n_probe).map(|r| c[r * cc + k]).collect()
+                            };
+                            strip(ui, &ci(&m.ci_a, m.c_a, i));
+                            ui.label("|");
+                            strip(ui, &ci(&m.ci_b, m.c_b, j));
+                        }
                     });
                 }
             });
@@ -565,6 +589,9 @@ impl SweepView {
 
 fn hover_details(ui: &mut egui::Ui, row: &PointRow) {
     ui.strong(format!("point {}: {}", row.point.index, row.point.label()));
+    if let Some(l) = crate::sweep::regime_label(&row.metrics) {
+        ui.label(format!("regime: {l}"));
+    }
     match &row.state {
         PointState::Finished => {
             egui::Grid::new("sweep-hover").show(ui, |ui| {
