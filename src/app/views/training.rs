@@ -137,18 +137,23 @@ fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
                 );
             }
         });
+    // (Watched reference runs log the rate only on some lines.)
+    let pts: Vec<[f64; 2]> = history
+        .iter()
+        .filter(|r| r.lr.is_finite())
+        .map(|r| [r.step as f64, r.lr])
+        .collect();
+    // From 0 to just above the largest rate: a constant rate would otherwise get a
+    // degenerate axis.
+    let top = pts.iter().map(|p| p[1]).fold(0f64, f64::max);
     Plot::new("lr")
         .legend(Legend::default())
         .height(h.max(60.0))
         .link_axis(link, [true, false])
         .x_axis_label("step")
+        .include_y(0.0)
+        .include_y(if top > 0.0 { top * 1.1 } else { 1.0 })
         .show(ui, |p| {
-            // (Watched reference runs log the rate only on some lines.)
-            let pts: Vec<[f64; 2]> = history
-                .iter()
-                .filter(|r| r.lr.is_finite())
-                .map(|r| [r.step as f64, r.lr])
-                .collect();
             p.line(Line::new(
                 "learning rate",
                 PlotPoints::from(thin(&pts, 2000)),
