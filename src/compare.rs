@@ -87,25 +87,26 @@ pub fn compare_files(a: &Path, b: &Path) -> anyhow::Result<Comparison> {
     let (ta, _) = crate::io::spdlab_file::load(a, &dev)?;
     let (tb, _) = crate::io::spdlab_file::load(b, &dev)?;
     // CI of both runs on the probe inputs (the same inputs: the targets are the same kind).
+    let probes = if ta.model.target.spec.is_sequence() {
+        vec![]
+    } else {
+        crate::inputs::probe_inputs(&ta.model.target.spec, 0.75)
+    };
+    let n_probe = probes.len();
     let probe_ci =
         |m: &crate::spd::component_model::ComponentModel| -> anyhow::Result<Vec<Vec<f32>>> {
-            if m.target.spec.is_sequence() {
+            let nf = m.target.spec.n_features();
+            // (Another input width is another architecture: refused below, module by module.)
+            if probes.is_empty() || probes[0].len() != nf {
                 return Ok(vec![]);
             }
-            let rows = crate::inputs::probe_inputs(&m.target.spec, 0.75);
-            let nf = m.target.spec.n_features();
-            let x = candle_core::Tensor::from_vec(rows.concat(), (rows.len(), nf), m.device())?;
+            let x = candle_core::Tensor::from_vec(probes.concat(), (n_probe, nf), m.device())?;
             crate::interventions::lower_ci(m, &x)?
                 .iter()
                 .map(|t| Ok(t.flatten_all()?.to_vec1::<f32>()?))
                 .collect()
         };
     let (cis_a, cis_b) = (probe_ci(&ta.model)?, probe_ci(&tb.model)?);
-    let n_probe = if ta.model.target.spec.is_sequence() {
-        0
-    } else {
-        crate::inputs::probe_inputs(&ta.model.target.spec, 0.75).len()
-    };
     let mut modules = vec![];
     for (ja, ma) in ta.model.modules.iter().enumerate() {
         let jb = tb.model.modules.iter().position(|m| m.name == ma.name);

@@ -375,11 +375,7 @@ fn run_sweep(a: SweepArgs, threads: Option<usize>) -> anyhow::Result<()> {
                 .as_ref()
                 .ok_or_else(|| anyhow::anyhow!("give the sweep folder with --out DIR"))?;
             let mut base = match (p, c) {
-                (Some(p), _) => {
-                    let mut v = serde_json::to_value(presets::spd_config(p)?)?;
-                    v["preset"] = serde_json::Value::String(p.clone());
-                    v
-                }
+                (Some(p), _) => presets::config_file_json(p)?,
                 (None, Some(c)) => {
                     // Validate as `train --config` does, then keep the JSON with the target's
                     // path made absolute (points live in other folders).
@@ -502,8 +498,7 @@ fn run_sweep(a: SweepArgs, threads: Option<usize>) -> anyhow::Result<()> {
 fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Presets { show: Some(name) } => {
-            let mut v = serde_json::to_value(presets::spd_config(&name)?)?;
-            v["preset"] = serde_json::Value::String(name);
+            let v = presets::config_file_json(&name)?;
             println!("{}", serde_json::to_string_pretty(&v)?);
             Ok(())
         }

@@ -144,6 +144,14 @@ fn imp_min_weighted(coeff: f64, pnorm: f64, module_weights: Vec<ModuleWeight>) -
 /// Training steps of the `ih` preset (the reference's config says 1,000,000).
 pub const IH_STEPS: usize = 2_000;
 
+/// A preset's config as a `train --config` file holds it: the SPD fields plus
+/// `"preset": name` (what `presets --show` prints and a sweep's base config is).
+pub fn config_file_json(name: &str) -> anyhow::Result<serde_json::Value> {
+    let mut v = serde_json::to_value(spd_config(name)?)?;
+    v["preset"] = serde_json::Value::String(name.to_string());
+    Ok(v)
+}
+
 /// The SPD config of a preset (reference hyperparameters, table §4.6 of the spec).
 pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
     find(name)?;

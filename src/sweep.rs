@@ -702,9 +702,7 @@ mod tests {
     use super::*;
 
     fn base() -> Value {
-        let mut v = serde_json::to_value(crate::presets::spd_config("tms-5-2").unwrap()).unwrap();
-        v["preset"] = "tms-5-2".into();
-        v
+        crate::presets::config_file_json("tms-5-2").unwrap()
     }
 
     #[test]

@@ -19,8 +19,7 @@ fn table(a: &SpdApp) -> Option<std::sync::Arc<spdlab::sweep::SweepTable>> {
 fn sweep_view_watches_the_folder_and_opens_points() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("sw");
-    let mut base = serde_json::to_value(spdlab::presets::spd_config("tms-5-2").unwrap()).unwrap();
-    base["preset"] = "tms-5-2".into();
+    let mut base = spdlab::presets::config_file_json("tms-5-2").unwrap();
     base["steps"] = 30.into();
     let sweep = Sweep::create(
         &dir,
