@@ -19,6 +19,7 @@ pub mod runner;
 pub mod sequence;
 pub mod spd;
 pub mod sweep;
+pub mod timeline;
 pub mod worker;
 
 /// The desktop app (the only module that uses a UI crate).

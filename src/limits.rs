@@ -35,6 +35,8 @@ pub const MAX_LAYERS: usize = 1_024;
 pub const MAX_SAMPLES: usize = 1 << 20;
 /// Sequence length of the coming sequence models (reference LMs: ≤ 2,048).
 pub const MAX_SEQ_LEN: usize = 1 << 16;
+/// Timeline frames in a file.
+pub const MAX_FRAMES: usize = 1 << 20;
 /// Size of a safetensors header (JSON) we are willing to parse.
 pub const MAX_HEADER_BYTES: u64 = 100 << 20;
 

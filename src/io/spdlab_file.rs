@@ -25,6 +25,9 @@ use crate::spd::config::SpdConfig;
 use crate::spd::trainer::{StepRecord, Trainer};
 
 pub const FORMAT_NAME: &str = "spdlab";
+/// Tensors of the timeline section: `timeline.<i>.params` (f16 or f32) and
+/// `timeline.<i>.stats` (f32) of frame i.
+pub const TIMELINE_PREFIX: &str = "timeline.";
 pub const FORMAT_VERSION: u32 = 1;
 
 /// Wraps a contiguous f32 candle tensor as a safetensors view.
@@ -50,11 +53,39 @@ impl safetensors::View for TensorView<'_> {
     }
 }
 
-/// Reads all tensors of a safetensors buffer as f32 candle tensors, in file order.
+/// Raw little-endian tensor bytes as a safetensors view (f16 timeline frames).
+struct RawView {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl safetensors::View for &RawView {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Reads all tensors of a safetensors buffer (but the timeline's) as f32 candle tensors, by
+/// name.
 pub fn read_tensors(bytes: &[u8], device: &Device) -> anyhow::Result<Vec<(String, Tensor)>> {
     let st = safetensors::SafeTensors::deserialize(bytes)?;
     let mut out = vec![];
-    let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+    let mut names: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|s| !s.starts_with(TIMELINE_PREFIX))
+        .map(|s| s.to_string())
+        .collect();
     names.sort();
     for name in names {
         let view = st.tensor(&name)?;
@@ -112,6 +143,20 @@ pub struct FileMeta {
     pub history: Vec<StepRecord>,
     #[serde(default)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// The timeline section, when the run kept one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<TimelineMeta>,
+}
+
+/// The timeline section's metadata; frame i's tensors are `timeline.<i>.params|stats`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TimelineMeta {
+    pub options: crate::timeline::TimelineOptions,
+    pub every: usize,
+    /// Parameter names and shapes in a frame, in order.
+    pub layout: Vec<(String, Vec<usize>)>,
+    /// Step of each frame.
+    pub steps: Vec<usize>,
 }
 
 /// What a `.spdlab` file holds besides the trainer.
@@ -129,26 +174,11 @@ pub fn to_bytes(tr: &Trainer, extras: &FileExtras) -> anyhow::Result<Vec<u8>> {
     for (k, t) in &model.target.params {
         tensors.push((format!("target.{k}"), t.contiguous()?));
     }
+    for (k, t) in crate::timeline::decomposition_params(model) {
+        tensors.push((k, t.contiguous()?));
+    }
     let mut modules = vec![];
     for m in &model.modules {
-        tensors.push((
-            format!("components.{}.V", m.name),
-            m.v.as_tensor().contiguous()?,
-        ));
-        tensors.push((
-            format!("components.{}.U", m.name),
-            m.u.as_tensor().contiguous()?,
-        ));
-        for (i, (w, b)) in m.ci_layers.iter().enumerate() {
-            tensors.push((
-                format!("ci_fns.{}.layers.{}.W", m.name, 2 * i),
-                w.as_tensor().contiguous()?,
-            ));
-            tensors.push((
-                format!("ci_fns.{}.layers.{}.b", m.name, 2 * i),
-                b.as_tensor().contiguous()?,
-            ));
-        }
         modules.push(ModuleMeta {
             name: m.name.clone(),
             c: m.c,
@@ -182,13 +212,81 @@ pub fn to_bytes(tr: &Trainer, extras: &FileExtras) -> anyhow::Result<Vec<u8>> {
         }),
         history: tr.history.clone(),
         extra: extras.extra.clone(),
+        timeline: None,
     };
+    let mut meta = meta;
+    let mut raw: Vec<(String, RawView)> = vec![];
+    if let Some(tl) = &tr.timeline {
+        meta.timeline = Some(TimelineMeta {
+            options: tl.options,
+            every: tl.every,
+            layout: tl.layout.clone(),
+            steps: tl.frames.iter().map(|f| f.step).collect(),
+        });
+        for (i, f) in tl.frames.iter().enumerate() {
+            raw.push((
+                format!("{TIMELINE_PREFIX}{i}.params"),
+                RawView {
+                    dtype: match f.data {
+                        crate::timeline::FrameData::F16(_) => safetensors::Dtype::F16,
+                        crate::timeline::FrameData::F32(_) => safetensors::Dtype::F32,
+                    },
+                    shape: vec![f.data.len()],
+                    bytes: f.data.le_bytes(),
+                },
+            ));
+            let st = crate::timeline::ModuleStats::flatten(&f.stats);
+            raw.push((
+                format!("{TIMELINE_PREFIX}{i}.stats"),
+                RawView {
+                    dtype: safetensors::Dtype::F32,
+                    shape: vec![st.len()],
+                    bytes: st.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                },
+            ));
+        }
+    }
     let mut md = HashMap::new();
     md.insert("spdlab".to_string(), serde_json::to_string(&meta)?);
-    Ok(safetensors::serialize(
-        tensors.iter().map(|(k, t)| (k.as_str(), TensorView(t))),
-        Some(md),
-    )?)
+    let views: Vec<(String, Either)> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), Either::Tensor(TensorView(t))))
+        .chain(raw.iter().map(|(k, r)| (k.clone(), Either::Raw(r))))
+        .collect();
+    Ok(safetensors::serialize(views, Some(md))?)
+}
+
+/// A candle tensor or raw bytes, for one `serialize` call.
+enum Either<'a> {
+    Tensor(TensorView<'a>),
+    Raw(&'a RawView),
+}
+
+impl safetensors::View for Either<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        match self {
+            Either::Tensor(t) => t.dtype(),
+            Either::Raw(r) => r.dtype(),
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        match self {
+            Either::Tensor(t) => t.shape(),
+            Either::Raw(r) => &r.shape,
+        }
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self {
+            Either::Tensor(t) => t.data(),
+            Either::Raw(r) => Cow::Borrowed(&r.bytes),
+        }
+    }
+    fn data_len(&self) -> usize {
+        match self {
+            Either::Tensor(t) => t.data_len(),
+            Either::Raw(r) => r.bytes.len(),
+        }
+    }
 }
 
 /// Saves atomically.
@@ -472,6 +570,12 @@ pub fn from_bytes(bytes: &[u8], device: &Device) -> anyhow::Result<(Trainer, Fil
     if let Some(k) = map.keys().next() {
         anyhow::bail!("unexpected tensor '{k}'");
     }
+    if let Some(tm) = &meta.timeline {
+        tr.timeline =
+            Some(read_timeline(bytes, tm, &tr).map_err(|e| anyhow::anyhow!("timeline: {e}"))?);
+    } else if let Some(k) = shapes.keys().find(|k| k.starts_with(TIMELINE_PREFIX)) {
+        anyhow::bail!("tensor '{k}' without a timeline section in the metadata");
+    }
     Ok((
         tr,
         FileExtras {
@@ -480,6 +584,93 @@ pub fn from_bytes(bytes: &[u8], device: &Device) -> anyhow::Result<(Trainer, Fil
             extra: meta.extra,
         },
     ))
+}
+
+/// The timeline frames of a file, checked against the decomposition they belong to.
+fn read_timeline(
+    bytes: &[u8],
+    tm: &TimelineMeta,
+    tr: &Trainer,
+) -> anyhow::Result<crate::timeline::Timeline> {
+    use crate::timeline::{Frame, FrameData, ModuleStats, Timeline};
+    crate::limits::check("timeline frames", tm.steps.len(), crate::limits::MAX_FRAMES)?;
+    let expect = Timeline::new(tm.options, &tr.model, tr.config.steps);
+    if tm.layout != expect.layout {
+        anyhow::bail!("its parameter layout does not match the decomposition");
+    }
+    if tm.every == 0 {
+        anyhow::bail!("every = 0");
+    }
+    if tm.steps.windows(2).any(|w| w[0] >= w[1]) {
+        anyhow::bail!("frame steps are not increasing");
+    }
+    let st = safetensors::SafeTensors::deserialize(bytes)?;
+    let n = crate::timeline::layout_len(&tm.layout);
+    let cs: Vec<usize> = tr.model.modules.iter().map(|m| m.c).collect();
+    let mut frames = vec![];
+    for (i, &step) in tm.steps.iter().enumerate() {
+        let pk = format!("{TIMELINE_PREFIX}{i}.params");
+        let sk = format!("{TIMELINE_PREFIX}{i}.stats");
+        let p = st
+            .tensor(&pk)
+            .map_err(|_| anyhow::anyhow!("missing tensor '{pk}'"))?;
+        let raw = p.data();
+        let data = match p.dtype() {
+            safetensors::Dtype::F32 if raw.len() == 4 * n => FrameData::F32(
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            safetensors::Dtype::F16 if raw.len() == 2 * n => FrameData::F16(
+                raw.chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
+            d => anyhow::bail!(
+                "tensor '{pk}' is {d:?} of {} bytes; a frame is {n} f32 or f16 values",
+                raw.len()
+            ),
+        };
+        if let Some(j) = data.to_f32().iter().position(|x| !x.is_finite()) {
+            anyhow::bail!("tensor '{pk}' contains a non-finite value at flat index {j}");
+        }
+        let s = st
+            .tensor(&sk)
+            .map_err(|_| anyhow::anyhow!("missing tensor '{sk}'"))?;
+        if s.dtype() != safetensors::Dtype::F32 {
+            anyhow::bail!("tensor '{sk}' has dtype {:?}, expected F32", s.dtype());
+        }
+        let sv: Vec<f32> = s
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let stats = ModuleStats::unflatten(&sv, &cs)
+            .ok_or_else(|| anyhow::anyhow!("tensor '{sk}' has {} values", sv.len()))?;
+        frames.push(Frame {
+            step,
+            data,
+            stats: std::sync::Arc::new(stats),
+        });
+    }
+    let extra = st
+        .names()
+        .into_iter()
+        .filter(|k| k.starts_with(TIMELINE_PREFIX))
+        .count();
+    if extra != 2 * frames.len() {
+        anyhow::bail!(
+            "{extra} timeline tensors for {} frames (2 each)",
+            frames.len()
+        );
+    }
+    Ok(Timeline {
+        options: tm.options,
+        every: tm.every,
+        layout: tm.layout.clone(),
+        frames,
+        version: 1,
+    })
 }
 
 fn check_finite(name: &str, t: &Tensor) -> anyhow::Result<()> {

@@ -47,6 +47,8 @@ pub struct Trainer {
     pub history: Vec<StepRecord>,
     /// Row shards (threads) the last training step ran as.
     pub last_shards: usize,
+    /// Frames kept while training (see [`crate::timeline`]); none unless enabled.
+    pub timeline: Option<crate::timeline::Timeline>,
     compact_zero_rows: bool,
 }
 
@@ -88,12 +90,43 @@ impl Trainer {
             step: 0,
             history: vec![],
             last_shards: 1,
+            timeline: None,
             compact_zero_rows,
         })
     }
 
     pub fn is_done(&self) -> bool {
         self.step > self.config.steps
+    }
+
+    /// Keeps a timeline with these options from now on (frames already taken stay, thinned
+    /// to the new bound); `max_frames` 0 drops it.
+    pub fn set_timeline(&mut self, options: crate::timeline::TimelineOptions) {
+        if options.max_frames == 0 {
+            self.timeline = None;
+            return;
+        }
+        let steps = self.config.steps;
+        match self.timeline.as_mut() {
+            Some(t) => t.set_options(options, steps),
+            None => {
+                self.timeline = Some(crate::timeline::Timeline::new(options, &self.model, steps))
+            }
+        }
+    }
+
+    /// Adds a timeline frame at the current step when one is due (or, with `now`, always).
+    pub fn capture_frame(&mut self, now: bool) -> anyhow::Result<()> {
+        if let Some(mut t) = self.timeline.take() {
+            let r = if now || t.due(self.step) {
+                t.capture(self)
+            } else {
+                Ok(())
+            };
+            self.timeline = Some(t);
+            r?;
+        }
+        Ok(())
     }
 
     /// The reference's faithfulness warm-up: AdamW on U, V only, loss = mean ΔW².
@@ -138,6 +171,7 @@ impl Trainer {
     /// One training step (the reference's loop body): losses, backward, clip, Adam. The last
     /// iteration (step == steps) computes and logs but applies no update.
     pub fn step(&mut self) -> anyhow::Result<StepRecord> {
+        self.capture_frame(false)?;
         let steps = self.config.steps;
         let lr = scheduled_value(self.step, steps, &self.config.lr_schedule);
         let batch = self.draw_batch(self.config.batch_size)?;
@@ -183,6 +217,9 @@ impl Trainer {
             self.history.push(rec.clone());
         }
         self.step += 1;
+        if self.is_done() {
+            self.capture_frame(true)?;
+        }
         Ok(rec)
     }
 
