@@ -63,6 +63,51 @@ struct Cli {
     cmd: Option<Cmd>,
 }
 
+/// How a training run keeps its timeline (frames to replay how the decomposition formed).
+#[derive(clap::Args, Clone, Debug, Default)]
+struct TimelineArgs {
+    /// Keep at most N timeline frames (0 = none; default 300, or what a resumed file kept).
+    #[arg(long, value_name = "N")]
+    timeline_frames: Option<usize>,
+    /// Cap on the timeline's size in MB (default 256, or what a resumed file kept).
+    #[arg(long, value_name = "MB")]
+    timeline_cap_mb: Option<u64>,
+    /// Store frames as f32 (exact) instead of f16 (half the size).
+    #[arg(long)]
+    timeline_f32: bool,
+}
+
+impl TimelineArgs {
+    /// The options for a run that kept `kept` so far (a resumed file) or none.
+    fn options(
+        &self,
+        kept: Option<spdlab::timeline::TimelineOptions>,
+    ) -> anyhow::Result<spdlab::timeline::TimelineOptions> {
+        let mut o = kept.unwrap_or_default();
+        if let Some(n) = self.timeline_frames {
+            spdlab::limits::check("--timeline-frames", n, spdlab::limits::MAX_FRAMES)?;
+            if n == 1 {
+                anyhow::bail!(
+                    "--timeline-frames 1: a timeline keeps at least the first and the last step (2), or 0 for none"
+                );
+            }
+            o.max_frames = n;
+        }
+        if let Some(mb) = self.timeline_cap_mb {
+            if mb == 0 {
+                anyhow::bail!(
+                    "--timeline-cap-mb must be at least 1 (use --timeline-frames 0 for no timeline)"
+                );
+            }
+            o.cap_bytes = mb.saturating_mul(1 << 20);
+        }
+        if self.timeline_f32 {
+            o.f16 = false;
+        }
+        Ok(o)
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Train an SPD decomposition of a preset or a config file.
@@ -93,10 +138,28 @@ enum Cmd {
         /// Print one JSON object with the results on stdout.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        timeline: TimelineArgs,
     },
     /// Train a grid of configs, one folder per point (locally with --jobs, or as a Slurm job
     /// array with --emit slurm); rerun to continue. See README "Sweeps".
     Sweep(SweepArgs),
+    /// Show a decomposition's timeline (frames kept while it trained: steps, size, L0 and
+    /// alive subcomponents per frame), or write the file without it (--drop --out).
+    Timeline {
+        file: PathBuf,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Write a copy without the timeline to --out.
+        #[arg(long, requires = "out")]
+        drop: bool,
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace an existing --out file.
+        #[arg(long)]
+        force: bool,
+    },
     /// Match the subcomponents of two decompositions of the same target (Hungarian on the
     /// similarity of their rank-one matrices), per module.
     Compare {
@@ -508,6 +571,96 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Timeline {
+            file,
+            json,
+            drop,
+            out,
+            force,
+        } => {
+            let dev = runner::device("cpu")?;
+            let (mut tr, extras, _) = spdlab::io::load_any(&file, &dev)?;
+            let Some(tl) = tr.timeline.as_ref() else {
+                anyhow::bail!(
+                    "{}: no timeline (it trained without one: --timeline-frames 0, or an older spdlab)",
+                    file.display()
+                );
+            };
+            let thr = tr.config.ci_alive_threshold as f32;
+            let frames: Vec<serde_json::Value> = tl
+                .frames
+                .iter()
+                .map(|f| {
+                    let per: serde_json::Map<String, serde_json::Value> = tr
+                        .model
+                        .modules
+                        .iter()
+                        .zip(f.stats.iter())
+                        .map(|(m, s)| {
+                            let alive = s.max_ci.iter().filter(|&&x| x > thr).count();
+                            (
+                                m.name.clone(),
+                                serde_json::json!({ "l0": s.l0, "alive": alive }),
+                            )
+                        })
+                        .collect();
+                    serde_json::json!({ "step": f.step, "modules": per })
+                })
+                .collect();
+            let info = serde_json::json!({
+                "file": file,
+                "frames": tl.frames.len(),
+                "every": tl.every,
+                "dtype": if tl.options.f16 { "f16" } else { "f32" },
+                "max_frames": tl.options.max_frames,
+                "cap_bytes": tl.options.cap_bytes,
+                "bytes": tl.bytes(),
+                "per_frame": frames,
+            });
+            if json {
+                println!("{}", serde_json::to_string(&info)?);
+            } else {
+                println!(
+                    "{}: {} frames, steps {} to {} (every {}), {}, {:.2} MB (cap {} MB, at most {} frames)",
+                    file.display(),
+                    tl.frames.len(),
+                    tl.frames.first().map(|f| f.step).unwrap_or(0),
+                    tl.frames.last().map(|f| f.step).unwrap_or(0),
+                    tl.every,
+                    if tl.options.f16 { "f16" } else { "f32" },
+                    tl.bytes() as f64 / (1 << 20) as f64,
+                    tl.options.cap_bytes >> 20,
+                    tl.options.max_frames
+                );
+                for f in &frames {
+                    let mods: Vec<String> = f["modules"]
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, v)| {
+                            format!(
+                                "{k}: L0 {:.2}, alive {}",
+                                v["l0"].as_f64().unwrap_or(0.0),
+                                v["alive"]
+                            )
+                        })
+                        .collect();
+                    println!("  step {:>8}  {}", f["step"], mods.join(" | "));
+                }
+            }
+            if drop && let Some(out) = out {
+                let replace = if force {
+                    Replace::Allowed
+                } else {
+                    Replace::Never
+                };
+                let _lock = spdlab::io::output::prepare(&out, &[file.as_path()], replace)?;
+                tr.timeline = None;
+                spdlab_file::save(&tr, &extras, &out)?;
+                eprintln!("wrote {} without the timeline", out.display());
+            }
+            Ok(())
+        }
         Cmd::Compare { a, b, json } => {
             let c = spdlab::compare::compare_files(&a, &b)?;
             if json {
@@ -545,6 +698,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             autosave_secs,
             force,
             json,
+            timeline,
         } => {
             let dev = runner::device(&device)?;
             let mut out = out;
@@ -611,6 +765,8 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 };
                 (tr, extras, name)
             };
+            let kept = tr.timeline.as_ref().map(|t| t.options);
+            tr.set_timeline(timeline.options(kept)?);
             let out = out.unwrap_or_else(|| {
                 PathBuf::from("spdlab-runs").join(format!("{name}-seed{}.spdlab", tr.config.seed))
             });

@@ -263,6 +263,13 @@ impl SweepSpec {
 }
 
 /// A sweep folder.
+/// The timeline every sweep point keeps: up to 100 frames, at most 32 MB, f16.
+pub const SWEEP_TIMELINE: crate::timeline::TimelineOptions = crate::timeline::TimelineOptions {
+    max_frames: 100,
+    f16: true,
+    cap_bytes: 32 << 20,
+};
+
 pub struct Sweep {
     pub dir: PathBuf,
     pub spec: SweepSpec,
@@ -411,6 +418,9 @@ impl Sweep {
             };
             (tr, extras)
         };
+        if tr.timeline.is_none() {
+            tr.set_timeline(SWEEP_TIMELINE);
+        }
         let opts = crate::runner::RunOptions {
             autosave: Some((recovery.clone(), self.autosave)),
         };

@@ -218,3 +218,32 @@ fn a_corrupt_timeline_is_refused_naming_the_problem() {
     };
     assert!(e.contains("bad.spdlab") && e.contains("timeline"), "{e}");
 }
+
+#[test]
+fn a_reference_run_has_one_frame_per_checkpoint() {
+    // goodfire-ai/spd at 3f0bb61, tms 5-2, 600 steps, save_freq 200.
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref-tms-timeline");
+    let dev = Device::Cpu;
+    let (run, _, warnings) = spdlab::io::load_any(&dir, &dev).unwrap();
+    assert!(
+        warnings.iter().all(|w| !w.contains("timeline")),
+        "{warnings:?}"
+    );
+    let tl = run
+        .timeline
+        .as_ref()
+        .expect("three checkpoints make a timeline");
+    let steps: Vec<usize> = tl.frames.iter().map(|f| f.step).collect();
+    assert_eq!(steps, vec![200, 400, 600]);
+    // The newest frame is the run as loaded; an older frame is that checkpoint exactly.
+    let last = frame_trainer(&run, tl, &tl.frames[2]).unwrap();
+    assert_eq!(max_diff(&last, &run).0, 0.0);
+    let (old, _, _) = spdlab::io::load_any(&dir.join("model_200.pth"), &dev).unwrap();
+    let first = frame_trainer(&run, tl, &tl.frames[0]).unwrap();
+    assert_eq!(max_diff(&first, &old).0, 0.0);
+    assert!(max_diff(&first, &run).0 > 1e-3, "the checkpoints differ");
+    // Statistics per frame: norms of the frame's subcomponents.
+    let st = spdlab::timeline::frame_stats(&old).unwrap();
+    assert_eq!(st[0].norm, tl.frames[0].stats[0].norm);
+}

@@ -20,7 +20,8 @@ pub fn load_any(
     device: &Device,
 ) -> anyhow::Result<(Trainer, spdlab_file::FileExtras, Vec<String>)> {
     if reference::is_reference_run(path) {
-        let (tr, info) = reference::import(path, device)?;
+        let (mut tr, mut info) = reference::import(path, device)?;
+        tr.timeline = reference::timeline(&info.checkpoint, &tr, device, &mut info.warnings)?;
         let extras = spdlab_file::FileExtras {
             preset: None,
             warmup_done: true,

@@ -89,6 +89,93 @@ fn check_checkpoint_file(path: &Path) -> anyhow::Result<()> {
     )
 }
 
+/// Every `model_<step>.pth` of a run folder, by step.
+pub fn checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = checkpoint_step(&name)?;
+            e.path().is_file().then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The timeline of a reference run: each `model_<step>.pth` beside `checkpoint` is a frame
+/// (f32; at most [`crate::timeline::DEFAULT_MAX_FRAMES`], evenly chosen). `tr` is the run
+/// loaded from `checkpoint`. A checkpoint that does not load (one still being written) is
+/// left out with a warning.
+pub fn timeline(
+    checkpoint: &Path,
+    tr: &Trainer,
+    device: &Device,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<Option<crate::timeline::Timeline>> {
+    use crate::timeline::{Frame, FrameData, Timeline, TimelineOptions};
+    let dir = checkpoint.parent().unwrap_or(Path::new("."));
+    let mut all = checkpoints(dir);
+    let max = crate::timeline::DEFAULT_MAX_FRAMES;
+    if all.len() > max {
+        let n = all.len();
+        all = (0..max)
+            .map(|i| all[i * (n - 1) / (max - 1)].clone())
+            .collect();
+    }
+    if all.len() < 2 {
+        return Ok(None);
+    }
+    let mut tl = Timeline::new(
+        TimelineOptions {
+            max_frames: max,
+            f16: false,
+            cap_bytes: u64::MAX,
+        },
+        &tr.model,
+        tr.config.steps,
+    );
+    tl.every = 1;
+    for (step, path) in all {
+        let same = super::output::same_file(&path, checkpoint);
+        let loaded;
+        let t = if same {
+            tr
+        } else {
+            match import(&path, device) {
+                Ok((t, _)) => {
+                    loaded = t;
+                    &loaded
+                }
+                Err(e) => {
+                    warnings.push(format!("timeline: {e:#}; frame left out"));
+                    continue;
+                }
+            }
+        };
+        let mut values = vec![];
+        for (_, p) in crate::timeline::decomposition_params(&t.model) {
+            values.extend(p.flatten_all()?.to_vec1::<f32>()?);
+        }
+        if values.len() != crate::timeline::layout_len(&tl.layout) {
+            warnings.push(format!(
+                "timeline: {}: another decomposition than the run's; frame left out",
+                path.display()
+            ));
+            continue;
+        }
+        tl.frames.push(Frame {
+            step,
+            data: FrameData::F32(values),
+            stats: std::sync::Arc::new(crate::timeline::frame_stats(t)?),
+        });
+    }
+    tl.version = 1;
+    Ok((tl.frames.len() >= 2).then_some(tl))
+}
+
 fn checkpoint_step(name: &str) -> Option<usize> {
     let stem = name.strip_suffix(".pth")?;
     if !stem.starts_with("model") {
