@@ -51,6 +51,16 @@ struct Cli {
     /// Select a subcomponent (`module:index`, e.g. blocks.1.attn.q_proj:3) once loaded.
     #[arg(long, value_name = "MODULE:INDEX")]
     select: Option<String>,
+    /// Export the view (--view) over the run's timeline, then quit: an animated GIF (a .gif
+    /// path) or numbered PNGs (a folder). Playback speed: --fps.
+    #[arg(long, value_name = "OUT.gif|DIR")]
+    export_animation: Option<PathBuf>,
+    /// Frames per second of playback and of --export-animation.
+    #[arg(long, default_value_t = 8.0)]
+    fps: f32,
+    /// At most this many frames in --export-animation (evenly spread; first and last kept).
+    #[arg(long, default_value_t = 120)]
+    export_frames: usize,
     /// Threads for training (each step's batch is split into row shards, one per thread;
     /// default: all cores, in the app all but one; at least 128 rows per shard).
     #[arg(long, global = true)]
@@ -364,6 +374,9 @@ fn main() {
                 asset: cli.asset,
                 heatmap_rows: cli.heatmap_rows,
                 select: cli.select,
+                export_animation: cli.export_animation,
+                fps: cli.fps,
+                export_frames: cli.export_frames,
             }),
         },
         Some(cmd) => run(cmd),

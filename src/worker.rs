@@ -112,6 +112,11 @@ pub enum Command {
         /// A selection to ablate (`layer:index`, `cluster:id`, ...); empty for none.
         select: String,
     },
+    /// Show the timeline frame at this step in every view (a snapshot with `frame` set), or
+    /// the live run (None). Interventions, probes and custom CI then run on the shown frame.
+    ShowFrame(Option<usize>),
+    /// How the run keeps its timeline from the next step on (0 frames: none).
+    SetTimeline(crate::timeline::TimelineOptions),
     /// Hungarian column order of module `module` of `snapshot` (its probe CI permuted towards
     /// the identity), answered by [`Event::ColumnOrder`] with the same `key`.
     ColumnOrder {
@@ -191,6 +196,8 @@ pub struct Snapshot {
     pub days: Option<Arc<crate::metrics::days::DaysViewData>>,
     /// Range of one input feature's values (TargetSpec::value_range).
     pub value_range: (f32, f32),
+    /// The timeline frame (its step) this snapshot shows; None: the live run.
+    pub frame: Option<usize>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -274,6 +281,9 @@ pub enum Event {
         input: Vec<f32>,
         ci: Vec<Vec<f32>>,
     },
+    /// The run's timeline changed (after a load, new frames while training): steps and
+    /// per-frame statistics.
+    Timeline(Arc<crate::timeline::TimelineIndex>),
     /// The answer to [`Command::Sequence`].
     Sequence {
         key: u64,
@@ -395,6 +405,12 @@ struct Worker {
     snapshot_every: Duration,
     job: Option<Job>,
     next_job: u64,
+    /// The timeline frame shown instead of the live run (a trainer of its parameters).
+    viewing: Option<Trainer>,
+    /// Timeline options of runs that start training here without one.
+    timeline_options: crate::timeline::TimelineOptions,
+    /// Version of the timeline last sent to the app.
+    timeline_sent: Option<u64>,
 }
 
 impl Worker {
@@ -421,6 +437,9 @@ impl Worker {
             snapshot_every: Duration::from_millis(250),
             job: None,
             next_job: 0,
+            viewing: None,
+            timeline_options: Default::default(),
+            timeline_sent: None,
         }
     }
 
@@ -537,6 +556,8 @@ impl Worker {
                     history: tr.history.clone(),
                 });
                 self.trainer = Some(tr);
+                self.viewing = None;
+                self.timeline_sent = None;
                 self.clusters = None;
                 match crate::interventions::stored_clusters(&extras.extra) {
                     Ok(c) => self.clusters = c.map(Arc::new),
@@ -550,6 +571,7 @@ impl Worker {
                 };
                 self.set_state(st);
                 self.publish_snapshot()?;
+                self.send_timeline();
                 if let Some(v) = self.extras.extra.get("clusters") {
                     let stored: crate::cluster::ClusteringResult =
                         serde_json::from_value(v.clone()).map_err(|e| {
@@ -588,8 +610,33 @@ impl Worker {
                 self.clusters = Some(Arc::new(*res));
                 self.publish_snapshot()?;
             }
+            Command::ShowFrame(step) => {
+                self.viewing = match (step, self.trainer.as_ref()) {
+                    (Some(s), Some(tr)) => {
+                        let tl = tr
+                            .timeline
+                            .as_ref()
+                            .ok_or_else(|| anyhow::anyhow!("this run has no timeline"))?;
+                        let f = tl.frame_at(s).ok_or_else(|| {
+                            anyhow::anyhow!("the timeline has no frame at step {s}")
+                        })?;
+                        Some(crate::timeline::frame_trainer(tr, tl, f)?)
+                    }
+                    _ => None,
+                };
+                self.publish_snapshot()?;
+            }
+            Command::SetTimeline(o) => {
+                self.timeline_options = o;
+                if let Some(tr) = self.trainer.as_mut()
+                    && (tr.timeline.is_some() || tr.step > 0)
+                {
+                    tr.set_timeline(o);
+                }
+                self.send_timeline();
+            }
             Command::CustomCi(input) => {
-                let Some(tr) = self.trainer.as_ref() else {
+                let Some(tr) = self.shown() else {
                     anyhow::bail!("nothing loaded");
                 };
                 let ci = custom_ci(tr, &input)?;
@@ -600,7 +647,7 @@ impl Worker {
                 tokens,
                 select,
             } => {
-                let Some(tr) = self.trainer.as_ref() else {
+                let Some(tr) = self.shown() else {
                     anyhow::bail!("nothing loaded");
                 };
                 let selection = if select.trim().is_empty() {
@@ -625,6 +672,9 @@ impl Worker {
                 };
                 if tr.is_done() {
                     anyhow::bail!("this run has finished all {} steps", tr.config.steps);
+                }
+                if tr.timeline.is_none() {
+                    tr.set_timeline(self.timeline_options);
                 }
                 if !self.extras.warmup_done {
                     tr.faithfulness_warmup()?;
@@ -692,21 +742,27 @@ impl Worker {
                 self.emit(Event::Exported(path));
             }
             Command::Save(p) => {
-                let Some(tr) = self.trainer.as_ref() else {
+                let Some(tr) = self.trainer.as_mut() else {
                     anyhow::bail!("nothing to save");
                 };
+                if tr.step > 0 {
+                    // The state saved is the timeline's newest frame (replaced by the next
+                    // frame on the grid if training goes on).
+                    tr.capture_frame(true)?;
+                }
                 spdlab_file::save(tr, &self.extras, &p)?;
+                self.send_timeline();
                 self.emit(Event::Saved(p));
             }
             Command::Intervene(req) => {
-                let Some(tr) = self.trainer.as_ref() else {
+                let Some(tr) = self.shown() else {
                     anyhow::bail!("nothing loaded");
                 };
                 let out = intervene(tr, self.clusters.as_deref(), req)?;
                 self.emit(Event::Intervened(Arc::new(out)));
             }
             Command::Trace { input, threshold } => {
-                let Some(tr) = self.trainer.as_ref() else {
+                let Some(tr) = self.shown() else {
                     anyhow::bail!("nothing loaded");
                 };
                 let t = crate::interventions::trace(
@@ -732,9 +788,18 @@ impl Worker {
         self.emit(Event::Step(rec));
         if done {
             self.set_state(RunState::Finished);
-            self.publish_snapshot()?;
+            self.send_timeline();
+            if self.viewing.is_none() {
+                self.publish_snapshot()?;
+            }
         } else if self.last_snapshot.elapsed() >= self.snapshot_every {
-            self.publish_snapshot()?;
+            self.send_timeline();
+            if self.viewing.is_none() {
+                // A frame being looked at stays; the live run's snapshots wait.
+                self.publish_snapshot()?;
+            } else {
+                self.last_snapshot = Instant::now();
+            }
         }
         Ok(())
     }
@@ -868,12 +933,32 @@ impl Worker {
         }
     }
 
-    fn publish_snapshot(&mut self) -> anyhow::Result<()> {
+    /// The decomposition the views show: the frame looked at, else the live run.
+    fn shown(&self) -> Option<&Trainer> {
+        self.viewing.as_ref().or(self.trainer.as_ref())
+    }
+
+    /// Sends the timeline's index when it changed since the last one sent.
+    fn send_timeline(&mut self) {
         let Some(tr) = self.trainer.as_ref() else {
+            return;
+        };
+        let v = tr.timeline.as_ref().map(|t| t.version);
+        if self.timeline_sent == Some(v.unwrap_or(u64::MAX)) {
+            return;
+        }
+        self.timeline_sent = Some(v.unwrap_or(u64::MAX));
+        let index = tr.timeline.as_ref().map(|t| t.index()).unwrap_or_default();
+        self.emit(Event::Timeline(Arc::new(index)));
+    }
+
+    fn publish_snapshot(&mut self) -> anyhow::Result<()> {
+        let Some(tr) = self.shown() else {
             return Ok(());
         };
-        let snap =
+        let mut snap =
             snapshot_with_extras(tr, self.clusters.clone(), self.probe_value, self.batch_rows)?;
+        snap.frame = self.viewing.as_ref().map(|t| t.step);
         self.last_snapshot = Instant::now();
         self.emit(Event::Snapshot(Arc::new(snap)));
         Ok(())
@@ -1021,6 +1106,7 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
         },
         clusters: None,
         days: None,
+        frame: None,
     })
 }
 

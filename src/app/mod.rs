@@ -10,6 +10,7 @@ pub mod run_watch;
 pub mod sequence_picker;
 pub mod session;
 pub mod sweep_watch;
+pub mod timeline_bar;
 pub mod view;
 pub mod views;
 pub mod widgets;
@@ -173,6 +174,14 @@ pub struct SpdApp {
     pending_select: Option<String>,
     /// For repaint requests from background threads (the sweep watcher).
     ctx: egui::Context,
+    pub playback: timeline_bar::Playback,
+    /// An animation export in progress.
+    anim: Option<timeline_bar::AnimExport>,
+    /// `--export-animation`: started once the timeline is loaded.
+    pending_anim: Option<PathBuf>,
+    /// Close when the export written last is done.
+    exit_after_export: bool,
+    exit_on_export: Option<PathBuf>,
 }
 
 /// How the app starts.
@@ -193,6 +202,13 @@ pub struct StartOptions {
     pub heatmap_rows: Option<usize>,
     /// Select this subcomponent (`module:index`) once the decomposition is loaded.
     pub select: Option<String>,
+    /// Export the view over the timeline once it is loaded (a .gif, or a folder of PNGs),
+    /// then close.
+    pub export_animation: Option<PathBuf>,
+    /// Playback frames per second (default 8).
+    pub fps: f32,
+    /// Frames of an animation export at most (0: the default, 120).
+    pub export_frames: usize,
 }
 
 /// The views' names for `--view`, in tab order (from the registry).
@@ -235,6 +251,23 @@ impl SpdApp {
             actions: vec![],
             pending_select: opts.select,
             ctx: cc.egui_ctx.clone(),
+            playback: timeline_bar::Playback {
+                fps: if opts.fps > 0.0 {
+                    opts.fps.clamp(0.5, 60.0)
+                } else {
+                    8.0
+                },
+                export_frames: if opts.export_frames >= 2 {
+                    opts.export_frames
+                } else {
+                    120
+                },
+                ..Default::default()
+            },
+            anim: None,
+            pending_anim: opts.export_animation,
+            exit_after_export: false,
+            exit_on_export: None,
         };
         if let Some(v) = opts.view {
             app.settings.view = v;
@@ -608,6 +641,17 @@ impl SpdApp {
         for v in &mut self.views {
             v.on_event(&e);
         }
+        match &e {
+            Event::Exported(p) if self.exit_on_export.as_ref() == Some(p) => {
+                eprintln!("exported {}", p.display());
+                self.ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+            }
+            Event::Error(m) if self.exit_on_export.is_some() || self.pending_anim.is_some() => {
+                eprintln!("error: {m}");
+                self.ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+            }
+            _ => {}
+        }
         if let Event::Loaded { .. } = e {
             self.selection = Selection::default();
         }
@@ -687,11 +731,31 @@ impl eframe::App for SpdApp {
             // Bounded repaint rate while training (~10 Hz); user input repaints at once.
             ui.ctx().request_repaint_after(Duration::from_millis(100));
         }
+        if self.pending_anim.is_some() {
+            ui.ctx().request_repaint_after(Duration::from_millis(50));
+            if self.session.snapshot.is_some()
+                && self
+                    .session
+                    .timeline
+                    .as_ref()
+                    .is_some_and(|t| t.steps.len() >= 2)
+                && let Some(p) = self.pending_anim.take()
+            {
+                self.export_animation(timeline_bar::AnimTarget::from_path(p));
+                if let Some(a) = self.anim.as_mut() {
+                    a.exit_when_done = true;
+                }
+            }
+        }
+        self.tick_timeline(&ui.ctx().clone());
         egui::Panel::top("top").show(ui, |ui| self.top_bar(ui));
         egui::Panel::left("side")
             .default_size(220.0)
             .resizable(true)
             .show(ui, |ui| self.side_panel(ui));
+        if self.session.timeline.is_some() {
+            egui::Panel::bottom("timeline").show(ui, |ui| self.timeline_bar(ui));
+        }
         egui::CentralPanel::default().show(ui, |ui| {
             ui.horizontal_wrapped(|ui| {
                 let current = self.current();
@@ -706,6 +770,23 @@ impl eframe::App for SpdApp {
             ui.separator();
             let rect = ui.scope(|ui| self.show_view(ui)).response.rect;
             self.view_rect = Some(rect);
+            if let Some(step) = self.session.shown_frame() {
+                // The step of the frame shown, on the view itself (and in its exports).
+                let p = ui.painter();
+                let text = format!("step {step}");
+                let galley =
+                    p.layout_no_wrap(text, egui::FontId::proportional(15.0), egui::Color32::WHITE);
+                let r = egui::Rect::from_min_size(
+                    egui::pos2(rect.right() - galley.size().x - 14.0, rect.top() + 2.0),
+                    galley.size() + egui::vec2(10.0, 4.0),
+                );
+                p.rect_filled(
+                    r,
+                    3.0,
+                    egui::Color32::from_rgba_unmultiplied(40, 40, 90, 220),
+                );
+                p.galley(r.min + egui::vec2(5.0, 2.0), galley, egui::Color32::WHITE);
+            }
         });
         if !self.actions.is_empty() {
             self.run_actions();

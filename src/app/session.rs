@@ -35,6 +35,12 @@ pub struct Session {
     pub run_watch: Option<super::run_watch::RunWatch>,
     pub(crate) run_watch_seen: u64,
     pub(crate) run_watch_loaded: Option<usize>,
+    /// The run's timeline (steps and per-frame statistics), when it keeps one.
+    pub timeline: Option<Arc<crate::timeline::TimelineIndex>>,
+    /// The frame (its step) the user wants shown; None: the live run.
+    pub want_frame: Option<usize>,
+    /// The frame request the worker is answering (one at a time: scrubbing never queues).
+    frame_in_flight: Option<Option<usize>>,
 }
 
 impl Session {
@@ -58,6 +64,36 @@ impl Session {
             run_watch: None,
             run_watch_seen: 0,
             run_watch_loaded: None,
+            timeline: None,
+            want_frame: None,
+            frame_in_flight: None,
+        }
+    }
+
+    /// The frame (step) the views show now; None: the live run.
+    pub fn shown_frame(&self) -> Option<usize> {
+        self.snapshot.as_ref().and_then(|s| s.frame)
+    }
+
+    /// Shows the timeline frame at `step` in every view (None: back to the live run). The
+    /// worker answers with a snapshot of that frame; requests made meanwhile collapse into
+    /// the newest.
+    pub fn show_frame(&mut self, step: Option<usize>) {
+        self.want_frame = step;
+        self.pump_frames();
+    }
+
+    /// Whether the views show what was asked for (no frame request outstanding).
+    pub fn frame_settled(&self) -> bool {
+        self.frame_in_flight.is_none() && self.want_frame == self.shown_frame()
+    }
+
+    fn pump_frames(&mut self) {
+        if self.frame_in_flight.is_some() || self.snapshot.is_none() {
+            return;
+        }
+        if self.want_frame != self.shown_frame() && self.send(Command::ShowFrame(self.want_frame)) {
+            self.frame_in_flight = Some(self.want_frame);
         }
     }
 
@@ -98,6 +134,9 @@ impl Session {
                 step,
                 history,
             } => {
+                self.timeline = None;
+                self.want_frame = None;
+                self.frame_in_flight = None;
                 self.description = description;
                 self.status = format!("loaded at step {step}");
                 self.config = Some(*config);
@@ -127,8 +166,24 @@ impl Session {
                 self.history.push(rec);
             }
             Event::Snapshot(s) => {
+                if self.frame_in_flight == Some(s.frame) {
+                    self.frame_in_flight = None;
+                }
                 self.snapshot = Some(s);
                 self.snapshot_version += 1;
+                self.pump_frames();
+            }
+            Event::Timeline(t) => {
+                // A frame looked at that thinning removed: the nearest one left.
+                if let Some(w) = self.want_frame
+                    && !t.steps.contains(&w)
+                {
+                    let near = t.nearest(w).map(|i| t.steps[i]);
+                    self.timeline = Some(t);
+                    self.show_frame(near);
+                } else {
+                    self.timeline = Some(t);
+                }
             }
             Event::State(s) => {
                 self.state = s;
@@ -145,7 +200,11 @@ impl Session {
             Event::Saved(p) => self.status = format!("saved {}", p.display()),
             Event::Exported(p) => self.status = format!("exported {}", p.display()),
             Event::Intervened(_) => self.error = None,
-            Event::Error(m) => self.error = Some(m),
+            Event::Error(m) => {
+                // A frame request that failed is not waited for.
+                self.frame_in_flight = None;
+                self.error = Some(m);
+            }
             Event::Clusters {
                 data,
                 stored: false,

@@ -37,6 +37,8 @@ pub struct InterventionsView {
     pub row: usize,
     pub trace_threshold: f32,
     last_sent: Option<InterventionRequest>,
+    /// The timeline frame the last snapshot showed (None: live).
+    frame: Option<usize>,
     last_traced: Option<(Vec<f32>, f32)>,
     prefilled: bool,
     /// The worker's latest intervention result and mechanism trace.
@@ -60,6 +62,7 @@ impl Default for InterventionsView {
             row: 0,
             trace_threshold: 0.1,
             last_sent: None,
+            frame: None,
             last_traced: None,
             prefilled: false,
             outcome: None,
@@ -95,6 +98,11 @@ impl View for InterventionsView {
             }
             Event::Intervened(o) => self.outcome = Some(o.clone()),
             Event::Traced(t) => self.trace = Some(t.clone()),
+            Event::Snapshot(snap) if snap.frame != self.frame => {
+                // Another timeline frame (or back to live): run the intervention on it.
+                self.frame = snap.frame;
+                self.last_sent = None;
+            }
             _ => {}
         }
     }
