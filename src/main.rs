@@ -55,6 +55,10 @@ struct Cli {
     /// path) or numbered PNGs (a folder). Playback speed: --fps.
     #[arg(long, value_name = "OUT.gif|DIR")]
     export_animation: Option<PathBuf>,
+    /// Play the run's timeline from its first frame once loaded (with --frame-stats: the UI's
+    /// CPU time per frame while scrubbing).
+    #[arg(long)]
+    play: bool,
     /// Frames per second of playback and of --export-animation.
     #[arg(long, default_value_t = 8.0)]
     fps: f32,
@@ -376,6 +380,7 @@ fn main() {
                 select: cli.select,
                 export_animation: cli.export_animation,
                 fps: cli.fps,
+                play: cli.play,
                 export_frames: cli.export_frames,
             }),
         },

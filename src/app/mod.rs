@@ -132,7 +132,7 @@ impl FrameStats {
     }
     pub fn summary(&self) -> String {
         format!(
-            "ui cpu per frame while training: n={} p50={:.2} ms p99={:.2} ms (ui thread's own cpu time: p50={:.2} ms p99={:.2} ms) | frame interval p50={:.1} ms p99={:.1} ms",
+            "ui cpu per frame while training or playing: n={} p50={:.2} ms p99={:.2} ms (ui thread's own cpu time: p50={:.2} ms p99={:.2} ms) | frame interval p50={:.1} ms p99={:.1} ms",
             self.cpu_ms.len(),
             percentile(&self.cpu_ms, 0.5),
             percentile(&self.cpu_ms, 0.99),
@@ -179,6 +179,8 @@ pub struct SpdApp {
     anim: Option<timeline_bar::AnimExport>,
     /// `--export-animation`: started once the timeline is loaded.
     pending_anim: Option<PathBuf>,
+    /// `--play`: start playback once the timeline is loaded.
+    pending_play: bool,
     /// Close when the export written last is done.
     exit_after_export: bool,
     exit_on_export: Option<PathBuf>,
@@ -207,6 +209,8 @@ pub struct StartOptions {
     pub export_animation: Option<PathBuf>,
     /// Playback frames per second (default 8).
     pub fps: f32,
+    /// Play the timeline from its first frame once it is loaded.
+    pub play: bool,
     /// Frames of an animation export at most (0: the default, 120).
     pub export_frames: usize,
 }
@@ -266,6 +270,7 @@ impl SpdApp {
             },
             anim: None,
             pending_anim: opts.export_animation,
+            pending_play: opts.play,
             exit_after_export: false,
             exit_on_export: None,
         };
@@ -583,6 +588,10 @@ impl SpdApp {
                 Action::CancelClustering => {
                     self.send(Command::Cancel(crate::worker::JobKind::Clustering));
                 }
+                Action::ShowFrame(step) => {
+                    self.playback.playing = false;
+                    self.session.show_frame(step);
+                }
             }
         }
     }
@@ -704,8 +713,11 @@ impl SpdApp {
 impl eframe::App for SpdApp {
     fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         let cpu_ms = frame.info().cpu_usage.map(|s| s * 1e3);
-        self.frame_stats
-            .tick(cpu_ms, self.session.state == RunState::Running);
+        // Measured while training and while the timeline plays or is scrubbed.
+        let busy = self.session.state == RunState::Running
+            || self.playback.playing
+            || !self.session.frame_settled();
+        self.frame_stats.tick(cpu_ms, busy);
         self.drain();
         self.shortcuts(ui.ctx());
         // Drag and drop.
@@ -746,6 +758,18 @@ impl eframe::App for SpdApp {
                     a.exit_when_done = true;
                 }
             }
+        }
+        if self.pending_play
+            && self.session.snapshot.is_some()
+            && self
+                .session
+                .timeline
+                .as_ref()
+                .is_some_and(|t| t.steps.len() >= 2)
+        {
+            self.pending_play = false;
+            self.scrub_to(0);
+            self.playback.playing = true;
         }
         self.tick_timeline(&ui.ctx().clone());
         egui::Panel::top("top").show(ui, |ui| self.top_bar(ui));

@@ -374,7 +374,7 @@ impl SpdApp {
             .on_hover_text("Playback speed (and the GIF's frame rate)");
             let live = self.session.want_frame.is_none();
             let mut idx = self.timeline_index().unwrap_or(0);
-            let right = 330.0;
+            let right = 400.0;
             ui.spacing_mut().slider_width = (ui.available_width() - right).max(80.0);
             let r = ui.add_enabled(
                 n > 1 && self.anim.is_none(),
@@ -387,7 +387,7 @@ impl SpdApp {
             }
             let step = t.steps[idx.min(n - 1)];
             let shown = match (live, self.session.shown_frame()) {
-                (true, _) => format!("live · newest frame step {step}"),
+                (true, _) => format!("live · step {step}"),
                 (false, Some(s)) if s == step => format!("step {step}"),
                 (false, _) => format!("step {step} (loading)"),
             };

@@ -49,6 +49,8 @@ pub enum Action {
     RunClustering(crate::cluster::ClusterOptions),
     /// Cancel the running clustering job.
     CancelClustering,
+    /// Show this timeline frame (its step) in every view; None: the live run.
+    ShowFrame(Option<usize>),
 }
 
 /// What a view gets each frame: the session (read only), the persisted settings, the shared

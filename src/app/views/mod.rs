@@ -53,6 +53,7 @@ views! {
     days => days::DaysView::default(),
     sequence => sequence::SequenceView::default(),
     attention => attention::AttentionView::default(),
+    trajectories => trajectories::TrajectoriesView::default(),
     sweep => sweep::SweepView::default(),
 }
 

@@ -84,6 +84,8 @@ fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
     let history = &cx.session.history;
     let markers = &cx.session.markers;
     let smoothing = cx.settings.smoothing;
+    // The timeline frame the other views show, marked on the curves.
+    let frame = cx.session.shown_frame();
     if history.is_empty() {
         ui.label("no training steps yet: press Start");
         return;
@@ -118,6 +120,9 @@ fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
                         .color(egui::Color32::from_rgb(150, 150, 150)),
                 );
             }
+            if let Some(s) = frame {
+                p.vline(VLine::new(format!("frame shown: step {s}"), s as f64).color(egui::Color32::WHITE));
+            }
         });
     Plot::new("l0")
         .legend(Legend::default())
@@ -135,6 +140,9 @@ fn show(cx: &mut ViewCtx, ui: &mut egui::Ui) {
                     Line::new(format!("L0 {n}"), PlotPoints::from(thin(&pts, 2000)))
                         .color(color(i + 3)),
                 );
+            }
+            if let Some(s) = frame {
+                p.vline(VLine::new("frame shown", s as f64).color(egui::Color32::WHITE));
             }
         });
     // (Watched reference runs log the rate only on some lines.)
