@@ -232,3 +232,48 @@ fn live_follow_stops_on_scrub_and_resumes_on_the_button() {
     assert!(snap_step > held, "live snapshot at {snap_step}");
     h.state_mut().send_command(spdlab::worker::Command::Pause);
 }
+
+#[test]
+fn trajectories_click_on_the_alive_map_selects_and_scrubs() {
+    let d = tempfile::tempdir().unwrap();
+    let file = run_with_timeline(d.path(), "tms-5-2", 400);
+    let mut h = common::app_on(file.clone(), Some("trajectories"), egui::vec2(1200.0, 800.0));
+    common::wait(&mut h, "the timeline", |a| {
+        a.session.snapshot.is_some()
+            && a.session.timeline.as_ref().is_some_and(|t| t.steps.len() >= 10)
+    });
+    h.run_steps(3);
+    h.get_by_label_contains("frames, steps 0 to 401");
+    // The CSV: one row per frame, module and subcomponent.
+    let csv_path = d.path().join("traj.csv");
+    h.state_mut().export_csv(&csv_path).unwrap();
+    common::wait(&mut h, "the CSV", |_| csv_path.exists());
+    let n_frames = h.state().timeline_steps().len();
+    let rows = std::fs::read_to_string(&csv_path).unwrap().lines().count() - 1;
+    assert_eq!(rows, n_frames * 2 * 20, "frames x modules x C");
+    // A click low on the map, a fifth of the way along: that subcomponent and frame.
+    let r = h.state().view_rect.unwrap();
+    let p = egui::pos2(r.left() + r.width() * 0.2, r.bottom() - 8.0);
+    h.event(egui::Event::PointerMoved(p));
+    h.run_steps(2);
+    h.event(egui::Event::PointerButton {
+        pos: p,
+        button: egui::PointerButton::Primary,
+        pressed: true,
+        modifiers: Default::default(),
+    });
+    h.event(egui::Event::PointerButton {
+        pos: p,
+        button: egui::PointerButton::Primary,
+        pressed: false,
+        modifiers: Default::default(),
+    });
+    h.run_steps(2);
+    assert!(h.state().selection.component.is_some(), "a subcomponent is selected");
+    let steps = h.state().timeline_steps();
+    let want = h.state().session.want_frame.expect("a frame is shown");
+    let i = steps.iter().position(|&s| s == want).unwrap();
+    assert!(i >= n_frames / 10 && i <= n_frames * 3 / 10, "frame {i} of {n_frames}");
+    settle(&mut h, "the clicked frame");
+    assert_shows_frame(h.state(), &file, want);
+}

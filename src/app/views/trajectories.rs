@@ -12,6 +12,9 @@ use crate::app::view::{Action, CsvJob, View, ViewCtx};
 use crate::app::widgets;
 use crate::timeline::TimelineIndex;
 
+/// The alive map `[C][frames]` and the alive count per frame.
+type AliveData = (Vec<Vec<bool>>, Vec<usize>);
+
 pub struct TrajectoriesView {
     /// Alive threshold of the map (None: the run's `ci_alive_threshold`).
     pub threshold: Option<f32>,
@@ -23,7 +26,7 @@ pub struct TrajectoriesView {
     /// Norm and mean-CI lines of a module (timeline version, module), thinned.
     lines: Option<((u64, usize), Arc<Lines>)>,
     /// The alive map and counts of (timeline version, module, threshold bits).
-    alive: Option<((u64, usize, u32), Arc<(Vec<Vec<bool>>, Vec<usize>)>)>,
+    alive: Option<((u64, usize, u32), Arc<AliveData>)>,
 }
 
 /// Points per trajectory line at most (min and max of each bucket kept): a module of 1000
@@ -164,9 +167,11 @@ impl TrajectoriesView {
             .map_or(0.0, |c| c.ci_alive_threshold as f32);
         let mut thr = self.threshold.unwrap_or(run_thr);
         ui.horizontal(|ui| {
-            ui.label("alive when the largest CI on the fixed batch exceeds");
             if ui
-                .add(egui::Slider::new(&mut thr, 0.0..=1.0).logarithmic(false))
+                .add(
+                    egui::Slider::new(&mut thr, 0.0..=1.0)
+                        .text("alive threshold: the largest CI on the fixed batch exceeds it"),
+                )
                 .changed()
             {
                 self.threshold = Some(thr);
@@ -321,8 +326,8 @@ impl TrajectoriesView {
                 } else {
                     egui::Color32::from_rgb(90, 180, 110)
                 };
-                for f in 0..n {
-                    img.pixels[r * n + f] = if map[c][f] {
+                for (px, &alive) in img.pixels[r * n..(r + 1) * n].iter_mut().zip(&map[c]) {
+                    *px = if alive {
                         col
                     } else {
                         egui::Color32::from_gray(28)
