@@ -793,6 +793,8 @@ impl eframe::App for SpdApp {
             });
             ui.separator();
             let rect = ui.scope(|ui| self.show_view(ui)).response.rect;
+            // What overflows the central panel is not part of the view (nor of its exports).
+            let rect = rect.intersect(ui.clip_rect());
             self.view_rect = Some(rect);
             if let Some(step) = self.session.shown_frame() {
                 // The step of the frame shown, on the view itself (and in its exports).
