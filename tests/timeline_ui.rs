@@ -237,10 +237,17 @@ fn live_follow_stops_on_scrub_and_resumes_on_the_button() {
 fn trajectories_click_on_the_alive_map_selects_and_scrubs() {
     let d = tempfile::tempdir().unwrap();
     let file = run_with_timeline(d.path(), "tms-5-2", 400);
-    let mut h = common::app_on(file.clone(), Some("trajectories"), egui::vec2(1200.0, 800.0));
+    let mut h = common::app_on(
+        file.clone(),
+        Some("trajectories"),
+        egui::vec2(1200.0, 800.0),
+    );
     common::wait(&mut h, "the timeline", |a| {
         a.session.snapshot.is_some()
-            && a.session.timeline.as_ref().is_some_and(|t| t.steps.len() >= 10)
+            && a.session
+                .timeline
+                .as_ref()
+                .is_some_and(|t| t.steps.len() >= 10)
     });
     h.run_steps(3);
     h.get_by_label_contains("frames, steps 0 to 401");
@@ -269,11 +276,17 @@ fn trajectories_click_on_the_alive_map_selects_and_scrubs() {
         modifiers: Default::default(),
     });
     h.run_steps(2);
-    assert!(h.state().selection.component.is_some(), "a subcomponent is selected");
+    assert!(
+        h.state().selection.component.is_some(),
+        "a subcomponent is selected"
+    );
     let steps = h.state().timeline_steps();
     let want = h.state().session.want_frame.expect("a frame is shown");
     let i = steps.iter().position(|&s| s == want).unwrap();
-    assert!(i >= n_frames / 10 && i <= n_frames * 3 / 10, "frame {i} of {n_frames}");
+    assert!(
+        i >= n_frames / 10 && i <= n_frames * 3 / 10,
+        "frame {i} of {n_frames}"
+    );
     settle(&mut h, "the clicked frame");
     assert_shows_frame(h.state(), &file, want);
 }
