@@ -111,30 +111,40 @@ fn rewrite(src: &Path, dst: &Path, edit: impl FnOnce(&mut Tensors, &mut Value)) 
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (_, md) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let mut meta: Value = serde_json::from_str(&md.metadata().as_ref().unwrap()["spdlab"]).unwrap();
-    let mut ts: Tensors = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| {
-            let d = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (k, (v.shape().to_vec(), d))
-        })
-        .collect();
+    // f32 tensors are edited; others (f16 timeline frames) are kept as they are.
+    let mut other: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = vec![];
+    let mut ts: Tensors = Tensors::new();
+    for (k, v) in st.tensors() {
+        if v.dtype() != safetensors::Dtype::F32 {
+            other.push((k, v.dtype(), v.shape().to_vec(), v.data().to_vec()));
+            continue;
+        }
+        let d = v
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        ts.insert(k, (v.shape().to_vec(), d));
+    }
     edit(&mut ts, &mut meta);
-    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = ts
+    let raw: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = ts
         .into_iter()
-        .map(|(k, (s, d))| (k, s, d.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .map(|(k, (s, d))| {
+            (
+                k,
+                safetensors::Dtype::F32,
+                s,
+                d.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        })
+        .chain(other)
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = raw
         .iter()
-        .map(|(k, s, d)| {
+        .map(|(k, dt, s, d)| {
             (
                 k.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
-                    .unwrap(),
+                safetensors::tensor::TensorView::new(*dt, s.clone(), d).unwrap(),
             )
         })
         .collect();
