@@ -476,6 +476,9 @@ fn exports_write_parsable_files() {
         if v == "sweep" {
             continue; // needs a sweep folder: covered in tests/sweep_view.rs
         }
+        if v == "trajectories" {
+            continue; // needs a timeline: covered in tests/timeline_ui.rs
+        }
         h.state_mut().set_view(v);
         h.run();
         let csv = dir.path().join(format!("{v}.csv"));

@@ -7,6 +7,7 @@
 
 pub mod days;
 pub mod ih;
+pub mod lm;
 mod train;
 
 pub use ih::IhDims;

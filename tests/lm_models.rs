@@ -1,0 +1,160 @@
+//! The reference's language-model families (LlamaSimpleMLP, LlamaSimple, GPT2Simple) against
+//! logits computed by goodfire-ai/spd at 3f0bb61 (`tests/reference/make_lm_fixtures.py`: tiny
+//! configs, random weights with every norm weight and bias exercised, grouped-query attention
+//! for the Llama families).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use spdlab::model::lm;
+
+fn fixture(family: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/ref-lm")
+        .join(family)
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+/// Largest |logit − reference logit| of `model` on the fixture's tokens.
+fn max_logit_diff(model: &lm::LmModel, dir: &Path) -> f32 {
+    let tokens: Vec<Vec<u32>> =
+        serde_json::from_value(json(&dir.join("tokens.json"))["tokens"].clone()).unwrap();
+    let want: Vec<Vec<Vec<f32>>> =
+        serde_json::from_value(json(&dir.join("logits.json"))["logits"].clone()).unwrap();
+    let (b, s) = (tokens.len(), tokens[0].len());
+    let ids = Tensor::from_vec(tokens.concat(), (b, s), &Device::Cpu).unwrap();
+    let got = model.forward(&ids).unwrap().to_vec2::<f32>().unwrap();
+    let mut worst = 0f32;
+    for i in 0..b {
+        for p in 0..s {
+            for (x, y) in got[i * s + p].iter().zip(&want[i][p]) {
+                worst = worst.max((x - y).abs());
+            }
+        }
+    }
+    worst
+}
+
+fn check_family(family: &str) {
+    let dir = fixture(family);
+    // The reference's pretraining layout: a run folder (newest checkpoint) or the checkpoint.
+    for path in [dir.join("run"), dir.join("run/checkpoints/model_step_0.pt")] {
+        let m = lm::load(&path, &Device::Cpu).unwrap();
+        let d = max_logit_diff(&m, &dir);
+        eprintln!("{family}: max logit diff {d:e}");
+        assert!(
+            d < 1e-4,
+            "{family} ({}): logits differ by {d}",
+            path.display()
+        );
+    }
+    // safetensors with config.json beside it.
+    let m = lm::load(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(max_logit_diff(&m, &dir) < 1e-4);
+}
+
+#[test]
+fn llama_simple_mlp_matches_the_reference() {
+    check_family("llama_simple_mlp");
+}
+
+#[test]
+fn llama_simple_matches_the_reference() {
+    check_family("llama_simple");
+}
+
+#[test]
+fn gpt2_simple_matches_the_reference() {
+    check_family("gpt2_simple");
+}
+
+#[test]
+fn decomposable_linears_are_the_references_modules() {
+    let m = lm::load(&fixture("llama_simple").join("run"), &Device::Cpu).unwrap();
+    let names: Vec<String> = m.config.linear_modules().into_iter().map(|l| l.0).collect();
+    assert_eq!(
+        names[..7],
+        [
+            "h.0.attn.q_proj",
+            "h.0.attn.k_proj",
+            "h.0.attn.v_proj",
+            "h.0.attn.o_proj",
+            "h.0.mlp.gate_proj",
+            "h.0.mlp.up_proj",
+            "h.0.mlp.down_proj"
+        ]
+    );
+    assert_eq!(names.len(), 14);
+    // A hook that returns each linear's own output changes nothing; one that zeroes the MLP's
+    // output of block 1 changes the logits.
+    let ids = Tensor::from_vec((0u32..16).collect::<Vec<_>>(), (1, 16), &Device::Cpu).unwrap();
+    let base = m.forward(&ids).unwrap();
+    let same = m
+        .forward_hooked(&ids, &mut |i, x| m.linear(i, x).map(Some), None)
+        .unwrap();
+    assert_eq!(
+        base.to_vec2::<f32>().unwrap(),
+        same.to_vec2::<f32>().unwrap()
+    );
+    let cut = m
+        .forward_hooked(
+            &ids,
+            &mut |i, x| {
+                if i == 13 {
+                    Ok(Some(m.linear(i, x)?.zeros_like()?))
+                } else {
+                    Ok(None)
+                }
+            },
+            None,
+        )
+        .unwrap();
+    let d = (cut - base)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d > 1e-3);
+}
+
+#[test]
+fn bad_checkpoints_say_what_is_wrong() {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixture("gpt2_simple");
+    // A config that disagrees with the tensors.
+    std::fs::copy(
+        src.join("model.safetensors"),
+        d.path().join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        r#"{"model_type": "GPT2Simple", "block_size": 16, "vocab_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 48}"#,
+    )
+    .unwrap();
+    let e = lm::load(&d.path().join("model.safetensors"), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("wte.weight") && e.contains("shape"),
+        "{e}"
+    );
+    // An unknown field or family.
+    std::fs::write(d.path().join("config.json"), r#"{"model_type": "Mamba"}"#).unwrap();
+    let e = lm::load(&d.path().join("model.safetensors"), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("config.json") && e.contains("Mamba"), "{e}");
+    // No config at all.
+    std::fs::remove_file(d.path().join("config.json")).unwrap();
+    let e = lm::load(&d.path().join("model.safetensors"), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model_config.yaml"), "{e}");
+}
