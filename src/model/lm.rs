@@ -138,7 +138,7 @@ impl LmConfig {
         check_positive("model.n_head", self.n_head, MAX_DIM)?;
         check_positive("model.n_layer", self.n_layer, MAX_LAYERS)?;
         check_positive("model MLP width", self.mlp_width(), MAX_DIM)?;
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(LimitError(format!(
                 "model.n_embd ({}) must be a multiple of model.n_head ({})",
                 self.n_embd, self.n_head
@@ -158,14 +158,14 @@ impl LmConfig {
                 ));
             }
             let kv = self.kv_heads();
-            if self.n_head % kv != 0 {
+            if !self.n_head.is_multiple_of(kv) {
                 return Err(LimitError(format!(
                     "model.n_key_value_heads ({kv}) must divide model.n_head ({})",
                     self.n_head
                 )));
             }
             check_positive("model.n_ctx", self.rotary_len(), MAX_DIM)?;
-            if self.head_dim() % 2 != 0 {
+            if !self.head_dim().is_multiple_of(2) {
                 return Err(LimitError(
                     "rotary positions need an even head dimension".into(),
                 ));
