@@ -19,6 +19,7 @@ pub mod runner;
 pub mod sequence;
 pub mod spd;
 pub mod sweep;
+pub mod text;
 pub mod timeline;
 pub mod worker;
 
