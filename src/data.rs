@@ -129,6 +129,85 @@ impl InductionData {
 pub enum TaskData {
     Sparse(SparseFeatureData),
     Induction(InductionData),
+    /// Language models: windows of tokenized text.
+    Tokens(TokenData),
+}
+
+/// Token sequences for a language model: rows of a tokenized corpus (drawn uniformly with
+/// replacement), or, without a corpus, uniformly random tokens.
+#[derive(Clone, Debug)]
+pub struct TokenData {
+    pub seq_len: usize,
+    pub vocab_size: usize,
+    /// `[n_rows · seq_len]` token ids; None: random tokens.
+    pub rows: Option<std::sync::Arc<Vec<u32>>>,
+    /// Where the rows came from (shown in reports).
+    pub source: String,
+}
+
+impl TokenData {
+    pub fn random(seq_len: usize, vocab_size: usize) -> Self {
+        TokenData {
+            seq_len,
+            vocab_size,
+            rows: None,
+            source: "uniformly random tokens (no corpus loaded)".into(),
+        }
+    }
+    /// A corpus of rows of exactly `seq_len` tokens, each below `vocab_size`.
+    pub fn corpus(
+        rows: &[Vec<u32>],
+        seq_len: usize,
+        vocab_size: usize,
+        source: String,
+    ) -> Result<Self, String> {
+        if rows.is_empty() {
+            return Err(format!("{source}: no sequence of {seq_len} tokens"));
+        }
+        let mut flat = Vec::with_capacity(rows.len() * seq_len);
+        for (i, r) in rows.iter().enumerate() {
+            if r.len() != seq_len {
+                return Err(format!(
+                    "{source}: row {i} has {} tokens, not {seq_len}",
+                    r.len()
+                ));
+            }
+            if let Some(t) = r.iter().find(|&&t| t as usize >= vocab_size) {
+                return Err(format!(
+                    "{source}: token id {t} is outside the model's vocabulary ({vocab_size})"
+                ));
+            }
+            flat.extend_from_slice(r);
+        }
+        Ok(TokenData {
+            seq_len,
+            vocab_size,
+            rows: Some(std::sync::Arc::new(flat)),
+            source,
+        })
+    }
+    pub fn n_rows(&self) -> usize {
+        self.rows
+            .as_ref()
+            .map_or(0, |r| r.len() / self.seq_len.max(1))
+    }
+    pub fn batch(&self, rng: &mut Rng, b: usize) -> Vec<f32> {
+        let s = self.seq_len;
+        match &self.rows {
+            Some(rows) => {
+                let n = rows.len() / s;
+                let mut out = Vec::with_capacity(b * s);
+                for _ in 0..b {
+                    let i = (rng.next_u64() % n as u64) as usize;
+                    out.extend(rows[i * s..(i + 1) * s].iter().map(|&t| t as f32));
+                }
+                out
+            }
+            None => (0..b * s)
+                .map(|_| (rng.next_u64() % self.vocab_size as u64) as f32)
+                .collect(),
+        }
+    }
 }
 
 impl TaskData {
@@ -137,6 +216,7 @@ impl TaskData {
         match self {
             TaskData::Sparse(d) => d.batch(rng, b),
             TaskData::Induction(d) => d.batch(rng, b),
+            TaskData::Tokens(d) => d.batch(rng, b),
         }
     }
     /// Values per input row (features, or tokens per sequence).
@@ -144,6 +224,7 @@ impl TaskData {
         match self {
             TaskData::Sparse(d) => d.n_features,
             TaskData::Induction(d) => d.seq_len,
+            TaskData::Tokens(d) => d.seq_len,
         }
     }
 }

@@ -154,7 +154,28 @@ pub fn check_rows(spec: &crate::model::TargetSpec, rows: &[Vec<f32>]) -> Result<
             }
         }
     }
+    if let crate::model::TargetSpec::Lm { model, .. } = spec {
+        let n = model.vocab_size;
+        for (i, r) in rows.iter().enumerate() {
+            if let Some((p, v)) = r
+                .iter()
+                .enumerate()
+                .find(|(_, v)| v.fract() != 0.0 || **v < 0.0 || **v >= n as f32)
+            {
+                return Err(format!(
+                    "input {i}, position {p}: {v} is not a token id (0..{})",
+                    n - 1
+                ));
+            }
+        }
+    }
     Ok(())
+}
+
+/// The first token ids of a sequence (`12 7 301 ... (32 tokens)`).
+pub fn describe_tokens(x: &[f32]) -> String {
+    let head: Vec<String> = x.iter().take(8).map(|&v| (v as u32).to_string()).collect();
+    format!("{} ... ({} tokens)", head.join(" "), x.len())
 }
 
 /// Short description of an input row: its active features (`f3=0.75`), or the (day, op) label.
@@ -167,6 +188,9 @@ pub fn describe_input(spec: &crate::model::TargetSpec, x: &[f32]) -> String {
     if let crate::model::TargetSpec::Ih(dims) = spec {
         return describe_sequence(dims, x);
     }
+    if let crate::model::TargetSpec::Lm { .. } = spec {
+        return describe_tokens(x);
+    }
     describe_features(x)
 }
 
@@ -177,6 +201,11 @@ pub fn describe_position(spec: &crate::model::TargetSpec, i: usize, x: &[f32], p
             "sequence {i}, position {p}: token {} ({})",
             x.get(p).map_or(0, |&v| v as u32),
             describe_sequence(d, x)
+        ),
+        crate::model::TargetSpec::Lm { .. } => format!(
+            "sequence {i}, position {p}: token {} ({})",
+            x.get(p).map_or(0, |&v| v as u32),
+            describe_tokens(x)
         ),
         _ => describe_input(spec, x),
     }

@@ -1011,7 +1011,7 @@ pub fn build_snapshot(tr: &Trainer, probe_value: f32, n_batch: usize) -> anyhow:
     let batch = Tensor::from_vec(raw.clone(), (n_inputs, nf), &dev)?;
     let fold = Fold::new();
     let probes = match spec {
-        crate::model::TargetSpec::Ih(_) => tr
+        crate::model::TargetSpec::Ih(_) | crate::model::TargetSpec::Lm { .. } => tr
             .data
             .batch(&mut crate::rng::Rng::new(0x5a3b1e), SAMPLE_SEQUENCES)
             .chunks(nf)

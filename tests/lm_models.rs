@@ -158,3 +158,88 @@ fn bad_checkpoints_say_what_is_wrong() {
         .to_string();
     assert!(e.contains("model_config.yaml"), "{e}");
 }
+
+/// The llama_simple_mlp fixture as an SPD target over 16-token sequences.
+fn lm_target() -> spdlab::model::TargetModel {
+    let dir = fixture("llama_simple_mlp");
+    let m = lm::load(&dir.join("run"), &Device::Cpu).unwrap();
+    let named: Vec<(String, Tensor)> =
+        spdlab::io::pth::read_pth(&dir.join("run/checkpoints/model_step_0.pt"))
+            .unwrap()
+            .into_iter()
+            .map(|t| {
+                (
+                    t.name,
+                    Tensor::from_vec(t.data, t.shape, &Device::Cpu).unwrap(),
+                )
+            })
+            .collect();
+    spdlab::model::TargetModel::new(
+        spdlab::model::TargetSpec::Lm {
+            model: m.config.clone(),
+            seq_len: 16,
+        },
+        named,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn spd_trains_on_a_language_model() {
+    use spdlab::spd::config::{CiFnType, ModuleInfo, OutputLossType};
+    let target = lm_target();
+    // The target inside spdlab gives the reference's logits.
+    let dir = fixture("llama_simple_mlp");
+    let tokens: Vec<Vec<u32>> =
+        serde_json::from_value(json(&dir.join("tokens.json"))["tokens"].clone()).unwrap();
+    let x: Vec<f32> = tokens.concat().iter().map(|&t| t as f32).collect();
+    let xt = Tensor::from_vec(x, (2, 16), &Device::Cpu).unwrap();
+    let got = target.forward(&xt).unwrap().to_vec2::<f32>().unwrap();
+    let want: Vec<Vec<Vec<f32>>> =
+        serde_json::from_value(json(&dir.join("logits.json"))["logits"].clone()).unwrap();
+    for p in 0..16 {
+        for (a, b) in got[16 + p].iter().zip(&want[1][p]) {
+            assert!((a - b).abs() < 1e-4);
+        }
+    }
+    // An SPD run of every attention and MLP linear, KL output loss.
+    let mut cfg = spdlab::presets::spd_config("ih").unwrap();
+    cfg.module_info = vec![
+        ModuleInfo {
+            module_pattern: "h.*.attn.*".into(),
+            c: 8,
+        },
+        ModuleInfo {
+            module_pattern: "h.*.mlp.*".into(),
+            c: 8,
+        },
+    ];
+    cfg.ci_fn_type = CiFnType::VectorMlp;
+    cfg.ci_fn_hidden_dims = vec![16];
+    cfg.output_loss_type = OutputLossType::Kl;
+    cfg.batch_size = 8;
+    cfg.eval_batch_size = 8;
+    cfg.steps = 30;
+    cfg.faithfulness_warmup_steps = 20;
+    let mut tr = spdlab::spd::trainer::Trainer::new(target, cfg).unwrap();
+    assert_eq!(tr.model.modules.len(), 12);
+    assert_eq!(tr.model.modules[0].name, "h.0.attn.q_proj");
+    tr.faithfulness_warmup().unwrap();
+    let first = tr.step().unwrap().losses["total"];
+    let mut last = first;
+    while !tr.is_done() {
+        last = tr.step().unwrap().losses["total"];
+        assert!(last.is_finite());
+    }
+    assert!(last < first, "total loss {first} -> {last}");
+    // CI per position: one row per token.
+    let rep = spdlab::runner::ci_report(
+        &tr.model,
+        &[tokens[0].iter().map(|&t| t as f32).collect()],
+        false,
+    )
+    .unwrap();
+    assert_eq!(rep.ci["h.1.mlp.down_proj"].len(), 16);
+    assert_eq!(rep.kl_ci_masked.len(), 16);
+}

@@ -251,6 +251,9 @@ impl LmConfig {
     }
 }
 
+/// A model's parameters by key.
+pub type ParamFn<'a> = dyn Fn(&str) -> &'a Tensor + 'a;
+
 /// Replaces a decomposable linear's output: `(module index, its input [n, d_in])` →
 /// `Some(output)` or `None` (the target's own linear).
 pub type LinearHook<'a> = dyn FnMut(usize, &Tensor) -> Result<Option<Tensor>> + 'a;
@@ -317,26 +320,7 @@ impl LmModel {
             let b = bk.map(|k| params[&k].clone());
             linears.push((name, w, b));
         }
-        let rotary = if config.is_llama() {
-            let (n, d) = (config.rotary_len(), config.head_dim());
-            let half = d / 2;
-            let (mut cos, mut sin) = (vec![0f32; n * half], vec![0f32; n * half]);
-            for p in 0..n {
-                for i in 0..half {
-                    // The reference: freq = base^(i / (D/2)) in f32, angle = p / freq.
-                    let freq = (config.rotary_base as f32).powf(i as f32 / half as f32);
-                    let a = p as f32 / freq;
-                    cos[p * half + i] = a.cos();
-                    sin[p * half + i] = a.sin();
-                }
-            }
-            Some((
-                Tensor::from_vec(cos, (n, half), device)?,
-                Tensor::from_vec(sin, (n, half), device)?,
-            ))
-        } else {
-            None
-        };
+        let rotary = rotary_tables(&config, device)?;
         Ok(LmModel {
             config,
             params,
@@ -364,145 +348,187 @@ impl LmModel {
         }
     }
 
-    fn norm(&self, x: &Tensor, name: &str) -> Result<Tensor> {
-        let w = &self.params[&format!("{name}.weight")];
-        if self.config.is_llama() {
-            let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-            x.broadcast_div(&(var + self.config.rms_norm_eps)?.sqrt()?)?
-                .broadcast_mul(w)
-        } else {
-            let b = &self.params[&format!("{name}.bias")];
-            let mean = x.mean_keepdim(D::Minus1)?;
-            let xc = x.broadcast_sub(&mean)?;
-            let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-            xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
-                .broadcast_mul(w)?
-                .broadcast_add(b)
-        }
-    }
-
-    /// Rotates `[b, heads, s, D]` by position (half-split pairs).
-    fn rope(&self, x: &Tensor, s: usize) -> Result<Tensor> {
-        let Some((cos, sin)) = &self.rotary else {
-            return Ok(x.clone());
-        };
-        let n = cos.dim(0)?;
-        let (cos, sin) = if s <= n {
-            (cos.narrow(0, 0, s)?, sin.narrow(0, 0, s)?)
-        } else {
-            // Positions past the table reuse its last row (the reference clamps them).
-            let idx: Vec<u32> = (0..s).map(|p| p.min(n - 1) as u32).collect();
-            let idx = Tensor::from_vec(idx, s, &self.device)?;
-            (cos.index_select(&idx, 0)?, sin.index_select(&idx, 0)?)
-        };
-        let half = cos.dim(1)?;
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let (c, sn) = (
-            cos.unsqueeze(0)?.unsqueeze(0)?,
-            sin.unsqueeze(0)?.unsqueeze(0)?,
-        );
-        let a = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&sn)?)?;
-        let b = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&sn)?)?;
-        Tensor::cat(&[a, b], D::Minus1)
-    }
-
     /// Logits `[b·s, vocab]` of token ids `ids [b, s]` (u32), each decomposable linear through
     /// `hook`. With `patterns`, also collects each block's attention weights `[b, H, s, s]`.
     pub fn forward_hooked(
         &self,
         ids: &Tensor,
         hook: &mut LinearHook,
-        mut patterns: Option<&mut Vec<Tensor>>,
+        patterns: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let cfg = &self.config;
-        let (b, s) = ids.dims2()?;
-        if s > cfg.block_size {
-            return Err(candle_core::Error::Msg(format!(
-                "sequences of {s} tokens; the model takes at most {}",
-                cfg.block_size
-            )));
-        }
-        let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
-        let wte = &self.params["wte.weight"];
-        let mut x = wte.index_select(&flat, 0)?;
-        if !cfg.is_llama() {
-            let pos = self.params["wpe.weight"].narrow(0, 0, s)?;
-            x = x
-                .reshape((b, s, cfg.n_embd))?
-                .broadcast_add(&pos.unsqueeze(0)?)?
-                .reshape((b * s, cfg.n_embd))?;
-        }
-        let (h, kv, dh, c) = (cfg.n_head, cfg.kv_heads(), cfg.head_dim(), cfg.n_embd);
-        let per = 4 + cfg.mlp_linears(cfg.mlp_width(), c).len();
-        let mask = causal_mask(s, &self.device)?;
-        let (n1, n2) = if cfg.is_llama() {
-            ("rms_1", "rms_2")
-        } else {
-            ("ln_1", "ln_2")
+        let mut run = |i: usize, a: &Tensor| -> Result<Tensor> {
+            match hook(i, a)? {
+                Some(out) => Ok(out),
+                None => self.linear(i, a),
+            }
         };
-        for l in 0..cfg.n_layer {
-            let base = l * per;
-            let mut run = |i: usize, a: &Tensor| -> Result<Tensor> {
-                match hook(i, a)? {
-                    Some(out) => Ok(out),
-                    None => self.linear(i, a),
-                }
-            };
-            let a = self.norm(&x, &format!("h.{l}.{n1}"))?;
-            let q = run(base, &a)?;
-            let k = run(base + 1, &a)?;
-            let v = run(base + 2, &a)?;
-            let heads =
-                |t: &Tensor, n: usize| t.reshape((b, s, n, dh))?.transpose(1, 2)?.contiguous();
-            let q = self.rope(&heads(&q, h)?, s)?;
-            let mut k = self.rope(&heads(&k, kv)?, s)?;
-            let mut v = heads(&v, kv)?;
-            if kv < h {
-                // repeat_interleave over heads: query head j reads kv head j / (h / kv).
-                let r = h / kv;
-                let rep = |t: &Tensor| -> Result<Tensor> {
-                    t.unsqueeze(2)?
-                        .broadcast_as((b, kv, r, s, dh))?
-                        .reshape((b, h, s, dh))
-                };
-                k = rep(&k)?;
-                v = rep(&v)?;
-            }
-            let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? / (dh as f64).sqrt())?;
-            let att = super::ih::softmax_last(&scores.broadcast_add(&mask)?)?;
-            if let Some(p) = patterns.as_deref_mut() {
-                p.push(att.detach());
-            }
-            let y = att
-                .matmul(&v.contiguous()?)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b * s, c))?;
-            x = (x + run(base + 3, &y)?)?;
-            let a = self.norm(&x, &format!("h.{l}.{n2}"))?;
-            let m = match cfg.model_type {
-                LmFamily::LlamaSimple => {
-                    let g = run(base + 4, &a)?;
-                    let u = run(base + 5, &a)?;
-                    let act = (&g * candle_nn::ops::sigmoid(&g)?)?;
-                    run(base + 6, &(act * u)?)?
-                }
-                _ => {
-                    let f = run(base + 4, &a)?.gelu()?;
-                    run(base + 5, &f)?
-                }
-            };
-            x = (x + m)?;
-        }
-        let x = self.norm(&x, "ln_f")?;
-        x.matmul(&wte.t()?)
+        forward_core(
+            &self.config,
+            &|k| &self.params[k],
+            self.rotary.as_ref(),
+            ids,
+            &mut run,
+            patterns,
+        )
     }
 
     /// Logits `[b·s, vocab]` of the target itself.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         self.forward_hooked(ids, &mut |_, _| Ok(None), None)
     }
+}
+
+/// Rotates `[b, heads, s, D]` by position (half-split pairs).
+fn rope(rotary: Option<&(Tensor, Tensor)>, x: &Tensor, s: usize) -> Result<Tensor> {
+    let Some((cos, sin)) = rotary else {
+        return Ok(x.clone());
+    };
+    let n = cos.dim(0)?;
+    let (cos, sin) = if s <= n {
+        (cos.narrow(0, 0, s)?, sin.narrow(0, 0, s)?)
+    } else {
+        // Positions past the table reuse its last row (the reference clamps them).
+        let idx: Vec<u32> = (0..s).map(|p| p.min(n - 1) as u32).collect();
+        let idx = Tensor::from_vec(idx, s, x.device())?;
+        (cos.index_select(&idx, 0)?, sin.index_select(&idx, 0)?)
+    };
+    let half = cos.dim(1)?;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let (c, sn) = (
+        cos.unsqueeze(0)?.unsqueeze(0)?,
+        sin.unsqueeze(0)?.unsqueeze(0)?,
+    );
+    let a = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&sn)?)?;
+    let b = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&sn)?)?;
+    Tensor::cat(&[a, b], D::Minus1)
+}
+
+fn norm<'a>(cfg: &LmConfig, param: &ParamFn<'a>, x: &Tensor, name: &str) -> Result<Tensor> {
+    let w = param(&format!("{name}.weight"));
+    if cfg.is_llama() {
+        let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+        x.broadcast_div(&(var + cfg.rms_norm_eps)?.sqrt()?)?
+            .broadcast_mul(w)
+    } else {
+        let b = param(&format!("{name}.bias"));
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .broadcast_mul(w)?
+            .broadcast_add(b)
+    }
+}
+
+/// The forward pass of any family: parameters by key, the rotary tables, token ids `[b, s]`,
+/// and `run(i, input)` computing decomposable linear i. Logits `[b·s, vocab]`.
+pub fn forward_core<'a>(
+    cfg: &LmConfig,
+    param: &ParamFn<'a>,
+    rotary: Option<&(Tensor, Tensor)>,
+    ids: &Tensor,
+    run: &mut dyn FnMut(usize, &Tensor) -> Result<Tensor>,
+    mut patterns: Option<&mut Vec<Tensor>>,
+) -> Result<Tensor> {
+    let dev = ids.device().clone();
+    let (b, s) = ids.dims2()?;
+    if s > cfg.block_size {
+        return Err(candle_core::Error::Msg(format!(
+            "sequences of {s} tokens; the model takes at most {}",
+            cfg.block_size
+        )));
+    }
+    let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
+    let wte = param("wte.weight");
+    let mut x = wte.index_select(&flat, 0)?;
+    if !cfg.is_llama() {
+        let pos = param("wpe.weight").narrow(0, 0, s)?;
+        x = x
+            .reshape((b, s, cfg.n_embd))?
+            .broadcast_add(&pos.unsqueeze(0)?)?
+            .reshape((b * s, cfg.n_embd))?;
+    }
+    let (h, kv, dh, c) = (cfg.n_head, cfg.kv_heads(), cfg.head_dim(), cfg.n_embd);
+    let per = 4 + cfg.mlp_linears(cfg.mlp_width(), c).len();
+    let mask = causal_mask(s, &dev)?;
+    let (n1, n2) = if cfg.is_llama() {
+        ("rms_1", "rms_2")
+    } else {
+        ("ln_1", "ln_2")
+    };
+    for l in 0..cfg.n_layer {
+        let base = l * per;
+        let a = norm(cfg, param, &x, &format!("h.{l}.{n1}"))?;
+        let q = run(base, &a)?;
+        let k = run(base + 1, &a)?;
+        let v = run(base + 2, &a)?;
+        let heads = |t: &Tensor, n: usize| t.reshape((b, s, n, dh))?.transpose(1, 2)?.contiguous();
+        let q = rope(rotary, &heads(&q, h)?, s)?;
+        let mut k = rope(rotary, &heads(&k, kv)?, s)?;
+        let mut v = heads(&v, kv)?;
+        if kv < h {
+            // repeat_interleave over heads: query head j reads kv head j / (h / kv).
+            let r = h / kv;
+            let rep = |t: &Tensor| -> Result<Tensor> {
+                t.unsqueeze(2)?
+                    .broadcast_as((b, kv, r, s, dh))?
+                    .reshape((b, h, s, dh))
+            };
+            k = rep(&k)?;
+            v = rep(&v)?;
+        }
+        let scores = (q.matmul(&k.transpose(2, 3)?.contiguous()?)? / (dh as f64).sqrt())?;
+        let att = super::ih::softmax_last(&scores.broadcast_add(&mask)?)?;
+        if let Some(p) = patterns.as_deref_mut() {
+            p.push(att.detach());
+        }
+        let y = att
+            .matmul(&v.contiguous()?)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b * s, c))?;
+        x = (x + run(base + 3, &y)?)?;
+        let a = norm(cfg, param, &x, &format!("h.{l}.{n2}"))?;
+        let m = match cfg.model_type {
+            LmFamily::LlamaSimple => {
+                let g = run(base + 4, &a)?;
+                let u = run(base + 5, &a)?;
+                let act = (&g * candle_nn::ops::sigmoid(&g)?)?;
+                run(base + 6, &(act * u)?)?
+            }
+            _ => {
+                let f = run(base + 4, &a)?.gelu()?;
+                run(base + 5, &f)?
+            }
+        };
+        x = (x + m)?;
+    }
+    let x = norm(cfg, param, &x, "ln_f")?;
+    x.matmul(&wte.t()?)
+}
+
+/// Rotary cos and sin tables `[n_ctx, D/2]` of a Llama-family config (None for GPT2Simple).
+pub fn rotary_tables(config: &LmConfig, device: &Device) -> Result<Option<(Tensor, Tensor)>> {
+    if !config.is_llama() {
+        return Ok(None);
+    }
+    let (n, d) = (config.rotary_len(), config.head_dim());
+    let half = d / 2;
+    let (mut cos, mut sin) = (vec![0f32; n * half], vec![0f32; n * half]);
+    for p in 0..n {
+        for i in 0..half {
+            // The reference: freq = base^(i / (D/2)) in f32, angle = p / freq.
+            let freq = (config.rotary_base as f32).powf(i as f32 / half as f32);
+            let a = p as f32 / freq;
+            cos[p * half + i] = a.cos();
+            sin[p * half + i] = a.sin();
+        }
+    }
+    Ok(Some((
+        Tensor::from_vec(cos, (n, half), device)?,
+        Tensor::from_vec(sin, (n, half), device)?,
+    )))
 }
 
 /// Additive causal mask `[s, s]`.

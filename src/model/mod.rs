@@ -58,6 +58,10 @@ pub enum TargetSpec {
     /// The reference's induction-head transformer (see [`ih`]): token ids `[batch, seq]` in,
     /// logits per position out.
     Ih(IhDims),
+    /// A language model of the reference's families (see [`lm`]): token ids `[batch, seq]` in
+    /// (`seq_len`: the decomposition's sequence length, at most the model's `block_size`),
+    /// logits per position out.
+    Lm { model: lm::LmConfig, seq_len: usize },
 }
 
 fn yes() -> bool {
@@ -76,17 +80,19 @@ impl TargetSpec {
             TargetSpec::Days { n_days, n_ops } => n_days + n_ops - 1,
             // One input row is one sequence of token ids.
             TargetSpec::Ih(d) => d.seq_len,
+            TargetSpec::Lm { seq_len, .. } => *seq_len,
         }
     }
     /// True for models whose input rows are token sequences: every decomposed module then
     /// sees one row per position, and outputs are per position.
     pub fn is_sequence(&self) -> bool {
-        matches!(self, TargetSpec::Ih(_))
+        matches!(self, TargetSpec::Ih(_) | TargetSpec::Lm { .. })
     }
     /// Rows each decomposed module sees per input row (positions of a sequence, else 1).
     pub fn positions(&self) -> usize {
         match self {
             TargetSpec::Ih(d) => d.seq_len,
+            TargetSpec::Lm { seq_len, .. } => *seq_len,
             _ => 1,
         }
     }
@@ -95,6 +101,7 @@ impl TargetSpec {
         match self {
             TargetSpec::Days { n_days, .. } => *n_days,
             TargetSpec::Ih(d) => d.n_tokens(),
+            TargetSpec::Lm { model, .. } => model.vocab_size,
             _ => self.n_features(),
         }
     }
@@ -113,6 +120,7 @@ impl TargetSpec {
             TargetSpec::ResidMlp { .. } => "resid_mlp",
             TargetSpec::Days { .. } => "days",
             TargetSpec::Ih(_) => "ih",
+            TargetSpec::Lm { .. } => "lm",
         }
     }
     /// Checks every size against spdlab's limits (a file or config sets them), before
@@ -164,6 +172,10 @@ impl TargetSpec {
                 )?;
                 check("target.d_model × ff_fanout", f, MAX_DIM)
             }
+            TargetSpec::Lm { model, seq_len } => {
+                model.check()?;
+                check_positive("target.seq_len", *seq_len, model.block_size)
+            }
         }
     }
 
@@ -174,6 +186,7 @@ impl TargetSpec {
             TargetSpec::ResidMlp { .. } => (-1.0, 1.0),
             TargetSpec::Days { .. } => (1.0, 1.0),
             TargetSpec::Ih(d) => (0.0, d.induction_token() as f32),
+            TargetSpec::Lm { model, .. } => (0.0, model.vocab_size.saturating_sub(1) as f32),
         }
     }
 
@@ -237,6 +250,7 @@ impl TargetSpec {
                 ]
             }
             TargetSpec::Ih(d) => d.param_shapes(),
+            TargetSpec::Lm { model, .. } => model.param_shapes(),
         }
     }
 
@@ -292,6 +306,7 @@ impl TargetSpec {
                 ("mlp_out".into(), "mlp_out.weight".into(), None),
             ],
             TargetSpec::Ih(d) => d.linear_modules(),
+            TargetSpec::Lm { model, .. } => model.linear_modules(),
         }
     }
 }
@@ -423,6 +438,24 @@ impl TargetModel {
         device: &Device,
     ) -> anyhow::Result<Self> {
         spec.check_limits()?;
+        let mut named = named;
+        if matches!(spec, TargetSpec::Lm { .. })
+            && let Some(i) = named.iter().position(|(k, _)| k == "lm_head.weight")
+        {
+            // Tied to wte.weight in every reference family: stored once.
+            let (_, head) = named.remove(i);
+            if let Some((_, wte)) = named.iter().find(|(k, _)| k == "wte.weight") {
+                let d = (head.to_dtype(DType::F32)? - wte.to_dtype(DType::F32)?)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                if d != 0.0 {
+                    anyhow::bail!(
+                        "target parameter 'lm_head.weight' differs from 'wte.weight' (by up to {d}); the reference ties them"
+                    );
+                }
+            }
+        }
         let mut params = vec![];
         for (key, shape) in spec.param_shapes() {
             let t = named
@@ -543,6 +576,11 @@ impl TargetModel {
         if let TargetSpec::Ih(d) = spec {
             return ih::init_random(d, rng, device);
         }
+        if let TargetSpec::Lm { .. } = spec {
+            anyhow::bail!(
+                "language-model targets come from the reference's pretraining (a model_step_<N>.pt with its model_config.yaml); spdlab does not train them"
+            );
+        }
         let mut named = vec![];
         let uniform = |rng: &mut Rng, n: usize, bound: f32| -> Vec<f32> {
             (0..n)
@@ -581,7 +619,7 @@ impl TargetModel {
                                 *d_mlp
                             }
                         }
-                        TargetSpec::Days { .. } | TargetSpec::Ih(_) => {
+                        TargetSpec::Days { .. } | TargetSpec::Ih(_) | TargetSpec::Lm { .. } => {
                             unreachable!("constructed above")
                         }
                     };
@@ -698,7 +736,36 @@ impl TargetModel {
                 (r + delta)?.matmul(&self.param("unembed.weight").t()?)
             }
             TargetSpec::Ih(d) => self.ih_forward(d, x, fold, hook, None),
+            TargetSpec::Lm { model, .. } => self.lm_forward(model, x, fold, hook, None),
         }
+    }
+
+    /// The forward pass of a language model (see [`lm`]); logits `[b·s, vocab]`. With
+    /// `patterns`, also each block's attention weights `[b, heads, s, s]`.
+    pub(crate) fn lm_forward(
+        &self,
+        cfg: &lm::LmConfig,
+        x: &Tensor,
+        fold: &Fold,
+        hook: &mut ModuleHook,
+        patterns: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let rotary = lm::rotary_tables(cfg, &self.device)?;
+        let mut run = |i: usize, a: &Tensor| -> Result<Tensor> {
+            let a = Act::Dense(a.clone());
+            match hook(i, &a, fold)? {
+                Some(out) => out.dense(),
+                None => self.module_forward(i, &a, fold),
+            }
+        };
+        lm::forward_core(
+            cfg,
+            &|k| self.param(k),
+            rotary.as_ref(),
+            x,
+            &mut run,
+            patterns,
+        )
     }
 
     /// True when an all-zero input row reaches every decomposed module as an all-zero input

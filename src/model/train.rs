@@ -61,7 +61,7 @@ impl TargetTrainConfig {
             // step ~1000 as the reference does (loss 4.65 at 900, 0.004 at 1500); from
             // spdlab's inits, seed 2 drops by step 1600, seeds 0 and 1 did not within 6000
             // steps (seed 1 only halfway, loss ~3.3). The shipped target is seed 2.
-            TargetSpec::Ih(_) => TargetTrainConfig {
+            TargetSpec::Ih(_) | TargetSpec::Lm { .. } => TargetTrainConfig {
                 seed,
                 steps: 2_000,
                 batch_size: 1024,
@@ -122,6 +122,11 @@ pub fn train_target(
     }
     if let TargetSpec::Ih(dims) = spec {
         return train_ih(dims, cfg, device, progress);
+    }
+    if let TargetSpec::Lm { .. } = spec {
+        anyhow::bail!(
+            "language-model targets come from the reference's pretraining; spdlab does not train them"
+        );
     }
     let mut rng = Rng::new(cfg.seed);
     let init = TargetModel::init_random(spec, &mut rng, cfg.init_bias_to_zero, device)?;
@@ -222,7 +227,9 @@ pub fn train_target(
                 };
                 (out, (&x + act)?)
             }
-            TargetSpec::Days { .. } | TargetSpec::Ih(_) => unreachable!("returned above"),
+            TargetSpec::Days { .. } | TargetSpec::Ih(_) | TargetSpec::Lm { .. } => {
+                unreachable!("returned above")
+            }
         };
         let loss = (out - labels)?.sqr()?.mean_all()?;
         opt.backward_step(&loss)?;
