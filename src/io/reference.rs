@@ -399,6 +399,7 @@ pub fn import(path: &Path, device: &Device) -> anyhow::Result<(Trainer, ImportIn
         .and_then(|t| t.as_str())
         .unwrap_or("")
         .to_string();
+    let lm_info = (task == "lm").then(|| raw_cfg.clone());
     let spd = spd_config_from_reference(raw_cfg, &mut info.warnings)
         .map_err(|e| anyhow::anyhow!("{}: {e}", cfg_path.display()))?;
     let tensors = pth::read_pth(&ckpt)?;
@@ -429,8 +430,12 @@ pub fn import(path: &Path, device: &Device) -> anyhow::Result<(Trainer, ImportIn
             "no target_model.* tensors (not a goodfire-ai/spd ComponentModel checkpoint)".into(),
         ));
     }
-    let spec = target_spec(&task, &dir, &target_named, &mut info.warnings)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spec = match &lm_info {
+        Some(raw) => lm_target_spec(raw, &dir, &target_named)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", cfg_path.display()))?,
+        None => target_spec(&task, &dir, &target_named, &mut info.warnings)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    };
     let target = TargetModel::new(spec, target_named, device)
         .map_err(|e| ck_err(format!("target model: {e}")))?;
     let mut rng = Rng::new(spd.seed);
@@ -622,10 +627,114 @@ fn target_spec(
         }
         other => {
             anyhow::bail!(
-                "task '{other}' is not supported (spdlab imports tms, resid_mlp and ih runs)"
+                "task '{other}' is not supported (spdlab imports tms, resid_mlp, ih and lm runs)"
             )
         }
     }
+}
+
+/// Where a language-model run's target lives locally: `pretrained_model_name` as a path
+/// (absolute, or relative to the run folder or the working directory, as the reference
+/// resolves it), a checkpoint `model_step_<N>.pt` (its `model_config.yaml` two folders up) or
+/// a pretraining run folder; else `model_config.yaml` copied into the run folder.
+pub fn lm_model_config_path(raw: &Value, dir: &Path) -> anyhow::Result<PathBuf> {
+    let name = raw
+        .get("pretrained_model_name")
+        .or_else(|| raw.get("pretrained_model_name_hf"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let mut tried = vec![];
+    if !name.is_empty() && !name.starts_with("wandb:") {
+        let p = Path::new(name);
+        // Absolute; relative to the run folder, to its parent (runs kept beside their
+        // target), or to the working directory (as the reference resolves it).
+        let bases: Vec<PathBuf> = if p.is_absolute() {
+            vec![p.to_path_buf()]
+        } else {
+            let mut b = vec![dir.join(p)];
+            if let Some(up) = dir.parent() {
+                b.push(up.join(p));
+            }
+            b.push(p.to_path_buf());
+            b
+        };
+        for b in bases {
+            let cands = if b.is_dir() {
+                vec![b.join("model_config.yaml")]
+            } else {
+                // (Lexically: the checkpoint itself need not be here.)
+                let parent = b.parent().unwrap_or(Path::new("."));
+                let up = parent.parent().unwrap_or(Path::new("."));
+                vec![up.join("model_config.yaml"), parent.join("model_config.yaml")]
+            };
+            for c in cands {
+                if c.is_file() {
+                    return Ok(c);
+                }
+                tried.push(c);
+            }
+        }
+    }
+    let local = dir.join("model_config.yaml");
+    if local.is_file() {
+        return Ok(local);
+    }
+    tried.push(local);
+    anyhow::bail!(
+        "the target model's config was not found (pretrained_model_name: {name:?}; looked at {}). spdlab reads nothing from model hubs or W&B: point pretrained_model_name at a local copy of the pretraining run (model_config.yaml and checkpoints/), or put its model_config.yaml in the run folder",
+        tried
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// The target spec of a language-model run: the model config from its pretraining run (see
+/// [`lm_model_config_path`]), the family from `pretrained_model_class` when the config has
+/// no `model_type`, and the sequence length from `task_config.max_seq_len`.
+fn lm_target_spec(raw: &Value, dir: &Path, named: &[(String, Tensor)]) -> anyhow::Result<TargetSpec> {
+    let class = raw
+        .get("pretrained_model_class")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let family = class.rsplit('.').next().unwrap_or("");
+    if !["LlamaSimpleMLP", "LlamaSimple", "GPT2Simple"].contains(&family) {
+        anyhow::bail!(
+            "pretrained_model_class '{class}' is not supported (spdlab implements spd.pretrain.models LlamaSimpleMLP, LlamaSimple and GPT2Simple)"
+        );
+    }
+    let p = lm_model_config_path(raw, dir)?;
+    let mut v = read_yaml(&p)?;
+    if let Value::Object(m) = &mut v {
+        m.entry("model_type".to_string())
+            .or_insert_with(|| Value::String(family.to_string()));
+    }
+    let model: crate::model::lm::LmConfig = serde_json::from_value(v)
+        .map_err(|e| anyhow::anyhow!("{}: not a reference model config: {e}", p.display()))?;
+    let seq_len = raw
+        .get("task_config")
+        .and_then(|t| t.get("max_seq_len"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(512) as usize;
+    let spec = TargetSpec::Lm { model, seq_len };
+    spec.check_limits()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    if let TargetSpec::Lm { model, .. } = &spec
+        && let Some((_, t)) = named.iter().find(|(k, _)| k == "wte.weight")
+        && t.dims() != [model.vocab_size, model.n_embd]
+    {
+        anyhow::bail!(
+            "{}: vocab_size {} and n_embd {} need wte.weight of shape [{}, {}], the checkpoint has {:?}",
+            p.display(),
+            model.vocab_size,
+            model.n_embd,
+            model.vocab_size,
+            model.n_embd,
+            t.dims()
+        );
+    }
+    Ok(spec)
 }
 
 #[cfg(test)]
