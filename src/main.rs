@@ -212,8 +212,15 @@ enum Cmd {
         /// A .spdlab file or a goodfire-ai/spd run (folder or model_<step>.pth).
         file: PathBuf,
         /// JSON file {"inputs": [[...], ...]}, `probes[:VALUE]` or `batch:N[:SEED]`.
+        #[arg(long, required_unless_present = "text", conflicts_with = "text")]
+        inputs: Option<String>,
+        /// Language models: text, tokenized with the run's tokenizer (CI per token).
         #[arg(long)]
-        inputs: String,
+        text: Option<String>,
+        /// The tokenizer (tokenizer.json or its folder) for --text; default: the run's
+        /// tokenizer_name resolved locally, or tokenizer.json in the run folder.
+        #[arg(long, requires = "text")]
+        tokenizer: Option<PathBuf>,
         /// Report the upper-leaky CI (the minimality loss's) instead of the lower-leaky (masks').
         #[arg(long)]
         upper: bool,
@@ -434,6 +441,120 @@ struct SweepArgs {
     autosave_secs: u64,
     #[arg(long, default_value = "cpu")]
     device: String,
+}
+
+/// `spdlab ci RUN --text`: the text's tokens through a language-model decomposition, CI per
+/// module per token (windows of the run's sequence length; a short last window is padded with
+/// EOS, which a causal model's earlier positions never see).
+fn text_ci(
+    file: &std::path::Path,
+    tr: &Trainer,
+    text: &str,
+    tokenizer: Option<&std::path::Path>,
+    upper: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let spdlab::model::TargetSpec::Lm { model, seq_len } = &tr.model.target.spec else {
+        anyhow::bail!(
+            "{}: --text needs a language-model decomposition (this one is {})",
+            file.display(),
+            tr.model.target.spec.family()
+        );
+    };
+    let tok_path = match tokenizer {
+        Some(p) => p.to_path_buf(),
+        None => spdlab::io::reference::lm_tokenizer_path(file).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no tokenizer found (the run's tokenizer_name is not a local folder and there is no tokenizer.json beside it); give --tokenizer PATH",
+                file.display()
+            )
+        })?,
+    };
+    let tok = spdlab::text::TextTokenizer::load(&tok_path)?;
+    let ids = tok.encode(text)?;
+    if ids.is_empty() {
+        anyhow::bail!("--text gives no tokens");
+    }
+    if let Some(&t) = ids.iter().find(|&&t| t as usize >= model.vocab_size) {
+        anyhow::bail!(
+            "{}: token id {t} is outside the model's vocabulary ({}): not the run's tokenizer?",
+            tok_path.display(),
+            model.vocab_size
+        );
+    }
+    let s = *seq_len;
+    let rows: Vec<Vec<f32>> = ids
+        .chunks(s)
+        .map(|w| {
+            let mut r: Vec<f32> = w.iter().map(|&t| t as f32).collect();
+            r.resize(s, tok.eos_id as f32);
+            r
+        })
+        .collect();
+    let rep = runner::ci_report(&tr.model, &rows, upper)?;
+    let labels = tok.token_strings(&ids);
+    let n = ids.len();
+    let names: Vec<String> = tr.model.modules.iter().map(|m| m.name.clone()).collect();
+    if json {
+        let ci: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .map(|m| (m.clone(), serde_json::json!(rep.ci[m][..n])))
+            .collect();
+        let acts: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .map(|m| (m.clone(), serde_json::json!(rep.component_acts[m][..n])))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "tokenizer": tok_path,
+                "ids": ids,
+                "tokens": labels,
+                "ci_type": rep.ci_type,
+                "kl_ci_masked": rep.kl_ci_masked[..n],
+                "ci": ci,
+                "component_acts": acts,
+            })
+        );
+        return Ok(());
+    }
+    let thr = tr.config.ci_alive_threshold.max(0.1) as f32;
+    println!(
+        "{} tokens ({} window{} of {s}); {} CI; subcomponents with CI > {thr} per module (index:CI, strongest first)",
+        n,
+        rows.len(),
+        if rows.len() == 1 { "" } else { "s" },
+        rep.ci_type
+    );
+    for (p, label) in labels.iter().enumerate() {
+        println!(
+            "[{p:>4}] {:<14} KL(target||CI-masked) {:.4}",
+            format!("{label:?}"),
+            rep.kl_ci_masked[p]
+        );
+        for m in &names {
+            let row = &rep.ci[m][p];
+            let mut on: Vec<(usize, f32)> = row
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|&(_, v)| v > thr)
+                .collect();
+            on.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let shown: Vec<String> = on
+                .iter()
+                .take(8)
+                .map(|(c, v)| format!("{c}:{v:.2}"))
+                .collect();
+            println!(
+                "         {m:<22} {:>3} on  {}{}",
+                on.len(),
+                shown.join(" "),
+                if on.len() > 8 { " ..." } else { "" }
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `spdlab sweep`: create or open a sweep folder, then run a point, the pool, or write the
@@ -854,6 +975,8 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Ci {
             file,
             inputs,
+            text,
+            tokenizer,
             upper,
             device,
             json,
@@ -863,6 +986,10 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             for w in warnings {
                 eprintln!("warning: {w}");
             }
+            if let Some(text) = text {
+                return text_ci(&file, &tr, &text, tokenizer.as_deref(), upper, json);
+            }
+            let inputs = inputs.unwrap_or_default();
             let x = spdlab::inputs::resolve_inputs(&inputs, &tr)?;
             let rep = runner::ci_report(&tr.model, &x, upper)?;
             if json {

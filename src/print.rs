@@ -25,6 +25,36 @@ pub fn eval_report(r: &metrics::EvalReport) {
             r.ml2r.get(k).copied().unwrap_or(f64::NAN)
         );
     }
+    if let Some(ck) = &r.ce_kl {
+        println!(
+            "language model (the reference's CEandKLLosses; CE of the target {:.4} nats/token):",
+            ck.get("ce_target").copied().unwrap_or(f64::NAN)
+        );
+        println!(
+            "  {:<16} {:>10} {:>14} {:>15}",
+            "masks", "KL", "CE - target", "CE unrecovered"
+        );
+        for m in [
+            "ci_masked",
+            "unmasked",
+            "stoch_masked",
+            "random_masked",
+            "rounded_masked",
+        ] {
+            let g = |k: &str| ck.get(&format!("{k}_{m}")).copied().unwrap_or(f64::NAN);
+            println!(
+                "  {m:<16} {:>10.4} {:>14.4} {:>15.4}",
+                g("kl"),
+                g("ce_difference"),
+                g("ce_unrecovered")
+            );
+        }
+        println!(
+            "  {:<16} {:>10.4}",
+            "zero_masked",
+            ck.get("kl_zero_masked").copied().unwrap_or(f64::NAN)
+        );
+    }
     if let Some(t) = &r.target_solution_error {
         println!(
             "target-solution error: total {} (tol 0.2: {})",

@@ -38,20 +38,134 @@ fn reference_lm_run_matches_per_token() {
     let (mut worst_ci, mut worst_acts, mut worst_logits) = (0f32, 0f32, 0f32);
     for (seq, t) in tokens.iter().enumerate() {
         let row: Vec<f32> = t.iter().map(|&v| v as f32).collect();
-        let lower = spdlab::runner::ci_report(&tr.model, std::slice::from_ref(&row), false).unwrap();
+        let lower =
+            spdlab::runner::ci_report(&tr.model, std::slice::from_ref(&row), false).unwrap();
         let upper = spdlab::runner::ci_report(&tr.model, std::slice::from_ref(&row), true).unwrap();
         for m in &tr.model.modules {
             let e = &exp["modules"][&m.name];
             worst_ci = worst_ci.max(max_diff(&lower.ci[&m.name], &e["ci_lower_leaky"], seq));
             worst_ci = worst_ci.max(max_diff(&upper.ci[&m.name], &e["ci_upper_leaky"], seq));
-            worst_acts = worst_acts.max(max_diff(&lower.component_acts[&m.name], &e["component_acts"], seq));
+            worst_acts = worst_acts.max(max_diff(
+                &lower.component_acts[&m.name],
+                &e["component_acts"],
+                seq,
+            ));
         }
         worst_logits = worst_logits.max(max_diff(&lower.target_output, &exp["target_logits"], seq));
-        worst_logits = worst_logits.max(max_diff(&lower.ci_masked_output, &exp["ci_masked_logits"], seq));
-        worst_logits = worst_logits.max(max_diff(&lower.unmasked_output, &exp["unmasked_logits"], seq));
+        worst_logits = worst_logits.max(max_diff(
+            &lower.ci_masked_output,
+            &exp["ci_masked_logits"],
+            seq,
+        ));
+        worst_logits = worst_logits.max(max_diff(
+            &lower.unmasked_output,
+            &exp["unmasked_logits"],
+            seq,
+        ));
     }
-    eprintln!("max |diff|: CI {worst_ci:e}, component acts {worst_acts:e}, logits {worst_logits:e}");
+    eprintln!(
+        "max |diff|: CI {worst_ci:e}, component acts {worst_acts:e}, logits {worst_logits:e}"
+    );
     assert!(worst_ci <= 1e-5, "CI differs by {worst_ci}");
     assert!(worst_acts <= 1e-4, "component acts differ by {worst_acts}");
     assert!(worst_logits <= 1e-4, "logits differ by {worst_logits}");
+}
+
+#[test]
+fn ce_and_kl_equal_the_references_metric() {
+    let (tr, _, _) = spdlab::io::load_any(&dir().join("spd-run"), &Device::Cpu).unwrap();
+    let exp = expected();
+    let tokens: Vec<Vec<u32>> = serde_json::from_value(exp["tokens"].clone()).unwrap();
+    let flat: Vec<f32> = tokens.concat().iter().map(|&v| v as f32).collect();
+    let x = candle_core::Tensor::from_vec(flat, (2, 32), &Device::Cpu).unwrap();
+    let mut rng = spdlab::rng::Rng::new(0);
+    let got = spdlab::metrics::ce_and_kl_losses(&tr.model, &x, 0.0, true, &mut rng).unwrap();
+    let want = &exp["ce_and_kl_losses"];
+    let keys: Vec<String> =
+        serde_json::from_value(exp["ce_and_kl_losses_deterministic_keys"].clone()).unwrap();
+    assert_eq!(keys.len(), 10);
+    let mut worst = 0f64;
+    for k in &keys {
+        let (g, w) = (got[k], want[k].as_f64().unwrap());
+        eprintln!("{k}: spdlab {g:.6} reference {w:.6}");
+        // The rounded masks flip where a pre-sigmoid CI is within float error of 0 (one entry
+        // of this run is +1.3e-6): compared loosely.
+        let tol = if k.contains("rounded") { 2e-2 } else { 1e-4 };
+        assert!((g - w).abs() <= tol, "{k}: {g} vs {w}");
+        if !k.contains("rounded") {
+            worst = worst.max((g - w).abs());
+        }
+    }
+    eprintln!("max |diff| over the deterministic keys but rounded: {worst:e}");
+    // Every key of the reference is reported.
+    for k in want.as_object().unwrap().keys() {
+        assert!(got.contains_key(k), "{k}");
+    }
+}
+
+#[test]
+fn cli_ci_text_and_eval_on_a_reference_lm_run() {
+    let run = dir().join("spd-run");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spdlab"))
+        .args(["ci"])
+        .arg(&run)
+        .args(["--text", "On Monday, Anna went to the market.", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(v["ids"].clone()).unwrap();
+    let n = ids.len();
+    assert!(n > 5 && v["tokens"].as_array().unwrap().len() == n);
+    // The CLI's CI per token equals the library's on the same tokens (padded with EOS, which
+    // a causal model's earlier positions never see).
+    let (tr, _, _) = spdlab::io::load_any(&run, &Device::Cpu).unwrap();
+    let mut row: Vec<f32> = ids.iter().map(|&t| t as f32).collect();
+    row.resize(32, 0.0);
+    let rep = spdlab::runner::ci_report(&tr.model, &[row], false).unwrap();
+    for m in &tr.model.modules {
+        let got: Vec<Vec<f32>> = serde_json::from_value(v["ci"][&m.name].clone()).unwrap();
+        assert_eq!(got.len(), n);
+        for (a, b) in got.iter().zip(&rep.ci[&m.name]) {
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() < 1e-6);
+            }
+        }
+    }
+    // eval reports the reference's CE/KL keys on the run's own test text.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spdlab"))
+        .arg("eval")
+        .arg(&run)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("random tokens"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ce = v["ce_kl"]["ce_target"].as_f64().unwrap();
+    assert!(
+        ce > 0.1 && ce < 2.0,
+        "target CE on the run's test text: {ce}"
+    );
+    assert!(v["ce_kl"]["kl_ci_masked"].as_f64().unwrap() > 0.0);
+    // A toy run refuses --text, naming the file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spdlab"))
+        .args([
+            "ci",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ref-tms_5-2"),
+            "--text",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("language-model"));
 }

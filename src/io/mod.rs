@@ -22,6 +22,14 @@ pub fn load_any(
     if reference::is_reference_run(path) {
         let (mut tr, mut info) = reference::import(path, device)?;
         tr.timeline = reference::timeline(&info.checkpoint, &tr, device, &mut info.warnings)?;
+        if let crate::model::TargetSpec::Lm { model, seq_len } = &tr.model.target.spec {
+            match reference::lm_corpus(&info.checkpoint, *seq_len, model.vocab_size) {
+                Ok(d) => tr.data = crate::data::TaskData::Tokens(d),
+                Err(e) => info.warnings.push(format!(
+                    "no local text for this language model ({e}): batches are random tokens"
+                )),
+            }
+        }
         let extras = spdlab_file::FileExtras {
             preset: None,
             warmup_done: true,

@@ -633,6 +633,103 @@ fn target_spec(
     }
 }
 
+/// The tokenizer of a language-model run: its `tokenizer_name` as a local folder or file
+/// (relative to the run folder, its parent or the working directory), else `tokenizer.json`
+/// (or `tokenizer/`) in the run folder.
+pub fn lm_tokenizer_path(run: &Path) -> Option<PathBuf> {
+    let dir = if run.is_dir() {
+        run.to_path_buf()
+    } else {
+        run.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let raw = read_yaml(&dir.join("final_config.yaml")).ok();
+    let name = raw
+        .as_ref()
+        .and_then(|r| r.get("tokenizer_name"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let mut cands = vec![];
+    if !name.is_empty() {
+        let p = Path::new(name);
+        if p.is_absolute() {
+            cands.push(p.to_path_buf());
+        } else {
+            cands.push(dir.join(p));
+            if let Some(up) = dir.parent() {
+                cands.push(up.join(p));
+            }
+            cands.push(p.to_path_buf());
+        }
+    }
+    cands.push(dir.join("tokenizer.json"));
+    cands.push(dir.join("tokenizer"));
+    cands.into_iter().find(|c| {
+        c.is_file() && c.extension().is_some_and(|e| e == "json")
+            || c.join("tokenizer.json").is_file()
+    })
+}
+
+/// The text a language-model run trained on, tokenized as the reference does (its eval split:
+/// `task_config.dataset_name` as a local folder of `<split>.jsonl` files or one file, relative
+/// to the run folder, its parent or the working directory; the run's tokenizer; windows of
+/// `seq_len`; the reference's default of 10 shards). None (with the reason) when the text or
+/// the tokenizer is not on this machine.
+pub fn lm_corpus(
+    run: &Path,
+    seq_len: usize,
+    vocab: usize,
+) -> Result<crate::data::TokenData, String> {
+    let dir = if run.is_dir() {
+        run.to_path_buf()
+    } else {
+        run.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let raw = read_yaml(&dir.join("final_config.yaml")).map_err(|e| e.to_string())?;
+    let task = raw.get("task_config").cloned().unwrap_or(Value::Null);
+    let name = task
+        .get("dataset_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let column = task
+        .get("column_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("story");
+    let split = task
+        .get("eval_data_split")
+        .and_then(|v| v.as_str())
+        .unwrap_or("test");
+    if task.get("is_tokenized").and_then(|v| v.as_bool()) == Some(true) {
+        return Err(format!(
+            "dataset '{name}' is pre-tokenized; spdlab reads text datasets"
+        ));
+    }
+    let p = Path::new(name);
+    let mut bases = vec![dir.join(p)];
+    if let Some(up) = dir.parent() {
+        bases.push(up.join(p));
+    }
+    bases.push(p.to_path_buf());
+    let file = bases.iter().find_map(|b| {
+        if b.is_dir() {
+            [format!("{split}.jsonl"), "train.jsonl".to_string()]
+                .iter()
+                .map(|f| b.join(f))
+                .find(|f| f.is_file())
+        } else {
+            b.is_file().then(|| b.clone())
+        }
+    });
+    let file = file.ok_or_else(|| {
+        format!("dataset '{name}' is not a local folder or file (spdlab downloads nothing)")
+    })?;
+    let tok_path = lm_tokenizer_path(run).ok_or("the run's tokenizer is not on this machine")?;
+    let tok = crate::text::TextTokenizer::load(&tok_path).map_err(|e| e.to_string())?;
+    let docs = crate::text::read_documents(&file, Some(column)).map_err(|e| e.to_string())?;
+    let rows = crate::text::tokenize_and_concatenate(&docs, &tok, seq_len, false, 10, 1000)
+        .map_err(|e| e.to_string())?;
+    crate::data::TokenData::corpus(&rows, seq_len, vocab, file.display().to_string())
+}
+
 /// Where a language-model run's target lives locally: `pretrained_model_name` as a path
 /// (absolute, or relative to the run folder or the working directory, as the reference
 /// resolves it), a checkpoint `model_step_<N>.pt` (its `model_config.yaml` two folders up) or
@@ -665,7 +762,10 @@ pub fn lm_model_config_path(raw: &Value, dir: &Path) -> anyhow::Result<PathBuf> 
                 // (Lexically: the checkpoint itself need not be here.)
                 let parent = b.parent().unwrap_or(Path::new("."));
                 let up = parent.parent().unwrap_or(Path::new("."));
-                vec![up.join("model_config.yaml"), parent.join("model_config.yaml")]
+                vec![
+                    up.join("model_config.yaml"),
+                    parent.join("model_config.yaml"),
+                ]
             };
             for c in cands {
                 if c.is_file() {
@@ -693,7 +793,11 @@ pub fn lm_model_config_path(raw: &Value, dir: &Path) -> anyhow::Result<PathBuf> 
 /// The target spec of a language-model run: the model config from its pretraining run (see
 /// [`lm_model_config_path`]), the family from `pretrained_model_class` when the config has
 /// no `model_type`, and the sequence length from `task_config.max_seq_len`.
-fn lm_target_spec(raw: &Value, dir: &Path, named: &[(String, Tensor)]) -> anyhow::Result<TargetSpec> {
+fn lm_target_spec(
+    raw: &Value,
+    dir: &Path,
+    named: &[(String, Tensor)],
+) -> anyhow::Result<TargetSpec> {
     let class = raw
         .get("pretrained_model_class")
         .and_then(|v| v.as_str())

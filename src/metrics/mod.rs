@@ -183,6 +183,10 @@ pub struct EvalReport {
     pub alive: BTreeMap<String, usize>,
     pub mean_ci_per_component: BTreeMap<String, Vec<f64>>,
     pub activation_density: BTreeMap<String, Vec<f64>>,
+    /// Language models: the reference's `CEandKLLosses` keys (mean over the eval batches;
+    /// see [`ce_and_kl_losses`]), plus `ce_target`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ce_kl: Option<BTreeMap<String, f64>>,
 }
 
 /// Evaluates on `n_batches` fresh batches (uses and advances the trainer's RNG; no updates).
@@ -200,8 +204,19 @@ pub fn evaluate(
     let mut dens: Vec<Vec<f64>> = ci_sum.clone();
     let mut rows_total = 0f64;
     let thr = tr.config.ci_alive_threshold;
+    let is_lm = matches!(tr.model.target.spec, crate::model::TargetSpec::Lm { .. });
+    let mut ce_kl: BTreeMap<String, f64> = BTreeMap::new();
     for _ in 0..n_batches {
         let batch = tr.draw_batch(batch_size)?;
+        if is_lm {
+            let s = tr.model.target.spec.positions();
+            let x = batch.x.reshape((batch.x.elem_count() / s, s))?;
+            let mut rng = tr.rng.fork(0xce);
+            let use_delta = tr.config.use_delta_component;
+            for (k, v) in ce_and_kl_losses(&tr.model, &x, 0.0, use_delta, &mut rng)? {
+                *ce_kl.entry(k).or_default() += v / n_batches as f64;
+            }
+        }
         let (_, rec, ci) = tr.losses_and_ci(&batch, false)?;
         for (k, v) in rec.losses {
             *sums.entry(k).or_default() += v;
@@ -245,6 +260,121 @@ pub fn evaluate(
         rep.ml2r.insert(k, r.ml2r);
     }
     rep.target_solution_error = target_solution_error(&tr.model, &tr.config)?;
+    if is_lm {
+        rep.ce_kl = Some(ce_kl);
+    }
     rep.feature_response = feature_response(&tr.model)?;
     Ok(rep)
+}
+
+/// The reference's `CEandKLLosses` eval metric for a language model on token rows `x [b, s]`:
+/// KL(target ‖ masked) per position (mean), next-token cross-entropy within each sequence
+/// (the first token of a sequence is never a label), its difference from the target's, and
+/// the fraction of the target-to-zero-masks CE gap left ("unrecovered"), for the masks: CI
+/// (lower-leaky), unmasked (all 1), stochastic (the training's masks, delta component as the
+/// config says), random (uniform), rounded (CI > `rounding_threshold`) and zero. No delta
+/// component except in the stochastic masks, as the reference. The stochastic and random
+/// keys use spdlab's random numbers (not the reference's draws).
+pub fn ce_and_kl_losses(
+    model: &ComponentModel,
+    x: &Tensor,
+    rounding_threshold: f32,
+    use_delta: bool,
+    rng: &mut crate::rng::Rng,
+) -> Result<BTreeMap<String, f64>> {
+    use crate::spd::component_model::ModuleMask;
+    let (b, s) = x.dims2()?;
+    let fold = crate::model::Fold::new();
+    let (target, inputs) = model.target.forward_with_inputs(x, &fold)?;
+    let (ci, _) = model.causal_importances(&inputs, None, &fold)?;
+    let ids: Vec<u32> = x
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|&v| v as u32)
+        .collect();
+    // Next-token CE: position p of a sequence predicts token p + 1 of the same sequence.
+    let ce = |logits: &Tensor| -> Result<f64> {
+        let lp = crate::model::ih::log_softmax_last(logits)?.to_vec2::<f32>()?;
+        let mut sum = 0f64;
+        for i in 0..b {
+            for p in 0..s.saturating_sub(1) {
+                sum -= lp[i * s + p][ids[i * s + p + 1] as usize] as f64;
+            }
+        }
+        Ok(sum / (b * s.saturating_sub(1)).max(1) as f64)
+    };
+    let kl = |logits: &Tensor| -> Result<f64> {
+        Ok(crate::spd::trainer::kl_rows(logits, &target)?
+            .mean_all()?
+            .to_scalar::<f32>()? as f64)
+    };
+    let with = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<Vec<Option<ModuleMask>>> {
+        ci.iter()
+            .map(|c| {
+                Ok(Some(ModuleMask {
+                    mask: f(&c.lower)?,
+                    delta: None,
+                    route: None,
+                }))
+            })
+            .collect()
+    };
+    let mut uniform = |t: &Tensor| -> Result<Tensor> {
+        let n = t.elem_count();
+        Tensor::from_vec(rng.uniform_rows(1, n), t.dims(), t.device())
+    };
+    let random: Vec<Tensor> = ci
+        .iter()
+        .map(|c| uniform(&c.lower))
+        .collect::<Result<_>>()?;
+    let stoch = model.sample_masks(&ci, rng, use_delta)?;
+    let mut logits: Vec<(&str, Tensor)> = vec![];
+    logits.push((
+        "ci_masked",
+        model.forward_masked(x, &crate::spd::trainer::ci_masks(&ci), &fold)?,
+    ));
+    logits.push((
+        "unmasked",
+        model.forward_masked(x, &with(&|t| t.ones_like())?, &fold)?,
+    ));
+    logits.push(("stoch_masked", model.forward_masked(x, &stoch, &fold)?));
+    let rand_masks: Vec<Option<ModuleMask>> = random
+        .into_iter()
+        .map(|m| {
+            Some(ModuleMask {
+                mask: m,
+                delta: None,
+                route: None,
+            })
+        })
+        .collect();
+    logits.push((
+        "random_masked",
+        model.forward_masked(x, &rand_masks, &fold)?,
+    ));
+    logits.push((
+        "rounded_masked",
+        model.forward_masked(
+            x,
+            &with(&|t| t.gt(rounding_threshold as f64)?.to_dtype(DType::F32))?,
+            &fold,
+        )?,
+    ));
+    let zero = model.forward_masked(x, &with(&|t| t.zeros_like())?, &fold)?;
+    let ce_target = ce(&target)?;
+    let ce_zero = ce(&zero)?;
+    let mut out = BTreeMap::new();
+    for (name, l) in &logits {
+        let c = ce(l)?;
+        out.insert(format!("kl_{name}"), kl(l)?);
+        out.insert(format!("ce_difference_{name}"), c - ce_target);
+        out.insert(
+            format!("ce_unrecovered_{name}"),
+            (c - ce_target) / (ce_zero - ce_target),
+        );
+    }
+    out.insert("kl_zero_masked".into(), kl(&zero)?);
+    out.insert("ce_target".into(), ce_target);
+    Ok(out)
 }
