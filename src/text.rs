@@ -195,3 +195,94 @@ pub fn tokenize_and_concatenate(
     }
     Ok(rows)
 }
+
+/// A prompt through a language-model decomposition: its tokens, CI per module per token, and
+/// the next-token predictions of the target and of the CI-masked decomposition.
+#[derive(Clone, Debug)]
+pub struct PromptResult {
+    pub text: String,
+    pub ids: Vec<u32>,
+    /// Each token's text.
+    pub tokens: Vec<String>,
+    /// Tokens of the text beyond the model's sequence length (left out).
+    pub dropped: usize,
+    pub modules: Vec<String>,
+    /// Lower-leaky CI per module, `[n_tokens, C]` row-major.
+    pub ci: Vec<Vec<f32>>,
+    pub c: Vec<usize>,
+    /// Per position, the 5 most likely next tokens (text, probability): target, CI-masked.
+    pub top_target: Vec<Vec<(String, f32)>>,
+    pub top_masked: Vec<Vec<(String, f32)>>,
+    /// KL(target ‖ CI-masked) per position, nats.
+    pub kl: Vec<f32>,
+}
+
+/// The `k` largest probabilities of a row of logits: (token id, probability).
+pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f32 = logits.iter().map(|v| (v - m).exp()).sum();
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    idx.iter()
+        .take(k)
+        .map(|&i| (i as u32, (logits[i] - m).exp() / z))
+        .collect()
+}
+
+/// Runs `text` through a language-model decomposition (the first `seq_len` tokens; the rest
+/// is reported as dropped; a short prompt is padded with EOS, which earlier positions of a
+/// causal model never see).
+pub fn run_prompt(
+    model: &crate::spd::component_model::ComponentModel,
+    tok: &TextTokenizer,
+    text: &str,
+) -> anyhow::Result<PromptResult> {
+    let crate::model::TargetSpec::Lm {
+        model: cfg,
+        seq_len,
+    } = &model.target.spec
+    else {
+        anyhow::bail!("prompts need a language-model decomposition");
+    };
+    let all = tok.encode(text)?;
+    if all.is_empty() {
+        anyhow::bail!("the prompt has no tokens");
+    }
+    if let Some(&t) = all.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+        anyhow::bail!(
+            "{}: token id {t} is outside the model's vocabulary ({}): not the run's tokenizer?",
+            tok.path.display(),
+            cfg.vocab_size
+        );
+    }
+    let n = all.len().min(*seq_len);
+    let ids = all[..n].to_vec();
+    let mut row: Vec<f32> = ids.iter().map(|&t| t as f32).collect();
+    row.resize(*seq_len, tok.eos_id as f32);
+    let rep = crate::runner::ci_report(model, &[row], false)?;
+    let names: Vec<String> = model.modules.iter().map(|m| m.name.clone()).collect();
+    let ci = names.iter().map(|m| rep.ci[m][..n].concat()).collect();
+    let top = |out: &[Vec<f32>]| -> Vec<Vec<(String, f32)>> {
+        out[..n]
+            .iter()
+            .map(|l| {
+                top_k(l, 5)
+                    .into_iter()
+                    .map(|(i, p)| (tok.decode(&[i]).unwrap_or_else(|_| format!("<{i}>")), p))
+                    .collect()
+            })
+            .collect()
+    };
+    Ok(PromptResult {
+        text: text.to_string(),
+        tokens: tok.token_strings(&ids),
+        dropped: all.len() - n,
+        c: model.modules.iter().map(|m| m.c).collect(),
+        modules: names,
+        ci,
+        top_target: top(&rep.target_output),
+        top_masked: top(&rep.ci_masked_output),
+        kl: rep.kl_ci_masked[..n].to_vec(),
+        ids,
+    })
+}

@@ -112,6 +112,12 @@ pub enum Command {
         /// A selection to ablate (`layer:index`, `cluster:id`, ...); empty for none.
         select: String,
     },
+    /// A text prompt through a language-model decomposition (the run's tokenizer): tokens, CI
+    /// per module per token, next-token predictions (answered by [`Event::Prompt`]).
+    Prompt {
+        key: u64,
+        text: String,
+    },
     /// Show the timeline frame at this step in every view (a snapshot with `frame` set), or
     /// the live run (None). Interventions, probes and custom CI then run on the shown frame.
     ShowFrame(Option<usize>),
@@ -284,6 +290,11 @@ pub enum Event {
     /// The run's timeline changed (after a load, new frames while training): steps and
     /// per-frame statistics.
     Timeline(Arc<crate::timeline::TimelineIndex>),
+    /// The answer to [`Command::Prompt`].
+    Prompt {
+        key: u64,
+        result: Arc<crate::text::PromptResult>,
+    },
     /// The answer to [`Command::Sequence`].
     Sequence {
         key: u64,
@@ -411,6 +422,8 @@ struct Worker {
     timeline_options: crate::timeline::TimelineOptions,
     /// Version of the timeline last sent to the app.
     timeline_sent: Option<u64>,
+    /// The tokenizer of a language-model run, when one is on this machine.
+    tokenizer: Option<Arc<crate::text::TextTokenizer>>,
 }
 
 impl Worker {
@@ -440,6 +453,7 @@ impl Worker {
             viewing: None,
             timeline_options: Default::default(),
             timeline_sent: None,
+            tokenizer: None,
         }
     }
 
@@ -521,6 +535,7 @@ impl Worker {
         match cmd {
             Command::Load(src) => {
                 self.cancel_job(true);
+                self.tokenizer = None;
                 let (tr, extras, description) = match src {
                     Source::Preset { name, config } => {
                         let target = crate::presets::target_model(&name, &self.device)?;
@@ -533,6 +548,14 @@ impl Worker {
                     }
                     Source::File(p) => {
                         let (tr, ex, _) = crate::io::load_any(&p, &self.device)?;
+                        self.tokenizer = match tr.model.target.spec {
+                            crate::model::TargetSpec::Lm { .. } => {
+                                crate::io::reference::lm_tokenizer_path(&p)
+                                    .and_then(|t| crate::text::TextTokenizer::load(&t).ok())
+                                    .map(Arc::new)
+                            }
+                            _ => None,
+                        };
                         (tr, ex, p.display().to_string())
                     }
                     Source::Default => {
@@ -634,6 +657,21 @@ impl Worker {
                     tr.set_timeline(o);
                 }
                 self.send_timeline();
+            }
+            Command::Prompt { key, text } => {
+                let Some(tr) = self.shown() else {
+                    anyhow::bail!("nothing loaded");
+                };
+                let Some(tok) = self.tokenizer.as_ref() else {
+                    anyhow::bail!(
+                        "no tokenizer for this run: its tokenizer_name is not a local folder and there is no tokenizer.json beside it"
+                    );
+                };
+                let result = crate::text::run_prompt(&tr.model, tok, &text)?;
+                self.emit(Event::Prompt {
+                    key,
+                    result: Arc::new(result),
+                });
             }
             Command::CustomCi(input) => {
                 let Some(tr) = self.shown() else {

@@ -479,6 +479,9 @@ fn exports_write_parsable_files() {
         if v == "trajectories" {
             continue; // needs a timeline: covered in tests/timeline_ui.rs
         }
+        if v == "prompt" {
+            continue; // needs a language model: covered in tests/prompt_view.rs
+        }
         h.state_mut().set_view(v);
         h.run();
         let csv = dir.path().join(format!("{v}.csv"));

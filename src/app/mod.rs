@@ -777,7 +777,13 @@ impl eframe::App for SpdApp {
             .default_size(220.0)
             .resizable(true)
             .show(ui, |ui| self.side_panel(ui));
-        if self.session.timeline.is_some() {
+        // The bar, for runs that keep a timeline (a reference run: two checkpoints or more).
+        if self
+            .session
+            .timeline
+            .as_ref()
+            .is_some_and(|t| t.options.is_some())
+        {
             egui::Panel::bottom("timeline").show(ui, |ui| self.timeline_bar(ui));
         }
         egui::CentralPanel::default().show(ui, |ui| {

@@ -221,6 +221,7 @@ impl Session {
             | Event::Traced(_)
             | Event::CustomCi { .. }
             | Event::Sequence { .. }
+            | Event::Prompt { .. }
             | Event::Progress { .. }
             | Event::JobEnded { .. }
             | Event::ColumnOrder { .. } => {}

@@ -52,6 +52,7 @@ views! {
     interventions => interventions::InterventionsView::default(),
     days => days::DaysView::default(),
     sequence => sequence::SequenceView::default(),
+    prompt => prompt::PromptView::default(),
     attention => attention::AttentionView::default(),
     trajectories => trajectories::TrajectoriesView::default(),
     sweep => sweep::SweepView::default(),

@@ -1,0 +1,280 @@
+//! The prompt view (language models): type text, see its tokens, a CI heatmap of tokens ×
+//! subcomponents for each module, and at a chosen token the next-token predictions of the
+//! target and of the CI-masked decomposition. A click on a cell selects that subcomponent
+//! (every view highlights it) and that token. All maths on the worker (`Command::Prompt`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use eframe::egui;
+
+use crate::app::view::{CsvJob, View, ViewCtx};
+use crate::app::widgets;
+use crate::text::PromptResult;
+use crate::worker::{Command, Event};
+
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+pub struct PromptView {
+    pub text: String,
+    /// The request in flight (key, text) and the answer shown.
+    asked: Option<(u64, String, u64)>,
+    pub result: Option<Arc<PromptResult>>,
+    /// The token whose predictions are shown.
+    pub position: usize,
+    /// The heatmap texture and what it shows (result key, module).
+    texture: Option<(egui::TextureHandle, (u64, usize))>,
+    shown_key: u64,
+}
+
+impl Default for PromptView {
+    fn default() -> Self {
+        PromptView {
+            text: "On Monday, Anna went to the market. The next day was".into(),
+            asked: None,
+            result: None,
+            position: 0,
+            texture: None,
+            shown_key: 0,
+        }
+    }
+}
+
+impl View for PromptView {
+    fn name(&self) -> &'static str {
+        "prompt"
+    }
+    fn label(&self) -> &'static str {
+        "Prompt"
+    }
+    fn ui(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        self.show(cx, ui)
+    }
+    fn csv(&self, _cx: &ViewCtx) -> anyhow::Result<CsvJob> {
+        let r = self
+            .result
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("no prompt has run yet"))?;
+        Ok(Box::new(move || Ok(csv(&r))))
+    }
+    fn on_event(&mut self, e: &Event) {
+        match e {
+            Event::Loaded { .. } => {
+                self.result = None;
+                self.asked = None;
+            }
+            Event::Prompt { key, result } if self.asked.as_ref().is_some_and(|a| a.0 == *key) => {
+                self.result = Some(result.clone());
+                self.shown_key = *key;
+                self.position = self.position.min(result.ids.len().saturating_sub(1));
+            }
+            Event::Error(_) => {
+                // A failed prompt (no tokenizer, ...) is not waited for.
+                if let Some(a) = self.asked.as_mut() {
+                    a.0 = 0;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One row per (token, module, subcomponent): position, token, module, component, CI.
+pub fn csv(r: &PromptResult) -> String {
+    let mut out = String::from("position,token_id,token,module,component,ci\n");
+    for (j, m) in r.modules.iter().enumerate() {
+        let c = r.c[j];
+        for (p, (id, t)) in r.ids.iter().zip(&r.tokens).enumerate() {
+            for k in 0..c {
+                out.push_str(&format!(
+                    "{p},{id},{:?},{m},{k},{}\n",
+                    t.replace(',', " "),
+                    r.ci[j][p * c + k]
+                ));
+            }
+        }
+    }
+    out
+}
+
+impl PromptView {
+    fn show(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        let Some(snap) = cx.snapshot().cloned() else {
+            return;
+        };
+        if snap.positions <= 1 || snap.sequence.is_some() {
+            ui.label("This view shows language models: open a goodfire-ai/spd LM run (its target's model_config.yaml and its tokenizer on this machine).");
+            return;
+        }
+        ui.horizontal(|ui| {
+            let name = ui.label("prompt");
+            ui.add(
+                egui::TextEdit::singleline(&mut self.text)
+                    .desired_width(ui.available_width() - 10.0),
+            )
+            .labelled_by(name.id);
+        });
+        // Ask for the prompt when it (or the decomposition shown) changed and nothing is in
+        // flight.
+        let version = cx.snapshot_version();
+        let current = (self.text.clone(), version);
+        let in_flight = self
+            .asked
+            .as_ref()
+            .is_some_and(|a| a.0 != 0 && a.0 != self.shown_key);
+        let stale = self
+            .asked
+            .as_ref()
+            .is_none_or(|a| (a.1.clone(), a.2) != current);
+        if stale && !in_flight && !self.text.trim().is_empty() {
+            let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+            if cx.send(Command::Prompt {
+                key,
+                text: self.text.clone(),
+            }) {
+                self.asked = Some((key, current.0, current.1));
+            }
+        }
+        let Some(r) = self.result.clone() else {
+            ui.label("tokenizing...");
+            return;
+        };
+        let n = r.ids.len();
+        ui.horizontal_wrapped(|ui| {
+            ui.label(format!("{n} tokens:"));
+            for (p, t) in r.tokens.iter().enumerate() {
+                let label = format!("{t:?}");
+                if ui
+                    .selectable_label(self.position == p, label)
+                    .on_hover_text(format!("position {p}, token id {}", r.ids[p]))
+                    .clicked()
+                {
+                    self.position = p;
+                }
+            }
+            if r.dropped > 0 {
+                ui.colored_label(
+                    egui::Color32::from_rgb(230, 160, 60),
+                    format!("({} more tokens beyond the model's sequence length left out)", r.dropped),
+                );
+            }
+        });
+        widgets::module_picker(cx, ui);
+        let j = cx.selection.module.min(r.modules.len().saturating_sub(1));
+        let c = r.c[j];
+        ui.columns(2, |cols| {
+            self.heatmap(cx, &mut cols[0], &r, j, c);
+            self.predictions(&mut cols[1], &r);
+        });
+    }
+
+    fn heatmap(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui, r: &PromptResult, j: usize, c: usize) {
+        let n = r.ids.len();
+        ui.label(format!(
+            "CI of {} (rows: tokens, columns: its {c} subcomponents); click to select",
+            r.modules[j]
+        ));
+        let key = (self.shown_key, j);
+        if self.texture.as_ref().is_none_or(|(_, k)| *k != key) {
+            let pixels = r.ci[j]
+                .iter()
+                .map(|&v| crate::app::heatmap::Style::sequential(0.0, 1.0).color(v))
+                .collect();
+            let img = egui::ColorImage::new([c, n], pixels);
+            let tex = ui
+                .ctx()
+                .load_texture("prompt-ci", img, egui::TextureOptions::NEAREST);
+            self.texture = Some((tex, key));
+        }
+        let Some((tex, _)) = &self.texture else {
+            return;
+        };
+        let label_w = 90.0;
+        let row_h = ((ui.available_height() - 20.0) / n as f32).clamp(4.0, 22.0);
+        let size = egui::vec2(ui.available_width(), row_h * n as f32);
+        let (rect, resp) = ui.allocate_exact_size(size, egui::Sense::click());
+        let map = egui::Rect::from_min_max(rect.min + egui::vec2(label_w, 0.0), rect.max);
+        let p = ui.painter();
+        p.image(
+            tex.id(),
+            map,
+            egui::Rect::from_min_max(egui::pos2(0.0, 0.0), egui::pos2(1.0, 1.0)),
+            egui::Color32::WHITE,
+        );
+        for (i, t) in r.tokens.iter().enumerate() {
+            if row_h >= 9.0 {
+                p.text(
+                    egui::pos2(rect.left() + label_w - 4.0, rect.top() + (i as f32 + 0.5) * row_h),
+                    egui::Align2::RIGHT_CENTER,
+                    format!("{t:?}"),
+                    egui::FontId::monospace((row_h * 0.7).min(13.0)),
+                    if i == self.position {
+                        egui::Color32::YELLOW
+                    } else {
+                        ui.visuals().text_color()
+                    },
+                );
+            }
+        }
+        if cx.selection.module == j
+            && let Some(k) = cx.selection.component
+            && k < c
+        {
+            let x = map.left() + (k as f32 + 0.5) / c as f32 * map.width();
+            p.vline(x, map.y_range(), egui::Stroke::new(1.0, egui::Color32::WHITE));
+        }
+        let cell = |pos: egui::Pos2| -> Option<(usize, usize)> {
+            map.contains(pos).then(|| {
+                let k = (((pos.x - map.left()) / map.width()) * c as f32) as usize;
+                let i = (((pos.y - map.top()) / map.height()) * n as f32) as usize;
+                (i.min(n - 1), k.min(c - 1))
+            })
+        };
+        if let Some((i, k)) = resp.hover_pos().and_then(cell) {
+            resp.clone().on_hover_text(format!(
+                "token {i} {:?}, {}:{k}: CI {:.3}",
+                r.tokens[i],
+                r.modules[j],
+                r.ci[j][i * c + k]
+            ));
+        }
+        if resp.clicked()
+            && let Some((i, k)) = resp.interact_pointer_pos().and_then(cell)
+        {
+            cx.selection.module = j;
+            cx.selection.component = Some(k);
+            self.position = i;
+        }
+    }
+
+    fn predictions(&self, ui: &mut egui::Ui, r: &PromptResult) {
+        let p = self.position.min(r.ids.len().saturating_sub(1));
+        ui.label(format!(
+            "after token {p} {:?}: next-token predictions (KL target||CI-masked {:.4} nats)",
+            r.tokens[p], r.kl[p]
+        ));
+        egui::Grid::new("prompt-top").striped(true).show(ui, |ui| {
+            ui.label("target");
+            ui.label("p");
+            ui.label("CI-masked decomposition");
+            ui.label("p");
+            ui.end_row();
+            for k in 0..r.top_target[p].len() {
+                let (a, pa) = &r.top_target[p][k];
+                let (b, pb) = &r.top_masked[p][k];
+                ui.label(format!("{a:?}"));
+                ui.label(format!("{pa:.3}"));
+                let col = if a == b {
+                    ui.visuals().text_color()
+                } else {
+                    egui::Color32::from_rgb(230, 120, 90)
+                };
+                ui.colored_label(col, format!("{b:?}"));
+                ui.label(format!("{pb:.3}"));
+                ui.end_row();
+            }
+        });
+        let mean: f32 = r.kl.iter().sum::<f32>() / r.kl.len().max(1) as f32;
+        ui.label(format!("mean KL over the prompt: {mean:.4} nats/token"));
+    }
+}

@@ -1,0 +1,78 @@
+//! The prompt view on a goodfire-ai/spd language-model run (kittest, real worker): the text's
+//! tokens, CI per token equal to the engine's, next-token predictions; a click selects.
+
+mod common;
+
+use std::path::Path;
+
+use eframe::egui;
+use egui_kittest::kittest::Queryable;
+use spdlab::app::views::prompt::PromptView;
+
+#[test]
+fn prompt_view_shows_tokens_ci_and_predictions() {
+    let run = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref-lm-run/spd-run");
+    let mut h = common::app_on(run.clone(), Some("prompt"), egui::vec2(1300.0, 850.0));
+    common::wait(&mut h, "the prompt's answer", |a| {
+        a.view::<PromptView>().is_some_and(|v| v.result.is_some())
+    });
+    h.run_steps(2);
+    let r = h
+        .state()
+        .view::<PromptView>()
+        .unwrap()
+        .result
+        .clone()
+        .unwrap();
+    let text = h.state().view::<PromptView>().unwrap().text.clone();
+    // What the engine computes for the same text.
+    let (tr, _, _) = spdlab::io::load_any(&run, &candle_core::Device::Cpu).unwrap();
+    let tok =
+        spdlab::text::TextTokenizer::load(&spdlab::io::reference::lm_tokenizer_path(&run).unwrap())
+            .unwrap();
+    let want = spdlab::text::run_prompt(&tr.model, &tok, &text).unwrap();
+    assert_eq!(r.ids, want.ids);
+    assert_eq!(r.ci, want.ci);
+    assert_eq!(r.top_target, want.top_target);
+    h.get_by_label_contains(&format!("{} tokens:", r.ids.len()));
+    h.get_by_label_contains("next-token predictions");
+    // A new prompt is tokenized and run again.
+    h.state_mut().view_mut::<PromptView>().unwrap().text = "Tom sang.".into();
+    common::wait(&mut h, "the new prompt", |a| {
+        a.view::<PromptView>()
+            .and_then(|v| v.result.as_ref())
+            .is_some_and(|r| r.text == "Tom sang.")
+    });
+    let n = h
+        .state()
+        .view::<PromptView>()
+        .unwrap()
+        .result
+        .as_ref()
+        .unwrap()
+        .ids
+        .len();
+    assert_eq!(n, tok.encode("Tom sang.").unwrap().len());
+    // Clicking a token chip moves the predictions to it.
+    h.run_steps(2);
+    let second = format!(
+        "{:?}",
+        h.state()
+            .view::<PromptView>()
+            .unwrap()
+            .result
+            .as_ref()
+            .unwrap()
+            .tokens[1]
+    );
+    h.get_all_by_label(&second).next().unwrap().click();
+    h.run_steps(2);
+    assert_eq!(h.state().view::<PromptView>().unwrap().position, 1);
+    // CSV: one row per token, module and subcomponent.
+    let d = tempfile::tempdir().unwrap();
+    let csv = d.path().join("prompt.csv");
+    h.state_mut().export_csv(&csv).unwrap();
+    common::wait(&mut h, "the CSV", |_| csv.exists());
+    let rows = std::fs::read_to_string(&csv).unwrap().lines().count() - 1;
+    assert_eq!(rows, n * 12 * 16);
+}
