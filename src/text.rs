@@ -215,6 +215,59 @@ pub struct PromptResult {
     pub top_masked: Vec<Vec<(String, f32)>>,
     /// KL(target ‖ CI-masked) per position, nats.
     pub kl: Vec<f32>,
+    /// An intervention on the prompt, when one was asked for.
+    pub intervention: Option<PromptIntervention>,
+}
+
+/// A selection masked on a prompt, under two regimes for everything else: CI-masked others,
+/// and stochastic masks (g + (1 − g)·U, mean over `samples` draws).
+#[derive(Clone, Debug)]
+pub struct PromptIntervention {
+    pub select: String,
+    /// The selection's mask (0 = ablate, 1 = keep, 2 = boost, ...).
+    pub scale: f32,
+    /// The selection's labels (`module:index`).
+    pub labels: Vec<String>,
+    /// Per regime: its name, the top-5 next tokens per position before (the regime's own
+    /// masks) and after, and KL(target ‖ ·) per position before and after.
+    pub regimes: Vec<RegimeResult>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RegimeResult {
+    pub name: &'static str,
+    pub top_before: Vec<Vec<(String, f32)>>,
+    pub top_after: Vec<Vec<(String, f32)>>,
+    pub kl_before: Vec<f32>,
+    pub kl_after: Vec<f32>,
+}
+
+/// A prompt's row: its tokens padded with EOS to the sequence length.
+fn row_of(ids: &[u32], seq_len: usize, tok: &TextTokenizer) -> Vec<f32> {
+    let mut row: Vec<f32> = ids.iter().map(|&t| t as f32).collect();
+    row.resize(seq_len, tok.eos_id as f32);
+    row
+}
+
+fn softmax(l: &[f32]) -> Vec<f32> {
+    let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = l.iter().map(|v| (v - m).exp()).collect();
+    let z: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / z).collect()
+}
+
+/// Adds softmax(`logits`) / `samples` to `acc`.
+fn add_probs(acc: &mut [f32], logits: &[f32], samples: usize) {
+    for (a, p) in acc.iter_mut().zip(softmax(logits)) {
+        *a += p / samples as f32;
+    }
+}
+
+/// The `k` largest of a probability row: (token id, probability).
+pub fn top_k_probs(p: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<usize> = (0..p.len()).collect();
+    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+    idx.iter().take(k).map(|&i| (i as u32, p[i])).collect()
 }
 
 /// The `k` largest probabilities of a row of logits: (token id, probability).
@@ -236,6 +289,7 @@ pub fn run_prompt(
     model: &crate::spd::component_model::ComponentModel,
     tok: &TextTokenizer,
     text: &str,
+    intervention: Option<(&crate::interventions::Selection, String, f32)>,
 ) -> anyhow::Result<PromptResult> {
     let crate::model::TargetSpec::Lm {
         model: cfg,
@@ -273,7 +327,87 @@ pub fn run_prompt(
             })
             .collect()
     };
+    let intervention = match intervention {
+        None => None,
+        Some((sel, spec, scale)) => {
+            use crate::interventions::{Intervention, MaskMode, run_intervention};
+            let mut rng = crate::rng::Rng::new(0x9e0);
+            let mut regimes = vec![];
+            for (name, other, samples) in [
+                ("CI-masked others", MaskMode::Ci, 1),
+                (
+                    "stochastic masks (mean of 8 draws)",
+                    MaskMode::Stochastic,
+                    8,
+                ),
+            ] {
+                let iv = Intervention {
+                    selection: sel.clone(),
+                    selected_mode: MaskMode::Scale(scale),
+                    other_mode: other,
+                    delta: false,
+                };
+                // Probabilities averaged over the draws (one draw for CI-masked others).
+                let mut before = vec![vec![0f32; cfg.vocab_size]; n];
+                let mut after = vec![vec![0f32; cfg.vocab_size]; n];
+                for _ in 0..samples {
+                    let r = run_intervention(
+                        model,
+                        std::slice::from_ref(&row_of(&ids, *seq_len, tok)),
+                        &iv,
+                        &mut rng,
+                    )?;
+                    for p in 0..n {
+                        add_probs(&mut before[p], &r.baseline[p], samples);
+                        add_probs(&mut after[p], &r.intervened[p], samples);
+                    }
+                }
+                let target_p: Vec<Vec<f32>> =
+                    rep.target_output[..n].iter().map(|l| softmax(l)).collect();
+                let kl = |q: &[Vec<f32>]| -> Vec<f32> {
+                    target_p
+                        .iter()
+                        .zip(q)
+                        .map(|(p, q)| {
+                            p.iter()
+                                .zip(q)
+                                .filter(|(a, _)| **a > 0.0)
+                                .map(|(a, b)| a * (a.ln() - b.max(1e-30).ln()))
+                                .sum()
+                        })
+                        .collect()
+                };
+                let top = |probs: &[Vec<f32>]| -> Vec<Vec<(String, f32)>> {
+                    probs
+                        .iter()
+                        .map(|pr| {
+                            top_k_probs(pr, 5)
+                                .into_iter()
+                                .map(|(i, p)| {
+                                    (tok.decode(&[i]).unwrap_or_else(|_| format!("<{i}>")), p)
+                                })
+                                .collect()
+                        })
+                        .collect()
+                };
+                regimes.push(RegimeResult {
+                    name,
+                    top_before: top(&before),
+                    top_after: top(&after),
+                    kl_before: kl(&before),
+                    kl_after: kl(&after),
+                });
+            }
+            Some(PromptIntervention {
+                select: spec,
+                scale,
+                labels: sel.labels(model),
+                regimes,
+            })
+        }
+    };
     Ok(PromptResult {
+        intervention,
         text: text.to_string(),
         tokens: tok.token_strings(&ids),
         dropped: all.len() - n,

@@ -117,6 +117,10 @@ pub enum Command {
     Prompt {
         key: u64,
         text: String,
+        /// A selection to intervene on (`layer:index`, `cluster:id`, ...; empty: none) and
+        /// its mask (0 ablate, 1 keep, 2 boost).
+        select: String,
+        scale: f32,
     },
     /// Show the timeline frame at this step in every view (a snapshot with `frame` set), or
     /// the live run (None). Interventions, probes and custom CI then run on the shown frame.
@@ -658,7 +662,12 @@ impl Worker {
                 }
                 self.send_timeline();
             }
-            Command::Prompt { key, text } => {
+            Command::Prompt {
+                key,
+                text,
+                select,
+                scale,
+            } => {
                 let Some(tr) = self.shown() else {
                     anyhow::bail!("nothing loaded");
                 };
@@ -667,7 +676,17 @@ impl Worker {
                         "no tokenizer for this run: its tokenizer_name is not a local folder and there is no tokenizer.json beside it"
                     );
                 };
-                let result = crate::text::run_prompt(&tr.model, tok, &text)?;
+                let selection = if select.trim().is_empty() {
+                    None
+                } else {
+                    Some(crate::interventions::Selection::parse(
+                        &select,
+                        &tr.model,
+                        self.clusters.as_deref(),
+                    )?)
+                };
+                let iv = selection.as_ref().map(|s| (s, select.clone(), scale));
+                let result = crate::text::run_prompt(&tr.model, tok, &text, iv)?;
                 self.emit(Event::Prompt {
                     key,
                     result: Arc::new(result),

@@ -30,7 +30,7 @@ fn prompt_view_shows_tokens_ci_and_predictions() {
     let tok =
         spdlab::text::TextTokenizer::load(&spdlab::io::reference::lm_tokenizer_path(&run).unwrap())
             .unwrap();
-    let want = spdlab::text::run_prompt(&tr.model, &tok, &text).unwrap();
+    let want = spdlab::text::run_prompt(&tr.model, &tok, &text, None).unwrap();
     assert_eq!(r.ids, want.ids);
     assert_eq!(r.ci, want.ci);
     assert_eq!(r.top_target, want.top_target);
@@ -68,6 +68,41 @@ fn prompt_view_shows_tokens_ci_and_predictions() {
     h.get_all_by_label(&second).next().unwrap().click();
     h.run_steps(2);
     assert_eq!(h.state().view::<PromptView>().unwrap().position, 1);
+    // An intervention on the prompt: ablating a whole MLP layer, under CI-masked others and
+    // stochastic masks.
+    {
+        let v = h.state_mut().view_mut::<PromptView>().unwrap();
+        v.select = "h.1.mlp.c_fc:*".into();
+        v.scale = 0.0;
+    }
+    common::wait(&mut h, "the intervention", |a| {
+        a.view::<PromptView>()
+            .and_then(|v| v.result.as_ref())
+            .is_some_and(|r| r.intervention.is_some())
+    });
+    h.run_steps(2);
+    let r = h
+        .state()
+        .view::<PromptView>()
+        .unwrap()
+        .result
+        .clone()
+        .unwrap();
+    let iv = r.intervention.as_ref().unwrap();
+    assert_eq!(iv.labels.len(), 16);
+    assert_eq!(iv.regimes.len(), 2);
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    for reg in &iv.regimes {
+        assert_eq!(reg.top_after.len(), n);
+        assert!(
+            mean(&reg.kl_after) > mean(&reg.kl_before),
+            "{}: ablating h.1.mlp.c_fc must move the outputs away from the target",
+            reg.name
+        );
+    }
+    // The CI-masked regime's "before" is the CI-masked decomposition itself.
+    assert_eq!(iv.regimes[0].top_before, r.top_masked);
+    assert_eq!(h.get_all_by_label_contains("KL(target||.) here").count(), 2);
     // CSV: one row per token, module and subcomponent.
     let d = tempfile::tempdir().unwrap();
     let csv = d.path().join("prompt.csv");

@@ -17,8 +17,11 @@ static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 
 pub struct PromptView {
     pub text: String,
-    /// The request in flight (key, text) and the answer shown.
-    asked: Option<(u64, String, u64)>,
+    /// What to intervene on (`layer:index`, `cluster:id`, ...; empty: nothing) and its mask.
+    pub select: String,
+    pub scale: f32,
+    /// The request in flight (key, what it asked for) and the answer shown.
+    asked: Option<(u64, (String, String, u32), u64)>,
     pub result: Option<Arc<PromptResult>>,
     /// The token whose predictions are shown.
     pub position: usize,
@@ -31,6 +34,8 @@ impl Default for PromptView {
     fn default() -> Self {
         PromptView {
             text: "On Monday, Anna went to the market. The next day was".into(),
+            select: String::new(),
+            scale: 0.0,
             asked: None,
             result: None,
             position: 0,
@@ -114,10 +119,34 @@ impl PromptView {
             )
             .labelled_by(name.id);
         });
-        // Ask for the prompt when it (or the decomposition shown) changed and nothing is in
-        // flight.
+        ui.horizontal(|ui| {
+            let name = ui.label("intervene on");
+            ui.add(egui::TextEdit::singleline(&mut self.select).desired_width(260.0))
+                .labelled_by(name.id)
+                .on_hover_text("layer:index, layer:a-b, layer:*, cluster:id (comma-separated); empty: no intervention");
+            if let Some(k) = cx.selection.component
+                && let Some(m) = snap.modules.get(cx.selection.module)
+                && ui.button("the selection").clicked()
+            {
+                self.select = format!("{}:{k}", m.name);
+            }
+            if let Some(cl) = cx.selection.cluster
+                && ui.button("the selected cluster").clicked()
+            {
+                self.select = format!("cluster:{cl}");
+            }
+            ui.add(
+                egui::Slider::new(&mut self.scale, 0.0..=2.0)
+                    .text("its mask: 0 ablate, 1 keep, 2 boost"),
+            );
+        });
+        // Ask for the prompt when it (or the decomposition shown, or the intervention) changed
+        // and nothing is in flight.
         let version = cx.snapshot_version();
-        let current = (self.text.clone(), version);
+        let current = (
+            (self.text.clone(), self.select.trim().to_string(), self.scale.to_bits()),
+            version,
+        );
         let in_flight = self
             .asked
             .as_ref()
@@ -131,6 +160,8 @@ impl PromptView {
             if cx.send(Command::Prompt {
                 key,
                 text: self.text.clone(),
+                select: self.select.trim().to_string(),
+                scale: self.scale,
             }) {
                 self.asked = Some((key, current.0, current.1));
             }
@@ -276,5 +307,48 @@ impl PromptView {
         });
         let mean: f32 = r.kl.iter().sum::<f32>() / r.kl.len().max(1) as f32;
         ui.label(format!("mean KL over the prompt: {mean:.4} nats/token"));
+        let Some(iv) = &r.intervention else {
+            return;
+        };
+        ui.separator();
+        ui.label(format!(
+            "{} (mask {}) at token {p}: {}",
+            iv.select,
+            iv.scale,
+            crate::app::widgets::short_members(&iv.labels, 6)
+        ));
+        for (g, reg) in iv.regimes.iter().enumerate() {
+            let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
+            ui.label(format!(
+                "{}: KL(target||.) here {:.4} -> {:.4}; over the prompt {:.4} -> {:.4}",
+                reg.name,
+                reg.kl_before[p],
+                reg.kl_after[p],
+                mean(&reg.kl_before),
+                mean(&reg.kl_after)
+            ));
+            egui::Grid::new(("prompt-iv", g)).striped(true).show(ui, |ui| {
+                ui.label("before");
+                ui.label("p");
+                ui.label("after");
+                ui.label("p");
+                ui.end_row();
+                for k in 0..reg.top_before[p].len() {
+                    let (a, pa) = &reg.top_before[p][k];
+                    let (b, pb) = &reg.top_after[p][k];
+                    ui.label(format!("{a:?}"));
+                    ui.label(format!("{pa:.3}"));
+                    let col = if a == b {
+                        ui.visuals().text_color()
+                    } else {
+                        egui::Color32::from_rgb(230, 120, 90)
+                    };
+                    ui.colored_label(col, format!("{b:?}"));
+                    ui.label(format!("{pb:.3}"));
+                    ui.end_row();
+                }
+            });
+        }
+        ui.label("(the adversarial, PGD worst-case regime is not built yet)");
     }
 }
