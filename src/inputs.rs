@@ -137,36 +137,30 @@ pub fn resolve_inputs(
 /// Checks input rows against the model: for sequence models every value must be a token id
 /// (a whole number in 0..vocab + 2).
 pub fn check_rows(spec: &crate::model::TargetSpec, rows: &[Vec<f32>]) -> Result<(), String> {
-    if let crate::model::TargetSpec::Ih(d) = spec {
-        let n = d.n_tokens();
-        for (i, r) in rows.iter().enumerate() {
-            if let Some((p, v)) = r
-                .iter()
-                .enumerate()
-                .find(|(_, v)| v.fract() != 0.0 || **v < 0.0 || **v >= n as f32)
-            {
-                return Err(format!(
-                    "input {i}, position {p}: {v} is not a token id (0..{}: 0 = BOS, 1..={} tokens, {} = S)",
-                    n - 1,
-                    d.vocab_size,
-                    d.induction_token()
-                ));
-            }
+    let (n, what) = match spec {
+        crate::model::TargetSpec::Ih(d) => (
+            d.n_tokens(),
+            format!(
+                "0..{}: 0 = BOS, 1..={} tokens, {} = S",
+                d.n_tokens() - 1,
+                d.vocab_size,
+                d.induction_token()
+            ),
+        ),
+        crate::model::TargetSpec::Lm { model, .. } => {
+            (model.vocab_size, format!("0..{}", model.vocab_size - 1))
         }
-    }
-    if let crate::model::TargetSpec::Lm { model, .. } = spec {
-        let n = model.vocab_size;
-        for (i, r) in rows.iter().enumerate() {
-            if let Some((p, v)) = r
-                .iter()
-                .enumerate()
-                .find(|(_, v)| v.fract() != 0.0 || **v < 0.0 || **v >= n as f32)
-            {
-                return Err(format!(
-                    "input {i}, position {p}: {v} is not a token id (0..{})",
-                    n - 1
-                ));
-            }
+        _ => return Ok(()),
+    };
+    for (i, r) in rows.iter().enumerate() {
+        if let Some((p, v)) = r
+            .iter()
+            .enumerate()
+            .find(|(_, v)| v.fract() != 0.0 || **v < 0.0 || **v >= n as f32)
+        {
+            return Err(format!(
+                "input {i}, position {p}: {v} is not a token id ({what})"
+            ));
         }
     }
     Ok(())

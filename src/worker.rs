@@ -676,15 +676,7 @@ impl Worker {
                         "no tokenizer for this run: its tokenizer_name is not a local folder and there is no tokenizer.json beside it"
                     );
                 };
-                let selection = if select.trim().is_empty() {
-                    None
-                } else {
-                    Some(crate::interventions::Selection::parse(
-                        &select,
-                        &tr.model,
-                        self.clusters.as_deref(),
-                    )?)
-                };
+                let selection = optional_selection(&select, tr, self.clusters.as_deref())?;
                 let iv = selection.as_ref().map(|s| (s, select.clone(), scale));
                 let result = crate::text::run_prompt(&tr.model, tok, &text, iv)?;
                 self.emit(Event::Prompt {
@@ -707,15 +699,7 @@ impl Worker {
                 let Some(tr) = self.shown() else {
                     anyhow::bail!("nothing loaded");
                 };
-                let selection = if select.trim().is_empty() {
-                    None
-                } else {
-                    Some(crate::interventions::Selection::parse(
-                        &select,
-                        &tr.model,
-                        self.clusters.as_deref(),
-                    )?)
-                };
+                let selection = optional_selection(&select, tr, self.clusters.as_deref())?;
                 let probe =
                     crate::sequence::probe_sequence(&tr.model, &tokens, selection.as_ref())?;
                 self.emit(Event::Sequence {
@@ -1020,6 +1004,20 @@ impl Worker {
         self.emit(Event::Snapshot(Arc::new(snap)));
         Ok(())
     }
+}
+
+/// A selection spec (`layer:index`, `cluster:id`, ...) on `tr`'s decomposition; None when empty.
+fn optional_selection(
+    select: &str,
+    tr: &Trainer,
+    clusters: Option<&crate::cluster::ClusteringResult>,
+) -> anyhow::Result<Option<crate::interventions::Selection>> {
+    if select.trim().is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(crate::interventions::Selection::parse(
+        select, &tr.model, clusters,
+    )?))
 }
 
 fn first_line(e: &anyhow::Error) -> String {

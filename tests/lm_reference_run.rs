@@ -103,21 +103,29 @@ fn ce_and_kl_equal_the_references_metric() {
     }
 }
 
+/// Runs the spdlab binary; (success, stdout, stderr).
+fn spdlab(args: &[&std::ffi::OsStr]) -> (bool, Vec<u8>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spdlab"))
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), out.stdout, err)
+}
+
 #[test]
 fn cli_ci_text_and_eval_on_a_reference_lm_run() {
     let run = dir().join("spd-run");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spdlab"))
-        .args(["ci"])
-        .arg(&run)
-        .args(["--text", "On Monday, Anna went to the market.", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = "On Monday, Anna went to the market.";
+    let (ok, stdout, err) = spdlab(&[
+        "ci".as_ref(),
+        run.as_ref(),
+        "--text".as_ref(),
+        text.as_ref(),
+        "--json".as_ref(),
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     let ids: Vec<u32> = serde_json::from_value(v["ids"].clone()).unwrap();
     let n = ids.len();
     assert!(n > 5 && v["tokens"].as_array().unwrap().len() == n);
@@ -137,19 +145,10 @@ fn cli_ci_text_and_eval_on_a_reference_lm_run() {
         }
     }
     // eval reports the reference's CE/KL keys on the run's own test text.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spdlab"))
-        .arg("eval")
-        .arg(&run)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!String::from_utf8_lossy(&out.stderr).contains("random tokens"));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (ok, stdout, err) = spdlab(&["eval".as_ref(), run.as_ref(), "--json".as_ref()]);
+    assert!(ok, "{err}");
+    assert!(!err.contains("random tokens"));
+    let v: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     let ce = v["ce_kl"]["ce_target"].as_f64().unwrap();
     assert!(
         ce > 0.1 && ce < 2.0,
@@ -157,15 +156,8 @@ fn cli_ci_text_and_eval_on_a_reference_lm_run() {
     );
     assert!(v["ce_kl"]["kl_ci_masked"].as_f64().unwrap() > 0.0);
     // A toy run refuses --text, naming the file.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_spdlab"))
-        .args([
-            "ci",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ref-tms_5-2"),
-            "--text",
-            "x",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("language-model"));
+    let toy = dir().join("../ref-tms_5-2");
+    let (ok, _, err) = spdlab(&["ci".as_ref(), toy.as_ref(), "--text".as_ref(), "x".as_ref()]);
+    assert!(!ok);
+    assert!(err.contains("language-model"), "{err}");
 }

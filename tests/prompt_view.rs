@@ -9,6 +9,18 @@ use eframe::egui;
 use egui_kittest::kittest::Queryable;
 use spdlab::app::views::prompt::PromptView;
 
+/// The prompt view's answer shown now.
+fn shown(
+    h: &egui_kittest::Harness<'static, spdlab::app::SpdApp>,
+) -> std::sync::Arc<spdlab::text::PromptResult> {
+    h.state()
+        .view::<PromptView>()
+        .unwrap()
+        .result
+        .clone()
+        .unwrap()
+}
+
 #[test]
 fn prompt_view_shows_tokens_ci_and_predictions() {
     let run = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref-lm-run/spd-run");
@@ -17,13 +29,7 @@ fn prompt_view_shows_tokens_ci_and_predictions() {
         a.view::<PromptView>().is_some_and(|v| v.result.is_some())
     });
     h.run_steps(2);
-    let r = h
-        .state()
-        .view::<PromptView>()
-        .unwrap()
-        .result
-        .clone()
-        .unwrap();
+    let r = shown(&h);
     let text = h.state().view::<PromptView>().unwrap().text.clone();
     // What the engine computes for the same text.
     let (tr, _, _) = spdlab::io::load_any(&run, &candle_core::Device::Cpu).unwrap();
@@ -81,13 +87,7 @@ fn prompt_view_shows_tokens_ci_and_predictions() {
             .is_some_and(|r| r.intervention.is_some())
     });
     h.run_steps(2);
-    let r = h
-        .state()
-        .view::<PromptView>()
-        .unwrap()
-        .result
-        .clone()
-        .unwrap();
+    let r = shown(&h);
     let iv = r.intervention.as_ref().unwrap();
     assert_eq!(iv.labels.len(), 16);
     assert_eq!(iv.regimes.len(), 2);

@@ -43,6 +43,19 @@ fn run_with_timeline(dir: &Path, preset: &str, steps: usize) -> PathBuf {
     p
 }
 
+/// The app on `file`'s `view`, once its snapshot and at least `frames` frames are in.
+fn open_with_frames(file: &Path, view: &str, frames: usize) -> Harness<'static, SpdApp> {
+    let mut h = common::app_on(file.to_path_buf(), Some(view), egui::vec2(1200.0, 800.0));
+    common::wait(&mut h, "the timeline", |a| {
+        a.session.snapshot.is_some()
+            && a.session
+                .timeline
+                .as_ref()
+                .is_some_and(|t| t.steps.len() >= frames)
+    });
+    h
+}
+
 fn settle(h: &mut Harness<'static, SpdApp>, what: &str) {
     common::wait(h, what, |a| a.session.frame_settled());
     h.step();
@@ -74,14 +87,7 @@ fn assert_shows_frame(app: &SpdApp, file: &Path, step: usize) {
 fn scrubbing_moves_every_view_to_the_frame() {
     let d = tempfile::tempdir().unwrap();
     let file = run_with_timeline(d.path(), "tms-5-2", 400);
-    let mut h = common::app_on(file.clone(), Some("directions"), egui::vec2(1200.0, 800.0));
-    common::wait(&mut h, "the timeline", |a| {
-        a.session.snapshot.is_some()
-            && a.session
-                .timeline
-                .as_ref()
-                .is_some_and(|t| t.steps.len() >= 10)
-    });
+    let mut h = open_with_frames(&file, "directions", 10);
     let steps = h.state().timeline_steps();
     assert_eq!(steps[0], 0);
     assert_eq!(*steps.last().unwrap(), 401);
@@ -152,14 +158,7 @@ fn scrubbing_moves_every_view_to_the_frame() {
 fn the_days_view_follows_the_frame() {
     let d = tempfile::tempdir().unwrap();
     let file = run_with_timeline(d.path(), "days", 300);
-    let mut h = common::app_on(file.clone(), Some("days"), egui::vec2(1200.0, 800.0));
-    common::wait(&mut h, "the timeline", |a| {
-        a.session.snapshot.is_some()
-            && a.session
-                .timeline
-                .as_ref()
-                .is_some_and(|t| t.steps.len() >= 3)
-    });
+    let mut h = open_with_frames(&file, "days", 3);
     let live = h.state().session.snapshot.clone().unwrap();
     h.state_mut().scrub_to(0);
     settle(&mut h, "frame 0");
@@ -237,18 +236,7 @@ fn live_follow_stops_on_scrub_and_resumes_on_the_button() {
 fn trajectories_click_on_the_alive_map_selects_and_scrubs() {
     let d = tempfile::tempdir().unwrap();
     let file = run_with_timeline(d.path(), "tms-5-2", 400);
-    let mut h = common::app_on(
-        file.clone(),
-        Some("trajectories"),
-        egui::vec2(1200.0, 800.0),
-    );
-    common::wait(&mut h, "the timeline", |a| {
-        a.session.snapshot.is_some()
-            && a.session
-                .timeline
-                .as_ref()
-                .is_some_and(|t| t.steps.len() >= 10)
-    });
+    let mut h = open_with_frames(&file, "trajectories", 10);
     h.run_steps(3);
     h.get_by_label_contains("frames, steps 0 to 401");
     // The CSV: one row per frame, module and subcomponent.

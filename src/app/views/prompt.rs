@@ -84,6 +84,35 @@ impl View for PromptView {
     }
 }
 
+/// Two top-k lists side by side (token, probability); right-hand tokens that differ from the
+/// left-hand ones at the same rank in orange.
+fn top_table(
+    ui: &mut egui::Ui,
+    id: impl egui::AsIdSalt,
+    left: (&str, &[(String, f32)]),
+    right: (&str, &[(String, f32)]),
+) {
+    egui::Grid::new(id).striped(true).show(ui, |ui| {
+        ui.label(left.0);
+        ui.label("p");
+        ui.label(right.0);
+        ui.label("p");
+        ui.end_row();
+        for ((a, pa), (b, pb)) in left.1.iter().zip(right.1) {
+            ui.label(format!("{a:?}"));
+            ui.label(format!("{pa:.3}"));
+            let col = if a == b {
+                ui.visuals().text_color()
+            } else {
+                egui::Color32::from_rgb(230, 120, 90)
+            };
+            ui.colored_label(col, format!("{b:?}"));
+            ui.label(format!("{pb:.3}"));
+            ui.end_row();
+        }
+    });
+}
+
 /// One row per (token, module, subcomponent): position, token, module, component, CI.
 pub fn csv(r: &PromptResult) -> String {
     let mut out = String::from("position,token_id,token,module,component,ci\n");
@@ -284,27 +313,12 @@ impl PromptView {
             "after token {p} {:?}: next-token predictions (KL target||CI-masked {:.4} nats)",
             r.tokens[p], r.kl[p]
         ));
-        egui::Grid::new("prompt-top").striped(true).show(ui, |ui| {
-            ui.label("target");
-            ui.label("p");
-            ui.label("CI-masked decomposition");
-            ui.label("p");
-            ui.end_row();
-            for k in 0..r.top_target[p].len() {
-                let (a, pa) = &r.top_target[p][k];
-                let (b, pb) = &r.top_masked[p][k];
-                ui.label(format!("{a:?}"));
-                ui.label(format!("{pa:.3}"));
-                let col = if a == b {
-                    ui.visuals().text_color()
-                } else {
-                    egui::Color32::from_rgb(230, 120, 90)
-                };
-                ui.colored_label(col, format!("{b:?}"));
-                ui.label(format!("{pb:.3}"));
-                ui.end_row();
-            }
-        });
+        top_table(
+            ui,
+            "prompt-top",
+            ("target", &r.top_target[p]),
+            ("CI-masked decomposition", &r.top_masked[p]),
+        );
         let mean: f32 = r.kl.iter().sum::<f32>() / r.kl.len().max(1) as f32;
         ui.label(format!("mean KL over the prompt: {mean:.4} nats/token"));
         let Some(iv) = &r.intervention else {
@@ -327,27 +341,12 @@ impl PromptView {
                 mean(&reg.kl_before),
                 mean(&reg.kl_after)
             ));
-            egui::Grid::new(("prompt-iv", g)).striped(true).show(ui, |ui| {
-                ui.label("before");
-                ui.label("p");
-                ui.label("after");
-                ui.label("p");
-                ui.end_row();
-                for k in 0..reg.top_before[p].len() {
-                    let (a, pa) = &reg.top_before[p][k];
-                    let (b, pb) = &reg.top_after[p][k];
-                    ui.label(format!("{a:?}"));
-                    ui.label(format!("{pa:.3}"));
-                    let col = if a == b {
-                        ui.visuals().text_color()
-                    } else {
-                        egui::Color32::from_rgb(230, 120, 90)
-                    };
-                    ui.colored_label(col, format!("{b:?}"));
-                    ui.label(format!("{pb:.3}"));
-                    ui.end_row();
-                }
-            });
+            top_table(
+                ui,
+                ("prompt-iv", g),
+                ("before", &reg.top_before[p]),
+                ("after", &reg.top_after[p]),
+            );
         }
         ui.label("(the adversarial, PGD worst-case regime is not built yet)");
     }
