@@ -904,6 +904,17 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 };
                 (tr, extras, name)
             };
+            if let spdlab::data::TaskData::Tokens(d) = &tr.data {
+                match d.rows {
+                    None => eprintln!("warning: language-model batches are {}", d.source),
+                    Some(_) => eprintln!(
+                        "text: {} ({} windows of {} tokens)",
+                        d.source,
+                        d.n_rows(),
+                        d.seq_len
+                    ),
+                }
+            }
             let kept = tr.timeline.as_ref().map(|t| t.options);
             tr.set_timeline(timeline.options(kept)?);
             let out = out.unwrap_or_else(|| {

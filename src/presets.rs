@@ -187,6 +187,7 @@ pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
         eval_batch_size: batch,
         n_eval_steps: 20,
         ci_alive_threshold: 0.1,
+        tokenizer_name: None,
         identity_ci: vec![],
         dense_ci: vec![],
         task_config: TaskConfig {
@@ -201,6 +202,9 @@ pub fn spd_config(name: &str) -> anyhow::Result<SpdConfig> {
             data_generation_type: DataGenerationType::AtLeastZeroActive,
             value_range: None,
             prefix_window: None,
+            dataset_name: None,
+            column_name: None,
+            train_data_split: None,
         },
     };
     let cosine = ScheduleConfig {

@@ -62,6 +62,29 @@ pub fn load_config_file(
         .map_err(|e| anyhow::anyhow!("{}: invalid config: {e}", path.display()))?;
     let target = match (&cf.preset, &cf.target, &cf.target_path) {
         (Some(p), None, None) => presets::target_model(p, dev)?,
+        (None, Some(spec @ crate::model::TargetSpec::Lm { .. }), Some(tp)) => {
+            // A language model: a reference pretraining checkpoint (`.pt`) or safetensors.
+            let tp = if tp.is_relative() {
+                path.parent().unwrap_or(Path::new(".")).join(tp)
+            } else {
+                tp.clone()
+            };
+            let named: Vec<(String, candle_core::Tensor)> =
+                if tp.extension().is_some_and(|e| e == "safetensors") {
+                    let bytes = std::fs::read(&tp).map_err(|e| {
+                        anyhow::anyhow!("{}: cannot read target: {e}", tp.display())
+                    })?;
+                    crate::io::spdlab_file::read_tensors(&bytes, dev)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", tp.display()))?
+                } else {
+                    crate::io::pth::read_pth(&tp)?
+                        .into_iter()
+                        .map(|t| Ok((t.name, candle_core::Tensor::from_vec(t.data, t.shape, dev)?)))
+                        .collect::<anyhow::Result<_>>()?
+                };
+            TargetModel::new(spec.clone(), named, dev)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", tp.display()))?
+        }
         (None, Some(spec), Some(tp)) => {
             let tp = if tp.is_relative() {
                 path.parent().unwrap_or(Path::new(".")).join(tp)
@@ -78,7 +101,19 @@ pub fn load_config_file(
             path.display()
         ),
     };
-    Ok((cf.spd, target, cf.preset))
+    // Text and tokenizer paths are relative to the config's folder.
+    let mut spd = cf.spd;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let abs = |s: &mut Option<String>| {
+        if let Some(v) = s.as_mut()
+            && Path::new(v.as_str()).is_relative()
+        {
+            *v = base.join(v.as_str()).display().to_string();
+        }
+    };
+    abs(&mut spd.tokenizer_name);
+    abs(&mut spd.task_config.dataset_name);
+    Ok((spd, target, cf.preset))
 }
 
 /// The target weights file a JSON config names (resolved against the config's folder).

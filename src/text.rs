@@ -420,3 +420,40 @@ pub fn run_prompt(
         ids,
     })
 }
+
+/// The training text of a config (`task_config.dataset_name`: a JSONL file or a folder of
+/// `<split>.jsonl` files; `tokenizer_name`), tokenized as the reference does (10 shards,
+/// windows of `seq_len`). The reason when there is none.
+pub fn config_corpus(
+    cfg: &crate::spd::config::SpdConfig,
+    seq_len: usize,
+    vocab: usize,
+) -> Result<crate::data::TokenData, String> {
+    let t = &cfg.task_config;
+    let name = t
+        .dataset_name
+        .as_deref()
+        .ok_or("the config names no task_config.dataset_name")?;
+    let tok_name = cfg
+        .tokenizer_name
+        .as_deref()
+        .ok_or("the config names no tokenizer_name")?;
+    let split = t.train_data_split.as_deref().unwrap_or("train");
+    let p = Path::new(name);
+    let file = if p.is_dir() {
+        p.join(format!("{split}.jsonl"))
+    } else {
+        p.to_path_buf()
+    };
+    if !file.is_file() {
+        return Err(format!(
+            "{}: no such text file (spdlab reads local text only)",
+            file.display()
+        ));
+    }
+    let tok = TextTokenizer::load(Path::new(tok_name)).map_err(|e| e.to_string())?;
+    let docs = read_documents(&file, t.column_name.as_deref()).map_err(|e| e.to_string())?;
+    let rows = tokenize_and_concatenate(&docs, &tok, seq_len, false, 10, 1000)
+        .map_err(|e| e.to_string())?;
+    crate::data::TokenData::corpus(&rows, seq_len, vocab, file.display().to_string())
+}

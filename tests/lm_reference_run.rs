@@ -161,3 +161,68 @@ fn cli_ci_text_and_eval_on_a_reference_lm_run() {
     assert!(!ok);
     assert!(err.contains("language-model"), "{err}");
 }
+
+#[test]
+fn spdlab_trains_spd_on_a_reference_language_model() {
+    // The reference run's target (its pretraining checkpoint), text and tokenizer, decomposed
+    // by spdlab from a config file.
+    let d = tempfile::tempdir().unwrap();
+    let fx = dir();
+    let model: serde_json::Value = serde_json::to_value(
+        serde_yaml_ng::from_str::<serde_yaml_ng::Value>(
+            &std::fs::read_to_string(fx.join("target/model_config.yaml")).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut cfg = serde_json::from_str::<serde_json::Value>(
+        &spdlab::presets::config_file_json("ih").unwrap().to_string(),
+    )
+    .unwrap();
+    cfg.as_object_mut().unwrap().remove("preset");
+    cfg["target"] = serde_json::json!({"kind": "lm", "model": model, "seq_len": 32});
+    cfg["target_path"] = fx
+        .join("target/checkpoints/model_step_599.pt")
+        .display()
+        .to_string()
+        .into();
+    cfg["tokenizer_name"] = fx.join("tokenizer").display().to_string().into();
+    cfg["task_config"]["task_name"] = "lm".into();
+    cfg["task_config"]["dataset_name"] = fx.join("data").display().to_string().into();
+    cfg["task_config"]["column_name"] = "story".into();
+    cfg["module_info"] = serde_json::json!([
+        {"module_pattern": "h.*.mlp.*", "C": 8},
+        {"module_pattern": "h.*.attn.*", "C": 8}
+    ]);
+    cfg["ci_fn_hidden_dims"] = serde_json::json!([16]);
+    cfg["batch_size"] = 8.into();
+    cfg["eval_batch_size"] = 8.into();
+    cfg["n_eval_steps"] = 2.into();
+    cfg["faithfulness_warmup_steps"] = 20.into();
+    let cf = d.path().join("lm.json");
+    std::fs::write(&cf, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let out = d.path().join("lm.spdlab");
+    let (ok, stdout, err) = spdlab(&[
+        "train".as_ref(),
+        "--config".as_ref(),
+        cf.as_ref(),
+        "--steps".as_ref(),
+        "30".as_ref(),
+        "--json".as_ref(),
+        "--out".as_ref(),
+        out.as_ref(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("text: ") && !err.contains("random tokens"),
+        "{err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+    assert_eq!(v["l0"].as_object().unwrap().len(), 12);
+    // The saved decomposition reopens with its text and reports CE/KL.
+    let (ok, stdout, err) = spdlab(&["eval".as_ref(), out.as_ref(), "--json".as_ref()]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
+    let ce = v["ce_kl"]["ce_target"].as_f64().unwrap();
+    assert!(ce > 0.1 && ce < 2.0, "target CE on its training text: {ce}");
+}

@@ -269,6 +269,14 @@ pub struct TaskConfig {
     /// sequence length − 3, as the reference).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_window: Option<usize>,
+    /// Language models: the text (a JSONL file, or a folder of `<split>.jsonl` files), as the
+    /// reference's `dataset_name` (local only), its text field and the training split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_data_split: Option<String>,
 }
 
 fn default_task_name() -> String {
@@ -360,6 +368,10 @@ pub struct SpdConfig {
     pub n_eval_steps: usize,
     #[serde(default = "default_alive")]
     pub ci_alive_threshold: f64,
+    /// Language models: the tokenizer (a local `tokenizer.json` or its folder), as the
+    /// reference's `tokenizer_name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_name: Option<String>,
     /// Layers expected to be identity-like (one subcomponent per feature) on single-feature inputs.
     #[serde(default)]
     pub identity_ci: Vec<IdentityCiPattern>,

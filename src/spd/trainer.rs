@@ -67,9 +67,15 @@ impl Trainer {
     pub fn from_model(model: ComponentModel, config: SpdConfig, rng: Rng) -> anyhow::Result<Self> {
         let spec = &model.target.spec;
         let data = match spec {
-            crate::model::TargetSpec::Lm { model, seq_len } => {
-                TaskData::Tokens(crate::data::TokenData::random(*seq_len, model.vocab_size))
-            }
+            crate::model::TargetSpec::Lm { model, seq_len } => TaskData::Tokens(
+                crate::text::config_corpus(&config, *seq_len, model.vocab_size).unwrap_or_else(
+                    |why| {
+                        let mut d = crate::data::TokenData::random(*seq_len, model.vocab_size);
+                        d.source = format!("uniformly random tokens ({why})");
+                        d
+                    },
+                ),
+            ),
             crate::model::TargetSpec::Ih(dims) => TaskData::Induction(
                 InductionData::new(dims, config.task_config.prefix_window)
                     .map_err(|e| anyhow::anyhow!("task_config: {e}"))?,
