@@ -94,12 +94,27 @@ impl TextTokenizer {
             .map_err(|e| anyhow::anyhow!("decoding failed: {e}"))
     }
 
-    /// Each token's text (for labels).
+    /// Each token's text (for labels; see [`displayable`]).
     pub fn token_strings(&self, ids: &[u32]) -> Vec<String> {
-        ids.iter()
-            .map(|&i| self.decode(&[i]).unwrap_or_else(|_| format!("<{i}>")))
-            .collect()
+        ids.iter().map(|&i| self.token_text(i)).collect()
     }
+
+    /// One token's text for display.
+    pub fn token_text(&self, id: u32) -> String {
+        displayable(&self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>")))
+    }
+}
+
+/// Text for display: ASCII and Latin letters as they are; other characters (a byte-level
+/// token's partial UTF-8 decodes to U+FFFD) as `\u{..}` escapes, which every font can draw.
+pub fn displayable(s: &str) -> String {
+    s.chars()
+        .map(|ch| match ch {
+            ' '..='~' | '\u{a0}'..='\u{17f}' => ch.to_string(),
+            '\n' => "\\n".to_string(),
+            _ => format!("\\u{{{:x}}}", ch as u32),
+        })
+        .collect()
 }
 
 /// Documents of a local text file: JSONL (one object per line; the `column` field, default
@@ -322,7 +337,7 @@ pub fn run_prompt(
             .map(|l| {
                 top_k(l, 5)
                     .into_iter()
-                    .map(|(i, p)| (tok.decode(&[i]).unwrap_or_else(|_| format!("<{i}>")), p))
+                    .map(|(i, p)| (tok.token_text(i), p))
                     .collect()
             })
             .collect()
@@ -383,9 +398,7 @@ pub fn run_prompt(
                         .map(|pr| {
                             top_k_probs(pr, 5)
                                 .into_iter()
-                                .map(|(i, p)| {
-                                    (tok.decode(&[i]).unwrap_or_else(|_| format!("<{i}>")), p)
-                                })
+                                .map(|(i, p)| (tok.token_text(i), p))
                                 .collect()
                         })
                         .collect()
@@ -456,4 +469,118 @@ pub fn config_corpus(
     let rows = tokenize_and_concatenate(&docs, &tok, seq_len, false, 10, 1000)
         .map_err(|e| e.to_string())?;
     crate::data::TokenData::corpus(&rows, seq_len, vocab, file.display().to_string())
+}
+
+/// What one subcomponent of a language-model decomposition does: where it fires on the text
+/// and, for a module that writes the residual stream, the tokens its write direction promotes
+/// and suppresses through the unembedding.
+#[derive(Clone, Debug)]
+pub struct ComponentPage {
+    pub module: String,
+    pub c: usize,
+    /// Top-activating contexts: (CI, text before, the token, text after), strongest first.
+    pub contexts: Vec<(f32, String, String, String)>,
+    /// Windows and token positions scanned, and the fraction of positions with CI > 0.5.
+    pub windows: usize,
+    pub positions: usize,
+    pub firing: f32,
+    /// Tokens whose logit U_c · wteᵀ is largest / smallest (direct effect, before ln_f's
+    /// scaling); empty for modules that do not write the residual stream.
+    pub promoted: Vec<(String, f32)>,
+    pub suppressed: Vec<(String, f32)>,
+    /// Where the text came from.
+    pub source: String,
+}
+
+/// Scans up to `max_windows` windows of `data` for subcomponent `c` of module `j`.
+pub fn component_page(
+    model: &crate::spd::component_model::ComponentModel,
+    data: &crate::data::TokenData,
+    tok: &TextTokenizer,
+    j: usize,
+    c: usize,
+    max_windows: usize,
+) -> anyhow::Result<ComponentPage> {
+    use candle_core::Tensor;
+    let m = model
+        .modules
+        .get(j)
+        .ok_or_else(|| anyhow::anyhow!("no module {j}"))?;
+    if c >= m.c {
+        anyhow::bail!("{} has {} subcomponents, not {}", m.name, m.c, c + 1);
+    }
+    let s = data.seq_len;
+    let rows: Vec<Vec<u32>> = match &data.rows {
+        Some(r) => r
+            .chunks(s)
+            .take(max_windows.max(1))
+            .map(|w| w.to_vec())
+            .collect(),
+        None => anyhow::bail!(
+            "no text loaded for this run ({}): nothing to scan",
+            data.source
+        ),
+    };
+    let mut hits: Vec<(f32, usize, usize)> = vec![];
+    let mut firing = 0usize;
+    for (b, chunk) in rows.chunks(64).enumerate() {
+        let flat: Vec<f32> = chunk.iter().flatten().map(|&t| t as f32).collect();
+        let x = Tensor::from_vec(flat, (chunk.len(), s), model.device())?;
+        let ci = crate::interventions::lower_ci(model, &x)?;
+        let col: Vec<f32> = ci[j].narrow(1, c, 1)?.flatten_all()?.to_vec1()?;
+        for (i, &g) in col.iter().enumerate() {
+            if g > 0.5 {
+                firing += 1;
+            }
+            hits.push((g, b * 64 + i / s, i % s));
+        }
+        hits.sort_by(|a, b| b.0.total_cmp(&a.0));
+        hits.truncate(20);
+    }
+    let positions = rows.len() * s;
+    let contexts = hits
+        .iter()
+        .filter(|h| h.0 > 0.0)
+        .map(|&(g, w, p)| {
+            let row = &rows[w];
+            let text = |ids: &[u32]| displayable(&tok.decode(ids).unwrap_or_default());
+            let before = text(&row[p.saturating_sub(12)..p]);
+            let at = text(&row[p..p + 1]);
+            let after = text(&row[p + 1..(p + 4).min(s)]);
+            (g, before, at, after)
+        })
+        .collect();
+    // Direct effect on the logits of a residual-stream writer: U_c · wteᵀ.
+    let (mut promoted, mut suppressed) = (vec![], vec![]);
+    if let crate::model::TargetSpec::Lm { model: cfg, .. } = &model.target.spec
+        && m.d_out == cfg.n_embd
+        && (m.name.ends_with("o_proj") || m.name.ends_with("down_proj"))
+    {
+        let u = m.u.as_tensor().narrow(0, c, 1)?;
+        let logits: Vec<f32> = u
+            .matmul(&model.target.param("wte.weight").t()?)?
+            .flatten_all()?
+            .to_vec1()?;
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let name = |i: usize| tok.token_text(i as u32);
+        promoted = idx.iter().take(10).map(|&i| (name(i), logits[i])).collect();
+        suppressed = idx
+            .iter()
+            .rev()
+            .take(10)
+            .map(|&i| (name(i), logits[i]))
+            .collect();
+    }
+    Ok(ComponentPage {
+        module: m.name.clone(),
+        c,
+        contexts,
+        windows: rows.len(),
+        positions,
+        firing: firing as f32 / positions.max(1) as f32,
+        promoted,
+        suppressed,
+        source: data.source.clone(),
+    })
 }

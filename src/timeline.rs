@@ -472,6 +472,8 @@ pub fn frame_trainer(tr: &Trainer, timeline: &Timeline, frame: &Frame) -> anyhow
         )?;
     }
     let mut ft = Trainer::from_model(model, tr.config.clone(), tr.rng.clone())?;
+    // The same inputs as the run (a language model's text, shared).
+    ft.data = tr.data.clone();
     ft.step = frame.step;
     ft.history = tr
         .history

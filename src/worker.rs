@@ -122,6 +122,15 @@ pub enum Command {
         select: String,
         scale: f32,
     },
+    /// A subcomponent's page (language models): its top-activating contexts over the run's
+    /// text (up to `max_windows` windows) and the tokens its write direction promotes and
+    /// suppresses (answered by [`Event::Component`]).
+    Component {
+        key: u64,
+        module: usize,
+        index: usize,
+        max_windows: usize,
+    },
     /// Show the timeline frame at this step in every view (a snapshot with `frame` set), or
     /// the live run (None). Interventions, probes and custom CI then run on the shown frame.
     ShowFrame(Option<usize>),
@@ -294,6 +303,11 @@ pub enum Event {
     /// The run's timeline changed (after a load, new frames while training): steps and
     /// per-frame statistics.
     Timeline(Arc<crate::timeline::TimelineIndex>),
+    /// The answer to [`Command::Component`].
+    Component {
+        key: u64,
+        page: Arc<crate::text::ComponentPage>,
+    },
     /// The answer to [`Command::Prompt`].
     Prompt {
         key: u64,
@@ -682,6 +696,28 @@ impl Worker {
                 self.emit(Event::Prompt {
                     key,
                     result: Arc::new(result),
+                });
+            }
+            Command::Component {
+                key,
+                module,
+                index,
+                max_windows,
+            } => {
+                let Some(tr) = self.shown() else {
+                    anyhow::bail!("nothing loaded");
+                };
+                let Some(tok) = self.tokenizer.as_ref() else {
+                    anyhow::bail!("no tokenizer for this run");
+                };
+                let crate::data::TaskData::Tokens(data) = &tr.data else {
+                    anyhow::bail!("component pages are for language models");
+                };
+                let page =
+                    crate::text::component_page(&tr.model, data, tok, module, index, max_windows)?;
+                self.emit(Event::Component {
+                    key,
+                    page: Arc::new(page),
                 });
             }
             Command::CustomCi(input) => {

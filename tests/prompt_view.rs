@@ -62,7 +62,7 @@ fn prompt_view_shows_tokens_ci_and_predictions() {
     // Clicking a token chip moves the predictions to it.
     h.run_steps(2);
     let second = format!(
-        "{:?}",
+        "\"{}\"",
         h.state()
             .view::<PromptView>()
             .unwrap()
@@ -103,6 +103,36 @@ fn prompt_view_shows_tokens_ci_and_predictions() {
     // The CI-masked regime's "before" is the CI-masked decomposition itself.
     assert_eq!(iv.regimes[0].top_before, r.top_masked);
     assert_eq!(h.get_all_by_label_contains("KL(target||.) here").count(), 2);
+    // The component page of a selected subcomponent: contexts over the run's text, and the
+    // tokens a residual-stream writer promotes and suppresses.
+    {
+        let a = h.state_mut();
+        a.selection.module = tr.model.module_index("h.1.mlp.down_proj").unwrap();
+        a.selection.component = Some(3);
+    }
+    common::wait(&mut h, "the component page", |a| {
+        a.view::<PromptView>()
+            .and_then(|v| v.page.as_ref())
+            .is_some_and(|p| p.module == "h.1.mlp.down_proj" && p.c == 3)
+    });
+    h.run_steps(2);
+    let page = h
+        .state()
+        .view::<PromptView>()
+        .unwrap()
+        .page
+        .clone()
+        .unwrap();
+    assert!(page.windows > 100 && !page.contexts.is_empty());
+    assert_eq!(page.promoted.len(), 10);
+    assert_eq!(page.suppressed.len(), 10);
+    assert!(page.promoted[0].1 >= page.suppressed[0].1);
+    assert!(
+        page.contexts.windows(2).all(|w| w[0].0 >= w[1].0),
+        "strongest first"
+    );
+    h.get_by_label_contains("top-activating contexts");
+    h.get_by_label_contains("promotes:");
     // CSV: one row per token, module and subcomponent.
     let d = tempfile::tempdir().unwrap();
     let csv = d.path().join("prompt.csv");

@@ -222,6 +222,7 @@ impl Session {
             | Event::CustomCi { .. }
             | Event::Sequence { .. }
             | Event::Prompt { .. }
+            | Event::Component { .. }
             | Event::Progress { .. }
             | Event::JobEnded { .. }
             | Event::ColumnOrder { .. } => {}

@@ -28,6 +28,9 @@ pub struct PromptView {
     /// The heatmap texture and what it shows (result key, module).
     texture: Option<(egui::TextureHandle, (u64, usize))>,
     shown_key: u64,
+    /// The component page asked for (key, module, index, snapshot version) and shown.
+    page_asked: Option<(u64, usize, usize, u64)>,
+    pub page: Option<Arc<crate::text::ComponentPage>>,
 }
 
 impl Default for PromptView {
@@ -41,6 +44,8 @@ impl Default for PromptView {
             position: 0,
             texture: None,
             shown_key: 0,
+            page_asked: None,
+            page: None,
         }
     }
 }
@@ -67,6 +72,13 @@ impl View for PromptView {
             Event::Loaded { .. } => {
                 self.result = None;
                 self.asked = None;
+                self.page = None;
+                self.page_asked = None;
+            }
+            Event::Component { key, page }
+                if self.page_asked.as_ref().is_some_and(|a| a.0 == *key) =>
+            {
+                self.page = Some(page.clone());
             }
             Event::Prompt { key, result } if self.asked.as_ref().is_some_and(|a| a.0 == *key) => {
                 self.result = Some(result.clone());
@@ -99,14 +111,14 @@ fn top_table(
         ui.label("p");
         ui.end_row();
         for ((a, pa), (b, pb)) in left.1.iter().zip(right.1) {
-            ui.label(format!("{a:?}"));
+            ui.label(format!("\"{a}\""));
             ui.label(format!("{pa:.3}"));
             let col = if a == b {
                 ui.visuals().text_color()
             } else {
                 egui::Color32::from_rgb(230, 120, 90)
             };
-            ui.colored_label(col, format!("{b:?}"));
+            ui.colored_label(col, format!("\"{b}\""));
             ui.label(format!("{pb:.3}"));
             ui.end_row();
         }
@@ -203,7 +215,7 @@ impl PromptView {
         ui.horizontal_wrapped(|ui| {
             ui.label(format!("{n} tokens:"));
             for (p, t) in r.tokens.iter().enumerate() {
-                let label = format!("{t:?}");
+                let label = format!("\"{t}\"");
                 if ui
                     .selectable_label(self.position == p, label)
                     .on_hover_text(format!("position {p}, token id {}", r.ids[p]))
@@ -224,8 +236,82 @@ impl PromptView {
         let c = r.c[j];
         ui.columns(2, |cols| {
             self.heatmap(cx, &mut cols[0], &r, j, c);
-            self.predictions(&mut cols[1], &r);
+            egui::ScrollArea::vertical()
+                .id_salt("prompt-right")
+                .show(&mut cols[1], |ui| {
+                    self.predictions(ui, &r);
+                    self.component_page(cx, ui);
+                });
         });
+    }
+
+    /// The selected subcomponent's page: top-activating contexts over the run's text and the
+    /// tokens its write direction promotes and suppresses.
+    fn component_page(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        let Some(k) = cx.selection.component else {
+            ui.separator();
+            ui.label("select a subcomponent (click the heatmap) for its page");
+            return;
+        };
+        let j = cx.selection.module;
+        let version = cx.snapshot_version();
+        let want = (j, k, version);
+        if self
+            .page_asked
+            .as_ref()
+            .is_none_or(|a| (a.1, a.2, a.3) != want)
+        {
+            let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+            if cx.send(Command::Component {
+                key,
+                module: j,
+                index: k,
+                max_windows: 4096,
+            }) {
+                self.page_asked = Some((key, j, k, version));
+            }
+        }
+        ui.separator();
+        let Some(p) = self.page.as_ref().filter(|p| {
+            cx.snapshot()
+                .and_then(|s| s.modules.get(j))
+                .is_some_and(|m| m.name == p.module)
+                && p.c == k
+        }) else {
+            ui.label("component page: scanning the text...");
+            return;
+        };
+        ui.strong(format!("{}:{}", p.module, p.c));
+        ui.label(format!(
+            "fires (CI > 0.5) on {:.1}% of {} positions ({} windows of {})",
+            100.0 * p.firing,
+            p.positions,
+            p.windows,
+            p.source
+        ));
+        ui.label("top-activating contexts:");
+        for (g, before, at, after) in p.contexts.iter().take(12) {
+            ui.horizontal(|ui| {
+                ui.monospace(format!("{g:.2}"));
+                ui.label(egui::RichText::new(before.replace('\n', " ")).weak());
+                ui.label(
+                    egui::RichText::new(format!("[{at}]"))
+                        .strong()
+                        .color(egui::Color32::YELLOW),
+                );
+                ui.label(egui::RichText::new(after.replace('\n', " ")).weak());
+            });
+        }
+        if !p.promoted.is_empty() {
+            let list = |v: &[(String, f32)]| {
+                v.iter()
+                    .map(|(t, x)| format!("\"{t}\" {x:+.2}"))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            };
+            ui.label(format!("promotes: {}", list(&p.promoted)));
+            ui.label(format!("suppresses: {}", list(&p.suppressed)));
+        }
     }
 
     fn heatmap(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui, r: &PromptResult, j: usize, c: usize) {
@@ -266,7 +352,7 @@ impl PromptView {
                 p.text(
                     egui::pos2(rect.left() + label_w - 4.0, rect.top() + (i as f32 + 0.5) * row_h),
                     egui::Align2::RIGHT_CENTER,
-                    format!("{t:?}"),
+                    format!("\"{t}\""),
                     egui::FontId::monospace((row_h * 0.7).min(13.0)),
                     if i == self.position {
                         egui::Color32::YELLOW
@@ -292,7 +378,7 @@ impl PromptView {
         };
         if let Some((i, k)) = resp.hover_pos().and_then(cell) {
             resp.clone().on_hover_text(format!(
-                "token {i} {:?}, {}:{k}: CI {:.3}",
+                "token {i} \"{}\", {}:{k}: CI {:.3}",
                 r.tokens[i],
                 r.modules[j],
                 r.ci[j][i * c + k]
@@ -310,7 +396,7 @@ impl PromptView {
     fn predictions(&self, ui: &mut egui::Ui, r: &PromptResult) {
         let p = self.position.min(r.ids.len().saturating_sub(1));
         ui.label(format!(
-            "after token {p} {:?}: next-token predictions (KL target||CI-masked {:.4} nats)",
+            "after token {p} \"{}\": next-token predictions (KL target||CI-masked {:.4} nats)",
             r.tokens[p], r.kl[p]
         ));
         top_table(
