@@ -35,6 +35,9 @@ pub const MAX_LAYERS: usize = 1_024;
 pub const MAX_SAMPLES: usize = 1 << 20;
 /// Sequence length of the coming sequence models (reference LMs: ≤ 2,048).
 pub const MAX_SEQ_LEN: usize = 1 << 16;
+/// Tokens per sequence of a language-model decomposition (attention scores grow with its
+/// square; the reference's configs use 512).
+pub const MAX_LM_SEQ_LEN: usize = 8192;
 /// Timeline frames in a file.
 pub const MAX_FRAMES: usize = 1 << 20;
 /// Size of a safetensors header (JSON) we are willing to parse.

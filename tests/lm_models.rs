@@ -243,3 +243,48 @@ fn spd_trains_on_a_language_model() {
     assert_eq!(rep.ci["h.1.mlp.down_proj"].len(), 16);
     assert_eq!(rep.kl_ci_masked.len(), 16);
 }
+
+#[test]
+fn hostile_language_model_sizes_are_refused_before_allocating() {
+    let d = tempfile::tempdir().unwrap();
+    let src = fixture("gpt2_simple");
+    std::fs::copy(
+        src.join("model.safetensors"),
+        d.path().join("model.safetensors"),
+    )
+    .unwrap();
+    for (cfg, want) in [
+        (
+            r#"{"model_type": "GPT2Simple", "vocab_size": 4000000000, "n_embd": 32, "n_head": 4, "n_layer": 2, "block_size": 16}"#,
+            "vocab_size",
+        ),
+        (
+            r#"{"model_type": "GPT2Simple", "vocab_size": 64, "n_embd": 32, "n_head": 4, "n_layer": 100000, "block_size": 16}"#,
+            "n_layer",
+        ),
+        (
+            r#"{"model_type": "LlamaSimpleMLP", "vocab_size": 64, "n_embd": 32, "n_head": 4, "n_layer": 2, "n_key_value_heads": 3}"#,
+            "n_key_value_heads",
+        ),
+        (
+            r#"{"model_type": "GPT2Simple", "vocab_size": 64, "n_embd": 30, "n_head": 4, "n_layer": 2}"#,
+            "multiple",
+        ),
+    ] {
+        std::fs::write(d.path().join("config.json"), cfg).unwrap();
+        let e = lm::load(&d.path().join("model.safetensors"), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("config.json") && e.contains(want), "{want}: {e}");
+    }
+    // A sequence length whose attention scores would not fit is refused as a spec.
+    let m = lm::load(&src.join("run"), &Device::Cpu).unwrap();
+    let mut cfg = m.config.clone();
+    cfg.block_size = 1 << 20;
+    let spec = spdlab::model::TargetSpec::Lm {
+        model: cfg,
+        seq_len: 1 << 20,
+    };
+    let e = spec.check_limits().unwrap_err().to_string();
+    assert!(e.contains("seq_len"), "{e}");
+}

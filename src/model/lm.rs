@@ -320,7 +320,7 @@ impl LmModel {
             let b = bk.map(|k| params[&k].clone());
             linears.push((name, w, b));
         }
-        let rotary = rotary_tables(&config, device)?;
+        let rotary = rotary_tables(&config, config.block_size, device)?;
         Ok(LmModel {
             config,
             params,
@@ -508,12 +508,18 @@ pub fn forward_core<'a>(
     x.matmul(&wte.t()?)
 }
 
-/// Rotary cos and sin tables `[n_ctx, D/2]` of a Llama-family config (None for GPT2Simple).
-pub fn rotary_tables(config: &LmConfig, device: &Device) -> Result<Option<(Tensor, Tensor)>> {
+/// Rotary cos and sin tables `[min(n_ctx, rows), D/2]` of a Llama-family config (None for
+/// GPT2Simple); `rows`: the longest sequence it will see (positions past n_ctx reuse its last
+/// row, so a table longer than the sequences is never read).
+pub fn rotary_tables(
+    config: &LmConfig,
+    rows: usize,
+    device: &Device,
+) -> Result<Option<(Tensor, Tensor)>> {
     if !config.is_llama() {
         return Ok(None);
     }
-    let (n, d) = (config.rotary_len(), config.head_dim());
+    let (n, d) = (config.rotary_len().min(rows.max(1)), config.head_dim());
     let half = d / 2;
     let (mut cos, mut sin) = (vec![0f32; n * half], vec![0f32; n * half]);
     for p in 0..n {

@@ -174,7 +174,9 @@ impl TargetSpec {
             }
             TargetSpec::Lm { model, seq_len } => {
                 model.check()?;
-                check_positive("target.seq_len", *seq_len, model.block_size)
+                check_positive("target.seq_len", *seq_len, model.block_size)?;
+                // Attention keeps [heads, seq, seq] scores per sequence.
+                check_positive("target.seq_len", *seq_len, crate::limits::MAX_LM_SEQ_LEN)
             }
         }
     }
@@ -750,7 +752,7 @@ impl TargetModel {
         hook: &mut ModuleHook,
         patterns: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let rotary = lm::rotary_tables(cfg, &self.device)?;
+        let rotary = lm::rotary_tables(cfg, x.dim(1)?, &self.device)?;
         let mut run = |i: usize, a: &Tensor| -> Result<Tensor> {
             let a = Act::Dense(a.clone());
             match hook(i, &a, fold)? {
