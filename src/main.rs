@@ -471,25 +471,13 @@ fn text_ci(
         })?,
     };
     let tok = spdlab::text::TextTokenizer::load(&tok_path)?;
-    let ids = tok.encode(text)?;
-    if ids.is_empty() {
-        anyhow::bail!("--text gives no tokens");
-    }
-    if let Some(&t) = ids.iter().find(|&&t| t as usize >= model.vocab_size) {
-        anyhow::bail!(
-            "{}: token id {t} is outside the model's vocabulary ({}): not the run's tokenizer?",
-            tok_path.display(),
-            model.vocab_size
-        );
-    }
+    let ids = tok
+        .encode_for(text, model.vocab_size)
+        .map_err(|e| anyhow::anyhow!("--text: {e}"))?;
     let s = *seq_len;
     let rows: Vec<Vec<f32>> = ids
         .chunks(s)
-        .map(|w| {
-            let mut r: Vec<f32> = w.iter().map(|&t| t as f32).collect();
-            r.resize(s, tok.eos_id as f32);
-            r
-        })
+        .map(|w| spdlab::text::row_of(w, s, &tok))
         .collect();
     let rep = runner::ci_report(&tr.model, &rows, upper)?;
     let labels = tok.token_strings(&ids);

@@ -51,12 +51,28 @@ pub struct SequenceProbe {
 
 /// The three largest logits' tokens and their softmax probabilities, most likely first.
 pub fn top3(logits: &[f32]) -> [(u32, f32); 3] {
-    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let z: f32 = logits.iter().map(|v| (v - m).exp()).sum();
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    let p = |i: usize| (idx[i] as u32, ((logits[idx[i]] - m).exp() / z));
-    [p(0), p(1), p(2)]
+    let t = top_k(logits, 3);
+    [t[0], t[1], t[2]]
+}
+
+/// Softmax of a row of logits.
+pub fn softmax(l: &[f32]) -> Vec<f32> {
+    let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = l.iter().map(|v| (v - m).exp()).collect();
+    let z: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / z).collect()
+}
+
+/// The `k` largest logits' tokens and their softmax probabilities, most likely first.
+pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    top_k_probs(&softmax(logits), k)
+}
+
+/// The `k` largest entries of a probability row: (token id, probability).
+pub fn top_k_probs(p: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<usize> = (0..p.len()).collect();
+    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+    idx.iter().take(k).map(|&i| (i as u32, p[i])).collect()
 }
 
 /// Runs `tokens` (one sequence) through `model`; `selection` (labels or clusters, see

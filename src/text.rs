@@ -5,6 +5,8 @@
 //! tokens, the tail of each batch dropped. Nothing is downloaded: a tokenizer named by a model
 //! hub id is opened from a local copy.
 
+use crate::sequence::{softmax, top_k, top_k_probs};
+
 use std::path::{Path, PathBuf};
 
 /// Most bytes of text read from one file.
@@ -85,6 +87,21 @@ impl TextTokenizer {
             .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?
             .get_ids()
             .to_vec())
+    }
+
+    /// Token ids of `text` for a model of `vocab` tokens: at least one, every id inside it.
+    pub fn encode_for(&self, text: &str, vocab: usize) -> anyhow::Result<Vec<u32>> {
+        let ids = self.encode(text)?;
+        if ids.is_empty() {
+            anyhow::bail!("the text has no tokens");
+        }
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= vocab) {
+            anyhow::bail!(
+                "{}: token id {t} is outside the model's vocabulary ({vocab}): not the run's tokenizer?",
+                self.path.display()
+            );
+        }
+        Ok(ids)
     }
 
     /// The text of `ids` (special tokens kept, as `tokenizer.decode(ids)`).
@@ -258,17 +275,10 @@ pub struct RegimeResult {
 }
 
 /// A prompt's row: its tokens padded with EOS to the sequence length.
-fn row_of(ids: &[u32], seq_len: usize, tok: &TextTokenizer) -> Vec<f32> {
+pub fn row_of(ids: &[u32], seq_len: usize, tok: &TextTokenizer) -> Vec<f32> {
     let mut row: Vec<f32> = ids.iter().map(|&t| t as f32).collect();
     row.resize(seq_len, tok.eos_id as f32);
     row
-}
-
-fn softmax(l: &[f32]) -> Vec<f32> {
-    let m = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = l.iter().map(|v| (v - m).exp()).collect();
-    let z: f32 = e.iter().sum();
-    e.into_iter().map(|v| v / z).collect()
 }
 
 /// Adds softmax(`logits`) / `samples` to `acc`.
@@ -276,25 +286,6 @@ fn add_probs(acc: &mut [f32], logits: &[f32], samples: usize) {
     for (a, p) in acc.iter_mut().zip(softmax(logits)) {
         *a += p / samples as f32;
     }
-}
-
-/// The `k` largest of a probability row: (token id, probability).
-pub fn top_k_probs(p: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<usize> = (0..p.len()).collect();
-    idx.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
-    idx.iter().take(k).map(|&i| (i as u32, p[i])).collect()
-}
-
-/// The `k` largest probabilities of a row of logits: (token id, probability).
-pub fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let z: f32 = logits.iter().map(|v| (v - m).exp()).sum();
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    idx.iter()
-        .take(k)
-        .map(|&i| (i as u32, (logits[i] - m).exp() / z))
-        .collect()
 }
 
 /// Runs `text` through a language-model decomposition (the first `seq_len` tokens; the rest
@@ -313,22 +304,11 @@ pub fn run_prompt(
     else {
         anyhow::bail!("prompts need a language-model decomposition");
     };
-    let all = tok.encode(text)?;
-    if all.is_empty() {
-        anyhow::bail!("the prompt has no tokens");
-    }
-    if let Some(&t) = all.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-        anyhow::bail!(
-            "{}: token id {t} is outside the model's vocabulary ({}): not the run's tokenizer?",
-            tok.path.display(),
-            cfg.vocab_size
-        );
-    }
+    let all = tok.encode_for(text, cfg.vocab_size)?;
     let n = all.len().min(*seq_len);
     let ids = all[..n].to_vec();
-    let mut row: Vec<f32> = ids.iter().map(|&t| t as f32).collect();
-    row.resize(*seq_len, tok.eos_id as f32);
-    let rep = crate::runner::ci_report(model, &[row], false)?;
+    let row = row_of(&ids, *seq_len, tok);
+    let rep = crate::runner::ci_report(model, std::slice::from_ref(&row), false)?;
     let names: Vec<String> = model.modules.iter().map(|m| m.name.clone()).collect();
     let ci = names.iter().map(|m| rep.ci[m][..n].concat()).collect();
     let top = |out: &[Vec<f32>]| -> Vec<Vec<(String, f32)>> {
@@ -348,6 +328,8 @@ pub fn run_prompt(
             use crate::interventions::{Intervention, MaskMode, run_intervention};
             let mut rng = crate::rng::Rng::new(0x9e0);
             let mut regimes = vec![];
+            let target_p: Vec<Vec<f32>> =
+                rep.target_output[..n].iter().map(|l| softmax(l)).collect();
             for (name, other, samples) in [
                 ("CI-masked others", MaskMode::Ci, 1),
                 (
@@ -366,19 +348,12 @@ pub fn run_prompt(
                 let mut before = vec![vec![0f32; cfg.vocab_size]; n];
                 let mut after = vec![vec![0f32; cfg.vocab_size]; n];
                 for _ in 0..samples {
-                    let r = run_intervention(
-                        model,
-                        std::slice::from_ref(&row_of(&ids, *seq_len, tok)),
-                        &iv,
-                        &mut rng,
-                    )?;
+                    let r = run_intervention(model, std::slice::from_ref(&row), &iv, &mut rng)?;
                     for p in 0..n {
                         add_probs(&mut before[p], &r.baseline[p], samples);
                         add_probs(&mut after[p], &r.intervened[p], samples);
                     }
                 }
-                let target_p: Vec<Vec<f32>> =
-                    rep.target_output[..n].iter().map(|l| softmax(l)).collect();
                 let kl = |q: &[Vec<f32>]| -> Vec<f32> {
                     target_p
                         .iter()

@@ -14,26 +14,13 @@ pub fn png_region(
     rect: egui::Rect,
     pixels_per_point: f32,
 ) -> anyhow::Result<Vec<u8>> {
-    let [w, h] = image.size;
-    let ppp = if pixels_per_point > 0.0 {
-        pixels_per_point
-    } else {
-        1.0
-    };
-    let clamp = |v: f32, hi: usize| ((v * ppp).round().max(0.0) as usize).min(hi);
-    let (x0, x1) = (clamp(rect.min.x, w), clamp(rect.max.x, w));
-    let (y0, y1) = (clamp(rect.min.y, h), clamp(rect.max.y, h));
-    if x1 <= x0 || y1 <= y0 {
-        anyhow::bail!("the view is not on screen; nothing to export");
-    }
-    let mut rgba = Vec::with_capacity((x1 - x0) * (y1 - y0) * 4);
-    for y in y0..y1 {
-        for p in &image.pixels[y * w + x0..y * w + x1] {
-            rgba.extend_from_slice(&p.to_srgba_unmultiplied());
-        }
-    }
-    let img = image::RgbaImage::from_raw((x1 - x0) as u32, (y1 - y0) as u32, rgba)
-        .ok_or_else(|| anyhow::anyhow!("cannot build the PNG image"))?;
+    let img = crate::app::timeline_bar::crop(image, rect, pixels_per_point)
+        .ok_or_else(|| anyhow::anyhow!("the view is not on screen; nothing to export"))?;
+    png_bytes(&img)
+}
+
+/// PNG bytes of an image.
+pub fn png_bytes(img: &image::RgbaImage) -> anyhow::Result<Vec<u8>> {
     let mut bytes = std::io::Cursor::new(Vec::new());
     img.write_to(&mut bytes, image::ImageFormat::Png)?;
     Ok(bytes.into_inner())

@@ -181,8 +181,7 @@ pub struct SpdApp {
     pending_anim: Option<PathBuf>,
     /// `--play`: start playback once the timeline is loaded.
     pending_play: bool,
-    /// Close when the export written last is done.
-    exit_after_export: bool,
+    /// Close when this export (the last one written) is done.
     exit_on_export: Option<PathBuf>,
 }
 
@@ -271,7 +270,6 @@ impl SpdApp {
             anim: None,
             pending_anim: opts.export_animation,
             pending_play: opts.play,
-            exit_after_export: false,
             exit_on_export: None,
         };
         if let Some(v) = opts.view {

@@ -302,11 +302,8 @@ impl SpdApp {
                 } else {
                     for (i, (img, step)) in frames.into_iter().zip(&a.steps).enumerate() {
                         let path = dir.join(format!("frame_{i:04}_step_{step:08}.png"));
-                        let job = crate::worker::ExportJob::new(move || {
-                            let mut bytes = std::io::Cursor::new(Vec::new());
-                            img.write_to(&mut bytes, image::ImageFormat::Png)?;
-                            Ok(bytes.into_inner())
-                        });
+                        let job =
+                            crate::worker::ExportJob::new(move || super::export::png_bytes(&img));
                         if !self.send(Command::Export {
                             path: path.clone(),
                             job: job.clone(),
@@ -323,7 +320,6 @@ impl SpdApp {
         self.session.status = format!("exporting {n} frames...");
         self.session.show_frame(a.return_to);
         if a.exit_when_done {
-            self.exit_after_export = true;
             self.exit_on_export = match &a.target {
                 AnimTarget::Gif(p) => Some(p.clone()),
                 AnimTarget::Pngs(dir) => a

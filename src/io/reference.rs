@@ -648,25 +648,33 @@ pub fn lm_tokenizer_path(run: &Path) -> Option<PathBuf> {
         .and_then(|r| r.get("tokenizer_name"))
         .and_then(|v| v.as_str())
         .unwrap_or("");
-    let mut cands = vec![];
-    if !name.is_empty() {
-        let p = Path::new(name);
-        if p.is_absolute() {
-            cands.push(p.to_path_buf());
-        } else {
-            cands.push(dir.join(p));
-            if let Some(up) = dir.parent() {
-                cands.push(up.join(p));
-            }
-            cands.push(p.to_path_buf());
-        }
-    }
+    let mut cands = if name.is_empty() {
+        vec![]
+    } else {
+        local_bases(&dir, name)
+    };
     cands.push(dir.join("tokenizer.json"));
     cands.push(dir.join("tokenizer"));
     cands.into_iter().find(|c| {
         c.is_file() && c.extension().is_some_and(|e| e == "json")
             || c.join("tokenizer.json").is_file()
     })
+}
+
+/// Where a path a run's config names may be: as given when absolute; else relative to the run
+/// folder, to its parent (runs kept beside their target) or to the working directory (as the
+/// reference resolves it).
+fn local_bases(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return vec![p.to_path_buf()];
+    }
+    let mut b = vec![dir.join(p)];
+    if let Some(up) = dir.parent() {
+        b.push(up.join(p));
+    }
+    b.push(p.to_path_buf());
+    b
 }
 
 /// The text a language-model run trained on, tokenized as the reference does (its eval split:
@@ -703,13 +711,7 @@ pub fn lm_corpus(
             "dataset '{name}' is pre-tokenized; spdlab reads text datasets"
         ));
     }
-    let p = Path::new(name);
-    let mut bases = vec![dir.join(p)];
-    if let Some(up) = dir.parent() {
-        bases.push(up.join(p));
-    }
-    bases.push(p.to_path_buf());
-    let file = bases.iter().find_map(|b| {
+    let file = local_bases(&dir, name).iter().find_map(|b| {
         if b.is_dir() {
             [format!("{split}.jsonl"), "train.jsonl".to_string()]
                 .iter()
@@ -742,20 +744,7 @@ pub fn lm_model_config_path(raw: &Value, dir: &Path) -> anyhow::Result<PathBuf> 
         .unwrap_or("");
     let mut tried = vec![];
     if !name.is_empty() && !name.starts_with("wandb:") {
-        let p = Path::new(name);
-        // Absolute; relative to the run folder, to its parent (runs kept beside their
-        // target), or to the working directory (as the reference resolves it).
-        let bases: Vec<PathBuf> = if p.is_absolute() {
-            vec![p.to_path_buf()]
-        } else {
-            let mut b = vec![dir.join(p)];
-            if let Some(up) = dir.parent() {
-                b.push(up.join(p));
-            }
-            b.push(p.to_path_buf());
-            b
-        };
-        for b in bases {
+        for b in local_bases(dir, name) {
             let cands = if b.is_dir() {
                 vec![b.join("model_config.yaml")]
             } else {

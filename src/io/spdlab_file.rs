@@ -514,6 +514,7 @@ pub fn from_bytes(bytes: &[u8], device: &Device) -> anyhow::Result<(Trainer, Fil
         None => Rng::new(meta.config.seed),
     };
     let mut tr = Trainer::from_model(model, meta.config.clone(), rng)?;
+    tr.load_text();
     if let Some(s) = &state {
         tr.step = s.step;
         if s.optimizer_steps.len() != tr.opt.entries.len() {

@@ -251,6 +251,29 @@ impl LmConfig {
     }
 }
 
+/// Removes `lm_head.weight` from a state dict, checking it equals `wte.weight` (every
+/// reference family ties them; spdlab stores the tensor once).
+pub fn untie(named: &mut Vec<(String, Tensor)>) -> anyhow::Result<()> {
+    let Some(i) = named.iter().position(|(k, _)| k == "lm_head.weight") else {
+        return Ok(());
+    };
+    let (_, head) = named.remove(i);
+    let (_, wte) = named
+        .iter()
+        .find(|(k, _)| k == "wte.weight")
+        .ok_or_else(|| anyhow::anyhow!("missing tensor 'wte.weight'"))?;
+    let d = (head.to_dtype(DType::F32)? - wte.to_dtype(DType::F32)?)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    if d != 0.0 {
+        anyhow::bail!(
+            "'lm_head.weight' differs from 'wte.weight' (by up to {d}); the reference ties them"
+        );
+    }
+    Ok(())
+}
+
 /// A model's parameters by key.
 pub type ParamFn<'a> = dyn Fn(&str) -> &'a Tensor + 'a;
 
@@ -279,21 +302,14 @@ impl LmModel {
         device: &Device,
     ) -> anyhow::Result<Self> {
         config.check().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut named: Vec<(String, Tensor)> = named
+            .into_iter()
+            .map(|(k, t)| (k.strip_prefix("_orig_mod.").unwrap_or(&k).to_string(), t))
+            .collect();
+        untie(&mut named)?;
         let mut map: HashMap<String, Tensor> = HashMap::new();
         for (k, t) in named {
-            let k = k.strip_prefix("_orig_mod.").unwrap_or(&k).to_string();
             map.insert(k, t.to_dtype(DType::F32)?.to_device(device)?);
-        }
-        if let Some(head) = map.remove("lm_head.weight") {
-            let wte = map
-                .get("wte.weight")
-                .ok_or_else(|| anyhow::anyhow!("missing tensor 'wte.weight'"))?;
-            let diff = (head - wte)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            if diff != 0.0 {
-                anyhow::bail!(
-                    "lm_head.weight differs from wte.weight (by up to {diff}); the reference ties them"
-                );
-            }
         }
         let mut params = HashMap::new();
         for (k, shape) in config.param_shapes() {

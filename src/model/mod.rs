@@ -343,6 +343,9 @@ pub struct TargetModel {
     /// Parameters by reference state-dict key, in [`TargetSpec::param_shapes`] order.
     pub params: Vec<(String, Tensor)>,
     pub modules: Vec<LinearModule>,
+    /// Language models: the rotary cos/sin tables for the spec's sequence length (built
+    /// once, not per forward).
+    rotary: Option<(Tensor, Tensor)>,
     device: Device,
 }
 
@@ -441,22 +444,9 @@ impl TargetModel {
     ) -> anyhow::Result<Self> {
         spec.check_limits()?;
         let mut named = named;
-        if matches!(spec, TargetSpec::Lm { .. })
-            && let Some(i) = named.iter().position(|(k, _)| k == "lm_head.weight")
-        {
+        if matches!(spec, TargetSpec::Lm { .. }) {
             // Tied to wte.weight in every reference family: stored once.
-            let (_, head) = named.remove(i);
-            if let Some((_, wte)) = named.iter().find(|(k, _)| k == "wte.weight") {
-                let d = (head.to_dtype(DType::F32)? - wte.to_dtype(DType::F32)?)?
-                    .abs()?
-                    .max_all()?
-                    .to_scalar::<f32>()?;
-                if d != 0.0 {
-                    anyhow::bail!(
-                        "target parameter 'lm_head.weight' differs from 'wte.weight' (by up to {d}); the reference ties them"
-                    );
-                }
-            }
+            lm::untie(&mut named)?;
         }
         let mut params = vec![];
         for (key, shape) in spec.param_shapes() {
@@ -519,10 +509,15 @@ impl TargetModel {
                 );
             }
         }
+        let rotary = match &spec {
+            TargetSpec::Lm { model, seq_len } => lm::rotary_tables(model, *seq_len, device)?,
+            _ => None,
+        };
         let mut model = TargetModel {
             spec,
             params,
             modules: vec![],
+            rotary,
             device: device.clone(),
         };
         model.modules = model.build_modules()?;
@@ -752,7 +747,6 @@ impl TargetModel {
         hook: &mut ModuleHook,
         patterns: Option<&mut Vec<Tensor>>,
     ) -> Result<Tensor> {
-        let rotary = lm::rotary_tables(cfg, x.dim(1)?, &self.device)?;
         let mut run = |i: usize, a: &Tensor| -> Result<Tensor> {
             let a = Act::Dense(a.clone());
             match hook(i, &a, fold)? {
@@ -763,7 +757,7 @@ impl TargetModel {
         lm::forward_core(
             cfg,
             &|k| self.param(k),
-            rotary.as_ref(),
+            self.rotary.as_ref(),
             x,
             &mut run,
             patterns,

@@ -60,22 +60,20 @@ impl Trainer {
             .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
         let mut rng = Rng::new(config.seed);
         let model = ComponentModel::new(target, &config, &mut rng)?;
-        Self::from_model(model, config, rng)
+        let mut tr = Self::from_model(model, config, rng)?;
+        tr.load_text();
+        Ok(tr)
     }
 
     /// Wraps an existing decomposition (e.g. loaded from a file) for further training.
     pub fn from_model(model: ComponentModel, config: SpdConfig, rng: Rng) -> anyhow::Result<Self> {
         let spec = &model.target.spec;
         let data = match spec {
-            crate::model::TargetSpec::Lm { model, seq_len } => TaskData::Tokens(
-                crate::text::config_corpus(&config, *seq_len, model.vocab_size).unwrap_or_else(
-                    |why| {
-                        let mut d = crate::data::TokenData::random(*seq_len, model.vocab_size);
-                        d.source = format!("uniformly random tokens ({why})");
-                        d
-                    },
-                ),
-            ),
+            // The text is read by `load_text` (new runs, opened files), not here: frames and
+            // other copies of a run share the run's text.
+            crate::model::TargetSpec::Lm { model, seq_len } => {
+                TaskData::Tokens(crate::data::TokenData::random(*seq_len, model.vocab_size))
+            }
             crate::model::TargetSpec::Ih(dims) => TaskData::Induction(
                 InductionData::new(dims, config.task_config.prefix_window)
                     .map_err(|e| anyhow::anyhow!("task_config: {e}"))?,
@@ -106,6 +104,20 @@ impl Trainer {
 
     pub fn is_done(&self) -> bool {
         self.step > self.config.steps
+    }
+
+    /// Language models: the config's text (`task_config.dataset_name`, `tokenizer_name`)
+    /// as the batches, or random tokens saying why. Nothing for other targets.
+    pub fn load_text(&mut self) {
+        if let crate::model::TargetSpec::Lm { model, seq_len } = &self.model.target.spec {
+            let (s, v) = (*seq_len, model.vocab_size);
+            let d = crate::text::config_corpus(&self.config, s, v).unwrap_or_else(|why| {
+                let mut d = crate::data::TokenData::random(s, v);
+                d.source = format!("uniformly random tokens ({why})");
+                d
+            });
+            self.data = TaskData::Tokens(d);
+        }
     }
 
     /// Keeps a timeline with these options from now on (frames already taken stay, thinned
