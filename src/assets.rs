@@ -11,6 +11,9 @@ pub fn target_bytes(name: &str) -> Option<&'static [u8]> {
         // spdlab train-target --preset ih --seed 2: induction accuracy 1.0000 on 8192
         // generated sequences (chance 1/128), final loss 0.0037.
         "ih" => include_bytes!("../assets/targets/ih.safetensors"),
+        // spdlab train-target --preset tiny-lm --seed 0 (accuracies in
+        // assets/tiny-lm/accuracy.json).
+        "tiny-lm" => include_bytes!("../assets/tiny-lm/tiny-lm.safetensors"),
         _ => return None,
     })
 }
@@ -28,4 +31,10 @@ pub fn decomposition(name: &str) -> Option<&'static [u8]> {
         "days" => include_bytes!("../assets/decompositions/days.spdlab"),
         _ => return None,
     })
+}
+
+/// The tiny-lm tokenizer (`spdlab train-target --preset tiny-lm`: byte-level BPE trained on
+/// the generated language; every word one token).
+pub fn tiny_lm_tokenizer() -> &'static [u8] {
+    include_bytes!("../assets/tiny-lm/tokenizer.json")
 }

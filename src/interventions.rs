@@ -30,6 +30,10 @@ pub enum MaskMode {
     Stochastic,
     /// A fixed mask value (dial a mechanism from off (0) to fully on (1)).
     Scale(f32),
+    /// The worst case: g + (1 − g)·s with s ∈ [0, 1] chosen adversarially (projected
+    /// sign-gradient ascent on the output error against the target, as the reference's PGD
+    /// reconstruction). For the *other* subcomponents only.
+    Adversarial,
 }
 
 impl MaskMode {
@@ -46,6 +50,7 @@ impl MaskMode {
             MaskMode::Ci => "CI-masked (g)",
             MaskMode::Stochastic => "stochastic (g+(1-g)U)",
             MaskMode::Scale(_) => "scaled (fixed value)",
+            MaskMode::Adversarial => "adversarial (PGD worst case)",
         }
     }
     pub fn parse(s: &str) -> anyhow::Result<Self> {
@@ -54,10 +59,11 @@ impl MaskMode {
             "ablate" => MaskMode::Ablate,
             "ci" => MaskMode::Ci,
             "stochastic" => MaskMode::Stochastic,
+            "adversarial" | "pgd" => MaskMode::Adversarial,
             _ => match s.strip_prefix("scale:").and_then(|v| v.parse::<f32>().ok()) {
                 Some(v) if v.is_finite() => MaskMode::Scale(v),
                 _ => anyhow::bail!(
-                    "unknown mask mode '{s}' (keep, ablate, ci, stochastic, scale:VALUE)"
+                    "unknown mask mode '{s}' (keep, ablate, ci, stochastic, adversarial, scale:VALUE)"
                 ),
             },
         })
@@ -468,7 +474,103 @@ fn mask_values(mode: MaskMode, g: f32, rng: &mut Rng) -> f32 {
         MaskMode::Ci => g,
         MaskMode::Stochastic => g + (1.0 - g) * rng.uniform_f32(),
         MaskMode::Scale(v) => v,
+        // The starting point of the ascent: a random point of [g, 1].
+        MaskMode::Adversarial => g + (1.0 - g) * rng.uniform_f32(),
     }
+}
+
+/// Steps and step size of the adversarial (PGD) masks (the reference's PGDReconLoss eval
+/// settings).
+pub const PGD_STEPS: usize = 20;
+pub const PGD_STEP_SIZE: f64 = 0.1;
+
+/// Makes the masks of the entries where `free[j][c]` adversarial: g + (1 − g)·s, s ∈ [0, 1]
+/// from `masks`' values, raised by projected sign-gradient ascent on the output error against
+/// the target (KL summed over positions for sequence models, else squared error).
+#[allow(clippy::too_many_arguments)]
+fn adversarial_masks(
+    model: &ComponentModel,
+    xt: &Tensor,
+    target_t: &Tensor,
+    masks: &mut [Vec<f32>],
+    ci: &[Vec<f32>],
+    free: &[Vec<bool>],
+    n: usize,
+    delta: &Option<Tensor>,
+) -> anyhow::Result<()> {
+    let dev = model.device();
+    let fold = Fold::new();
+    let seq = model.target.spec.is_sequence();
+    // s from the starting masks: m = g + (1 − g)·s.
+    let mut src: Vec<Vec<f32>> = vec![];
+    for (j, m) in model.modules.iter().enumerate() {
+        src.push(
+            (0..n * m.c)
+                .map(|i| {
+                    let g = ci[j][i];
+                    if g < 1.0 {
+                        ((masks[j][i] - g) / (1.0 - g)).clamp(0.0, 1.0)
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        );
+    }
+    let build = |src: &[Tensor]| -> candle_core::Result<Vec<Option<ModuleMask>>> {
+        let mut out = vec![];
+        for (j, m) in model.modules.iter().enumerate() {
+            let fr: Vec<f32> = free[j].iter().map(|&f| f as u8 as f32).collect();
+            let fr = Tensor::from_vec(fr, (1, m.c), dev)?;
+            let fixed: Vec<f32> = (0..n * m.c)
+                .map(|i| if free[j][i % m.c] { 0.0 } else { masks[j][i] })
+                .collect();
+            let fixed = Tensor::from_vec(fixed, (n, m.c), dev)?;
+            let g = Tensor::from_slice(&ci[j], (n, m.c), dev)?;
+            let adv = (&g + (1.0 - &g)?.mul(&src[j])?)?;
+            out.push(Some(ModuleMask {
+                mask: (fixed + adv.broadcast_mul(&fr)?)?,
+                delta: delta.clone(),
+                route: None,
+            }));
+        }
+        Ok(out)
+    };
+    for _ in 0..PGD_STEPS {
+        let vars: Vec<candle_core::Var> = model
+            .modules
+            .iter()
+            .enumerate()
+            .map(|(j, m)| candle_core::Var::from_slice(&src[j], (n, m.c), dev))
+            .collect::<candle_core::Result<_>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = model.forward_masked(xt, &build(&ts)?, &fold)?;
+        let loss = if seq {
+            crate::spd::trainer::kl_rows(&out, target_t)?.sum_all()?
+        } else {
+            (out - target_t)?.sqr()?.sum_all()?
+        };
+        let grads = loss.backward()?;
+        for (j, v) in vars.iter().enumerate() {
+            let Some(gr) = grads.get(v.as_tensor()) else {
+                continue;
+            };
+            let gr: Vec<f32> = gr.flatten_all()?.to_vec1()?;
+            for (s, d) in src[j].iter_mut().zip(gr) {
+                *s = (*s + PGD_STEP_SIZE as f32 * d.signum() * (d != 0.0) as u8 as f32)
+                    .clamp(0.0, 1.0);
+            }
+        }
+    }
+    for (j, m) in model.modules.iter().enumerate() {
+        for i in 0..n * m.c {
+            if free[j][i % m.c] {
+                let g = ci[j][i];
+                masks[j][i] = g + (1.0 - g) * src[j][i];
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs an intervention on inputs `x` (rows of n_features values).
@@ -496,9 +598,15 @@ pub fn run_intervention(
     // Rows of the decomposed modules: one per input, or per position of each sequence.
     let positions = model.target.spec.positions();
     let (n_in, n) = (n, n * positions);
-    let needs_ci = [iv.selected_mode, iv.other_mode]
-        .iter()
-        .any(|m| matches!(m, MaskMode::Ci | MaskMode::Stochastic));
+    if iv.selected_mode == MaskMode::Adversarial {
+        anyhow::bail!("adversarial masks are for the other subcomponents, not the selection");
+    }
+    let needs_ci = [iv.selected_mode, iv.other_mode].iter().any(|m| {
+        matches!(
+            m,
+            MaskMode::Ci | MaskMode::Stochastic | MaskMode::Adversarial
+        )
+    });
     let ci: Option<Vec<Vec<f32>>> = if needs_ci {
         Some(
             lower_ci(model, &xt)?
@@ -522,6 +630,7 @@ pub fn run_intervention(
         }))
     };
     let (mut full_masks, mut base_masks, mut masks) = (vec![], vec![], vec![]);
+    let (mut vs, mut bs) = (vec![], vec![]);
     for (j, m) in model.modules.iter().enumerate() {
         let mut v = vec![0f32; n * m.c];
         let mut b = vec![0f32; n * m.c];
@@ -537,8 +646,27 @@ pub fn run_intervention(
                 };
             }
         }
-        masks.push(mk(v, m.c)?);
-        base_masks.push(mk(b, m.c)?);
+        vs.push(v);
+        bs.push(b);
+    }
+    if iv.other_mode == MaskMode::Adversarial
+        && let Some(ci) = ci.as_ref()
+    {
+        // The baseline's worst case over every subcomponent, the intervention's over the
+        // others (the selection held at its mask).
+        let all: Vec<Vec<bool>> = model.modules.iter().map(|m| vec![true; m.c]).collect();
+        let others: Vec<Vec<bool>> = iv
+            .selection
+            .selected
+            .iter()
+            .map(|s| s.iter().map(|&x| !x).collect())
+            .collect();
+        adversarial_masks(model, &xt, &target_t, &mut bs, ci, &all, n, &delta)?;
+        adversarial_masks(model, &xt, &target_t, &mut vs, ci, &others, n, &delta)?;
+    }
+    for (j, m) in model.modules.iter().enumerate() {
+        masks.push(mk(std::mem::take(&mut vs[j]), m.c)?);
+        base_masks.push(mk(std::mem::take(&mut bs[j]), m.c)?);
         full_masks.push(mk(vec![1.0; n * m.c], m.c)?);
     }
     let full_t = model.forward_masked(&xt, &full_masks, &fold)?;

@@ -6,6 +6,7 @@ pub mod assets;
 pub mod cluster;
 pub mod compare;
 pub mod data;
+pub mod harvest;
 pub mod inputs;
 pub mod interventions;
 pub mod io;
@@ -21,6 +22,7 @@ pub mod spd;
 pub mod sweep;
 pub mod text;
 pub mod timeline;
+pub mod tinylm;
 pub mod worker;
 
 /// The desktop app (the only module that uses a UI crate).

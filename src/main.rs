@@ -266,6 +266,44 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Report what a decomposition of the `tiny-lm` preset does to the language's planted
+    /// rules (day after, copying a name, counting): each rule's accuracy on held-out stories
+    /// for the target and the CI-masked decomposition, with a selection ablated, and per
+    /// stored cluster with that cluster ablated (targeted unlearning).
+    Rules {
+        file: PathBuf,
+        /// Ablate this selection (`module:index`, `module:*`, `cluster:id`, comma-separated).
+        #[arg(long)]
+        ablate: Option<String>,
+        /// Held-out stories to score.
+        #[arg(long, default_value_t = 500)]
+        stories: usize,
+        /// Targeted unlearning of this rule (day_after, copy, count) with the stored clusters:
+        /// the clusters active where it applies, each ablated alone, then ablated together
+        /// while the other rules stay ≥ 0.9, until it is ≤ 0.2.
+        #[arg(long)]
+        unlearn: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Harvest a language-model decomposition: one pass over its text recording, for every
+    /// subcomponent, how often it fires, its top-activating contexts and the tokens it fires
+    /// on; stored in the file (--save) so component pages open instantly.
+    Harvest {
+        file: PathBuf,
+        /// Token positions to scan (windows of the run's sequence length).
+        #[arg(long, default_value_t = 1_000_000)]
+        tokens: usize,
+        /// Store the harvest in this .spdlab file (may be FILE itself: an in-place update).
+        #[arg(long)]
+        save: Option<PathBuf>,
+        /// Replace an existing --save file other than FILE.
+        #[arg(long)]
+        force: bool,
+        /// Print the harvest as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Convert a goodfire-ai/spd run into a .spdlab file.
     Import {
         run: PathBuf,
@@ -327,6 +365,11 @@ enum Cmd {
         preset: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Training steps (default: the preset's recipe).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// The target file (tiny-lm: a folder for the model, its config, tokenizer and
+        /// accuracy report).
         #[arg(long)]
         out: PathBuf,
         /// Replace an existing output file.
@@ -461,16 +504,10 @@ fn text_ci(
             tr.model.target.spec.family()
         );
     };
-    let tok_path = match tokenizer {
-        Some(p) => p.to_path_buf(),
-        None => spdlab::io::reference::lm_tokenizer_path(file).ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}: no tokenizer found (the run's tokenizer_name is not a local folder and there is no tokenizer.json beside it); give --tokenizer PATH",
-                file.display()
-            )
-        })?,
+    let tok = match tokenizer {
+        Some(p) => spdlab::text::TextTokenizer::load(p)?,
+        None => spdlab::text::run_tokenizer(&tr.config, file)?,
     };
-    let tok = spdlab::text::TextTokenizer::load(&tok_path)?;
     let ids = tok
         .encode_for(text, model.vocab_size)
         .map_err(|e| anyhow::anyhow!("--text: {e}"))?;
@@ -495,7 +532,7 @@ fn text_ci(
         println!(
             "{}",
             serde_json::json!({
-                "tokenizer": tok_path,
+                "tokenizer": tok.path,
                 "ids": ids,
                 "tokens": labels,
                 "ci_type": rep.ci_type,
@@ -1048,6 +1085,102 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Rules {
+            file,
+            ablate,
+            stories,
+            unlearn,
+            json,
+        } => {
+            let (tr, extras, warnings) = spdlab::io::load_any(&file, &candle_core::Device::Cpu)?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            spdlab::limits::check("--stories", stories, 100_000)?;
+            let stored = spdlab::interventions::stored_clusters(&extras.extra)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            if unlearn.is_some() && stored.is_none() {
+                anyhow::bail!(
+                    "{}: no stored clustering (run `spdlab cluster FILE --save FILE` first)",
+                    file.display()
+                );
+            }
+            let tok = spdlab::text::run_tokenizer(&tr.config, &file)?;
+            let sel = ablate
+                .as_deref()
+                .map(|a| {
+                    spdlab::interventions::Selection::parse(a, &tr.model, stored.as_ref())
+                        .map_err(|e| anyhow::anyhow!("--ablate: {e}"))
+                })
+                .transpose()?;
+            let rep = spdlab::tinylm::rules_report(
+                &tr.model,
+                &tok,
+                stories,
+                sel.as_ref(),
+                match (&unlearn, &stored) {
+                    (Some(r), Some(cl)) => Some((
+                        spdlab::tinylm::Rule::parse(r)
+                            .map_err(|e| anyhow::anyhow!("--unlearn: {e}"))?,
+                        cl,
+                    )),
+                    _ => None,
+                },
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            if json {
+                println!("{}", serde_json::to_string(&rep)?);
+            } else {
+                print::rules_report(&rep);
+            }
+            Ok(())
+        }
+        Cmd::Harvest {
+            file,
+            tokens,
+            save,
+            force,
+            json,
+        } => {
+            spdlab::limits::check_positive("--tokens", tokens, 1 << 32)?;
+            let _lock = save_lock(save.as_deref(), &file, force)?;
+            let (tr, mut extras, warnings) =
+                spdlab::io::load_any(&file, &candle_core::Device::Cpu)?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            let t0 = Instant::now();
+            let bar = progress_bar(0);
+            let cancel = std::sync::atomic::AtomicBool::new(false);
+            let h = spdlab::harvest::harvest_run(&tr, tokens, &cancel, &|d, n| {
+                bar.set_length(n as u64);
+                bar.set_position(d as u64);
+            })
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            bar.finish_and_clear();
+            let secs = t0.elapsed().as_secs_f64();
+            if json {
+                println!("{}", serde_json::to_string(&h)?);
+            } else {
+                let tok = spdlab::text::run_tokenizer(&tr.config, &file).ok();
+                print::harvest(&h, tok.as_ref());
+            }
+            eprintln!(
+                "harvested {} tokens ({} windows) in {secs:.1} s ({:.0} tokens/s, {} threads)",
+                h.positions,
+                h.windows,
+                h.positions as f64 / secs,
+                spdlab::parallel::threads()
+            );
+            if let Some(out) = save {
+                extras
+                    .extra
+                    .insert(spdlab::harvest::EXTRA_KEY.into(), serde_json::to_value(&h)?);
+                spdlab_file::save(&tr, &extras, &out)?;
+                eprintln!("saved the harvest to {}", out.display());
+            }
+            Ok(())
+        }
         Cmd::Days { file, json } => {
             let (tr, extras, warnings) = spdlab::io::load_any(&file, &candle_core::Device::Cpu)?;
             for w in warnings {
@@ -1099,22 +1232,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 anyhow::bail!("--k must be at least 1");
             }
             spdlab::limits::check_positive("--samples", samples, spdlab::limits::MAX_SAMPLES)?;
-            // Saving into FILE itself is the documented in-place update; any other existing
-            // file needs --force.
-            let _lock = match &save {
-                Some(out) => {
-                    let in_place = spdlab::io::output::same_file(out, &file)
-                        && !spdlab::io::reference::is_reference_run(&file);
-                    let replace = if force || in_place {
-                        Replace::Allowed
-                    } else {
-                        Replace::Never
-                    };
-                    let inputs: Vec<&std::path::Path> = if in_place { vec![] } else { vec![&file] };
-                    Some(spdlab::io::output::prepare(out, &inputs, replace)?)
-                }
-                None => None,
-            };
+            let _lock = save_lock(save.as_deref(), &file, force)?;
             let (tr, mut extras, warnings) = spdlab::io::load_any(&file, &dev)?;
             for w in warnings {
                 eprintln!("warning: {w}");
@@ -1308,9 +1426,13 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::TrainTarget {
             preset,
             seed,
+            steps,
             out,
             force,
         } => {
+            if preset == "tiny-lm" {
+                return train_tiny_lm(seed, steps, &out, force);
+            }
             let spec = presets::target_spec(&preset)?;
             let replace = if force {
                 Replace::Allowed
@@ -1318,7 +1440,10 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 Replace::Never
             };
             let _lock = spdlab::io::output::prepare(&out, &[], replace)?;
-            let cfg = spdlab::model::TargetTrainConfig::reference(&spec, seed);
+            let mut cfg = spdlab::model::TargetTrainConfig::reference(&spec, seed);
+            if let Some(n) = steps {
+                cfg.steps = n;
+            }
             let (model, loss) =
                 spdlab::model::train_target(&spec, &cfg, &candle_core::Device::Cpu, |s, l| {
                     if s % 1000 == 0 || (s % 100 == 0 && spec.is_sequence()) {
@@ -1348,6 +1473,122 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `train-target --preset tiny-lm`: the language's tokenizer, then the model; writes
+/// `OUT/tokenizer.json`, `OUT/tiny-lm.safetensors`, `OUT/model_config.yaml` and
+/// `OUT/accuracy.json` (each rule's accuracy on held-out stories).
+fn train_tiny_lm(
+    seed: u64,
+    steps: Option<usize>,
+    out: &std::path::Path,
+    force: bool,
+) -> anyhow::Result<()> {
+    use spdlab::tinylm;
+    if out.exists() && !out.is_dir() {
+        anyhow::bail!("{}: --out for tiny-lm is a folder", out.display());
+    }
+    let files = [
+        "tokenizer.json",
+        "tiny-lm.safetensors",
+        "model_config.yaml",
+        "accuracy.json",
+    ];
+    if !force && let Some(f) = files.iter().map(|f| out.join(f)).find(|p| p.exists()) {
+        anyhow::bail!("{}: exists (add --force to replace it)", f.display());
+    }
+    std::fs::create_dir_all(out)
+        .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", out.display()))?;
+    let write = |name: &str, bytes: &[u8]| -> anyhow::Result<()> {
+        let p = out.join(name);
+        spdlab::io::atomic::write_atomic(&p, bytes)
+            .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", p.display()))
+    };
+    let t0 = Instant::now();
+    let docs = tinylm::generate(tinylm::TRAIN_SEED ^ seed, 20_000);
+    let json = tinylm::train_tokenizer(&docs)?;
+    write("tokenizer.json", json.as_bytes())?;
+    let tok = spdlab::text::TextTokenizer::from_json(&json, "trained tokenizer")?;
+    eprintln!(
+        "tokenizer: {} tokens, every one of the {} words one token ({:.1} s)",
+        tok.vocab_size(),
+        tinylm::vocabulary().len(),
+        t0.elapsed().as_secs_f64()
+    );
+    let cfg = tinylm::model_config(tok.vocab_size());
+    let mut recipe = tinylm::TrainRecipe {
+        seed,
+        ..Default::default()
+    };
+    if let Some(n) = steps {
+        recipe.steps = n;
+    }
+    let dev = candle_core::Device::Cpu;
+    let (named, loss) = tinylm::train_target(&tok, &cfg, &recipe, &dev, |s, l| {
+        eprintln!(
+            "step {s}: loss {l:.4} ({:.0} s)",
+            t0.elapsed().as_secs_f64()
+        );
+    })?;
+    let spec = spdlab::model::TargetSpec::Lm {
+        model: cfg.clone(),
+        seq_len: cfg.block_size,
+    };
+    let model = spdlab::model::TargetModel::new(spec, named, &dev)?;
+    write(
+        "tiny-lm.safetensors",
+        &spdlab::io::target_file::target_to_safetensors_bytes(&model)?,
+    )?;
+    write(
+        "model_config.yaml",
+        serde_yaml_ng::to_string(&cfg)?.as_bytes(),
+    )?;
+    let acc = tinylm::rule_accuracy(&tok, 2000, cfg.block_size, &dev, |x| Ok(model.forward(x)?))?;
+    let report = serde_json::json!({
+        "seed": seed,
+        "steps": recipe.steps,
+        "final_loss": loss,
+        "held_out_stories": 2000,
+        "accuracy": acc,
+        "seconds": t0.elapsed().as_secs_f64(),
+    });
+    write(
+        "accuracy.json",
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    eprintln!(
+        "final loss {loss:.4}; held-out accuracy: day after {:.4} ({} positions), copy {:.4} ({}), counting {:.4} ({}); CE {:.4} nats/token; saved {}",
+        acc.day_after,
+        acc.n[0],
+        acc.copy,
+        acc.n[1],
+        acc.count,
+        acc.n[2],
+        acc.ce,
+        out.display()
+    );
+    Ok(())
+}
+
+/// The output lock of a `--save` that stores a result in a copy of FILE: saving into FILE
+/// itself is the documented in-place update; any other existing file needs --force.
+fn save_lock(
+    save: Option<&std::path::Path>,
+    file: &std::path::Path,
+    force: bool,
+) -> anyhow::Result<Option<spdlab::io::output::Output>> {
+    let Some(out) = save else {
+        return Ok(None);
+    };
+    let in_place =
+        spdlab::io::output::same_file(out, file) && !spdlab::io::reference::is_reference_run(file);
+    let replace = if force || in_place {
+        Replace::Allowed
+    } else {
+        Replace::Never
+    };
+    let inputs: Vec<&std::path::Path> = if in_place { vec![] } else { vec![file] };
+    Ok(Some(spdlab::io::output::prepare(out, &inputs, replace)?))
 }
 
 /// `--view` help, from the app's view registry.

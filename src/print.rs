@@ -325,3 +325,83 @@ fn short_path(p: &str) -> String {
         _ => p.to_string(),
     }
 }
+
+/// `spdlab rules`: the tiny-lm rule accuracies.
+pub fn rules_report(r: &spdlab::tinylm::RulesReport) {
+    use spdlab::tinylm::RuleAccuracy;
+    let line = |name: &str, a: &RuleAccuracy| {
+        println!(
+            "{name:<28} {:>9.3} {:>9.3} {:>9.3} {:>10.3}",
+            a.day_after, a.copy, a.count, a.ce
+        )
+    };
+    println!(
+        "rule accuracy on {} held-out stories ({} day-after, {} copy, {} counting positions)",
+        r.stories, r.target.n[0], r.target.n[1], r.target.n[2]
+    );
+    println!(
+        "{:<28} {:>9} {:>9} {:>9} {:>10}",
+        "", "day after", "copy", "counting", "CE (nats)"
+    );
+    line("target", &r.target);
+    line("CI-masked decomposition", &r.ci_masked);
+    if let Some((labels, a)) = &r.ablated {
+        line("CI-masked, selection ablated", a);
+        println!("  (ablated: {})", labels.join(", "));
+    }
+    if let Some(u) = &r.unlearning {
+        println!(
+            "unlearning {}: {} clusters active where it applies, each ablated alone (most specific first):",
+            u.rule,
+            u.candidates.len()
+        );
+        for c in u.candidates.iter().take(10) {
+            line(
+                &format!("  cluster {} ({} sub.)", c.id, c.members.len()),
+                &c.accuracy,
+            );
+        }
+        println!("ablated together:");
+        for (id, a) in &u.chosen {
+            line(&format!("  + cluster {id}"), a);
+        }
+        line("result", &u.accuracy);
+        println!("  (ablated: {})", u.ablated.join(", "));
+    }
+}
+
+/// `spdlab harvest`: per module, the most frequently firing subcomponents with their tokens.
+pub fn harvest(h: &spdlab::harvest::Harvest, tok: Option<&spdlab::text::TextTokenizer>) {
+    let name = |t: u32| tok.map_or_else(|| format!("<{t}>"), |k| k.token_text(t));
+    println!(
+        "harvest of {} tokens ({} windows of {}; CI > {} counts as firing) from {}",
+        h.positions, h.windows, h.seq_len, h.threshold, h.source
+    );
+    for m in &h.modules {
+        let alive = m.components.iter().filter(|c| c.firing > 0).count();
+        println!(
+            "{}: {alive}/{} subcomponents fire",
+            m.name,
+            m.components.len()
+        );
+        let mut order: Vec<usize> = (0..m.components.len()).collect();
+        order.sort_by(|&a, &b| m.components[b].firing.cmp(&m.components[a].firing));
+        for &c in order.iter().take(5) {
+            let ch = &m.components[c];
+            if ch.firing == 0 {
+                break;
+            }
+            let toks: Vec<String> = ch
+                .tokens
+                .iter()
+                .take(5)
+                .map(|&(t, n)| format!("{:?} {n}", name(t)))
+                .collect();
+            println!(
+                "  {c:>5}  fires {:>6.2}%  on {}",
+                100.0 * ch.firing as f64 / h.positions.max(1) as f64,
+                toks.join(", ")
+            );
+        }
+    }
+}

@@ -107,6 +107,7 @@ pub fn load_config_file(
     let abs = |s: &mut Option<String>| {
         if let Some(v) = s.as_mut()
             && Path::new(v.as_str()).is_relative()
+            && v != crate::tinylm::BUILTIN
         {
             *v = base.join(v.as_str()).display().to_string();
         }

@@ -101,6 +101,11 @@ pub enum Command {
     StoreClusters(Box<crate::cluster::ClusteringResult>),
     /// Cancel the running job of this kind (its result, if it still comes, is dropped).
     Cancel(JobKind),
+    /// Harvest the shown language-model decomposition over up to `max_tokens` of its text (a
+    /// long job); the result is kept in the file extras and component pages read it.
+    Harvest {
+        max_tokens: usize,
+    },
     /// Lower-leaky CI of every module on one custom input row (answered by [`Event::CustomCi`]).
     CustomCi(Vec<f32>),
     /// One token sequence through a sequence model: CI per position, attention patterns
@@ -324,6 +329,7 @@ pub enum Event {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobKind {
     Clustering,
+    Harvest,
 }
 
 /// Upper-leaky CI `[n_samples, Σ C]` of a fresh data batch, with column labels `module:index`.
@@ -360,9 +366,10 @@ enum Msg {
 
 enum JobResult {
     Clusters {
-        data: crate::app::cluster_data::ClusterData,
+        data: Box<crate::app::cluster_data::ClusterData>,
         stored: bool,
     },
+    Harvest(Box<crate::harvest::Harvest>),
 }
 
 /// The running long job.
@@ -442,6 +449,8 @@ struct Worker {
     timeline_sent: Option<u64>,
     /// The tokenizer of a language-model run, when one is on this machine.
     tokenizer: Option<Arc<crate::text::TextTokenizer>>,
+    /// The harvest of the loaded run (stored in its file or made here).
+    harvest: Option<Arc<crate::harvest::Harvest>>,
 }
 
 impl Worker {
@@ -472,6 +481,7 @@ impl Worker {
             timeline_options: Default::default(),
             timeline_sent: None,
             tokenizer: None,
+            harvest: None,
         }
     }
 
@@ -554,6 +564,10 @@ impl Worker {
             Command::Load(src) => {
                 self.cancel_job(true);
                 self.tokenizer = None;
+                let origin = match &src {
+                    Source::File(p) => p.clone(),
+                    _ => std::path::PathBuf::from("."),
+                };
                 let (tr, extras, description) = match src {
                     Source::Preset { name, config } => {
                         let target = crate::presets::target_model(&name, &self.device)?;
@@ -566,14 +580,6 @@ impl Worker {
                     }
                     Source::File(p) => {
                         let (tr, ex, _) = crate::io::load_any(&p, &self.device)?;
-                        self.tokenizer = match tr.model.target.spec {
-                            crate::model::TargetSpec::Lm { .. } => {
-                                crate::io::reference::lm_tokenizer_path(&p)
-                                    .and_then(|t| crate::text::TextTokenizer::load(&t).ok())
-                                    .map(Arc::new)
-                            }
-                            _ => None,
-                        };
                         (tr, ex, p.display().to_string())
                     }
                     Source::Default => {
@@ -588,6 +594,18 @@ impl Worker {
                             .ok_or_else(|| anyhow::anyhow!("no shipped decomposition '{name}'"))?;
                         let (tr, ex) = spdlab_file::from_bytes(bytes, &self.device)?;
                         (tr, ex, format!("embedded {name} decomposition"))
+                    }
+                };
+                if let crate::model::TargetSpec::Lm { .. } = tr.model.target.spec {
+                    self.tokenizer = crate::text::run_tokenizer(&tr.config, &origin)
+                        .ok()
+                        .map(Arc::new);
+                }
+                self.harvest = match crate::harvest::Harvest::stored(&extras.extra, &tr.model) {
+                    Ok(h) => h.map(Arc::new),
+                    Err(e) => {
+                        self.emit(Event::Error(format!("{e}; harvest ignored")));
+                        None
                     }
                 };
                 self.emit(Event::Loaded {
@@ -622,6 +640,7 @@ impl Worker {
                 }
             }
             Command::Cluster(opts) => self.start_clustering(opts, None)?,
+            Command::Harvest { max_tokens } => self.start_harvest(max_tokens)?,
             Command::Cancel(kind) => {
                 if self.job.as_ref().is_some_and(|j| j.kind == kind) {
                     self.cancel_job(true);
@@ -713,8 +732,17 @@ impl Worker {
                 let crate::data::TaskData::Tokens(data) = &tr.data else {
                     anyhow::bail!("component pages are for language models");
                 };
-                let page =
-                    crate::text::component_page(&tr.model, data, tok, module, index, max_windows)?;
+                let page = match self.harvest.as_deref() {
+                    Some(h) => crate::text::harvested_page(&tr.model, h, tok, module, index)?,
+                    None => crate::text::component_page(
+                        &tr.model,
+                        data,
+                        tok,
+                        module,
+                        index,
+                        max_windows,
+                    )?,
+                };
                 self.emit(Event::Component {
                     key,
                     page: Arc::new(page),
@@ -937,7 +965,10 @@ impl Worker {
                     !cancel.load(Ordering::Relaxed)
                 };
                 let result = crate::app::cluster_data::ClusterData::build_with(&input, &report)
-                    .map(|data| JobResult::Clusters { data, stored })
+                    .map(|data| JobResult::Clusters {
+                        data: Box::new(data),
+                        stored,
+                    })
                     .map_err(|e| format!("{e:#}"));
                 if !cancel.load(Ordering::Relaxed) {
                     let _ = tx.send(Msg::Done {
@@ -949,6 +980,75 @@ impl Worker {
         if let Err(e) = spawned {
             self.end_job(id, false);
             anyhow::bail!("cannot start the clustering thread: {e}");
+        }
+        Ok(())
+    }
+
+    /// Starts a harvest job on a copy of the shown decomposition (training goes on).
+    fn start_harvest(&mut self, max_tokens: usize) -> anyhow::Result<()> {
+        self.cancel_job(true);
+        let Some(tr) = self.shown() else {
+            anyhow::bail!("nothing loaded");
+        };
+        let crate::data::TaskData::Tokens(data) = &tr.data else {
+            anyhow::bail!("a harvest needs a language-model run");
+        };
+        let Some(rows) = data.rows.clone() else {
+            anyhow::bail!(
+                "no text loaded for this run ({}): nothing to harvest",
+                data.source
+            );
+        };
+        let (s, source, step) = (data.seq_len.max(1), data.source.clone(), tr.step);
+        let model = tr.model.detached_copy()?;
+        let id = self.next_job;
+        self.next_job += 1;
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.job = Some(Job {
+            id,
+            kind: JobKind::Harvest,
+            cancel: cancel.clone(),
+        });
+        self.emit(Event::Progress {
+            job: id,
+            kind: JobKind::Harvest,
+            stage: "harvest",
+            fraction: 0.0,
+        });
+        let tx = self.self_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name("spdlab-harvest".into())
+            .spawn(move || {
+                let report = |d: usize, n: usize| {
+                    let _ = tx.send(Msg::Progress {
+                        job: id,
+                        stage: "harvest",
+                        fraction: d as f32 / n.max(1) as f32,
+                    });
+                };
+                let result = crate::harvest::harvest(
+                    &model,
+                    &rows,
+                    s,
+                    max_tokens.div_ceil(s),
+                    0.5,
+                    &source,
+                    step,
+                    &cancel,
+                    &report,
+                )
+                .map(|h| JobResult::Harvest(Box::new(h)))
+                .map_err(|e| format!("{e:#}"));
+                if !cancel.load(Ordering::Relaxed) {
+                    let _ = tx.send(Msg::Done {
+                        job: id,
+                        result: Box::new(result),
+                    });
+                }
+            });
+        if let Err(e) = spawned {
+            self.end_job(id, false);
+            anyhow::bail!("cannot start the harvest thread: {e}");
         }
         Ok(())
     }
@@ -990,6 +1090,14 @@ impl Worker {
 
     fn apply_job_result(&mut self, result: Result<JobResult, String>) -> anyhow::Result<()> {
         match result {
+            Ok(JobResult::Harvest(h)) => {
+                // Kept in the file extras (written by the next Save); pages read it.
+                self.extras
+                    .extra
+                    .insert(crate::harvest::EXTRA_KEY.into(), serde_json::to_value(&*h)?);
+                self.harvest = Some(Arc::new(*h));
+                Ok(())
+            }
             Ok(JobResult::Clusters { data, stored }) => {
                 if !stored {
                     // Keep it in the file extras; interventions (`cluster:id`) and the days
@@ -1001,7 +1109,7 @@ impl Worker {
                     self.publish_snapshot()?;
                 }
                 self.emit(Event::Clusters {
-                    data: Arc::new(data),
+                    data: Arc::new(*data),
                     stored,
                 });
                 Ok(())

@@ -90,7 +90,7 @@ fn prompt_view_shows_tokens_ci_and_predictions() {
     let r = shown(&h);
     let iv = r.intervention.as_ref().unwrap();
     assert_eq!(iv.labels.len(), 16);
-    assert_eq!(iv.regimes.len(), 2);
+    assert_eq!(iv.regimes.len(), 3);
     let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
     for reg in &iv.regimes {
         assert_eq!(reg.top_after.len(), n);
@@ -102,7 +102,12 @@ fn prompt_view_shows_tokens_ci_and_predictions() {
     }
     // The CI-masked regime's "before" is the CI-masked decomposition itself.
     assert_eq!(iv.regimes[0].top_before, r.top_masked);
-    assert_eq!(h.get_all_by_label_contains("KL(target||.) here").count(), 2);
+    // The adversarial (PGD) worst case is further from the target than the CI masks and than
+    // random masks in the same range.
+    assert!(iv.regimes[2].name.contains("PGD"));
+    assert!(mean(&iv.regimes[2].kl_before) > mean(&iv.regimes[1].kl_before));
+    assert!(mean(&iv.regimes[2].kl_before) > mean(&iv.regimes[0].kl_before));
+    assert_eq!(h.get_all_by_label_contains("KL(target||.) here").count(), 3);
     // The component page of a selected subcomponent: contexts over the run's text, and the
     // tokens a residual-stream writer promotes and suppresses.
     {
@@ -133,6 +138,31 @@ fn prompt_view_shows_tokens_ci_and_predictions() {
     );
     h.get_by_label_contains("top-activating contexts");
     h.get_by_label_contains("promotes:");
+    // The harvest: one pass over the text for every subcomponent (a job with progress); the
+    // page then comes from it, at least as strong as the 4,096-window scan.
+    h.get_by_label("Harvest").click();
+    common::wait(&mut h, "the harvested page", |a| {
+        a.view::<PromptView>()
+            .and_then(|v| v.page.as_ref())
+            .is_some_and(|p| p.harvested.is_some())
+    });
+    h.run_steps(2);
+    let hp = h
+        .state()
+        .view::<PromptView>()
+        .unwrap()
+        .page
+        .clone()
+        .unwrap();
+    assert_eq!((hp.module.as_str(), hp.c), ("h.1.mlp.down_proj", 3));
+    assert!(hp.positions >= page.positions);
+    assert!(hp.contexts[0].0 >= page.contexts[0].0);
+    assert_eq!(hp.promoted, page.promoted);
+    if hp.firing > 0.0 {
+        assert!(!hp.fires_on.is_empty());
+        h.get_by_label_contains("fires on:");
+    }
+    h.get_by_label_contains("pages from the stored harvest");
     // CSV: one row per token, module and subcomponent.
     let d = tempfile::tempdir().unwrap();
     let csv = d.path().join("prompt.csv");

@@ -115,6 +115,35 @@ fn memory_plan_values(target: &TargetModel, picked: &[(usize, usize)], cfg: &Spd
 }
 
 impl ComponentModel {
+    /// An independent copy with its own parameter storage (for work off the training thread:
+    /// training the original does not change it).
+    pub fn detached_copy(&self) -> candle_core::Result<Self> {
+        let cp = |v: &Var| Var::from_tensor(&v.as_tensor().copy()?);
+        let modules = self
+            .modules
+            .iter()
+            .map(|m| {
+                Ok(DecomposedModule {
+                    v: cp(&m.v)?,
+                    u: cp(&m.u)?,
+                    ci_layers: m
+                        .ci_layers
+                        .iter()
+                        .map(|(w, b)| Ok((cp(w)?, cp(b)?)))
+                        .collect::<candle_core::Result<_>>()?,
+                    ..m.clone()
+                })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(ComponentModel {
+            target: self.target.clone(),
+            modules,
+            ci_fn_hidden_dims: self.ci_fn_hidden_dims.clone(),
+            sigmoid_type: self.sigmoid_type,
+            sampling: self.sampling,
+        })
+    }
+
     /// New decomposition with the reference's initialisation (V ~ N(0, 1/d_in),
     /// U ~ N(0, 1/C), CI-function weights with gain √2 for hidden layers, biases 0).
     pub fn new(target: TargetModel, cfg: &SpdConfig, rng: &mut Rng) -> anyhow::Result<Self> {

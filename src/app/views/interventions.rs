@@ -129,12 +129,16 @@ impl InterventionsView {
     }
 }
 
-fn mode_combo(ui: &mut egui::Ui, label: &str, mode: &mut MaskMode) {
+/// A mask-mode picker; the others may also be adversarial (PGD worst case).
+fn mode_combo(ui: &mut egui::Ui, label: &str, mode: &mut MaskMode, others: bool) {
     egui::ComboBox::from_label(label)
         .selected_text(mode.label())
         .show_ui(ui, |ui| {
             for m in MaskMode::ALL {
                 ui.selectable_value(mode, m, m.label());
+            }
+            if others {
+                ui.selectable_value(mode, MaskMode::Adversarial, MaskMode::Adversarial.label());
             }
         });
 }
@@ -361,8 +365,8 @@ impl InterventionsView {
             }
         });
         ui.horizontal_wrapped(|ui| {
-            mode_combo(ui, "for the selection,", &mut st.selected_mode);
-            mode_combo(ui, "for the others", &mut st.other_mode);
+            mode_combo(ui, "for the selection,", &mut st.selected_mode, false);
+            mode_combo(ui, "for the others", &mut st.other_mode, true);
             ui.checkbox(&mut st.delta, "delta component");
             ui.label(if st.delta {
                 "(delta ON: the residual W - sum U V stays in)"

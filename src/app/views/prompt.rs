@@ -31,6 +31,8 @@ pub struct PromptView {
     /// The component page asked for (key, module, index, snapshot version) and shown.
     page_asked: Option<(u64, usize, usize, u64)>,
     pub page: Option<Arc<crate::text::ComponentPage>>,
+    /// The running harvest's progress (0..1), if one runs.
+    pub harvesting: Option<f32>,
 }
 
 impl Default for PromptView {
@@ -46,6 +48,7 @@ impl Default for PromptView {
             shown_key: 0,
             page_asked: None,
             page: None,
+            harvesting: None,
         }
     }
 }
@@ -84,6 +87,19 @@ impl View for PromptView {
                 self.result = Some(result.clone());
                 self.shown_key = *key;
                 self.position = self.position.min(result.ids.len().saturating_sub(1));
+            }
+            Event::Progress {
+                kind: crate::worker::JobKind::Harvest,
+                fraction,
+                ..
+            } => self.harvesting = Some(*fraction),
+            Event::JobEnded {
+                kind: crate::worker::JobKind::Harvest,
+                ..
+            } => {
+                self.harvesting = None;
+                // Ask again: the page now comes from the harvest.
+                self.page_asked = None;
             }
             Event::Error(_) => {
                 // A failed prompt (no tokenizer, ...) is not waited for.
@@ -272,6 +288,7 @@ impl PromptView {
             }
         }
         ui.separator();
+        self.harvest_bar(cx, ui);
         let Some(p) = self.page.as_ref().filter(|p| {
             cx.snapshot()
                 .and_then(|s| s.modules.get(j))
@@ -289,6 +306,14 @@ impl PromptView {
             p.windows,
             p.source
         ));
+        if !p.fires_on.is_empty() {
+            let list: Vec<String> = p
+                .fires_on
+                .iter()
+                .map(|(t, n)| format!("\"{t}\" {n}"))
+                .collect();
+            ui.label(format!("fires on: {}", list.join("  ")));
+        }
         ui.label("top-activating contexts:");
         for (g, before, at, after) in p.contexts.iter().take(12) {
             ui.horizontal(|ui| {
@@ -312,6 +337,45 @@ impl PromptView {
             ui.label(format!("promotes: {}", list(&p.promoted)));
             ui.label(format!("suppresses: {}", list(&p.suppressed)));
         }
+    }
+
+    /// The harvest: a button that starts one (all subcomponents over up to 1M tokens of the
+    /// run's text, on the worker, stored with the file) and its progress.
+    fn harvest_bar(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| match self.harvesting {
+            Some(f) => {
+                ui.add(
+                    egui::ProgressBar::new(f)
+                        .desired_width(220.0)
+                        .text(format!("harvesting {:.0}%", 100.0 * f)),
+                );
+                if ui.button("Cancel").clicked() {
+                    cx.send(Command::Cancel(crate::worker::JobKind::Harvest));
+                    self.harvesting = None;
+                }
+            }
+            None => {
+                let from = self
+                    .page
+                    .as_ref()
+                    .and_then(|p| p.harvested)
+                    .map(|s| format!("pages from the stored harvest (step {s})"))
+                    .unwrap_or_else(|| "pages scan 4,096 windows on demand".into());
+                if ui
+                    .button("Harvest")
+                    .on_hover_text(
+                        "Scan up to 1M tokens of the run's text once for every subcomponent (top contexts, firing tokens); kept in the file when saved",
+                    )
+                    .clicked()
+                    && cx.send(Command::Harvest {
+                        max_tokens: 1_000_000,
+                    })
+                {
+                    self.harvesting = Some(0.0);
+                }
+                ui.label(egui::RichText::new(from).weak());
+            }
+        });
     }
 
     fn heatmap(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui, r: &PromptResult, j: usize, c: usize) {
