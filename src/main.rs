@@ -988,16 +988,25 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             let report = runner::final_eval(&mut tr)?;
             spdlab_file::save(&tr, &extras, &out)?;
             let _ = std::fs::remove_file(&recovery);
-            let summary = TrainSummary::new(
+            let mut summary = TrainSummary::new(
                 &report,
                 extras.preset.clone(),
                 (total, start_step, secs),
                 out.clone(),
             );
+            if tr.config.tokenizer_name.as_deref() == Some(spdlab::tinylm::BUILTIN) {
+                let tok = spdlab::tinylm::tokenizer()?;
+                summary.rules = Some(spdlab::tinylm::decomposition_rules(
+                    &tr.model, &tok, 500, None,
+                )?);
+            }
             if json {
                 println!("{}", serde_json::to_string(&summary)?);
             } else {
                 print::eval_report(&report);
+                if let Some(r) = &summary.rules {
+                    print::rules_table(r);
+                }
                 eprintln!(
                     "trained {} steps in {:.1} s ({:.1} steps/s); saved to {}",
                     trained,

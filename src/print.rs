@@ -326,23 +326,35 @@ fn short_path(p: &str) -> String {
     }
 }
 
-/// `spdlab rules`: the tiny-lm rule accuracies.
-pub fn rules_report(r: &spdlab::tinylm::RulesReport) {
-    use spdlab::tinylm::RuleAccuracy;
-    let line = |name: &str, a: &RuleAccuracy| {
-        println!(
-            "{name:<28} {:>9.3} {:>9.3} {:>9.3} {:>10.3}",
-            a.day_after, a.copy, a.count, a.ce
-        )
-    };
+fn rule_line(name: &str, a: &spdlab::tinylm::RuleAccuracy) {
     println!(
-        "rule accuracy on {} held-out stories ({} day-after, {} copy, {} counting positions)",
-        r.stories, r.target.n[0], r.target.n[1], r.target.n[2]
+        "{name:<28} {:>9.3} {:>9.3} {:>9.3} {:>10.3}",
+        a.day_after, a.copy, a.count, a.ce
+    )
+}
+
+fn rule_header(stories: usize, a: &spdlab::tinylm::RuleAccuracy) {
+    println!(
+        "rule accuracy on {stories} held-out stories ({} day-after, {} copy, {} counting positions)",
+        a.n[0], a.n[1], a.n[2]
     );
     println!(
         "{:<28} {:>9} {:>9} {:>9} {:>10}",
         "", "day after", "copy", "counting", "CE (nats)"
     );
+}
+
+/// The tiny-lm rule accuracies of a trained run (target, CI-masked).
+pub fn rules_table(r: &spdlab::tinylm::DecompositionRules) {
+    rule_header(r.stories, &r.target);
+    rule_line("target", &r.target);
+    rule_line("CI-masked decomposition", &r.ci_masked);
+}
+
+/// `spdlab rules`: the tiny-lm rule accuracies.
+pub fn rules_report(r: &spdlab::tinylm::RulesReport) {
+    let line = rule_line;
+    rule_header(r.stories, &r.target);
     line("target", &r.target);
     line("CI-masked decomposition", &r.ci_masked);
     if let Some((labels, a)) = &r.ablated {

@@ -153,6 +153,13 @@ pub struct TrainSummary {
     /// against it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clustering: Option<ClusteringScore>,
+    /// Language models: the reference's CEandKLLosses keys (`ce_target`,
+    /// `ce_difference_ci_masked`, `kl_ci_masked`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ce_kl: Option<std::collections::BTreeMap<String, f64>>,
+    /// tiny-lm runs: the planted rules' accuracies (target, CI-masked) on held-out stories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<crate::tinylm::DecompositionRules>,
     pub out: Option<PathBuf>,
 }
 
@@ -214,6 +221,8 @@ impl TrainSummary {
             target_solution_error: report.target_solution_error.clone(),
             feature_response: report.feature_response.clone(),
             clustering: None,
+            ce_kl: report.ce_kl.clone(),
+            rules: None,
             out: Some(out),
         }
     }

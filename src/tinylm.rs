@@ -392,7 +392,7 @@ pub fn model_config(vocab_size: usize) -> LmConfig {
 
 /// Per-rule accuracy: how often the top next-token prediction at a rule's position is the
 /// rule's word.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RuleAccuracy {
     pub day_after: f64,
     pub copy: f64,
@@ -671,8 +671,9 @@ pub fn train_target(
 /// Rule accuracies of a tiny-lm decomposition on `n` held-out stories: the target, the
 /// CI-masked decomposition, and (with a selection) the CI-masked decomposition with the
 /// selection ablated (mask 0, no delta component).
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DecompositionRules {
+    pub stories: usize,
     pub target: RuleAccuracy,
     pub ci_masked: RuleAccuracy,
     pub ablated: Option<RuleAccuracy>,
@@ -725,6 +726,7 @@ pub fn decomposition_rules(
         })
     };
     Ok(DecompositionRules {
+        stories: n,
         target: pick(0)?,
         ci_masked: pick(1)?,
         ablated: if ablate.is_some() {

@@ -197,6 +197,7 @@ impl PromptView {
                     .text("its mask: 0 ablate, 1 keep, 2 boost"),
             );
         });
+        self.harvest_bar(cx, ui);
         // Ask for the prompt when it (or the decomposition shown, or the intervention) changed
         // and nothing is in flight.
         let version = cx.snapshot_version();
@@ -288,7 +289,6 @@ impl PromptView {
             }
         }
         ui.separator();
-        self.harvest_bar(cx, ui);
         let Some(p) = self.page.as_ref().filter(|p| {
             cx.snapshot()
                 .and_then(|s| s.modules.get(j))
