@@ -812,13 +812,14 @@ mod tests {
             // The estimate reads shapes only: a random target of the preset's architecture.
             let spec = crate::presets::target_spec(p.name).unwrap();
             let mut rng = crate::rng::Rng::new(0);
-            let target = crate::model::TargetModel::init_random(
-                &spec,
-                &mut rng,
-                false,
-                &candle_core::Device::Cpu,
-            )
-            .unwrap();
+            let dev = candle_core::Device::Cpu;
+            // Language models are not initialised at random: their shipped target.
+            let target = match spec {
+                crate::model::TargetSpec::Lm { .. } => {
+                    crate::presets::target_model(p.name, &dev).unwrap()
+                }
+                _ => crate::model::TargetModel::init_random(&spec, &mut rng, false, &dev).unwrap(),
+            };
             let picked: Vec<(usize, usize)> = target
                 .modules
                 .iter()

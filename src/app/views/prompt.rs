@@ -72,7 +72,18 @@ impl View for PromptView {
     }
     fn on_event(&mut self, e: &Event) {
         match e {
-            Event::Loaded { .. } => {
+            Event::Loaded { config, .. } => {
+                // A tiny-lm run starts on a story of its own language (the rules at work),
+                // unless the user has typed something else.
+                let story = "There was a girl named Mia. It was Monday. The next day was Tuesday. Then Mia counted: three, four, five.";
+                let generic = PromptView::default().text;
+                if config.tokenizer_name.as_deref() == Some(crate::tinylm::BUILTIN) {
+                    if self.text == generic {
+                        self.text = story.into();
+                    }
+                } else if self.text == story {
+                    self.text = generic;
+                }
                 self.result = None;
                 self.asked = None;
                 self.page = None;
