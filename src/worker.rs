@@ -909,6 +909,66 @@ impl Worker {
         Ok(())
     }
 
+    /// Registers a new long job of `kind` (cancelling the running one) and reports its
+    /// first stage; returns its id and cancel flag.
+    fn begin_job(&mut self, kind: JobKind, stage: &'static str) -> (u64, Arc<AtomicBool>) {
+        self.cancel_job(true);
+        let id = self.next_job;
+        self.next_job += 1;
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.job = Some(Job {
+            id,
+            kind,
+            cancel: cancel.clone(),
+        });
+        self.emit(Event::Progress {
+            job: id,
+            kind,
+            stage,
+            fraction: 0.0,
+        });
+        (id, cancel)
+    }
+
+    /// Runs job `id`'s work on its own thread: `work` gets a progress reporter (which answers
+    /// false once the job is cancelled); its result comes back as [`Msg::Done`] unless the
+    /// job was cancelled.
+    fn spawn_job(
+        &mut self,
+        id: u64,
+        cancel: Arc<AtomicBool>,
+        name: &str,
+        work: impl FnOnce(&(dyn Fn(&'static str, f32) -> bool + Sync)) -> Result<JobResult, String>
+        + Send
+        + 'static,
+    ) -> anyhow::Result<()> {
+        let tx = self.self_tx.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("spdlab-{name}"))
+            .spawn(move || {
+                let report = |stage: &'static str, fraction: f32| {
+                    let _ = tx.send(Msg::Progress {
+                        job: id,
+                        stage,
+                        fraction,
+                    });
+                    !cancel.load(Ordering::Relaxed)
+                };
+                let result = work(&report);
+                if !cancel.load(Ordering::Relaxed) {
+                    let _ = tx.send(Msg::Done {
+                        job: id,
+                        result: Box::new(result),
+                    });
+                }
+            });
+        if let Err(e) = spawned {
+            self.end_job(id, false);
+            anyhow::bail!("cannot start the {name} thread: {e}");
+        }
+        Ok(())
+    }
+
     /// Starts a clustering job: the activations batch here (it needs the model), the merge and
     /// the co-activation counts on a job thread that reports progress and checks for cancel.
     fn start_clustering(
@@ -916,24 +976,13 @@ impl Worker {
         options: crate::cluster::ClusterOptions,
         stored: Option<crate::cluster::ClusteringResult>,
     ) -> anyhow::Result<()> {
-        self.cancel_job(true);
+        if self.trainer.is_none() {
+            anyhow::bail!("nothing loaded");
+        }
+        let (id, cancel) = self.begin_job(JobKind::Clustering, "activations");
         let Some(tr) = self.trainer.as_ref() else {
             anyhow::bail!("nothing loaded");
         };
-        let id = self.next_job;
-        self.next_job += 1;
-        let cancel = Arc::new(AtomicBool::new(false));
-        self.job = Some(Job {
-            id,
-            kind: JobKind::Clustering,
-            cancel: cancel.clone(),
-        });
-        self.emit(Event::Progress {
-            job: id,
-            kind: JobKind::Clustering,
-            stage: "activations",
-            fraction: 0.0,
-        });
         let n = options.n_samples.clamp(1, 1 << 16);
         let (acts, labels) = match crate::cluster::activations(tr, n, options.ci, options.seed) {
             Ok(x) => x,
@@ -951,42 +1000,19 @@ impl Worker {
             labels,
             n_samples: n,
         };
-        let tx = self.self_tx.clone();
-        let spawned = std::thread::Builder::new()
-            .name("spdlab-cluster".into())
-            .spawn(move || {
-                let stored = input.stored.is_some();
-                let report = |stage: &'static str, fraction: f32| {
-                    let _ = tx.send(Msg::Progress {
-                        job: id,
-                        stage,
-                        fraction,
-                    });
-                    !cancel.load(Ordering::Relaxed)
-                };
-                let result = crate::app::cluster_data::ClusterData::build_with(&input, &report)
-                    .map(|data| JobResult::Clusters {
-                        data: Box::new(data),
-                        stored,
-                    })
-                    .map_err(|e| format!("{e:#}"));
-                if !cancel.load(Ordering::Relaxed) {
-                    let _ = tx.send(Msg::Done {
-                        job: id,
-                        result: Box::new(result),
-                    });
-                }
-            });
-        if let Err(e) = spawned {
-            self.end_job(id, false);
-            anyhow::bail!("cannot start the clustering thread: {e}");
-        }
-        Ok(())
+        self.spawn_job(id, cancel, "cluster", move |report| {
+            let stored = input.stored.is_some();
+            crate::app::cluster_data::ClusterData::build_with(&input, report)
+                .map(|data| JobResult::Clusters {
+                    data: Box::new(data),
+                    stored,
+                })
+                .map_err(|e| format!("{e:#}"))
+        })
     }
 
     /// Starts a harvest job on a copy of the shown decomposition (training goes on).
     fn start_harvest(&mut self, max_tokens: usize) -> anyhow::Result<()> {
-        self.cancel_job(true);
         let Some(tr) = self.shown() else {
             anyhow::bail!("nothing loaded");
         };
@@ -1001,56 +1027,25 @@ impl Worker {
         };
         let (s, source, step) = (data.seq_len.max(1), data.source.clone(), tr.step);
         let model = tr.model.detached_copy()?;
-        let id = self.next_job;
-        self.next_job += 1;
-        let cancel = Arc::new(AtomicBool::new(false));
-        self.job = Some(Job {
-            id,
-            kind: JobKind::Harvest,
-            cancel: cancel.clone(),
-        });
-        self.emit(Event::Progress {
-            job: id,
-            kind: JobKind::Harvest,
-            stage: "harvest",
-            fraction: 0.0,
-        });
-        let tx = self.self_tx.clone();
-        let spawned = std::thread::Builder::new()
-            .name("spdlab-harvest".into())
-            .spawn(move || {
-                let report = |d: usize, n: usize| {
-                    let _ = tx.send(Msg::Progress {
-                        job: id,
-                        stage: "harvest",
-                        fraction: d as f32 / n.max(1) as f32,
-                    });
-                };
-                let result = crate::harvest::harvest(
-                    &model,
-                    &rows,
-                    s,
-                    max_tokens.div_ceil(s),
-                    0.5,
-                    &source,
-                    step,
-                    &cancel,
-                    &report,
-                )
-                .map(|h| JobResult::Harvest(Box::new(h)))
-                .map_err(|e| format!("{e:#}"));
-                if !cancel.load(Ordering::Relaxed) {
-                    let _ = tx.send(Msg::Done {
-                        job: id,
-                        result: Box::new(result),
-                    });
-                }
-            });
-        if let Err(e) = spawned {
-            self.end_job(id, false);
-            anyhow::bail!("cannot start the harvest thread: {e}");
-        }
-        Ok(())
+        let (id, cancel) = self.begin_job(JobKind::Harvest, "harvest");
+        let flag = cancel.clone();
+        self.spawn_job(id, cancel, "harvest", move |report| {
+            crate::harvest::harvest(
+                &model,
+                &rows,
+                s,
+                max_tokens.div_ceil(s),
+                0.5,
+                &source,
+                step,
+                &flag,
+                &|d, n| {
+                    report("harvest", d as f32 / n.max(1) as f32);
+                },
+            )
+            .map(|h| JobResult::Harvest(Box::new(h)))
+            .map_err(|e| format!("{e:#}"))
+        })
     }
 
     /// Ends the running job (if any) as cancelled; `report`: tell the UI.

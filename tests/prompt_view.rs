@@ -21,6 +21,18 @@ fn shown(
         .unwrap()
 }
 
+/// The component page shown now.
+fn shown_page(
+    h: &egui_kittest::Harness<'static, spdlab::app::SpdApp>,
+) -> std::sync::Arc<spdlab::text::ComponentPage> {
+    h.state()
+        .view::<PromptView>()
+        .unwrap()
+        .page
+        .clone()
+        .unwrap()
+}
+
 #[test]
 fn prompt_view_shows_tokens_ci_and_predictions() {
     let run = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ref-lm-run/spd-run");
@@ -121,13 +133,7 @@ fn prompt_view_shows_tokens_ci_and_predictions() {
             .is_some_and(|p| p.module == "h.1.mlp.down_proj" && p.c == 3)
     });
     h.run_steps(2);
-    let page = h
-        .state()
-        .view::<PromptView>()
-        .unwrap()
-        .page
-        .clone()
-        .unwrap();
+    let page = shown_page(&h);
     assert!(page.windows > 100 && !page.contexts.is_empty());
     assert_eq!(page.promoted.len(), 10);
     assert_eq!(page.suppressed.len(), 10);
@@ -147,13 +153,7 @@ fn prompt_view_shows_tokens_ci_and_predictions() {
             .is_some_and(|p| p.harvested.is_some())
     });
     h.run_steps(2);
-    let hp = h
-        .state()
-        .view::<PromptView>()
-        .unwrap()
-        .page
-        .clone()
-        .unwrap();
+    let hp = shown_page(&h);
     assert_eq!((hp.module.as_str(), hp.c), ("h.1.mlp.down_proj", 3));
     assert!(hp.positions >= page.positions);
     assert!(hp.contexts[0].0 >= page.contexts[0].0);

@@ -215,3 +215,27 @@ fn tiny_lm_spd_reduced_budget() {
         assert!(r.ci_masked.get(rule) >= 0.9, "{}: {r:?}", rule.name());
     }
 }
+
+/// The full `tiny-lm` preset (2,000 steps, ~15 min on one core): the CI-masked
+/// decomposition's CE within 0.1 nats/token of the target's and every planted rule kept.
+/// Measured: 0.0047 nats/token (KL 0.0027), rules 1.000.
+#[test]
+#[ignore]
+fn tiny_lm_spd_full_preset() {
+    let dev = candle_core::Device::Cpu;
+    let cfg = spdlab::presets::spd_config("tiny-lm").unwrap();
+    let target = spdlab::presets::target_model("tiny-lm", &dev).unwrap();
+    let mut tr = spdlab::spd::trainer::Trainer::new(target, cfg).unwrap();
+    tr.faithfulness_warmup().unwrap();
+    while !tr.is_done() {
+        tr.step().unwrap();
+    }
+    let rep = spdlab::metrics::evaluate(&mut tr, 4, 16).unwrap();
+    let ce = rep.ce_kl.unwrap();
+    assert!(ce["ce_difference_ci_masked"] < 0.1, "{ce:?}");
+    let tok = tinylm::tokenizer().unwrap();
+    let r = tinylm::decomposition_rules(&tr.model, &tok, 300, None).unwrap();
+    for rule in Rule::ALL {
+        assert!(r.ci_masked.get(rule) >= 0.95, "{}: {r:?}", rule.name());
+    }
+}
