@@ -51,6 +51,13 @@ struct Cli {
     /// Select a subcomponent (`module:index`, e.g. blocks.1.attn.q_proj:3) once loaded.
     #[arg(long, value_name = "MODULE:INDEX")]
     select: Option<String>,
+    /// The Prompt view's text (language models).
+    #[arg(long, value_name = "TEXT")]
+    prompt: Option<String>,
+    /// What the Prompt view intervenes on (`module:index`, `cluster:id`, ..., comma-separated;
+    /// ablated unless the view's mask slider is moved).
+    #[arg(long, value_name = "SPEC")]
+    intervene: Option<String>,
     /// Export the view (--view) over the run's timeline, then quit: an animated GIF (a .gif
     /// path) or numbered PNGs (a folder). Playback speed: --fps.
     #[arg(long, value_name = "OUT.gif|DIR")]
@@ -428,6 +435,8 @@ fn main() {
                 asset: cli.asset,
                 heatmap_rows: cli.heatmap_rows,
                 select: cli.select,
+                prompt: cli.prompt,
+                intervene: cli.intervene,
                 export_animation: cli.export_animation,
                 fps: cli.fps,
                 play: cli.play,

@@ -212,6 +212,9 @@ pub struct StartOptions {
     pub play: bool,
     /// Frames of an animation export at most (0: the default, 120).
     pub export_frames: usize,
+    /// The Prompt view's text and what it intervenes on (language models).
+    pub prompt: Option<String>,
+    pub intervene: Option<String>,
 }
 
 /// The views' names for `--view`, in tab order (from the registry).
@@ -276,6 +279,14 @@ impl SpdApp {
             app.settings.view = v;
         }
         app.reset_editor();
+        if let Some(v) = app.view_mut::<views::prompt::PromptView>() {
+            if let Some(t) = opts.prompt {
+                v.text = t;
+            }
+            if let Some(sel) = opts.intervene {
+                v.select = sel;
+            }
+        }
         if let Some(n) = opts.heatmap_rows {
             app.send(Command::SetBatchRows(n));
             // Show the big heatmap: the data-batch rows.

@@ -43,7 +43,9 @@ impl Default for PromptView {
             scale: 0.0,
             asked: None,
             result: None,
-            position: 0,
+            // The last token (where the prompt's continuation is predicted) until one is
+            // clicked.
+            position: usize::MAX,
             texture: None,
             shown_key: 0,
             page_asked: None,
