@@ -296,6 +296,59 @@ pub fn harvest(
     })
 }
 
+/// Lower-leaky CI above which a harvest counts a subcomponent as firing.
+pub const FIRING: f32 = 0.5;
+
+/// What a harvest of a run reads: the windows of its text and where they came from.
+#[derive(Clone, Debug)]
+pub struct RunText {
+    pub rows: std::sync::Arc<Vec<u32>>,
+    pub seq_len: usize,
+    pub source: String,
+}
+
+impl RunText {
+    /// The text a language-model run trains on (an error when it has none).
+    pub fn of(tr: &crate::spd::trainer::Trainer) -> anyhow::Result<Self> {
+        let crate::data::TaskData::Tokens(data) = &tr.data else {
+            anyhow::bail!("a harvest needs a language-model run");
+        };
+        let Some(rows) = data.rows.clone() else {
+            anyhow::bail!(
+                "no text loaded for this run ({}): nothing to harvest",
+                data.source
+            );
+        };
+        Ok(RunText {
+            rows,
+            seq_len: data.seq_len.max(1),
+            source: data.source.clone(),
+        })
+    }
+
+    /// Harvests `model` (the decomposition at `step`) over at most `max_tokens` positions.
+    pub fn harvest(
+        &self,
+        model: &ComponentModel,
+        max_tokens: usize,
+        step: usize,
+        cancel: &AtomicBool,
+        progress: &(dyn Fn(usize, usize) + Sync),
+    ) -> anyhow::Result<Harvest> {
+        harvest(
+            model,
+            &self.rows,
+            self.seq_len,
+            max_tokens.div_ceil(self.seq_len),
+            FIRING,
+            &self.source,
+            step,
+            cancel,
+            progress,
+        )
+    }
+}
+
 /// Harvests a trainer's text (the run's corpus): at most `max_tokens` positions.
 pub fn harvest_run(
     tr: &crate::spd::trainer::Trainer,
@@ -303,25 +356,5 @@ pub fn harvest_run(
     cancel: &AtomicBool,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> anyhow::Result<Harvest> {
-    let crate::data::TaskData::Tokens(data) = &tr.data else {
-        anyhow::bail!("a harvest needs a language-model run");
-    };
-    let Some(rows) = data.rows.as_ref() else {
-        anyhow::bail!(
-            "no text loaded for this run ({}): nothing to harvest",
-            data.source
-        );
-    };
-    let s = data.seq_len.max(1);
-    harvest(
-        &tr.model,
-        rows,
-        s,
-        max_tokens.div_ceil(s),
-        0.5,
-        &data.source,
-        tr.step,
-        cancel,
-        progress,
-    )
+    RunText::of(tr)?.harvest(&tr.model, max_tokens, tr.step, cancel, progress)
 }

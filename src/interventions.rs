@@ -517,19 +517,28 @@ fn adversarial_masks(
                 .collect(),
         );
     }
+    // Per module, constant over the ascent: the free entries (1) `[1, C]`, the held masks
+    // (0 where free) `[n, C]`, g and 1 − g.
+    let mut consts: Vec<(Tensor, Tensor, Tensor, Tensor)> = vec![];
+    for (j, m) in model.modules.iter().enumerate() {
+        let fr: Vec<f32> = free[j].iter().map(|&f| f as u8 as f32).collect();
+        let fixed: Vec<f32> = (0..n * m.c)
+            .map(|i| if free[j][i % m.c] { 0.0 } else { masks[j][i] })
+            .collect();
+        let g = Tensor::from_slice(&ci[j], (n, m.c), dev)?;
+        consts.push((
+            Tensor::from_vec(fr, (1, m.c), dev)?,
+            Tensor::from_vec(fixed, (n, m.c), dev)?,
+            (1.0 - &g)?,
+            g,
+        ));
+    }
     let build = |src: &[Tensor]| -> candle_core::Result<Vec<Option<ModuleMask>>> {
         let mut out = vec![];
-        for (j, m) in model.modules.iter().enumerate() {
-            let fr: Vec<f32> = free[j].iter().map(|&f| f as u8 as f32).collect();
-            let fr = Tensor::from_vec(fr, (1, m.c), dev)?;
-            let fixed: Vec<f32> = (0..n * m.c)
-                .map(|i| if free[j][i % m.c] { 0.0 } else { masks[j][i] })
-                .collect();
-            let fixed = Tensor::from_vec(fixed, (n, m.c), dev)?;
-            let g = Tensor::from_slice(&ci[j], (n, m.c), dev)?;
-            let adv = (&g + (1.0 - &g)?.mul(&src[j])?)?;
+        for (j, (fr, fixed, one_minus_g, g)) in consts.iter().enumerate() {
+            let adv = (g + one_minus_g.mul(&src[j])?)?;
             out.push(Some(ModuleMask {
-                mask: (fixed + adv.broadcast_mul(&fr)?)?,
+                mask: (fixed + adv.broadcast_mul(fr)?)?,
                 delta: delta.clone(),
                 route: None,
             }));

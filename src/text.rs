@@ -661,7 +661,7 @@ pub fn component_page(
         let ci = crate::interventions::lower_ci(model, &x)?;
         let col: Vec<f32> = ci[j].narrow(1, c, 1)?.flatten_all()?.to_vec1()?;
         for (i, &g) in col.iter().enumerate() {
-            if g > 0.5 {
+            if g > crate::harvest::FIRING {
                 firing += 1;
             }
             hits.push((g, b * 64 + i / s, i % s));

@@ -766,7 +766,15 @@ pub fn rules_report(
 ) -> anyhow::Result<RulesReport> {
     let base = decomposition_rules(model, tok, stories, ablate)?;
     let unlearning = match unlearn_rule {
-        Some((r, cl)) => Some(unlearn(model, tok, cl, r, stories, 0.2, 0.9)?),
+        Some((r, cl)) => Some(unlearn(
+            model,
+            tok,
+            cl,
+            r,
+            stories,
+            &base.ci_masked,
+            (0.2, 0.9),
+        )?),
         None => None,
     };
     Ok(RulesReport {
@@ -809,15 +817,16 @@ pub struct Unlearning {
 /// positions; each is ablated alone and ranked by how much more it lowers `rule` than the
 /// other rules; then they are ablated together in that order while the other rules stay
 /// ≥ `keep` (a cluster that would take one below, or raise `rule`, is skipped), until
-/// `rule` is ≤ `target`.
+/// `rule` is ≤ `target`. `base`: the CI-masked decomposition's accuracies on the same
+/// `stories` (what the drops are measured from).
 pub fn unlearn(
     model: &crate::spd::component_model::ComponentModel,
     tok: &crate::text::TextTokenizer,
     clusters: &crate::cluster::ClusteringResult,
     rule: Rule,
     stories: usize,
-    target: f64,
-    keep: f64,
+    base: &RuleAccuracy,
+    (target, keep): (f64, f64),
 ) -> anyhow::Result<Unlearning> {
     use crate::interventions::Selection;
     let crate::model::TargetSpec::Lm { seq_len, .. } = &model.target.spec else {
@@ -888,7 +897,6 @@ pub fn unlearn(
             }
         }
     }
-    let base = decomposition_rules(model, tok, stories, None)?.ci_masked;
     let sel_of = |ids: &[usize]| -> anyhow::Result<Selection> {
         let mut sel = Selection::empty(model);
         for &id in ids {

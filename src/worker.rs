@@ -701,14 +701,7 @@ impl Worker {
                 select,
                 scale,
             } => {
-                let Some(tr) = self.shown() else {
-                    anyhow::bail!("nothing loaded");
-                };
-                let Some(tok) = self.tokenizer.as_ref() else {
-                    anyhow::bail!(
-                        "no tokenizer for this run: its tokenizer_name is not a local folder and there is no tokenizer.json beside it"
-                    );
-                };
+                let (tr, tok) = self.shown_lm()?;
                 let selection = optional_selection(&select, tr, self.clusters.as_deref())?;
                 let iv = selection.as_ref().map(|s| (s, select.clone(), scale));
                 let result = crate::text::run_prompt(&tr.model, tok, &text, iv)?;
@@ -723,12 +716,7 @@ impl Worker {
                 index,
                 max_windows,
             } => {
-                let Some(tr) = self.shown() else {
-                    anyhow::bail!("nothing loaded");
-                };
-                let Some(tok) = self.tokenizer.as_ref() else {
-                    anyhow::bail!("no tokenizer for this run");
-                };
+                let (tr, tok) = self.shown_lm()?;
                 let crate::data::TaskData::Tokens(data) = &tr.data else {
                     anyhow::bail!("component pages are for language models");
                 };
@@ -1016,33 +1004,14 @@ impl Worker {
         let Some(tr) = self.shown() else {
             anyhow::bail!("nothing loaded");
         };
-        let crate::data::TaskData::Tokens(data) = &tr.data else {
-            anyhow::bail!("a harvest needs a language-model run");
-        };
-        let Some(rows) = data.rows.clone() else {
-            anyhow::bail!(
-                "no text loaded for this run ({}): nothing to harvest",
-                data.source
-            );
-        };
-        let (s, source, step) = (data.seq_len.max(1), data.source.clone(), tr.step);
-        let model = tr.model.detached_copy()?;
+        let text = crate::harvest::RunText::of(tr)?;
+        let (model, step) = (tr.model.detached_copy()?, tr.step);
         let (id, cancel) = self.begin_job(JobKind::Harvest, "harvest");
         let flag = cancel.clone();
         self.spawn_job(id, cancel, "harvest", move |report| {
-            crate::harvest::harvest(
-                &model,
-                &rows,
-                s,
-                max_tokens.div_ceil(s),
-                0.5,
-                &source,
-                step,
-                &flag,
-                &|d, n| {
-                    report("harvest", d as f32 / n.max(1) as f32);
-                },
-            )
+            text.harvest(&model, max_tokens, step, &flag, &|d, n| {
+                report("harvest", d as f32 / n.max(1) as f32);
+            })
             .map(|h| JobResult::Harvest(Box::new(h)))
             .map_err(|e| format!("{e:#}"))
         })
@@ -1116,6 +1085,19 @@ impl Worker {
     /// The decomposition the views show: the frame looked at, else the live run.
     fn shown(&self) -> Option<&Trainer> {
         self.viewing.as_ref().or(self.trainer.as_ref())
+    }
+
+    /// The shown language-model run and its tokenizer.
+    fn shown_lm(&self) -> anyhow::Result<(&Trainer, &crate::text::TextTokenizer)> {
+        let Some(tr) = self.shown() else {
+            anyhow::bail!("nothing loaded");
+        };
+        let Some(tok) = self.tokenizer.as_deref() else {
+            anyhow::bail!(
+                "no tokenizer for this run: its tokenizer_name is not a local folder and there is no tokenizer.json beside it"
+            );
+        };
+        Ok((tr, tok))
     }
 
     /// Sends the timeline's index when it changed since the last one sent.

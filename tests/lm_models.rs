@@ -14,6 +14,17 @@ fn fixture(family: &str) -> PathBuf {
         .join(family)
 }
 
+/// A folder holding only the gpt2_simple fixture's weights (the test writes the config).
+fn gpt2_weights_alone() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixture("gpt2_simple").join("model.safetensors"),
+        d.path().join("model.safetensors"),
+    )
+    .unwrap();
+    d
+}
+
 fn json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
@@ -125,14 +136,8 @@ fn decomposable_linears_are_the_references_modules() {
 
 #[test]
 fn bad_checkpoints_say_what_is_wrong() {
-    let d = tempfile::tempdir().unwrap();
-    let src = fixture("gpt2_simple");
+    let d = gpt2_weights_alone();
     // A config that disagrees with the tensors.
-    std::fs::copy(
-        src.join("model.safetensors"),
-        d.path().join("model.safetensors"),
-    )
-    .unwrap();
     std::fs::write(
         d.path().join("config.json"),
         r#"{"model_type": "GPT2Simple", "block_size": 16, "vocab_size": 64, "n_layer": 2, "n_head": 4, "n_embd": 48}"#,
@@ -246,13 +251,8 @@ fn spd_trains_on_a_language_model() {
 
 #[test]
 fn hostile_language_model_sizes_are_refused_before_allocating() {
-    let d = tempfile::tempdir().unwrap();
+    let d = gpt2_weights_alone();
     let src = fixture("gpt2_simple");
-    std::fs::copy(
-        src.join("model.safetensors"),
-        d.path().join("model.safetensors"),
-    )
-    .unwrap();
     for (cfg, want) in [
         (
             r#"{"model_type": "GPT2Simple", "vocab_size": 4000000000, "n_embd": 32, "n_head": 4, "n_layer": 2, "block_size": 16}"#,
