@@ -285,13 +285,22 @@ impl Trainer {
                 LossKind::ImportanceMinimalityLoss { beta, .. } => *beta != 0.0,
                 _ => false,
             });
-        // Sequence batches keep whole sequences together (attention mixes positions); they
-        // run as one shard for now.
-        if coupled || !self.model.device().is_cpu() || self.model.target.spec.is_sequence() {
+        if coupled || !self.model.device().is_cpu() {
             return 1;
         }
-        let rows = batch.x.dim(0).unwrap_or(0);
-        crate::parallel::threads().min(rows / MIN_SHARD_ROWS).max(1)
+        // Sequence batches split between whole sequences (attention mixes the positions of
+        // one sequence), so a shard holds at least one sequence.
+        let (units, rows) = if self.model.target.spec.is_sequence() {
+            let (b, t) = batch.x.dims2().unwrap_or((0, 0));
+            (b, b * t)
+        } else {
+            let n = batch.x.dim(0).unwrap_or(0);
+            (n, n)
+        };
+        crate::parallel::threads()
+            .min(rows / MIN_SHARD_ROWS)
+            .min(units)
+            .max(1)
     }
 
     /// The training losses of `batch` computed in `shards` row shards on their own threads
@@ -307,15 +316,22 @@ impl Trainer {
         backward: bool,
     ) -> Result<(StepRecord, Option<GradStore>)> {
         let n = batch.x.dim(0)?;
+        // Positions per unit of the batch's first axis: a sequence batch [B, T] has one
+        // loss row (and one row of random draws) per position.
+        let per = if self.model.target.spec.is_sequence() {
+            batch.x.dim(1)?
+        } else {
+            1
+        };
         let (model, cfg, step, rng) = (&self.model, &self.config, self.step, &self.rng);
         let results = crate::parallel::run_shards(shards, |i| -> Result<_> {
             let (a, b) = (i * n / shards, (i + 1) * n / shards);
             let part = Batch {
                 x: batch.x.narrow(0, a, b - a)?,
-                weights: batch.weights.narrow(0, a, b - a)?,
+                weights: batch.weights.narrow(0, a * per, (b - a) * per)?,
                 n_rows: batch.n_rows,
             };
-            let mut rng = rng.for_rows(a, n);
+            let mut rng = rng.for_rows(a * per, n * per);
             let (total, rec, _) = losses_and_ci(model, cfg, step, &part, &mut rng, true, i == 0)?;
             let grads = if backward && rec.losses["total"].is_finite() {
                 Some(total.backward()?)
