@@ -366,6 +366,22 @@ enum Cmd {
         #[arg(long)]
         show: Option<String>,
     },
+    /// Write a preset's target, tokenizer and text as the reference library (goodfire-ai/spd)
+    /// reads them, so the same model can be decomposed there (tiny-lm: target/ with
+    /// model_config.yaml and model.safetensors, tokenizer/, data/train.jsonl and test.jsonl).
+    ExportReference {
+        #[arg(long)]
+        preset: String,
+        /// The folder to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Training stories in data/train.jsonl (default: the 40,000 spdlab's preset trains on).
+        #[arg(long)]
+        stories: Option<usize>,
+        /// Replace existing files in the folder.
+        #[arg(long)]
+        force: bool,
+    },
     /// Train a new target model for a preset and save it (how assets/targets were made).
     TrainTarget {
         #[arg(long)]
@@ -1441,6 +1457,22 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             println!("{out}");
             Ok(())
         }
+        Cmd::ExportReference {
+            preset,
+            out,
+            stories,
+            force,
+        } => {
+            if preset != "tiny-lm" {
+                anyhow::bail!(
+                    "export-reference writes the tiny-lm preset only (the other presets' targets \
+                     are the reference's own toy models: `spdlab train-target` writes them)"
+                );
+            }
+            let n = stories.unwrap_or(spdlab::tinylm::SPD_DOCS);
+            spdlab::limits::check("--stories", n, 1_000_000)?;
+            export_tiny_lm_reference(&out, n, force)
+        }
         Cmd::TrainTarget {
             preset,
             seed,
@@ -1496,6 +1528,120 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
 /// `train-target --preset tiny-lm`: the language's tokenizer, then the model; writes
 /// `OUT/tokenizer.json`, `OUT/tiny-lm.safetensors`, `OUT/model_config.yaml` and
 /// `OUT/accuracy.json` (each rule's accuracy on held-out stories).
+/// The tiny-lm target, tokenizer and text laid out as goodfire-ai/spd reads an `spd.pretrain`
+/// run and a local dataset (see `README.txt` written with them).
+fn export_tiny_lm_reference(
+    out: &std::path::Path,
+    stories: usize,
+    force: bool,
+) -> anyhow::Result<()> {
+    use spdlab::tinylm;
+    if out.exists() && !out.is_dir() {
+        anyhow::bail!("{}: --out is a folder", out.display());
+    }
+    let files = [
+        "target/model_config.yaml",
+        "target/final_config.yaml",
+        "target/model.safetensors",
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+        "data/train.jsonl",
+        "data/test.jsonl",
+        "README.txt",
+    ];
+    if !force && let Some(f) = files.iter().map(|f| out.join(f)).find(|p| p.exists()) {
+        anyhow::bail!("{}: exists (add --force to replace it)", f.display());
+    }
+    for d in ["target", "tokenizer", "data"] {
+        let p = out.join(d);
+        std::fs::create_dir_all(&p)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", p.display()))?;
+    }
+    let write = |name: &str, bytes: &[u8]| -> anyhow::Result<()> {
+        let p = out.join(name);
+        spdlab::io::atomic::write_atomic(&p, bytes)
+            .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", p.display()))
+    };
+    let tok = tinylm::tokenizer()?;
+    let mut cfg = tinylm::model_config(tok.vocab_size());
+    // The reference's config wants an integer rotary_dim (it rotates the whole head anyway).
+    cfg.rotary_dim.get_or_insert(cfg.n_embd / cfg.n_head);
+    write(
+        "target/model_config.yaml",
+        serde_yaml_ng::to_string(&cfg)?.as_bytes(),
+    )?;
+    // PretrainRunInfo.from_path asserts that the run folder has a final_config.yaml.
+    write(
+        "target/final_config.yaml",
+        b"# exported by spdlab export-reference (no pretraining config: trained by spdlab)\n{}\n",
+    )?;
+    let weights = spdlab::assets::target_bytes("tiny-lm").expect("tiny-lm ships its target");
+    write("target/model.safetensors", weights)?;
+    write(
+        "tokenizer/tokenizer.json",
+        spdlab::assets::tiny_lm_tokenizer(),
+    )?;
+    let tok_cfg = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": tinylm::EOS,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": cfg.block_size,
+    });
+    write(
+        "tokenizer/tokenizer_config.json",
+        serde_json::to_string_pretty(&tok_cfg)?.as_bytes(),
+    )?;
+    let jsonl = |docs: Vec<tinylm::Doc>| -> anyhow::Result<Vec<u8>> {
+        let mut b = vec![];
+        for d in docs {
+            serde_json::to_writer(&mut b, &serde_json::json!({ "story": d.text() }))?;
+            b.push(b'\n');
+        }
+        Ok(b)
+    };
+    write(
+        "data/train.jsonl",
+        &jsonl(tinylm::generate(tinylm::SPD_SEED, stories))?,
+    )?;
+    write(
+        "data/test.jsonl",
+        &jsonl(tinylm::generate(tinylm::HELD_OUT_SEED, 2000))?,
+    )?;
+    let readme = format!(
+        "The tiny-lm target of spdlab, laid out for goodfire-ai/spd (spd.pretrain run + local data).\n\
+         \n\
+         target/model.safetensors holds the weights under the reference's parameter names\n\
+         (LlamaSimpleMLP, target/model_config.yaml). The reference loads a torch checkpoint, so\n\
+         convert once (rotary buffers are rebuilt by the model itself):\n\
+         \n\
+         \x20 python -c \"import torch, yaml, safetensors.torch as st; \\\n\
+         \x20 from spd.pretrain.models.llama_simple_mlp import LlamaSimpleMLP, LlamaSimpleMLPConfig; \\\n\
+         \x20 m = LlamaSimpleMLP(LlamaSimpleMLPConfig(**yaml.safe_load(open('target/model_config.yaml')))); \\\n\
+         \x20 m.load_state_dict(st.load_file('target/model.safetensors'), strict=False); \\\n\
+         \x20 import os; os.makedirs('target/checkpoints', exist_ok=True); \\\n\
+         \x20 torch.save(m.state_dict(), 'target/checkpoints/model.pt')\"\n\
+         \n\
+         Then, in an SPD config run from this folder (the reference resolves these against the\n\
+         working directory):\n\
+         \x20 pretrained_model_class: spd.pretrain.models.llama_simple_mlp.LlamaSimpleMLP\n\
+         \x20 pretrained_model_name: target/checkpoints/model.pt\n\
+         \x20 tokenizer_name: tokenizer\n\
+         \x20 task_config: {{task_name: lm, dataset_name: data, column_name: story, max_seq_len: 64,\n\
+         \x20               train_data_split: train, eval_data_split: test}}\n\
+         \n\
+         data/train.jsonl: {stories} stories of seed {} (the text spdlab's tiny-lm preset trains on);\n\
+         data/test.jsonl: 2,000 held-out stories of seed {}.\n",
+        tinylm::SPD_SEED,
+        tinylm::HELD_OUT_SEED,
+    );
+    write("README.txt", readme.as_bytes())?;
+    eprintln!(
+        "wrote {} (target, tokenizer, {stories} + 2000 stories)",
+        out.display()
+    );
+    Ok(())
+}
+
 fn train_tiny_lm(
     seed: u64,
     steps: Option<usize>,

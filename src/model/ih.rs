@@ -9,6 +9,7 @@
 //!
 //! Token ids: 0 is BOS, 1..=vocab ordinary tokens, vocab + 1 the induction token "S".
 
+use crate::spd::ci_op::FusedGelu as _;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::{Act, Fold, ModuleHook, TargetModel};
@@ -316,7 +317,7 @@ impl TargetModel {
                 )?;
             }
             if dims.use_ff {
-                let hmid = run(base + 4, &r)?.gelu_erf()?;
+                let hmid = run(base + 4, &r)?.gelu_erf_fused()?;
                 let f = run(base + 5, &hmid)?;
                 r = (r + f)?;
                 if dims.use_layer_norm {

@@ -17,6 +17,7 @@
 //! Attention is causal with scale 1/√D. Every decomposable linear (`h.<i>.attn.{q,k,v,o}_proj`,
 //! `h.<i>.mlp.*`) goes through a hook that may replace its output (SPD's masked forward).
 
+use crate::spd::ci_op::FusedGelu as _;
 use std::collections::HashMap;
 
 use candle_core::{D, DType, Device, Result, Tensor};
@@ -514,7 +515,7 @@ pub fn forward_core<'a>(
                 run(base + 6, &(act * u)?)?
             }
             _ => {
-                let f = run(base + 4, &a)?.gelu()?;
+                let f = run(base + 4, &a)?.gelu_tanh_fused()?;
                 run(base + 5, &f)?
             }
         };

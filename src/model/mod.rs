@@ -14,6 +14,7 @@ pub use ih::IhDims;
 
 pub use train::{TargetTrainConfig, induction_accuracy, train_target};
 
+use crate::spd::ci_op::FusedGelu as _;
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -698,7 +699,7 @@ impl TargetModel {
                     };
                     let act = match act_fn {
                         ActFn::Relu => pre.relu()?,
-                        ActFn::Gelu => pre.gelu_erf()?,
+                        ActFn::Gelu => pre.gelu_erf_fused()?,
                     };
                     let a = Act::Dense(act);
                     match hook(2 * l + 1, &a, fold)? {

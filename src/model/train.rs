@@ -1,5 +1,6 @@
 //! Training new target models (the reference's train_tms.py / train_resid_mlp.py recipes).
 
+use crate::spd::ci_op::FusedGelu as _;
 use candle_core::{Device, Tensor, Var};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use serde::{Deserialize, Serialize};
@@ -211,7 +212,7 @@ pub fn train_target(
                     }
                     let a = match act_fn {
                         ActFn::Relu => pre.relu()?,
-                        ActFn::Gelu => pre.gelu_erf()?,
+                        ActFn::Gelu => pre.gelu_erf_fused()?,
                     };
                     let mut o =
                         a.matmul(&get(&format!("layers.{l}.mlp_out.weight"), &vars)?.t()?)?;
@@ -223,7 +224,7 @@ pub fn train_target(
                 let out = r.matmul(&get("W_U", &vars)?)?;
                 let act = match act_fn {
                     ActFn::Relu => x.relu()?,
-                    ActFn::Gelu => x.gelu_erf()?,
+                    ActFn::Gelu => x.gelu_erf_fused()?,
                 };
                 (out, (&x + act)?)
             }

@@ -109,6 +109,53 @@ pub fn upper_leaky_hard(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Exact (erf) GELU, `x Φ(x)`. CPU f32: one vectorised pass forward and one backward
+/// (the kernels of the CI MLP; absolute error < 2.1e-7·max(1, |x|), derivative < 1.5e-7)
+/// instead of candle's dozen tensor ops for the backward; elsewhere candle's `gelu_erf`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.apply_op1(Gelu { tanh: false })
+    } else {
+        x.gelu_erf()
+    }
+}
+
+/// Tanh-approximated GELU, `0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))` = `x σ(2v)`. CPU
+/// f32: one vectorised pass forward and one backward (relative error ~2e-7); elsewhere
+/// candle's `gelu`.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        x.apply_op1(Gelu { tanh: true })
+    } else {
+        x.gelu()
+    }
+}
+
+/// [`gelu_erf`] and [`gelu_tanh`] as methods, for chains of tensor calls.
+pub trait FusedGelu {
+    fn gelu_erf_fused(&self) -> Result<Tensor>;
+    fn gelu_tanh_fused(&self) -> Result<Tensor>;
+}
+
+impl FusedGelu for Tensor {
+    fn gelu_erf_fused(&self) -> Result<Tensor> {
+        gelu_erf(self)
+    }
+    fn gelu_tanh_fused(&self) -> Result<Tensor> {
+        gelu_tanh(self)
+    }
+}
+
+/// `(x + eps)^p` elementwise, differentiable in `x`. CPU f32/f64: one pass forward, and a
+/// backward `p·y/(x + eps)` from the stored result (no second power); elsewhere plain ops.
+pub fn pow_shifted(x: &Tensor, eps: f64, p: f64) -> Result<Tensor> {
+    if is_cpu_float(x) {
+        x.apply_op1(PowShifted { eps, p })
+    } else {
+        (x + eps)?.powf(p)
+    }
+}
+
 /// [`upper_leaky_hard`] with plain candle ops (device generic).
 fn upper_leaky_hard_ops(x: &Tensor) -> Result<Tensor> {
     let zeros = x.zeros_like()?;
@@ -773,6 +820,100 @@ impl CustomOp2 for UpperLeakyHardBwd {
 // Kernels
 // ---------------------------------------------------------------------------------------
 
+/// [`gelu_erf`] / [`gelu_tanh`] on CPU f32.
+struct Gelu {
+    tanh: bool,
+}
+
+/// A contiguous f32 copy of a storage's elements (borrowed when already contiguous).
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> Result<Cow<'a, [f32]>> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{name}: unsupported dtype {:?}", s.dtype())
+    };
+    Ok(match l.contiguous_offsets() {
+        Some((a, b)) => Cow::Borrowed(&v[a..b]),
+        None => Cow::Owned(map1(v, l, |x| x)),
+    })
+}
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        if self.tanh { "gelu-tanh" } else { "gelu-erf" }
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s, l, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        kernels::gelu(self.tanh, &x, &mut out);
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(grad, &GeluBwd { tanh: self.tanh })?,
+        ))
+    }
+}
+
+/// Backward of [`Gelu`] on `(x, grad)`.
+struct GeluBwd {
+    tanh: bool,
+}
+
+impl CustomOp2 for GeluBwd {
+    fn name(&self) -> &'static str {
+        "gelu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!("gelu bwd: shape mismatch {:?} {:?}", l1.shape(), l2.shape())
+        }
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let g = contiguous_f32(s2, l2, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        kernels::gelu_bwd(self.tanh, &x, &g, &mut out);
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// [`pow_shifted`] on CPU f32/f64.
+struct PowShifted {
+    eps: f64,
+    p: f64,
+}
+
+impl CustomOp1 for PowShifted {
+    fn name(&self) -> &'static str {
+        "pow-shifted"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (eps, p) = (self.eps, self.p);
+        let out = match s {
+            CpuStorage::F32(v) => {
+                let (e, q) = (eps as f32, p as f32);
+                CpuStorage::F32(map1(v, l, |x: f32| (x + e).powf(q)))
+            }
+            CpuStorage::F64(v) => CpuStorage::F64(map1(v, l, |x: f64| (x + eps).powf(p))),
+            s => bail!("pow-shifted: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // d/dx (x + eps)^p = p (x + eps)^p / (x + eps)
+        let d = ((res * self.p)? / (arg + self.eps)?)?;
+        Ok(Some((grad * d)?))
+    }
+}
+
 mod kernels {
     //! Single-threaded, auto-vectorised f32 kernels.
     //!
@@ -845,7 +986,6 @@ mod kernels {
 
     /// Branch-free f32 exp, accurate to ~1 ulp: Cody-Waite reduction x = n ln2 + r, then
     /// 2^n * 2^(r log2 e).  Clamped to [-88, 88]; results below ~1e-38 flush to 0.
-    #[cfg_attr(not(test), allow(dead_code))]
     #[inline(always)]
     pub(super) fn exp<const F: bool>(x: f32) -> f32 {
         let x = if x > 88.0 { 88.0 } else { x };
@@ -1127,6 +1267,101 @@ mod kernels {
             Isa::Avx2 => unsafe { forward_avx2(h, p, bsz, c, hd, out) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { forward_avx512(h, p, bsz, c, hd, out) },
+        }
+    }
+
+    // ------------------------- elementwise GELU -------------------------
+
+    /// √(2/π) and 0.044715 of the tanh approximation.
+    const GELU_K: f32 = 0.797_884_6;
+    const GELU_C: f32 = 0.044_715;
+
+    /// σ(2v) of the tanh approximation at x (= 0.5 (1 + tanh v)) and dv/dx.
+    #[inline(always)]
+    fn tanh_gate<const F: bool>(x: f32) -> (f32, f32) {
+        let x2 = x * x;
+        let v = GELU_K * fma::<F>(GELU_C * x2, x, x);
+        let s = 1.0 / (1.0 + exp::<F>(-2.0 * v));
+        (s, GELU_K * fma::<F>(3.0 * GELU_C, x2, 1.0))
+    }
+
+    #[inline(always)]
+    fn gelu_impl<const F: bool>(tanh: bool, x: &[f32], out: &mut [f32]) {
+        if tanh {
+            for (o, &x) in out.iter_mut().zip(x) {
+                *o = x * tanh_gate::<F>(x).0;
+            }
+        } else {
+            for (o, &x) in out.iter_mut().zip(x) {
+                *o = x * norm_cdf_u_fwd::<F>(x * FRAC_1_SQRT_2);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn gelu_bwd_impl<const F: bool>(tanh: bool, x: &[f32], g: &[f32], out: &mut [f32]) {
+        if tanh {
+            for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
+                let (s, dv) = tanh_gate::<F>(x);
+                // d/dx x σ(2v) = σ + x · 2σ(1 − σ) · dv/dx
+                *o = g * fma::<F>(x * 2.0 * s * (1.0 - s), dv, s);
+            }
+        } else {
+            for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
+                let u = x * FRAC_1_SQRT_2;
+                let pdf = pdf_u::<F>(u);
+                *o = g * fma::<F>(u, pdf, norm_cdf_u_with_pdf::<F>(u, pdf));
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn gelu_avx2(tanh: bool, x: &[f32], out: &mut [f32]) {
+        gelu_impl::<true>(tanh, x, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    fn gelu_avx512(tanh: bool, x: &[f32], out: &mut [f32]) {
+        gelu_impl::<true>(tanh, x, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn gelu_bwd_avx2(tanh: bool, x: &[f32], g: &[f32], out: &mut [f32]) {
+        gelu_bwd_impl::<true>(tanh, x, g, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    fn gelu_bwd_avx512(tanh: bool, x: &[f32], g: &[f32], out: &mut [f32]) {
+        gelu_bwd_impl::<true>(tanh, x, g, out)
+    }
+
+    /// GELU (tanh approximation or exact) of `x` into `out` (same length).
+    pub(super) fn gelu(tanh: bool, x: &[f32], out: &mut [f32]) {
+        assert_eq!(x.len(), out.len());
+        match best_isa() {
+            Isa::Generic => gelu_impl::<STATIC_FMA>(tanh, x, out),
+            // SAFETY: these variants are only chosen by `best_isa` when detected.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { gelu_avx2(tanh, x, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { gelu_avx512(tanh, x, out) },
+        }
+    }
+
+    /// `g · gelu'(x)` into `out`.
+    pub(super) fn gelu_bwd(tanh: bool, x: &[f32], g: &[f32], out: &mut [f32]) {
+        assert!(x.len() == out.len() && g.len() == out.len());
+        match best_isa() {
+            Isa::Generic => gelu_bwd_impl::<STATIC_FMA>(tanh, x, g, out),
+            // SAFETY: as in `gelu`.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { gelu_bwd_avx2(tanh, x, g, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { gelu_bwd_avx512(tanh, x, g, out) },
         }
     }
 
@@ -1840,6 +2075,81 @@ mod tests {
     /// The fused vector MLP equals plain tensor ops (forward and parameter gradients): H = 12
     /// (the blocked kernels), and H = 64 / 128 with row counts that leave a partial tile (the
     /// register-tiled AVX-512 kernels where the CPU has them).
+    #[test]
+    fn fused_gelus_and_power_match_candle() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let mut v: Vec<f32> = (0..4000)
+            .map(|i| -12.0 + 24.0 * i as f32 / 3999.0)
+            .collect();
+        v.extend([0.0, -0.0, 1e-8, -1e-8, 30.0, -30.0, 100.0, -100.0]);
+        let n = v.len();
+        // A transposed (non-contiguous) view as well as the plain one.
+        let plain = candle_core::Var::from_vec(v.clone(), (n / 8, 8), &dev)?;
+        let w = Tensor::from_vec(
+            (0..n)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect::<Vec<_>>(),
+            (8, n / 8),
+            &dev,
+        )?;
+        type Pair = (
+            fn(&Tensor) -> Result<Tensor>,
+            fn(&Tensor) -> Result<Tensor>,
+            f32,
+        );
+        let cases: [(&str, Pair); 2] = [
+            ("tanh", (gelu_tanh, |x: &Tensor| x.gelu(), 3e-6)),
+            ("erf", (gelu_erf, |x: &Tensor| x.gelu_erf(), 3e-6)),
+        ];
+        for (name, (fused, candle, tol)) in cases {
+            let xt = plain.as_tensor().t()?;
+            let (yf, yc) = (fused(&xt)?, candle(&xt)?);
+            let (a, b) = (flat(&yf), flat(&yc));
+            for (k, (p, q)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (p - q).abs() <= tol * q.abs().max(1.0),
+                    "{name} value {k}: fused {p}, candle {q}"
+                );
+            }
+            let gf = (yf * &w)?.sum_all()?.backward()?;
+            let gc = (yc * &w)?.sum_all()?.backward()?;
+            let (a, b) = (flat(gf.get(&plain).unwrap()), flat(gc.get(&plain).unwrap()));
+            for (k, (p, q)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (p - q).abs() <= tol * q.abs().max(1.0),
+                    "{name} gradient {k} at x = {}: fused {p}, candle {q}",
+                    v[(k % 8) * (n / 8) + k / 8]
+                );
+            }
+        }
+        let ci = candle_core::Var::from_vec(
+            (0..n)
+                .map(|i| (i as f32 / n as f32) * 1.2)
+                .collect::<Vec<_>>(),
+            (n / 8, 8),
+            &dev,
+        )?;
+        for p in [0.3, 0.9, 2.0] {
+            let yf = pow_shifted(ci.as_tensor(), 1e-12, p)?;
+            let yc = (ci.as_tensor() + 1e-12)?.powf(p)?;
+            let w = w.t()?;
+            let gf = (&yf * &w)?.sum_all()?.backward()?;
+            let gc = (&yc * &w)?.sum_all()?.backward()?;
+            for (a, b) in [
+                (flat(&yf), flat(&yc)),
+                (flat(gf.get(&ci).unwrap()), flat(gc.get(&ci).unwrap())),
+            ] {
+                for (x, y) in a.iter().zip(&b) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                        "p {p}: {x} vs {y}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn vector_mlp_fused_matches_plain_ops() -> Result<()> {
         for (n, d, c, hd) in [

@@ -1,6 +1,7 @@
 //! The component model: rank-one subcomponents (V, U) for every decomposed module of a target,
 //! their causal-importance functions, and masked forward passes.
 
+use crate::spd::ci_op::FusedGelu as _;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::ci_op;
@@ -354,7 +355,7 @@ impl ComponentModel {
                             .matmul(w.as_tensor())?
                             .broadcast_add(&b.as_tensor().unsqueeze(1)?)?;
                         if k + 1 < l.len() {
-                            h = h.gelu_erf()?;
+                            h = h.gelu_erf_fused()?;
                         }
                     }
                     h.squeeze(2)?.t()
@@ -383,7 +384,7 @@ impl ComponentModel {
                     .apply(&w0, fold)?
                     .reshape((n, c, h1))?
                     .broadcast_add(l[0].1.as_tensor())?
-                    .gelu_erf()?
+                    .gelu_erf_fused()?
                     .transpose(0, 1)?
                     .contiguous()?; // [C, n, h1]
                 for (k, (w, b)) in l.iter().enumerate().skip(1) {
@@ -391,7 +392,7 @@ impl ComponentModel {
                         .matmul(w.as_tensor())?
                         .broadcast_add(&b.as_tensor().unsqueeze(1)?)?;
                     if k + 1 < l.len() {
-                        h = h.gelu_erf()?;
+                        h = h.gelu_erf_fused()?;
                     }
                 }
                 h.squeeze(2)?.t()
@@ -401,12 +402,12 @@ impl ComponentModel {
                     .apply(l[0].0.as_tensor(), fold)?
                     .broadcast_add(l[0].1.as_tensor())?;
                 if l.len() > 1 {
-                    h = h.gelu_erf()?;
+                    h = h.gelu_erf_fused()?;
                 }
                 for (k, (w, b)) in l.iter().enumerate().skip(1) {
                     h = h.matmul(w.as_tensor())?.broadcast_add(b.as_tensor())?;
                     if k + 1 < l.len() {
-                        h = h.gelu_erf()?;
+                        h = h.gelu_erf_fused()?;
                     }
                 }
                 Ok(h)

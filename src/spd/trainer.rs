@@ -946,13 +946,12 @@ pub fn importance_minimality(
     let w = weights.unsqueeze(0)?; // [1, n]
     let mut total: Option<Tensor> = None;
     for (c, &lw) in ci.iter().zip(layer_weights) {
-        let x = (&c.upper + eps)?;
         let xp = if p == 1.0 {
-            x
+            (&c.upper + eps)?
         } else if p == 2.0 {
-            x.sqr()?
+            (&c.upper + eps)?.sqr()?
         } else {
-            x.powf(p)?
+            crate::spd::ci_op::pow_shifted(&c.upper, eps, p)?
         };
         let s = w.matmul(&xp)?.squeeze(0)?; // [C]
         let m = (&s / n_rows)?;

@@ -9,12 +9,8 @@ AdamW lr 1e-3 constant, faithfulness warmup 200 steps, autocast_bf16 off.
 It runs the reference's own code path, spd.experiments.ih.ih_decomposition.main ->
 spd.run_spd.run_experiment -> optimize, on the CPU at ONE thread, wandb off. Evaluation and
 train logging are pushed out of the timed window (eval_freq / slow_eval_freq /
-train_log_freq = 10**9: they only fire at step 0, which is not timed). The optimize loop's
-tqdm is replaced by an iterator that stamps the time at which each step begins, so one
-step = everything the loop does between two stamps (data batch, target forward with cache,
-CI fns, all loss terms, backward, per-layer L0, AdamW step). The first WARMUP (default 2)
-steps are skipped, then STEPS steps are timed; the run is given STEPS + WARMUP steps so the
-final "plot + save" step (no optimizer step, writes a checkpoint) is never timed.
+train_log_freq = 10**9: they only fire at step 0, which is not timed). Steps are timed as
+bench_common.py says (WARMUP, default 2, skipped; then STEPS timed).
 
 The target model (ih.pth + ih_train_config.yaml, InductionTransformer vocab 128, seq 64,
 d_model 16, 1 head, 2 layers, no MLP, positional encoding, no layer norm) is read from
@@ -28,17 +24,15 @@ All library output goes to stderr; stdout gets exactly one JSON line:
 
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ[var] = "1"
-os.environ["WANDB_MODE"] = "disabled"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common  # noqa: E402  (sets the thread variables before torch is imported)
+from bench_common import BIG  # noqa: E402
 
 if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
     print(__doc__, file=sys.stderr)
@@ -50,28 +44,14 @@ assert steps >= 1 and warmup >= 0, "STEPS must be >= 1, WARMUP >= 0"
 for f in ("ih.pth", "ih_train_config.yaml"):
     assert (target_dir / f).is_file(), f"{target_dir / f} is missing"
 
-# Everything the library prints (logger, tqdm.write, warnings) goes to stderr; the JSON result
-# is written to the original stdout at the end.
-result_fd = os.dup(1)
-os.dup2(2, 1)
-sys.stdout = sys.stderr
-
+result_fd = bench_common.stdout_to_stderr()
 # The library writes its run folder under SPD_OUT_DIR (read at import time): a temp dir.
 out_root = tempfile.mkdtemp(prefix="spd-bench-ih-")
 os.environ["SPD_OUT_DIR"] = out_root
-
-import torch  # noqa: E402
-
-torch.set_num_threads(1)
-try:
-    torch.set_num_interop_threads(1)
-except RuntimeError:
-    pass
+bench_common.single_threaded_torch()
 
 import spd.experiments.ih.ih_decomposition as ih_decomposition  # noqa: E402
-import spd.run_spd as run_spd  # noqa: E402
 
-BIG = 10**9
 total_steps = steps + warmup
 # spdlab `ih` preset (src/presets.rs), written in the reference's Config schema.
 config = {
@@ -118,33 +98,7 @@ config = {
 }
 
 
-class StepClock:
-    """Stands in for tqdm in spd.run_spd.optimize: records when each step begins."""
-
-    stamps: list[float] = []
-    cpu: list[tuple[float, float]] = []  # (user, sys) CPU seconds of this process
-
-    @staticmethod
-    def stamp():
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        StepClock.cpu.append((r.ru_utime, r.ru_stime))
-        StepClock.stamps.append(time.perf_counter())
-
-    def __init__(self, iterable, *args, **kwargs):
-        self.iterable = iterable
-
-    def __iter__(self):
-        for item in self.iterable:
-            StepClock.stamp()
-            yield item
-        StepClock.stamp()
-
-    @staticmethod
-    def write(s, *args, **kwargs):
-        print(s, file=sys.stderr)
-
-
-run_spd.tqdm = StepClock
+bench_common.install_clock()
 ih_decomposition.get_device = lambda: "cpu"  # always the CPU, even where CUDA exists
 
 t_start = time.perf_counter()
@@ -152,31 +106,10 @@ try:
     ih_decomposition.main(config_json="json:" + json.dumps(config), run_id="bench-ih")
 finally:
     shutil.rmtree(out_root, ignore_errors=True)
-t_total = time.perf_counter() - t_start
-
-stamps = StepClock.stamps
-# Loop runs steps 0..total_steps (total_steps + 1 iterations) -> total_steps + 2 stamps.
-assert len(stamps) == total_steps + 2, f"expected {total_steps + 2} step stamps, got {len(stamps)}"
-durations = [b - a for a, b in zip(stamps[warmup : warmup + steps], stamps[warmup + 1 : warmup + steps + 1])]
-elapsed = stamps[warmup + steps] - stamps[warmup]
-sps = steps / elapsed
-cpu0, cpu1 = StepClock.cpu[warmup], StepClock.cpu[warmup + steps]
 result = {
-    "impl": "reference (goodfire-ai/spd)",
+    **bench_common.timing(steps, warmup),
     "preset": "ih",
-    "threads": torch.get_num_threads(),
-    "torch": torch.__version__,
-    "steps": steps,
-    "warmup_steps_skipped": warmup,
-    "steps_per_second": sps,
-    "seconds_per_step": elapsed / steps,
-    "min_seconds_per_step": min(durations),
-    "max_seconds_per_step": max(durations),
-    # CPU time of this process per timed step; wall well above user + sys means the machine
-    # was busy (the timing is then pessimistic).
-    "cpu_user_seconds_per_step": (cpu1[0] - cpu0[0]) / steps,
-    "cpu_sys_seconds_per_step": (cpu1[1] - cpu0[1]) / steps,
     "target": str(target_dir),
-    "wall_seconds_total": t_total,
+    "wall_seconds_total": time.perf_counter() - t_start,
 }
-os.write(result_fd, (json.dumps(result) + "\n").encode())
+bench_common.emit(result_fd, result)
