@@ -774,6 +774,7 @@ pub fn rules_report(
             stories,
             &base.ci_masked,
             (0.2, 0.9),
+            &|_, _| true,
         )?),
         None => None,
     };
@@ -797,14 +798,15 @@ impl Rule {
 }
 
 /// Clusters tried alone by [`unlearn`].
-pub const MAX_CANDIDATES: usize = 48;
+pub const MAX_CANDIDATES: usize = 64;
 
 /// Targeted unlearning: the clusters whose ablation removes one rule and spares the others.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Unlearning {
     pub rule: &'static str,
-    /// Clusters active where the rule applies (mean over the rule's positions of the
-    /// cluster's largest member CI ≥ 0.05), with their effect when ablated alone.
+    /// Clusters active where the rule applies (mean over the rule's positions with one
+    /// expected word of the cluster's largest member CI ≥ 0.05), with their effect when
+    /// ablated alone.
     pub candidates: Vec<ClusterEffect>,
     /// The clusters ablated together (in the order added) and the accuracies after each.
     pub chosen: Vec<(usize, RuleAccuracy)>,
@@ -814,11 +816,15 @@ pub struct Unlearning {
 }
 
 /// Finds clusters carrying `rule`: candidates are the clusters active at the rule's
-/// positions; each is ablated alone and ranked by how much more it lowers `rule` than the
-/// other rules; then they are ablated together in that order while the other rules stay
-/// ≥ `keep` (a cluster that would take one below, or raise `rule`, is skipped), until
-/// `rule` is ≤ `target`. `base`: the CI-masked decomposition's accuracies on the same
-/// `stories` (what the drops are measured from).
+/// positions (for some expected word); each is ablated alone and ranked by how much more it
+/// lowers `rule` than the other rules; then they are ablated together in that order while
+/// the other rules stay ≥ `keep` (a cluster that would take one below, or raise `rule`, is
+/// skipped), until `rule` is ≤ `target`. Short of that, clusters whose removal does not
+/// raise `rule` but frees room on the other rules are dropped again and the skipped ones
+/// retried (up to three rounds). `base`: the CI-masked decomposition's accuracies on the same
+/// `stories` (what the drops are measured from). `progress(stage, fraction)` is told how far
+/// the search is; it stops the search (an error) by answering false.
+#[allow(clippy::too_many_arguments)]
 pub fn unlearn(
     model: &crate::spd::component_model::ComponentModel,
     tok: &crate::text::TextTokenizer,
@@ -827,6 +833,7 @@ pub fn unlearn(
     stories: usize,
     base: &RuleAccuracy,
     (target, keep): (f64, f64),
+    progress: &dyn Fn(&'static str, f32) -> bool,
 ) -> anyhow::Result<Unlearning> {
     use crate::interventions::Selection;
     let crate::model::TargetSpec::Lm { seq_len, .. } = &model.target.spec else {
@@ -834,8 +841,9 @@ pub fn unlearn(
     };
     let s = *seq_len;
     let rows = eval_rows(tok, &generate(HELD_OUT_SEED, stories), s)?;
-    // Each cluster's activity where the rule's word is predicted (position p − 1).
-    let mut act: HashMap<usize, (f64, usize)> = HashMap::new();
+    // Each cluster's activity where the rule's word is predicted (position p − 1), per
+    // expected word: a mechanism may serve only some of the rule's cases (one day pair).
+    let mut act: HashMap<(usize, u32), (f64, usize)> = HashMap::new();
     let mut everywhere: HashMap<usize, (f64, usize)> = HashMap::new();
     let index: HashMap<String, (usize, usize)> = model
         .modules
@@ -866,7 +874,7 @@ pub fn unlearn(
             .iter()
             .map(|t| t.flatten_all()?.to_vec1())
             .collect::<candle_core::Result<_>>()?;
-        for (i, EvalRow { len, rules, .. }) in chunk.iter().enumerate() {
+        for (i, EvalRow { ids, len, rules }) in chunk.iter().enumerate() {
             // Activity everywhere (positions predicting a word of the story).
             for p in 0..len.saturating_sub(1) {
                 let row = i * s + p;
@@ -890,7 +898,7 @@ pub fn unlearn(
                         .iter()
                         .map(|&(j, c)| ci[j][row * model.modules[j].c + c])
                         .fold(0f32, f32::max);
-                    let e = act.entry(*id).or_insert((0.0, 0));
+                    let e = act.entry((*id, ids[p])).or_insert((0.0, 0));
                     e.0 += g as f64;
                     e.1 += 1;
                 }
@@ -904,27 +912,54 @@ pub fn unlearn(
         }
         Ok(sel)
     };
+    // Evaluations so far, against a rough total (each candidate alone, then about three
+    // passes over them).
+    let evals = std::cell::Cell::new(0usize);
     let eval = |ids: &[usize]| -> anyhow::Result<RuleAccuracy> {
+        let n = evals.get();
+        evals.set(n + 1);
+        let stage = if n < MAX_CANDIDATES {
+            "trying clusters alone"
+        } else {
+            "combining clusters"
+        };
+        if !progress(stage, (n as f32 / (4 * MAX_CANDIDATES) as f32).min(0.99)) {
+            anyhow::bail!("cancelled");
+        }
         Ok(
             decomposition_rules(model, tok, stories, Some(&sel_of(ids)?))?
                 .ablated
                 .unwrap_or_default(),
         )
     };
-    // The clusters active where the rule applies (mean largest member CI ≥ 0.05), the most
-    // specific to it first (that mean minus the mean over every position), at most
+    // The clusters active where the rule applies (mean largest member CI ≥ 0.05 where one
+    // of its words is expected, over at least 5 positions), the most specific to it first
+    // (the mean over all its positions minus the mean over every position), at most
     // MAX_CANDIDATES.
-    let mean = |m: &HashMap<usize, (f64, usize)>, id: &usize| {
-        let (sum, n) = m.get(id).copied().unwrap_or((0.0, 0));
-        sum / n.max(1) as f64
-    };
-    // (specificity, index into `members`)
+    let mean_of = |(sum, n): (f64, usize)| sum / n.max(1) as f64;
+    // Per cluster: the largest mean over one expected word (≥ 5 positions), and the mean
+    // over all the rule's positions.
+    let mut here: HashMap<usize, f64> = HashMap::new();
+    let mut over_rule: HashMap<usize, (f64, usize)> = HashMap::new();
+    for (&(id, _), &(sum, n)) in &act {
+        let t = over_rule.entry(id).or_insert((0.0, 0));
+        t.0 += sum;
+        t.1 += n;
+        if n >= 5 {
+            let m = here.entry(id).or_insert(0.0);
+            *m = m.max(mean_of((sum, n)));
+        }
+    }
+    // (specificity: the mean over the rule's positions minus the mean everywhere, index into
+    // `members`) of the clusters active for some expected word.
     let mut active: Vec<(f64, usize)> = members
         .iter()
         .enumerate()
         .filter_map(|(k, (id, _))| {
-            let here = mean(&act, id);
-            (here >= 0.05).then_some((here - mean(&everywhere, id), k))
+            let h = here.get(id).copied().unwrap_or(0.0);
+            let rule_mean = mean_of(over_rule.get(id).copied().unwrap_or((0.0, 0)));
+            let all = mean_of(everywhere.get(id).copied().unwrap_or((0.0, 0)));
+            (h >= 0.05).then_some((rule_mean - all, k))
         })
         .collect();
     active.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -950,19 +985,53 @@ pub fn unlearn(
     let mut chosen: Vec<(usize, RuleAccuracy)> = vec![];
     let mut ids: Vec<usize> = vec![];
     let mut acc = base.clone();
-    for c in &candidates {
-        if acc.get(rule) <= target {
+    let spares = |a: &RuleAccuracy| others.iter().all(|&r| a.get(r) >= keep);
+    // The other rules' accuracy left above the floor (what further ablations may spend).
+    let slack = |a: &RuleAccuracy| {
+        others
+            .iter()
+            .map(|&r| a.get(r) - keep)
+            .fold(f64::INFINITY, f64::min)
+    };
+    for round in 0..3 {
+        // Add: in ranked order, every candidate that spares the other rules and does not
+        // raise this one (redundant mechanisms: a cluster may matter only once others are
+        // gone).
+        for c in &candidates {
+            if acc.get(rule) <= target {
+                break;
+            }
+            if ids.contains(&c.id) {
+                continue;
+            }
+            let mut try_ids = ids.clone();
+            try_ids.push(c.id);
+            let a = eval(&try_ids)?;
+            if spares(&a) && a.get(rule) <= acc.get(rule) {
+                ids = try_ids;
+                acc = a.clone();
+                chosen.push((c.id, a));
+            }
+        }
+        if acc.get(rule) <= target || round == 2 {
             break;
         }
-        // Redundant mechanisms: a cluster may matter only once others are gone, so every
-        // candidate that spares the other rules is kept.
-        let mut try_ids = ids.clone();
-        try_ids.push(c.id);
-        let a = eval(&try_ids)?;
-        if others.iter().all(|&r| a.get(r) >= keep) && a.get(rule) <= acc.get(rule) {
-            ids = try_ids;
-            acc = a.clone();
-            chosen.push((c.id, a));
+        // Prune: drop every chosen cluster whose removal leaves this rule no higher and
+        // gives the other rules more room; the freed room lets the next round add clusters
+        // that were skipped for taking another rule below the floor.
+        let mut pruned = false;
+        for id in ids.clone() {
+            let try_ids: Vec<usize> = ids.iter().copied().filter(|&i| i != id).collect();
+            let a = eval(&try_ids)?;
+            if a.get(rule) <= acc.get(rule) && slack(&a) > slack(&acc) {
+                ids = try_ids;
+                acc = a;
+                chosen.retain(|(i, _)| *i != id);
+                pruned = true;
+            }
+        }
+        if !pruned {
+            break;
         }
     }
     Ok(Unlearning {

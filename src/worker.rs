@@ -106,6 +106,13 @@ pub enum Command {
     Harvest {
         max_tokens: usize,
     },
+    /// Targeted unlearning on a tiny-lm decomposition with its stored clustering (a long job):
+    /// the clusters whose ablation removes `rule` while the other planted rules stay ≥ 0.9,
+    /// scored on `stories` held-out stories (answered by [`Event::Unlearned`]).
+    Unlearn {
+        rule: crate::tinylm::Rule,
+        stories: usize,
+    },
     /// Lower-leaky CI of every module on one custom input row (answered by [`Event::CustomCi`]).
     CustomCi(Vec<f32>),
     /// One token sequence through a sequence model: CI per position, attention patterns
@@ -281,6 +288,8 @@ pub enum Event {
         data: Arc<crate::app::cluster_data::ClusterData>,
         stored: bool,
     },
+    /// The answer to [`Command::Unlearn`].
+    Unlearned(Arc<crate::tinylm::Unlearning>),
     /// A long job moved on: `stage` of it is running, `fraction` of the job is done.
     Progress {
         job: u64,
@@ -330,6 +339,7 @@ pub enum Event {
 pub enum JobKind {
     Clustering,
     Harvest,
+    Unlearn,
 }
 
 /// Upper-leaky CI `[n_samples, Σ C]` of a fresh data batch, with column labels `module:index`.
@@ -370,6 +380,7 @@ enum JobResult {
         stored: bool,
     },
     Harvest(Box<crate::harvest::Harvest>),
+    Unlearn(Box<crate::tinylm::Unlearning>),
 }
 
 /// The running long job.
@@ -641,6 +652,7 @@ impl Worker {
             }
             Command::Cluster(opts) => self.start_clustering(opts, None)?,
             Command::Harvest { max_tokens } => self.start_harvest(max_tokens)?,
+            Command::Unlearn { rule, stories } => self.start_unlearn(rule, stories)?,
             Command::Cancel(kind) => {
                 if self.job.as_ref().is_some_and(|j| j.kind == kind) {
                     self.cancel_job(true);
@@ -1017,6 +1029,38 @@ impl Worker {
         })
     }
 
+    /// Starts the unlearning search on a copy of the shown tiny-lm decomposition.
+    fn start_unlearn(&mut self, rule: crate::tinylm::Rule, stories: usize) -> anyhow::Result<()> {
+        let (tr, tok) = self.shown_lm()?;
+        crate::tinylm::word_ids(tok).map_err(|_| {
+            anyhow::anyhow!("unlearning needs a tiny-lm decomposition (its planted rules)")
+        })?;
+        let Some(clusters) = self.clusters.clone() else {
+            anyhow::bail!("unlearning works on clusters: cluster this run first (Clusters view)");
+        };
+        let model = tr.model.detached_copy()?;
+        let tok = self.tokenizer.clone().expect("shown_lm found a tokenizer");
+        let (id, cancel) = self.begin_job(JobKind::Unlearn, "scoring the rules");
+        self.spawn_job(id, cancel, "unlearn", move |report| {
+            let run = || -> anyhow::Result<crate::tinylm::Unlearning> {
+                let base = crate::tinylm::decomposition_rules(&model, &tok, stories, None)?;
+                crate::tinylm::unlearn(
+                    &model,
+                    &tok,
+                    &clusters,
+                    rule,
+                    stories,
+                    &base.ci_masked,
+                    (0.2, 0.9),
+                    report,
+                )
+            };
+            run()
+                .map(|u| JobResult::Unlearn(Box::new(u)))
+                .map_err(|e| format!("{e:#}"))
+        })
+    }
+
     /// Ends the running job (if any) as cancelled; `report`: tell the UI.
     fn cancel_job(&mut self, report: bool) {
         if let Some(j) = self.job.take() {
@@ -1062,6 +1106,10 @@ impl Worker {
                 self.harvest = Some(Arc::new(*h));
                 Ok(())
             }
+            Ok(JobResult::Unlearn(u)) => {
+                self.emit(Event::Unlearned(Arc::new(*u)));
+                Ok(())
+            }
             Ok(JobResult::Clusters { data, stored }) => {
                 if !stored {
                     // Keep it in the file extras; interventions (`cluster:id`) and the days
@@ -1078,7 +1126,7 @@ impl Worker {
                 });
                 Ok(())
             }
-            Err(e) => Err(anyhow::anyhow!("clustering failed: {e}")),
+            Err(e) => Err(anyhow::anyhow!("the job failed: {e}")),
         }
     }
 

@@ -171,3 +171,101 @@ fn prompt_view_shows_tokens_ci_and_predictions() {
     let rows = std::fs::read_to_string(&csv).unwrap().lines().count() - 1;
     assert_eq!(rows, n * 12 * 16);
 }
+
+/// The day-after demonstration in the app: on a tiny-lm decomposition with a stored
+/// clustering, "Find its clusters" runs the unlearning search on the worker (progress, then
+/// the answer) and the clusters it found become the prompt's intervention, ablated.
+#[test]
+fn unlearning_a_rule_ablates_the_clusters_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny.spdlab");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_spdlab"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let f = file.to_str().unwrap();
+    run(&[
+        "--threads",
+        "2",
+        "train",
+        "--preset",
+        "tiny-lm",
+        "--steps",
+        "20",
+        "--out",
+        f,
+        "--timeline-frames",
+        "0",
+        "--autosave-secs",
+        "0",
+    ]);
+    // Without a clustering the search says what to do first.
+    let mut h = common::app_on(file.clone(), Some("prompt"), egui::vec2(1300.0, 850.0));
+    common::wait(&mut h, "the prompt's answer", |a| {
+        a.view::<PromptView>().is_some_and(|v| v.result.is_some())
+    });
+    h.run_steps(2);
+    assert_eq!(
+        h.state().view::<PromptView>().unwrap().text,
+        spdlab::app::views::prompt::TINY_LM_STORY
+    );
+    h.get_by_label("Find its clusters").click();
+    let t0 = std::time::Instant::now();
+    while h.state().session.error.is_none() {
+        assert!(t0.elapsed().as_secs() < 60, "no error without clusters");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        h.step();
+    }
+    let e = h.state().session.error.clone().unwrap();
+    assert!(e.contains("cluster this run first"), "{e}");
+    drop(h);
+    run(&["cluster", f, "--save", f, "--samples", "256"]);
+    let mut h = common::app_on(file.clone(), Some("prompt"), egui::vec2(1300.0, 850.0));
+    common::wait(&mut h, "the prompt's answer", |a| {
+        a.view::<PromptView>().is_some_and(|v| v.result.is_some())
+    });
+    h.state_mut()
+        .view_mut::<PromptView>()
+        .unwrap()
+        .unlearn_stories = 12;
+    h.run_steps(2);
+    h.get_by_label("Find its clusters").click();
+    h.run_steps(1);
+    assert!(h.state().view::<PromptView>().unwrap().unlearning.is_some());
+    common::wait(&mut h, "the unlearning search", |a| {
+        a.view::<PromptView>()
+            .is_some_and(|v| v.unlearned.is_some())
+    });
+    let v = h.state().view::<PromptView>().unwrap();
+    let u = v.unlearned.clone().unwrap();
+    assert!(v.unlearning.is_none());
+    assert_eq!(u.rule, "day_after");
+    assert_eq!(
+        u.candidates.len(),
+        u.candidates.len().min(spdlab::tinylm::MAX_CANDIDATES)
+    );
+    let spec: Vec<String> = u
+        .chosen
+        .iter()
+        .map(|(id, _)| format!("cluster:{id}"))
+        .collect();
+    assert_eq!(v.select, spec.join(","));
+    assert_eq!(v.scale, 0.0);
+    h.run_steps(2);
+    h.get_by_label_contains("held-out stories");
+    if !u.chosen.is_empty() {
+        // The prompt runs again with the clusters ablated.
+        common::wait(&mut h, "the intervention", |a| {
+            a.view::<PromptView>()
+                .and_then(|v| v.result.as_ref())
+                .is_some_and(|r| r.intervention.is_some())
+        });
+    }
+}

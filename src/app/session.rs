@@ -224,6 +224,7 @@ impl Session {
             | Event::Prompt { .. }
             | Event::Component { .. }
             | Event::Progress { .. }
+            | Event::Unlearned(_)
             | Event::JobEnded { .. }
             | Event::ColumnOrder { .. } => {}
         }

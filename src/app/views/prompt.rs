@@ -33,7 +33,20 @@ pub struct PromptView {
     pub page: Option<Arc<crate::text::ComponentPage>>,
     /// The running harvest's progress (0..1), if one runs.
     pub harvesting: Option<f32>,
+    /// A tiny-lm run (its planted rules can be unlearned here).
+    pub tiny_lm: bool,
+    /// The rule to unlearn, the running search's progress (stage, 0..1) and its last answer.
+    pub unlearn_rule: crate::tinylm::Rule,
+    pub unlearning: Option<(&'static str, f32)>,
+    pub unlearned: Option<Arc<crate::tinylm::Unlearning>>,
+    /// Held-out stories the search scores on.
+    pub unlearn_stories: usize,
 }
+
+/// The tiny-lm story a run starts on: a day pair whose continuation is predicted at the
+/// last token, after a count and a copied name.
+pub const TINY_LM_STORY: &str =
+    "There was a girl named Mia. Then Mia counted: three, four, five. It was Friday. The next day was";
 
 impl Default for PromptView {
     fn default() -> Self {
@@ -51,6 +64,11 @@ impl Default for PromptView {
             page_asked: None,
             page: None,
             harvesting: None,
+            tiny_lm: false,
+            unlearn_rule: crate::tinylm::Rule::DayAfter,
+            unlearning: None,
+            unlearned: None,
+            unlearn_stories: 300,
         }
     }
 }
@@ -77,9 +95,12 @@ impl View for PromptView {
             Event::Loaded { config, .. } => {
                 // A tiny-lm run starts on a story of its own language (the rules at work),
                 // unless the user has typed something else.
-                let story = "There was a girl named Mia. It was Monday. The next day was Tuesday. Then Mia counted: three, four, five.";
+                let story = TINY_LM_STORY;
                 let generic = PromptView::default().text;
-                if config.tokenizer_name.as_deref() == Some(crate::tinylm::BUILTIN) {
+                self.tiny_lm = config.tokenizer_name.as_deref() == Some(crate::tinylm::BUILTIN);
+                self.unlearned = None;
+                self.unlearning = None;
+                if self.tiny_lm {
                     if self.text == generic {
                         self.text = story.into();
                     }
@@ -106,6 +127,28 @@ impl View for PromptView {
                 fraction,
                 ..
             } => self.harvesting = Some(*fraction),
+            Event::Progress {
+                kind: crate::worker::JobKind::Unlearn,
+                stage,
+                fraction,
+                ..
+            } => self.unlearning = Some((stage, *fraction)),
+            Event::JobEnded {
+                kind: crate::worker::JobKind::Unlearn,
+                ..
+            } => self.unlearning = None,
+            Event::Unlearned(u) => {
+                // The prompt's interventions show the result at once: the clusters found,
+                // ablated.
+                self.select = u
+                    .chosen
+                    .iter()
+                    .map(|(id, _)| format!("cluster:{id}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                self.scale = 0.0;
+                self.unlearned = Some(u.clone());
+            }
             Event::JobEnded {
                 kind: crate::worker::JobKind::Harvest,
                 ..
@@ -115,6 +158,7 @@ impl View for PromptView {
                 self.page_asked = None;
             }
             Event::Error(_) => {
+                self.unlearning = None;
                 // A failed prompt (no tokenizer, ...) is not waited for.
                 if let Some(a) = self.asked.as_mut() {
                     a.0 = 0;
@@ -210,6 +254,9 @@ impl PromptView {
                     .text("its mask: 0 ablate, 1 keep, 2 boost"),
             );
         });
+        if self.tiny_lm {
+            self.rules_bar(cx, ui);
+        }
         self.harvest_bar(cx, ui);
         // Ask for the prompt when it (or the decomposition shown, or the intervention) changed
         // and nothing is in flight.
@@ -349,6 +396,68 @@ impl PromptView {
             };
             ui.label(format!("promotes: {}", list(&p.promoted)));
             ui.label(format!("suppresses: {}", list(&p.suppressed)));
+        }
+    }
+
+    /// Targeted unlearning of a planted rule (tiny-lm runs): a rule, a button that searches
+    /// the stored clusters for those carrying it (a worker job with progress), and the
+    /// result, which becomes the prompt's intervention (the found clusters ablated).
+    fn rules_bar(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
+        use crate::tinylm::Rule;
+        ui.horizontal(|ui| {
+            let name = ui.label("unlearn");
+            egui::ComboBox::from_id_salt("unlearn-rule")
+                .selected_text(rule_label(self.unlearn_rule))
+                .show_ui(ui, |ui| {
+                    for r in Rule::ALL {
+                        ui.selectable_value(&mut self.unlearn_rule, r, rule_label(r));
+                    }
+                })
+                .response
+                .labelled_by(name.id);
+            match self.unlearning {
+                Some((stage, f)) => {
+                    ui.add(
+                        egui::ProgressBar::new(f)
+                            .desired_width(200.0)
+                            .text(format!("{stage} {:.0}%", 100.0 * f)),
+                    );
+                    if ui.button("Cancel").clicked() {
+                        cx.send(Command::Cancel(crate::worker::JobKind::Unlearn));
+                        self.unlearning = None;
+                    }
+                }
+                None => {
+                    if ui
+                        .button("Find its clusters")
+                        .on_hover_text(
+                            "Search the stored clustering for the clusters whose ablation takes this rule to ≤ 0.2 on held-out stories while the other rules stay ≥ 0.9 (minutes); the result is ablated in this prompt",
+                        )
+                        .clicked()
+                        && cx.send(Command::Unlearn {
+                            rule: self.unlearn_rule,
+                            stories: self.unlearn_stories,
+                        })
+                    {
+                        self.unlearning = Some(("starting", 0.0));
+                    }
+                }
+            }
+        });
+        if let Some(u) = &self.unlearned {
+            let a = &u.accuracy;
+            let ok = Rule::parse(u.rule).is_ok_and(|r| a.get(r) <= 0.2);
+            let text = format!(
+                "{} cluster(s), {} subcomponents ablated: day after {:.2}, copy {:.2}, count {:.2} on {} held-out stories{}",
+                u.chosen.len(),
+                u.ablated.len(),
+                a.day_after,
+                a.copy,
+                a.count,
+                self.unlearn_stories,
+                if ok { "" } else { " (not isolated: the rule survives in part)" }
+            );
+            ui.label(egui::RichText::new(text).weak());
         }
     }
 
@@ -512,5 +621,13 @@ impl PromptView {
             );
         }
         ui.label("(the adversarial, PGD worst-case regime is not built yet)");
+    }
+}
+
+fn rule_label(r: crate::tinylm::Rule) -> &'static str {
+    match r {
+        crate::tinylm::Rule::DayAfter => "day after",
+        crate::tinylm::Rule::Copy => "copying the name",
+        crate::tinylm::Rule::Count => "counting",
     }
 }
