@@ -146,6 +146,26 @@ impl FusedGelu for Tensor {
     }
 }
 
+/// Σ over rows of KL(softmax(target) ‖ softmax(out)) for `[rows, vocab]` logits, the
+/// gradient flowing to `out` only (`target` is treated as detached). CPU f32: one fused pass
+/// per row forward and one backward (`softmax(out) − softmax(target)`), with the kernels'
+/// vectorised exp; elsewhere the same maths with tensor ops.
+pub fn kl_sum(out: &Tensor, target: &Tensor) -> Result<Tensor> {
+    if out.device().is_cpu() && out.dtype() == DType::F32 && target.dtype() == DType::F32 {
+        out.apply_op2(&target.detach(), KlSum)
+    } else {
+        let lq = log_softmax_rows(out)?;
+        let lp = log_softmax_rows(&target.detach())?;
+        (lp.exp()? * (lp - lq)?)?.sum_all()
+    }
+}
+
+fn log_softmax_rows(x: &Tensor) -> Result<Tensor> {
+    let shifted = x.broadcast_sub(&x.max_keepdim(candle_core::D::Minus1)?.detach())?;
+    let lse = shifted.exp()?.sum_keepdim(candle_core::D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
 /// `(x + eps)^p` elementwise, differentiable in `x`. CPU f32/f64: one pass forward, and a
 /// backward `p·y/(x + eps)` from the stored result (no second power); elsewhere plain ops.
 pub fn pow_shifted(x: &Tensor, eps: f64, p: f64) -> Result<Tensor> {
@@ -914,6 +934,88 @@ impl CustomOp1 for PowShifted {
     }
 }
 
+/// [`kl_sum`] on CPU f32: `(out, target)` → scalar.
+struct KlSum;
+
+fn rows_of(l: &Layout, name: &str) -> Result<(usize, usize)> {
+    match l.dims() {
+        [n, v] => Ok((*n, *v)),
+        d => bail!("{name}: expected [rows, vocab] logits, got {d:?}"),
+    }
+}
+
+impl CustomOp2 for KlSum {
+    fn name(&self) -> &'static str {
+        "kl-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!("kl-sum: shape mismatch {:?} {:?}", l1.shape(), l2.shape())
+        }
+        let (n, v) = rows_of(l1, self.name())?;
+        let out = contiguous_f32(s1, l1, self.name())?;
+        let target = contiguous_f32(s2, l2, self.name())?;
+        let mut total = 0f64;
+        let mut scratch = vec![0f32; 2 * v];
+        for r in 0..n {
+            let row = r * v..(r + 1) * v;
+            total += kernels::kl_row(&out[row.clone()], &target[row], &mut scratch) as f64;
+        }
+        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        out: &Tensor,
+        target: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = out.apply_op2_no_bwd(target, &KlSumBwd)?;
+        Ok((Some(g.broadcast_mul(grad)?), None))
+    }
+}
+
+/// `softmax(out) − softmax(target)` per row: the gradient of [`KlSum`] for a unit upstream.
+struct KlSumBwd;
+
+impl CustomOp2 for KlSumBwd {
+    fn name(&self) -> &'static str {
+        "kl-sum-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, v) = rows_of(l1, self.name())?;
+        let out = contiguous_f32(s1, l1, self.name())?;
+        let target = contiguous_f32(s2, l2, self.name())?;
+        let mut g = vec![0f32; n * v];
+        let mut scratch = vec![0f32; v];
+        for r in 0..n {
+            let row = r * v..(r + 1) * v;
+            kernels::kl_row_grad(
+                &out[row.clone()],
+                &target[row.clone()],
+                &mut g[row],
+                &mut scratch,
+            );
+        }
+        Ok((CpuStorage::F32(g), l1.shape().clone()))
+    }
+}
+
 mod kernels {
     //! Single-threaded, auto-vectorised f32 kernels.
     //!
@@ -1362,6 +1464,100 @@ mod kernels {
             Isa::Avx2 => unsafe { gelu_bwd_avx2(tanh, x, g, out) },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => unsafe { gelu_bwd_avx512(tanh, x, g, out) },
+        }
+    }
+
+    // ------------------------------ KL of logits ------------------------------
+
+    /// `exp(x − m)` into `e` and its sum.
+    #[inline(always)]
+    fn exp_shifted<const F: bool>(x: &[f32], m: f32, e: &mut [f32]) -> f32 {
+        let mut sum = 0f32;
+        for (o, &x) in e.iter_mut().zip(x) {
+            *o = exp::<F>(x - m);
+            sum += *o;
+        }
+        sum
+    }
+
+    fn max_of(x: &[f32]) -> f32 {
+        x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    }
+
+    /// KL(softmax(t) ‖ softmax(o)) of one row: Σ p (t − o) − lse(t) + lse(o) with
+    /// lse = m + ln Σ exp(x − m).
+    #[inline(always)]
+    fn kl_row_impl<const F: bool>(o: &[f32], t: &[f32], scratch: &mut [f32]) -> f32 {
+        let v = o.len();
+        let (eo, et) = scratch.split_at_mut(v);
+        let (mo, mt) = (max_of(o), max_of(t));
+        let so = exp_shifted::<F>(o, mo, eo);
+        let st = exp_shifted::<F>(t, mt, et);
+        let mut dot = 0f32;
+        for ((&p, &t), &o) in et.iter().zip(t).zip(o) {
+            dot = fma::<F>(p, (t - mt) - (o - mo), dot);
+        }
+        dot / st - st.ln() + so.ln()
+    }
+
+    #[inline(always)]
+    fn kl_row_grad_impl<const F: bool>(o: &[f32], t: &[f32], g: &mut [f32], scratch: &mut [f32]) {
+        let so = exp_shifted::<F>(o, max_of(o), g);
+        let st = exp_shifted::<F>(t, max_of(t), scratch);
+        let (a, b) = (1.0 / so, 1.0 / st);
+        for (g, &p) in g.iter_mut().zip(scratch.iter()) {
+            *g = fma::<F>(*g, a, -p * b);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn kl_row_avx2(o: &[f32], t: &[f32], scratch: &mut [f32]) -> f32 {
+        kl_row_impl::<true>(o, t, scratch)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    fn kl_row_avx512(o: &[f32], t: &[f32], scratch: &mut [f32]) -> f32 {
+        kl_row_impl::<true>(o, t, scratch)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn kl_row_grad_avx2(o: &[f32], t: &[f32], g: &mut [f32], scratch: &mut [f32]) {
+        kl_row_grad_impl::<true>(o, t, g, scratch)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    fn kl_row_grad_avx512(o: &[f32], t: &[f32], g: &mut [f32], scratch: &mut [f32]) {
+        kl_row_grad_impl::<true>(o, t, g, scratch)
+    }
+
+    /// KL(softmax(t) ‖ softmax(o)) of one row of logits (`scratch`: 2 × its length).
+    pub(super) fn kl_row(o: &[f32], t: &[f32], scratch: &mut [f32]) -> f32 {
+        assert!(t.len() == o.len() && scratch.len() >= 2 * o.len());
+        match best_isa() {
+            Isa::Generic => kl_row_impl::<STATIC_FMA>(o, t, scratch),
+            // SAFETY: these variants are only chosen by `best_isa` when detected.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { kl_row_avx2(o, t, scratch) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { kl_row_avx512(o, t, scratch) },
+        }
+    }
+
+    /// softmax(o) − softmax(t) of one row into `g` (`scratch`: its length).
+    pub(super) fn kl_row_grad(o: &[f32], t: &[f32], g: &mut [f32], scratch: &mut [f32]) {
+        assert!(t.len() == o.len() && g.len() == o.len() && scratch.len() >= o.len());
+        let scratch = &mut scratch[..o.len()];
+        match best_isa() {
+            Isa::Generic => kl_row_grad_impl::<STATIC_FMA>(o, t, g, scratch),
+            // SAFETY: as in `kl_row`.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { kl_row_grad_avx2(o, t, g, scratch) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { kl_row_grad_avx512(o, t, g, scratch) },
         }
     }
 
@@ -2075,6 +2271,31 @@ mod tests {
     /// The fused vector MLP equals plain tensor ops (forward and parameter gradients): H = 12
     /// (the blocked kernels), and H = 64 / 128 with row counts that leave a partial tile (the
     /// register-tiled AVX-512 kernels where the CPU has them).
+    #[test]
+    fn fused_kl_matches_tensor_ops() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let (n, v) = (37, 510);
+        let mut rng = Rng(9);
+        let o = candle_core::Var::from_vec(rng.uniform(n * v, -9.0, 9.0), (n, v), &dev)?;
+        let t = Tensor::from_vec(rng.uniform(n * v, -9.0, 9.0), (n, v), &dev)?;
+        let w = Tensor::new(0.37f32, &dev)?;
+        let fused = kl_sum(o.as_tensor(), &t)?;
+        let plain = {
+            let lq = log_softmax_rows(o.as_tensor())?;
+            let lp = log_softmax_rows(&t)?;
+            (lp.exp()? * (lp - lq)?)?.sum_all()?
+        };
+        let (a, b) = (fused.to_scalar::<f32>()?, plain.to_scalar::<f32>()?);
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "KL {a} vs {b}");
+        let gf = (fused * &w)?.backward()?;
+        let gp = (plain * &w)?.backward()?;
+        let (a, b) = (flat(gf.get(&o).unwrap()), flat(gp.get(&o).unwrap()));
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-6, "gradient {x} vs {y}");
+        }
+        Ok(())
+    }
+
     #[test]
     fn fused_gelus_and_power_match_candle() -> Result<()> {
         let dev = candle_core::Device::Cpu;

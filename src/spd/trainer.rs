@@ -745,7 +745,7 @@ fn sq_err_sum(out: &Tensor, target: &Tensor) -> Result<Tensor> {
 pub fn recon_err_sum(out: &Tensor, target: &Tensor, kind: OutputLossType) -> Result<Tensor> {
     match kind {
         OutputLossType::Mse => sq_err_sum(out, target),
-        OutputLossType::Kl => kl_rows(out, &target.detach())?.sum_all(),
+        OutputLossType::Kl => crate::spd::ci_op::kl_sum(out, target),
     }
 }
 
