@@ -1469,19 +1469,65 @@ mod kernels {
 
     // ------------------------------ KL of logits ------------------------------
 
+    /// Lanes of the row reductions below: float sums only vectorise when kept per lane.
+    const RL: usize = 16;
+
     /// `exp(x − m)` into `e` and its sum.
     #[inline(always)]
     fn exp_shifted<const F: bool>(x: &[f32], m: f32, e: &mut [f32]) -> f32 {
-        let mut sum = 0f32;
-        for (o, &x) in e.iter_mut().zip(x) {
+        let mut acc = [0f32; RL];
+        let mut xc = x.chunks_exact(RL);
+        let mut ec = e.chunks_exact_mut(RL);
+        for (xs, es) in (&mut xc).zip(&mut ec) {
+            for l in 0..RL {
+                es[l] = exp::<F>(xs[l] - m);
+                acc[l] += es[l];
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for (o, &x) in ec.into_remainder().iter_mut().zip(xc.remainder()) {
             *o = exp::<F>(x - m);
             sum += *o;
         }
         sum
     }
 
+    #[inline(always)]
     fn max_of(x: &[f32]) -> f32 {
-        x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        let mut acc = [f32::NEG_INFINITY; RL];
+        let mut xc = x.chunks_exact(RL);
+        for xs in &mut xc {
+            for l in 0..RL {
+                acc[l] = if xs[l] > acc[l] { xs[l] } else { acc[l] };
+            }
+        }
+        xc.remainder()
+            .iter()
+            .chain(&acc)
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max)
+    }
+
+    /// Σ p ((a − b) − d), per lane.
+    #[inline(always)]
+    fn weighted_diff<const F: bool>(p: &[f32], a: &[f32], b: &[f32], d: f32) -> f32 {
+        let mut acc = [0f32; RL];
+        let (mut pc, mut ac, mut bc) = (p.chunks_exact(RL), a.chunks_exact(RL), b.chunks_exact(RL));
+        for ((ps, as_), bs) in (&mut pc).zip(&mut ac).zip(&mut bc) {
+            for l in 0..RL {
+                acc[l] = fma::<F>(ps[l], (as_[l] - bs[l]) - d, acc[l]);
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for ((&p, &a), &b) in pc
+            .remainder()
+            .iter()
+            .zip(ac.remainder())
+            .zip(bc.remainder())
+        {
+            sum = fma::<F>(p, (a - b) - d, sum);
+        }
+        sum
     }
 
     /// KL(softmax(t) ‖ softmax(o)) of one row: Σ p (t − o) − lse(t) + lse(o) with
@@ -1493,10 +1539,8 @@ mod kernels {
         let (mo, mt) = (max_of(o), max_of(t));
         let so = exp_shifted::<F>(o, mo, eo);
         let st = exp_shifted::<F>(t, mt, et);
-        let mut dot = 0f32;
-        for ((&p, &t), &o) in et.iter().zip(t).zip(o) {
-            dot = fma::<F>(p, (t - mt) - (o - mo), dot);
-        }
+        // Σ p ((t − mt) − (o − mo))
+        let dot = weighted_diff::<F>(et, t, o, mt - mo);
         dot / st - st.ln() + so.ln()
     }
 
