@@ -455,6 +455,14 @@ pub fn rule_accuracy(
     score_rows(&rows, seq_len, device, logits_of)
 }
 
+/// The index of a row's largest value (the top next-token prediction).
+fn argmax(row: &[f32]) -> Option<u32> {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(j, _)| j as u32)
+}
+
 /// Scores [`eval_rows`] in batches of 64 with `logits_of`.
 fn score_rows(
     rows: &[EvalRow],
@@ -480,12 +488,7 @@ fn score_rows(
                 if p == 0 {
                     continue;
                 }
-                let row = &logp[i * seq_len + p - 1];
-                let best = row
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map(|(j, _)| j as u32);
+                let best = argmax(&logp[i * seq_len + p - 1]);
                 let k = Rule::ALL.iter().position(|&x| x == r).unwrap_or(0);
                 tot[k] += 1;
                 if best == Some(ids[p]) {
@@ -820,8 +823,9 @@ pub struct Unlearning {
 /// lowers `rule` than the other rules; then they are ablated together in that order while
 /// the other rules stay ≥ `keep` (a cluster that would take one below, or raise `rule`, is
 /// skipped), until `rule` is ≤ `target`. Short of that, clusters whose removal does not
-/// raise `rule` but frees room on the other rules are dropped again and the skipped ones
-/// retried (up to three rounds). `base`: the CI-masked decomposition's accuracies on the same
+/// raise `rule` but frees room on the other rules are dropped again, and the next round
+/// tries first the clusters most active where the words the rule still gets right are
+/// expected, then the skipped candidates again (up to three rounds). `base`: the CI-masked decomposition's accuracies on the same
 /// `stories` (what the drops are measured from). `progress(stage, fraction)` is told how far
 /// the search is; it stops the search (an error) by answering false.
 #[allow(clippy::too_many_arguments)]
@@ -982,9 +986,41 @@ pub fn unlearn(
         drop(rule) - others.iter().map(|&r| drop(r)).fold(0.0, f64::max)
     };
     candidates.sort_by(|a, b| score(&b.accuracy).total_cmp(&score(&a.accuracy)));
+    // The expected words of the rule's positions still predicted right with `ids` ablated.
+    let surviving_words = |ids: &[usize]| -> anyhow::Result<std::collections::HashSet<u32>> {
+        use crate::interventions::{Intervention, MaskMode, run_intervention};
+        let iv = Intervention {
+            selection: sel_of(ids)?,
+            selected_mode: MaskMode::Ablate,
+            other_mode: MaskMode::Ci,
+            delta: false,
+        };
+        let mut rng = Rng::new(0);
+        let mut words = std::collections::HashSet::new();
+        for chunk in rows.chunks(64) {
+            let x: Vec<Vec<f32>> = chunk
+                .iter()
+                .map(|r| r.ids.iter().map(|&t| t as f32).collect())
+                .collect();
+            let out = run_intervention(model, &x, &iv, &mut rng)?.intervened;
+            for (i, r) in chunk.iter().enumerate() {
+                for &(p, rr) in &r.rules {
+                    if rr != rule || p == 0 {
+                        continue;
+                    }
+                    if argmax(&out[i * s + p - 1]) == Some(r.ids[p]) {
+                        words.insert(r.ids[p]);
+                    }
+                }
+            }
+        }
+        Ok(words)
+    };
     let mut chosen: Vec<(usize, RuleAccuracy)> = vec![];
     let mut ids: Vec<usize> = vec![];
     let mut acc = base.clone();
+    // Clusters tried in this round, best first (the first round: the ranked candidates).
+    let mut pool: Vec<usize> = candidates.iter().map(|c| c.id).collect();
     let spares = |a: &RuleAccuracy| others.iter().all(|&r| a.get(r) >= keep);
     // The other rules' accuracy left above the floor (what further ablations may spend).
     let slack = |a: &RuleAccuracy| {
@@ -997,20 +1033,20 @@ pub fn unlearn(
         // Add: in ranked order, every candidate that spares the other rules and does not
         // raise this one (redundant mechanisms: a cluster may matter only once others are
         // gone).
-        for c in &candidates {
+        for &cid in &pool {
             if acc.get(rule) <= target {
                 break;
             }
-            if ids.contains(&c.id) {
+            if ids.contains(&cid) {
                 continue;
             }
             let mut try_ids = ids.clone();
-            try_ids.push(c.id);
+            try_ids.push(cid);
             let a = eval(&try_ids)?;
             if spares(&a) && a.get(rule) <= acc.get(rule) {
                 ids = try_ids;
                 acc = a.clone();
-                chosen.push((c.id, a));
+                chosen.push((cid, a));
             }
         }
         if acc.get(rule) <= target || round == 2 {
@@ -1030,9 +1066,28 @@ pub fn unlearn(
                 pruned = true;
             }
         }
-        if !pruned {
+        // Aim at what survives: the clusters most active where the words still predicted
+        // right are expected (e.g. the day pairs the ablation has not reached), best first.
+        let words = surviving_words(&ids)?;
+        let mut aimed: Vec<(f64, usize)> = members
+            .iter()
+            .filter(|(id, _)| !ids.contains(id))
+            .filter_map(|(id, _)| {
+                let h = words
+                    .iter()
+                    .filter_map(|w| act.get(&(*id, *w)).filter(|e| e.1 >= 5).copied())
+                    .map(mean_of)
+                    .fold(0.0, f64::max);
+                let all = mean_of(everywhere.get(id).copied().unwrap_or((0.0, 0)));
+                (h >= 0.05).then_some((h - all, *id))
+            })
+            .collect();
+        aimed.sort_by(|a, b| b.0.total_cmp(&a.0));
+        aimed.truncate(MAX_CANDIDATES / 2);
+        if aimed.is_empty() && !pruned {
             break;
         }
+        pool = aimed.into_iter().map(|(_, id)| id).chain(pool).collect();
     }
     Ok(Unlearning {
         rule: rule.name(),

@@ -46,7 +46,7 @@ pub struct PromptView {
 /// The tiny-lm story a run starts on: a day pair whose continuation is predicted at the
 /// last token, after a count and a copied name.
 pub const TINY_LM_STORY: &str =
-    "There was a girl named Mia. Then Mia counted: three, four, five. It was Friday. The next day was";
+    "There was a girl named Mia. Then Mia counted: three, four, five. It was Wednesday. The next day was";
 
 impl Default for PromptView {
     fn default() -> Self {
