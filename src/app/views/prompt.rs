@@ -68,7 +68,7 @@ impl Default for PromptView {
             unlearn_rule: crate::tinylm::Rule::DayAfter,
             unlearning: None,
             unlearned: None,
-            unlearn_stories: 300,
+            unlearn_stories: 100,
         }
     }
 }
