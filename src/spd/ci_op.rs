@@ -1024,6 +1024,34 @@ mod kernels {
     //! `gelu'(z) = Phi(u) + u * exp(-u^2) / sqrt(pi)`.
     use super::View2;
 
+    /// `fn name(args) => impl_fn`: `name` runs `impl_fn::<F>` compiled for the best
+    /// instruction set found at run time (AVX-512, AVX2 + FMA, or portable code).
+    macro_rules! isa_dispatch {
+        ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? => $imp:ident) => {
+            $(#[$m])*
+            $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+                #[cfg(target_arch = "x86_64")]
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $imp::<true>($($arg),*)
+                }
+                #[cfg(target_arch = "x86_64")]
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $imp::<true>($($arg),*)
+                }
+                match best_isa() {
+                    Isa::Generic => $imp::<STATIC_FMA>($($arg),*),
+                    // SAFETY: these variants are only chosen by `best_isa` when detected.
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { avx2($($arg),*) },
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => unsafe { avx512($($arg),*) },
+                }
+            }
+        };
+    }
+
     /// Rows of the batch processed together (per component the block's column of `h`
     /// is gathered into a small contiguous buffer).
     const BB: usize = 512;
@@ -1389,6 +1417,7 @@ mod kernels {
 
     #[inline(always)]
     fn gelu_impl<const F: bool>(tanh: bool, x: &[f32], out: &mut [f32]) {
+        assert_eq!(x.len(), out.len());
         if tanh {
             for (o, &x) in out.iter_mut().zip(x) {
                 *o = x * tanh_gate::<F>(x).0;
@@ -1402,6 +1431,7 @@ mod kernels {
 
     #[inline(always)]
     fn gelu_bwd_impl<const F: bool>(tanh: bool, x: &[f32], g: &[f32], out: &mut [f32]) {
+        assert!(x.len() == out.len() && g.len() == out.len());
         if tanh {
             for ((o, &x), &g) in out.iter_mut().zip(x).zip(g) {
                 let (s, dv) = tanh_gate::<F>(x);
@@ -1417,54 +1447,14 @@ mod kernels {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn gelu_avx2(tanh: bool, x: &[f32], out: &mut [f32]) {
-        gelu_impl::<true>(tanh, x, out)
+    isa_dispatch! {
+        /// GELU (tanh approximation or exact) of `x` into `out` (same length).
+        pub(super) fn gelu(tanh: bool, x: &[f32], out: &mut [f32]) => gelu_impl
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    fn gelu_avx512(tanh: bool, x: &[f32], out: &mut [f32]) {
-        gelu_impl::<true>(tanh, x, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn gelu_bwd_avx2(tanh: bool, x: &[f32], g: &[f32], out: &mut [f32]) {
-        gelu_bwd_impl::<true>(tanh, x, g, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    fn gelu_bwd_avx512(tanh: bool, x: &[f32], g: &[f32], out: &mut [f32]) {
-        gelu_bwd_impl::<true>(tanh, x, g, out)
-    }
-
-    /// GELU (tanh approximation or exact) of `x` into `out` (same length).
-    pub(super) fn gelu(tanh: bool, x: &[f32], out: &mut [f32]) {
-        assert_eq!(x.len(), out.len());
-        match best_isa() {
-            Isa::Generic => gelu_impl::<STATIC_FMA>(tanh, x, out),
-            // SAFETY: these variants are only chosen by `best_isa` when detected.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { gelu_avx2(tanh, x, out) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { gelu_avx512(tanh, x, out) },
-        }
-    }
-
-    /// `g · gelu'(x)` into `out`.
-    pub(super) fn gelu_bwd(tanh: bool, x: &[f32], g: &[f32], out: &mut [f32]) {
-        assert!(x.len() == out.len() && g.len() == out.len());
-        match best_isa() {
-            Isa::Generic => gelu_bwd_impl::<STATIC_FMA>(tanh, x, g, out),
-            // SAFETY: as in `gelu`.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { gelu_bwd_avx2(tanh, x, g, out) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { gelu_bwd_avx512(tanh, x, g, out) },
-        }
+    isa_dispatch! {
+        /// `g · gelu'(x)` into `out`.
+        pub(super) fn gelu_bwd(tanh: bool, x: &[f32], g: &[f32], out: &mut [f32]) => gelu_bwd_impl
     }
 
     // ------------------------------ KL of logits ------------------------------
@@ -1534,6 +1524,7 @@ mod kernels {
     /// lse = m + ln Σ exp(x − m).
     #[inline(always)]
     fn kl_row_impl<const F: bool>(o: &[f32], t: &[f32], scratch: &mut [f32]) -> f32 {
+        assert!(t.len() == o.len() && scratch.len() >= 2 * o.len());
         let v = o.len();
         let (eo, et) = scratch.split_at_mut(v);
         let (mo, mt) = (max_of(o), max_of(t));
@@ -1546,6 +1537,8 @@ mod kernels {
 
     #[inline(always)]
     fn kl_row_grad_impl<const F: bool>(o: &[f32], t: &[f32], g: &mut [f32], scratch: &mut [f32]) {
+        assert!(t.len() == o.len() && g.len() == o.len() && scratch.len() >= o.len());
+        let scratch = &mut scratch[..o.len()];
         let so = exp_shifted::<F>(o, max_of(o), g);
         let st = exp_shifted::<F>(t, max_of(t), scratch);
         let (a, b) = (1.0 / so, 1.0 / st);
@@ -1554,55 +1547,14 @@ mod kernels {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn kl_row_avx2(o: &[f32], t: &[f32], scratch: &mut [f32]) -> f32 {
-        kl_row_impl::<true>(o, t, scratch)
+    isa_dispatch! {
+        /// KL(softmax(t) ‖ softmax(o)) of one row of logits (`scratch`: 2 × its length).
+        pub(super) fn kl_row(o: &[f32], t: &[f32], scratch: &mut [f32]) -> f32 => kl_row_impl
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    fn kl_row_avx512(o: &[f32], t: &[f32], scratch: &mut [f32]) -> f32 {
-        kl_row_impl::<true>(o, t, scratch)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn kl_row_grad_avx2(o: &[f32], t: &[f32], g: &mut [f32], scratch: &mut [f32]) {
-        kl_row_grad_impl::<true>(o, t, g, scratch)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    fn kl_row_grad_avx512(o: &[f32], t: &[f32], g: &mut [f32], scratch: &mut [f32]) {
-        kl_row_grad_impl::<true>(o, t, g, scratch)
-    }
-
-    /// KL(softmax(t) ‖ softmax(o)) of one row of logits (`scratch`: 2 × its length).
-    pub(super) fn kl_row(o: &[f32], t: &[f32], scratch: &mut [f32]) -> f32 {
-        assert!(t.len() == o.len() && scratch.len() >= 2 * o.len());
-        match best_isa() {
-            Isa::Generic => kl_row_impl::<STATIC_FMA>(o, t, scratch),
-            // SAFETY: these variants are only chosen by `best_isa` when detected.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { kl_row_avx2(o, t, scratch) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { kl_row_avx512(o, t, scratch) },
-        }
-    }
-
-    /// softmax(o) − softmax(t) of one row into `g` (`scratch`: its length).
-    pub(super) fn kl_row_grad(o: &[f32], t: &[f32], g: &mut [f32], scratch: &mut [f32]) {
-        assert!(t.len() == o.len() && g.len() == o.len() && scratch.len() >= o.len());
-        let scratch = &mut scratch[..o.len()];
-        match best_isa() {
-            Isa::Generic => kl_row_grad_impl::<STATIC_FMA>(o, t, g, scratch),
-            // SAFETY: as in `kl_row`.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { kl_row_grad_avx2(o, t, g, scratch) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { kl_row_grad_avx512(o, t, g, scratch) },
-        }
+    isa_dispatch! {
+        /// softmax(o) − softmax(t) of one row into `g` (`scratch`: its length).
+        pub(super) fn kl_row_grad(o: &[f32], t: &[f32], g: &mut [f32], scratch: &mut [f32]) => kl_row_grad_impl
     }
 
     // ------------------------------ backward ------------------------------
