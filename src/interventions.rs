@@ -467,6 +467,31 @@ pub fn lower_ci(model: &ComponentModel, x: &Tensor) -> anyhow::Result<Vec<Tensor
     Ok(ci.into_iter().map(|c| c.lower).collect())
 }
 
+/// Outputs of the decomposition with `selection` ablated and every other subcomponent at its
+/// CI (no delta): what [`run_intervention`] gives as `intervened` for that intervention,
+/// computed with one CI pass and one masked forward.
+pub fn ablated_outputs(
+    model: &ComponentModel,
+    x: &Tensor,
+    selection: &Selection,
+) -> anyhow::Result<Tensor> {
+    let dev = model.device();
+    let masks = lower_ci(model, x)?
+        .into_iter()
+        .zip(&selection.selected)
+        .map(|(ci, sel)| -> anyhow::Result<Option<ModuleMask>> {
+            let keep: Vec<f32> = sel.iter().map(|&s| if s { 0.0 } else { 1.0 }).collect();
+            let keep = Tensor::from_vec(keep, sel.len(), dev)?;
+            Ok(Some(ModuleMask {
+                mask: ci.broadcast_mul(&keep)?,
+                delta: None,
+                route: None,
+            }))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(model.forward_masked(x, &masks, &Fold::new())?)
+}
+
 fn mask_values(mode: MaskMode, g: f32, rng: &mut Rng) -> f32 {
     match mode {
         MaskMode::Keep => 1.0,

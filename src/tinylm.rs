@@ -803,6 +803,22 @@ impl Rule {
 /// Clusters tried alone by [`unlearn`].
 pub const MAX_CANDIDATES: usize = 64;
 
+/// Rule accuracies on `rows` of the decomposition with `selection` ablated and the other
+/// subcomponents at their CI (as [`decomposition_rules`]' `ablated`, with one CI pass and one
+/// masked forward per batch).
+pub fn ablated_accuracy(
+    model: &crate::spd::component_model::ComponentModel,
+    rows: &[EvalRow],
+    selection: &crate::interventions::Selection,
+) -> anyhow::Result<RuleAccuracy> {
+    let crate::model::TargetSpec::Lm { seq_len, .. } = &model.target.spec else {
+        anyhow::bail!("rule accuracies need a language-model decomposition");
+    };
+    score_rows(rows, *seq_len, model.device(), |x| {
+        crate::interventions::ablated_outputs(model, x, selection)
+    })
+}
+
 /// Targeted unlearning: the clusters whose ablation removes one rule and spares the others.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Unlearning {
@@ -919,6 +935,7 @@ pub fn unlearn(
     // Evaluations so far, against a rough total (each candidate alone, then about three
     // passes over them).
     let evals = std::cell::Cell::new(0usize);
+    let dev = model.device().clone();
     let eval = |ids: &[usize]| -> anyhow::Result<RuleAccuracy> {
         let n = evals.get();
         evals.set(n + 1);
@@ -930,11 +947,7 @@ pub fn unlearn(
         if !progress(stage, (n as f32 / (4 * MAX_CANDIDATES) as f32).min(0.99)) {
             anyhow::bail!("cancelled");
         }
-        Ok(
-            decomposition_rules(model, tok, stories, Some(&sel_of(ids)?))?
-                .ablated
-                .unwrap_or_default(),
-        )
+        ablated_accuracy(model, &rows, &sel_of(ids)?)
     };
     // The clusters active where the rule applies (mean largest member CI ≥ 0.05 where one
     // of its words is expected, over at least 5 positions), the most specific to it first
@@ -988,21 +1001,13 @@ pub fn unlearn(
     candidates.sort_by(|a, b| score(&b.accuracy).total_cmp(&score(&a.accuracy)));
     // The expected words of the rule's positions still predicted right with `ids` ablated.
     let surviving_words = |ids: &[usize]| -> anyhow::Result<std::collections::HashSet<u32>> {
-        use crate::interventions::{Intervention, MaskMode, run_intervention};
-        let iv = Intervention {
-            selection: sel_of(ids)?,
-            selected_mode: MaskMode::Ablate,
-            other_mode: MaskMode::Ci,
-            delta: false,
-        };
-        let mut rng = Rng::new(0);
+        let sel = sel_of(ids)?;
         let mut words = std::collections::HashSet::new();
         for chunk in rows.chunks(64) {
-            let x: Vec<Vec<f32>> = chunk
-                .iter()
-                .map(|r| r.ids.iter().map(|&t| t as f32).collect())
-                .collect();
-            let out = run_intervention(model, &x, &iv, &mut rng)?.intervened;
+            let flat: Vec<u32> = chunk.iter().flat_map(|r| r.ids.iter().copied()).collect();
+            let x = Tensor::from_vec(flat, (chunk.len(), s), &dev)?;
+            let out: Vec<Vec<f32>> =
+                crate::interventions::ablated_outputs(model, &x, &sel)?.to_vec2()?;
             for (i, r) in chunk.iter().enumerate() {
                 for &(p, rr) in &r.rules {
                     if rr != rule || p == 0 {

@@ -239,3 +239,39 @@ fn tiny_lm_spd_full_preset() {
         assert!(r.ci_masked.get(rule) >= 0.95, "{}: {r:?}", rule.name());
     }
 }
+
+/// The unlearning search's fast scorer (one CI pass and one masked forward per batch) gives
+/// the accuracies of the full intervention path.
+#[test]
+fn ablated_accuracy_equals_the_intervention_path() {
+    let dev = candle_core::Device::Cpu;
+    let cfg = spdlab::presets::spd_config("tiny-lm").unwrap();
+    let target = spdlab::presets::target_model("tiny-lm", &dev).unwrap();
+    let mut tr = spdlab::spd::trainer::Trainer::new(target, cfg).unwrap();
+    for _ in 0..3 {
+        tr.step().unwrap();
+    }
+    let tok = tinylm::tokenizer().unwrap();
+    let mut sel = spdlab::interventions::Selection::empty(&tr.model);
+    for (j, s) in sel.selected.iter_mut().enumerate() {
+        for (c, x) in s.iter_mut().enumerate() {
+            *x = (j + c) % 3 == 0;
+        }
+    }
+    let slow = tinylm::decomposition_rules(&tr.model, &tok, 40, Some(&sel))
+        .unwrap()
+        .ablated
+        .unwrap();
+    let rows = tinylm::eval_rows(&tok, &tinylm::generate(tinylm::HELD_OUT_SEED, 40), 64).unwrap();
+    let fast = tinylm::ablated_accuracy(&tr.model, &rows, &sel).unwrap();
+    assert_eq!(fast.n, slow.n);
+    for r in Rule::ALL {
+        assert_eq!(fast.get(r), slow.get(r), "{}", r.name());
+    }
+    assert!(
+        (fast.ce - slow.ce).abs() < 1e-4,
+        "{} vs {}",
+        fast.ce,
+        slow.ce
+    );
+}
