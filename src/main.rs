@@ -1528,6 +1528,33 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
 /// `train-target --preset tiny-lm`: the language's tokenizer, then the model; writes
 /// `OUT/tokenizer.json`, `OUT/tiny-lm.safetensors`, `OUT/model_config.yaml` and
 /// `OUT/accuracy.json` (each rule's accuracy on held-out stories).
+/// Prepares the folder `out` for `files` (paths inside it; an existing one is refused
+/// unless `force`) and returns the writer of one of them (atomic, errors naming the file).
+fn output_folder(
+    out: &std::path::Path,
+    files: &[&str],
+    force: bool,
+) -> anyhow::Result<impl Fn(&str, &[u8]) -> anyhow::Result<()>> {
+    if out.exists() && !out.is_dir() {
+        anyhow::bail!("{}: --out is a folder", out.display());
+    }
+    if !force && let Some(f) = files.iter().map(|f| out.join(f)).find(|p| p.exists()) {
+        anyhow::bail!("{}: exists (add --force to replace it)", f.display());
+    }
+    for f in files {
+        let dir = out.join(f);
+        let dir = dir.parent().unwrap_or(out);
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
+    }
+    let out = out.to_path_buf();
+    Ok(move |name: &str, bytes: &[u8]| -> anyhow::Result<()> {
+        let p = out.join(name);
+        spdlab::io::atomic::write_atomic(&p, bytes)
+            .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", p.display()))
+    })
+}
+
 /// The tiny-lm target, tokenizer and text laid out as goodfire-ai/spd reads an `spd.pretrain`
 /// run and a local dataset (see `README.txt` written with them).
 fn export_tiny_lm_reference(
@@ -1536,32 +1563,20 @@ fn export_tiny_lm_reference(
     force: bool,
 ) -> anyhow::Result<()> {
     use spdlab::tinylm;
-    if out.exists() && !out.is_dir() {
-        anyhow::bail!("{}: --out is a folder", out.display());
-    }
-    let files = [
-        "target/model_config.yaml",
-        "target/final_config.yaml",
-        "target/model.safetensors",
-        "tokenizer/tokenizer.json",
-        "tokenizer/tokenizer_config.json",
-        "data/train.jsonl",
-        "data/test.jsonl",
-        "README.txt",
-    ];
-    if !force && let Some(f) = files.iter().map(|f| out.join(f)).find(|p| p.exists()) {
-        anyhow::bail!("{}: exists (add --force to replace it)", f.display());
-    }
-    for d in ["target", "tokenizer", "data"] {
-        let p = out.join(d);
-        std::fs::create_dir_all(&p)
-            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", p.display()))?;
-    }
-    let write = |name: &str, bytes: &[u8]| -> anyhow::Result<()> {
-        let p = out.join(name);
-        spdlab::io::atomic::write_atomic(&p, bytes)
-            .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", p.display()))
-    };
+    let write = output_folder(
+        out,
+        &[
+            "target/model_config.yaml",
+            "target/final_config.yaml",
+            "target/model.safetensors",
+            "tokenizer/tokenizer.json",
+            "tokenizer/tokenizer_config.json",
+            "data/train.jsonl",
+            "data/test.jsonl",
+            "README.txt",
+        ],
+        force,
+    )?;
     let tok = tinylm::tokenizer()?;
     let mut cfg = tinylm::model_config(tok.vocab_size());
     // The reference's config wants an integer rotary_dim (it rotates the whole head anyway).
@@ -1649,25 +1664,16 @@ fn train_tiny_lm(
     force: bool,
 ) -> anyhow::Result<()> {
     use spdlab::tinylm;
-    if out.exists() && !out.is_dir() {
-        anyhow::bail!("{}: --out for tiny-lm is a folder", out.display());
-    }
-    let files = [
-        "tokenizer.json",
-        "tiny-lm.safetensors",
-        "model_config.yaml",
-        "accuracy.json",
-    ];
-    if !force && let Some(f) = files.iter().map(|f| out.join(f)).find(|p| p.exists()) {
-        anyhow::bail!("{}: exists (add --force to replace it)", f.display());
-    }
-    std::fs::create_dir_all(out)
-        .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", out.display()))?;
-    let write = |name: &str, bytes: &[u8]| -> anyhow::Result<()> {
-        let p = out.join(name);
-        spdlab::io::atomic::write_atomic(&p, bytes)
-            .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", p.display()))
-    };
+    let write = output_folder(
+        out,
+        &[
+            "tokenizer.json",
+            "tiny-lm.safetensors",
+            "model_config.yaml",
+            "accuracy.json",
+        ],
+        force,
+    )?;
     let t0 = Instant::now();
     let docs = tinylm::generate(tinylm::TRAIN_SEED ^ seed, 20_000);
     let json = tinylm::train_tokenizer(&docs)?;

@@ -15,7 +15,7 @@
 //! the trained tokenizer, so a rule's position is a token position, and a rule's accuracy is
 //! how often the model's top next-token prediction there is the rule's word.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -468,7 +468,19 @@ fn score_rows(
     rows: &[EvalRow],
     seq_len: usize,
     device: &Device,
+    logits_of: impl FnMut(&Tensor) -> anyhow::Result<Tensor>,
+) -> anyhow::Result<RuleAccuracy> {
+    score_rows_with(rows, seq_len, device, logits_of, |_, _, _| {})
+}
+
+/// [`score_rows`], also telling `on_rule(rule, expected word, predicted right)` at every
+/// rule position.
+fn score_rows_with(
+    rows: &[EvalRow],
+    seq_len: usize,
+    device: &Device,
     mut logits_of: impl FnMut(&Tensor) -> anyhow::Result<Tensor>,
+    mut on_rule: impl FnMut(Rule, u32, bool),
 ) -> anyhow::Result<RuleAccuracy> {
     let mut hit = [0usize; 3];
     let mut tot = [0usize; 3];
@@ -488,12 +500,11 @@ fn score_rows(
                 if p == 0 {
                     continue;
                 }
-                let best = argmax(&logp[i * seq_len + p - 1]);
+                let right = argmax(&logp[i * seq_len + p - 1]) == Some(ids[p]);
                 let k = Rule::ALL.iter().position(|&x| x == r).unwrap_or(0);
                 tot[k] += 1;
-                if best == Some(ids[p]) {
-                    hit[k] += 1;
-                }
+                hit[k] += right as usize;
+                on_rule(r, ids[p], right);
             }
         }
     }
@@ -769,16 +780,9 @@ pub fn rules_report(
 ) -> anyhow::Result<RulesReport> {
     let base = decomposition_rules(model, tok, stories, ablate)?;
     let unlearning = match unlearn_rule {
-        Some((r, cl)) => Some(unlearn(
-            model,
-            tok,
-            cl,
-            r,
-            stories,
-            &base.ci_masked,
-            (0.2, 0.9),
-            &|_, _| true,
-        )?),
+        Some((r, cl)) => Some(unlearn(model, tok, cl, r, stories, (0.2, 0.9), &|_, _| {
+            true
+        })?),
         None => None,
     };
     Ok(RulesReport {
@@ -811,12 +815,26 @@ pub fn ablated_accuracy(
     rows: &[EvalRow],
     selection: &crate::interventions::Selection,
 ) -> anyhow::Result<RuleAccuracy> {
+    ablated_accuracy_with(model, rows, selection, |_, _, _| {})
+}
+
+/// [`ablated_accuracy`] with [`score_rows_with`]'s per-position report.
+fn ablated_accuracy_with(
+    model: &crate::spd::component_model::ComponentModel,
+    rows: &[EvalRow],
+    selection: &crate::interventions::Selection,
+    on_rule: impl FnMut(Rule, u32, bool),
+) -> anyhow::Result<RuleAccuracy> {
     let crate::model::TargetSpec::Lm { seq_len, .. } = &model.target.spec else {
         anyhow::bail!("rule accuracies need a language-model decomposition");
     };
-    score_rows(rows, *seq_len, model.device(), |x| {
-        crate::interventions::ablated_outputs(model, x, selection)
-    })
+    score_rows_with(
+        rows,
+        *seq_len,
+        model.device(),
+        |x| crate::interventions::ablated_outputs(model, x, selection),
+        on_rule,
+    )
 }
 
 /// Targeted unlearning: the clusters whose ablation removes one rule and spares the others.
@@ -841,8 +859,8 @@ pub struct Unlearning {
 /// skipped), until `rule` is ≤ `target`. Short of that, clusters whose removal does not
 /// raise `rule` but frees room on the other rules are dropped again, and the next round
 /// tries first the clusters most active where the words the rule still gets right are
-/// expected, then the skipped candidates again (up to three rounds). `base`: the CI-masked decomposition's accuracies on the same
-/// `stories` (what the drops are measured from). `progress(stage, fraction)` is told how far
+/// expected, then the skipped candidates again (up to three rounds). Drops are measured from
+/// the CI-masked decomposition's accuracies on the same `stories`. `progress(stage, fraction)` is told how far
 /// the search is; it stops the search (an error) by answering false.
 #[allow(clippy::too_many_arguments)]
 pub fn unlearn(
@@ -851,7 +869,6 @@ pub fn unlearn(
     clusters: &crate::cluster::ClusteringResult,
     rule: Rule,
     stories: usize,
-    base: &RuleAccuracy,
     (target, keep): (f64, f64),
     progress: &dyn Fn(&'static str, f32) -> bool,
 ) -> anyhow::Result<Unlearning> {
@@ -935,7 +952,6 @@ pub fn unlearn(
     // Evaluations so far, against a rough total (each candidate alone, then about three
     // passes over them).
     let evals = std::cell::Cell::new(0usize);
-    let dev = model.device().clone();
     let eval = |ids: &[usize]| -> anyhow::Result<RuleAccuracy> {
         let n = evals.get();
         evals.set(n + 1);
@@ -954,33 +970,36 @@ pub fn unlearn(
     // (the mean over all its positions minus the mean over every position), at most
     // MAX_CANDIDATES.
     let mean_of = |(sum, n): (f64, usize)| sum / n.max(1) as f64;
-    // Per cluster: the largest mean over one expected word (≥ 5 positions), and the mean
-    // over all the rule's positions.
-    let mut here: HashMap<usize, f64> = HashMap::new();
-    let mut over_rule: HashMap<usize, (f64, usize)> = HashMap::new();
-    for (&(id, _), &(sum, n)) in &act {
-        let t = over_rule.entry(id).or_insert((0.0, 0));
-        t.0 += sum;
-        t.1 += n;
-        if n >= 5 {
-            let m = here.entry(id).or_insert(0.0);
-            *m = m.max(mean_of((sum, n)));
-        }
-    }
+    let everywhere_mean = |id: usize| mean_of(everywhere.get(&id).copied().unwrap_or((0.0, 0)));
+    // The rule's expected words, and a cluster's largest mean activity where one of `words`
+    // is expected (over ≥ 5 positions).
+    let rule_words: HashSet<u32> = act.keys().map(|&(_, w)| w).collect();
+    let peak = |id: usize, words: &HashSet<u32>| {
+        words
+            .iter()
+            .filter_map(|w| act.get(&(id, *w)).filter(|e| e.1 >= 5).copied())
+            .map(mean_of)
+            .fold(0.0, f64::max)
+    };
+    let over_rule = |id: usize| {
+        let (sum, n) = rule_words
+            .iter()
+            .filter_map(|w| act.get(&(id, *w)))
+            .fold((0.0, 0), |(s, n), e| (s + e.0, n + e.1));
+        mean_of((sum, n))
+    };
     // (specificity: the mean over the rule's positions minus the mean everywhere, index into
     // `members`) of the clusters active for some expected word.
     let mut active: Vec<(f64, usize)> = members
         .iter()
         .enumerate()
-        .filter_map(|(k, (id, _))| {
-            let h = here.get(id).copied().unwrap_or(0.0);
-            let rule_mean = mean_of(over_rule.get(id).copied().unwrap_or((0.0, 0)));
-            let all = mean_of(everywhere.get(id).copied().unwrap_or((0.0, 0)));
-            (h >= 0.05).then_some((rule_mean - all, k))
-        })
+        .filter(|(_, (id, _))| peak(*id, &rule_words) >= 0.05)
+        .map(|(k, (id, _))| (over_rule(*id) - everywhere_mean(*id), k))
         .collect();
     active.sort_by(|a, b| b.0.total_cmp(&a.0));
     active.truncate(MAX_CANDIDATES);
+    // What the drops are measured from: nothing ablated.
+    let base = eval(&[])?;
     let mut candidates = vec![];
     for (_, k) in active {
         let (id, mem) = (members[k].0, &members[k].1);
@@ -1000,30 +1019,18 @@ pub fn unlearn(
     };
     candidates.sort_by(|a, b| score(&b.accuracy).total_cmp(&score(&a.accuracy)));
     // The expected words of the rule's positions still predicted right with `ids` ablated.
-    let surviving_words = |ids: &[usize]| -> anyhow::Result<std::collections::HashSet<u32>> {
-        let sel = sel_of(ids)?;
-        let mut words = std::collections::HashSet::new();
-        for chunk in rows.chunks(64) {
-            let flat: Vec<u32> = chunk.iter().flat_map(|r| r.ids.iter().copied()).collect();
-            let x = Tensor::from_vec(flat, (chunk.len(), s), &dev)?;
-            let out: Vec<Vec<f32>> =
-                crate::interventions::ablated_outputs(model, &x, &sel)?.to_vec2()?;
-            for (i, r) in chunk.iter().enumerate() {
-                for &(p, rr) in &r.rules {
-                    if rr != rule || p == 0 {
-                        continue;
-                    }
-                    if argmax(&out[i * s + p - 1]) == Some(r.ids[p]) {
-                        words.insert(r.ids[p]);
-                    }
-                }
+    let surviving_words = |ids: &[usize]| -> anyhow::Result<HashSet<u32>> {
+        let mut words = HashSet::new();
+        ablated_accuracy_with(model, &rows, &sel_of(ids)?, |r, w, right| {
+            if r == rule && right {
+                words.insert(w);
             }
-        }
+        })?;
         Ok(words)
     };
     let mut chosen: Vec<(usize, RuleAccuracy)> = vec![];
     let mut ids: Vec<usize> = vec![];
-    let mut acc = base.clone();
+    let mut acc = base;
     // Clusters tried in this round, best first (the first round: the ranked candidates).
     let mut pool: Vec<usize> = candidates.iter().map(|c| c.id).collect();
     let spares = |a: &RuleAccuracy| others.iter().all(|&r| a.get(r) >= keep);
@@ -1078,13 +1085,8 @@ pub fn unlearn(
             .iter()
             .filter(|(id, _)| !ids.contains(id))
             .filter_map(|(id, _)| {
-                let h = words
-                    .iter()
-                    .filter_map(|w| act.get(&(*id, *w)).filter(|e| e.1 >= 5).copied())
-                    .map(mean_of)
-                    .fold(0.0, f64::max);
-                let all = mean_of(everywhere.get(id).copied().unwrap_or((0.0, 0)));
-                (h >= 0.05).then_some((h - all, *id))
+                let h = peak(*id, &words);
+                (h >= 0.05).then_some((h - everywhere_mean(*id), *id))
             })
             .collect();
         aimed.sort_by(|a, b| b.0.total_cmp(&a.0));

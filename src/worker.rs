@@ -1042,20 +1042,7 @@ impl Worker {
         let tok = self.tokenizer.clone().expect("shown_lm found a tokenizer");
         let (id, cancel) = self.begin_job(JobKind::Unlearn, "scoring the rules");
         self.spawn_job(id, cancel, "unlearn", move |report| {
-            let run = || -> anyhow::Result<crate::tinylm::Unlearning> {
-                let base = crate::tinylm::decomposition_rules(&model, &tok, stories, None)?;
-                crate::tinylm::unlearn(
-                    &model,
-                    &tok,
-                    &clusters,
-                    rule,
-                    stories,
-                    &base.ci_masked,
-                    (0.2, 0.9),
-                    report,
-                )
-            };
-            run()
+            crate::tinylm::unlearn(&model, &tok, &clusters, rule, stories, (0.2, 0.9), report)
                 .map(|u| JobResult::Unlearn(Box::new(u)))
                 .map_err(|e| format!("{e:#}"))
         })

@@ -114,26 +114,25 @@ if [ "$only" != "spdlab" ]; then
             || { cat "$ref_log" >&2; exit 1; }
         ref_py=tests/reference/bench_lm.py
     fi
+    # One timed run of the reference (extra environment as arguments): its JSON line on
+    # stdout (and stderr), or its last output on stderr and status 1.
+    run_reference() {
+        local out
+        if out=$(env "$@" "$py" "$ref_py" "$target_dir" "$steps" "$warmup" 2>"$ref_log"); then
+            echo "$out" >&2
+            echo "$out"
+        else
+            echo "reference run failed${1:+ ($*)}; its last output:" >&2
+            tail -n 30 "$ref_log" >&2
+            return 1
+        fi
+    }
     echo "== reference (goodfire-ai/spd), $preset, target $target_dir, $steps steps after $warmup warm-up" >&2
-    if ref_json=$("$py" "$ref_py" "$target_dir" "$steps" "$warmup" 2>"$ref_log"); then
-        echo "$ref_json" >&2
-    else
-        echo "reference run failed; its last output:" >&2
-        tail -n 30 "$ref_log" >&2
-        ref_json=""
-        status=1
-    fi
+    ref_json=$(run_reference) || status=1
     if [ -n "$jemalloc" ]; then
         echo "== reference again, LD_PRELOAD=$jemalloc (retaining allocator)" >&2
-        if refj_json=$(LD_PRELOAD="$jemalloc" MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true" \
-                "$py" "$ref_py" "$target_dir" "$steps" "$warmup" 2>"$ref_log"); then
-            echo "$refj_json" >&2
-        else
-            echo "reference run with jemalloc failed; its last output:" >&2
-            tail -n 30 "$ref_log" >&2
-            refj_json=""
-            status=1
-        fi
+        refj_json=$(run_reference LD_PRELOAD="$jemalloc" \
+            MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true") || status=1
     fi
 fi
 

@@ -143,3 +143,13 @@ pub fn value_strip_cells(ui: &mut egui::Ui, v: &[f32], cells: usize) {
         egui::StrokeKind::Inside,
     );
 }
+
+/// A running job's progress bar and its Cancel button; true when Cancel was clicked.
+pub fn job_progress(ui: &mut egui::Ui, fraction: f32, text: &str) -> bool {
+    ui.add(
+        egui::ProgressBar::new(fraction)
+            .desired_width(220.0)
+            .text(format!("{text} {:.0}%", 100.0 * fraction)),
+    );
+    ui.button("Cancel").clicked()
+}

@@ -149,21 +149,13 @@ impl FusedGelu for Tensor {
 /// Σ over rows of KL(softmax(target) ‖ softmax(out)) for `[rows, vocab]` logits, the
 /// gradient flowing to `out` only (`target` is treated as detached). CPU f32: one fused pass
 /// per row forward and one backward (`softmax(out) − softmax(target)`), with the kernels'
-/// vectorised exp; elsewhere the same maths with tensor ops.
+/// vectorised exp; elsewhere [`crate::spd::trainer::kl_rows`] summed.
 pub fn kl_sum(out: &Tensor, target: &Tensor) -> Result<Tensor> {
     if out.device().is_cpu() && out.dtype() == DType::F32 && target.dtype() == DType::F32 {
         out.apply_op2(&target.detach(), KlSum)
     } else {
-        let lq = log_softmax_rows(out)?;
-        let lp = log_softmax_rows(&target.detach())?;
-        (lp.exp()? * (lp - lq)?)?.sum_all()
+        crate::spd::trainer::kl_rows(out, &target.detach())?.sum_all()
     }
-}
-
-fn log_softmax_rows(x: &Tensor) -> Result<Tensor> {
-    let shifted = x.broadcast_sub(&x.max_keepdim(candle_core::D::Minus1)?.detach())?;
-    let lse = shifted.exp()?.sum_keepdim(candle_core::D::Minus1)?.log()?;
-    shifted.broadcast_sub(&lse)
 }
 
 /// `(x + eps)^p` elementwise, differentiable in `x`. CPU f32/f64: one pass forward, and a
@@ -693,6 +685,14 @@ macro_rules! cpu_map2 {
     };
 }
 
+/// The two operands of an elementwise op must have one shape.
+fn same_shape(l1: &Layout, l2: &Layout, name: &str) -> Result<()> {
+    if l1.shape() != l2.shape() {
+        bail!("{name}: shape mismatch {:?} {:?}", l1.shape(), l2.shape())
+    }
+    Ok(())
+}
+
 fn is_cpu_float(t: &Tensor) -> bool {
     t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
 }
@@ -756,13 +756,7 @@ impl CustomOp2 for LowerLeakyHardBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            bail!(
-                "lower_leaky_hard bwd: shape mismatch {:?} {:?}",
-                l1.shape(),
-                l2.shape()
-            )
-        }
+        same_shape(l1, l2, self.name())?;
         let out = cpu_map2!(s1, l1, s2, l2, self.name(), |x, g, a| if x <= 0.0 {
             if g < 0.0 { g * a } else { 0.0 }
         } else if x <= 1.0 {
@@ -818,13 +812,7 @@ impl CustomOp2 for UpperLeakyHardBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            bail!(
-                "upper_leaky_hard bwd: shape mismatch {:?} {:?}",
-                l1.shape(),
-                l2.shape()
-            )
-        }
+        same_shape(l1, l2, self.name())?;
         let out = cpu_map2!(s1, l1, s2, l2, self.name(), |x, g, a| if x > 1.0 {
             g * a
         } else if x >= 0.0 {
@@ -892,9 +880,7 @@ impl CustomOp2 for GeluBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            bail!("gelu bwd: shape mismatch {:?} {:?}", l1.shape(), l2.shape())
-        }
+        same_shape(l1, l2, self.name())?;
         let x = contiguous_f32(s1, l1, self.name())?;
         let g = contiguous_f32(s2, l2, self.name())?;
         let mut out = vec![0f32; x.len()];
@@ -956,9 +942,7 @@ impl CustomOp2 for KlSum {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            bail!("kl-sum: shape mismatch {:?} {:?}", l1.shape(), l2.shape())
-        }
+        same_shape(l1, l2, self.name())?;
         let (n, v) = rows_of(l1, self.name())?;
         let out = contiguous_f32(s1, l1, self.name())?;
         let target = contiguous_f32(s2, l2, self.name())?;
@@ -998,6 +982,7 @@ impl CustomOp2 for KlSumBwd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        same_shape(l1, l2, self.name())?;
         let (n, v) = rows_of(l1, self.name())?;
         let out = contiguous_f32(s1, l1, self.name())?;
         let target = contiguous_f32(s2, l2, self.name())?;
@@ -2276,11 +2261,7 @@ mod tests {
         let t = Tensor::from_vec(rng.uniform(n * v, -9.0, 9.0), (n, v), &dev)?;
         let w = Tensor::new(0.37f32, &dev)?;
         let fused = kl_sum(o.as_tensor(), &t)?;
-        let plain = {
-            let lq = log_softmax_rows(o.as_tensor())?;
-            let lp = log_softmax_rows(&t)?;
-            (lp.exp()? * (lp - lq)?)?.sum_all()?
-        };
+        let plain = crate::spd::trainer::kl_rows(o.as_tensor(), &t)?.sum_all()?;
         let (a, b) = (fused.to_scalar::<f32>()?, plain.to_scalar::<f32>()?);
         assert!((a - b).abs() <= 1e-5 * b.abs(), "KL {a} vs {b}");
         let gf = (fused * &w)?.backward()?;

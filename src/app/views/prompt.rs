@@ -417,12 +417,7 @@ impl PromptView {
                 .labelled_by(name.id);
             match self.unlearning {
                 Some((stage, f)) => {
-                    ui.add(
-                        egui::ProgressBar::new(f)
-                            .desired_width(200.0)
-                            .text(format!("{stage} {:.0}%", 100.0 * f)),
-                    );
-                    if ui.button("Cancel").clicked() {
+                    if widgets::job_progress(ui, f, stage) {
                         cx.send(Command::Cancel(crate::worker::JobKind::Unlearn));
                         self.unlearning = None;
                     }
@@ -466,12 +461,7 @@ impl PromptView {
     fn harvest_bar(&mut self, cx: &mut ViewCtx, ui: &mut egui::Ui) {
         ui.horizontal(|ui| match self.harvesting {
             Some(f) => {
-                ui.add(
-                    egui::ProgressBar::new(f)
-                        .desired_width(220.0)
-                        .text(format!("harvesting {:.0}%", 100.0 * f)),
-                );
-                if ui.button("Cancel").clicked() {
+                if widgets::job_progress(ui, f, "harvesting") {
                     cx.send(Command::Cancel(crate::worker::JobKind::Harvest));
                     self.harvesting = None;
                 }
